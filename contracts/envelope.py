@@ -1,0 +1,152 @@
+"""The envelope every message travels in, and the registry that decodes it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from contracts.errors import ContractError
+from contracts.messages import COMMANDS, EVENTS, Payload
+
+P = TypeVar("P", bound=Payload)
+
+
+class Envelope(BaseModel):
+    """Metadata plus the raw payload; the JSON body of every AMQP message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message_id: uuid.UUID
+    type: str = Field(min_length=1, max_length=64)
+    version: int = Field(ge=1)
+    occurred_at: AwareDatetime
+    correlation_id: str = Field(min_length=1, max_length=64, description="Saga id = order id.")
+    causation_id: uuid.UUID | None = None
+    producer: str = Field(min_length=1, max_length=64)
+    traceparent: str | None = Field(default=None, max_length=55)
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Message(Generic[P]):
+    """A decoded message: its envelope and its validated, typed payload."""
+
+    envelope: Envelope
+    payload: P
+
+    @property
+    def type(self) -> str:
+        return self.envelope.type
+
+    @property
+    def message_id(self) -> uuid.UUID:
+        return self.envelope.message_id
+
+    @property
+    def correlation_id(self) -> str:
+        return self.envelope.correlation_id
+
+
+class Registry:
+    """Maps `(type, version)` to the payload model that validates it."""
+
+    def __init__(self, models: tuple[type[Payload], ...]) -> None:
+        self._models: dict[tuple[str, int], type[Payload]] = {}
+        for model in models:
+            key = (model.message_type, model.message_version)
+            if key in self._models:
+                raise ValueError(f"duplicate contract {key}")
+            self._models[key] = model
+
+    def model_for(self, type_: str, version: int) -> type[Payload]:
+        try:
+            return self._models[(type_, version)]
+        except KeyError:
+            known = sorted(v for t, v in self._models if t == type_)
+            if known:
+                raise ContractError(
+                    f"unknown version {version} of {type_!r} (known: {known})"
+                ) from None
+            raise ContractError(f"unknown message type {type_!r}") from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._models.values())
+
+    def types(self) -> list[str]:
+        return sorted({t for t, _ in self._models})
+
+
+REGISTRY = Registry(EVENTS + COMMANDS)
+
+
+def _errors_text(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_envelope(body: bytes | str) -> Envelope:
+    """Parse raw bytes into an envelope; raise ContractError saying exactly what is wrong."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ContractError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ContractError(f"body must be a JSON object, got {type(raw).__name__}")
+    try:
+        return Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise ContractError(f"invalid envelope: {_errors_text(exc)}") from None
+
+
+def validate_payload(envelope: Envelope, registry: Registry = REGISTRY) -> Message[Payload]:
+    """Validate the envelope's payload against its registered contract."""
+    model = registry.model_for(envelope.type, envelope.version)
+    try:
+        payload = model.model_validate(envelope.payload)
+    except ValidationError as exc:
+        raise ContractError(
+            f"invalid payload for {envelope.type} v{envelope.version}: {_errors_text(exc)}"
+        ) from None
+    return Message(envelope=envelope, payload=payload)
+
+
+def decode(body: bytes | str, registry: Registry = REGISTRY) -> Message[Payload]:
+    """Decode and validate a message body; raise ContractError on any defect."""
+    return validate_payload(parse_envelope(body), registry)
+
+
+def encode(envelope: Envelope) -> bytes:
+    return envelope.model_dump_json().encode()
+
+
+def new_message(
+    payload: P,
+    *,
+    correlation_id: str,
+    producer: str,
+    causation_id: uuid.UUID | None = None,
+    traceparent: str | None = None,
+    occurred_at: datetime | None = None,
+    message_id: uuid.UUID | None = None,
+) -> Message[P]:
+    """Wrap a payload in a fresh envelope."""
+    envelope = Envelope(
+        message_id=message_id or uuid.uuid4(),
+        type=payload.message_type,
+        version=payload.message_version,
+        occurred_at=occurred_at or datetime.now(UTC),
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        producer=producer,
+        traceparent=traceparent,
+        payload=payload.model_dump(mode="json"),
+    )
+    return Message(envelope=envelope, payload=payload)
