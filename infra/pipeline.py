@@ -1,0 +1,162 @@
+"""The consumer pipeline: decode → validate → inbox → handler in a unit of work → commit → ack."""
+
+from __future__ import annotations
+
+import random
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts import BusinessRuleError, ContractError, Message, TransientError, decode
+from contracts.clock import Clock
+from infra.transport.base import Delivery
+from outbox.tracing import context_from
+from outbox.uow import UnitOfWork
+
+log = structlog.get_logger("compensa.consumer")
+tracer = trace.get_tracer("compensa")
+
+Handler = Callable[[UnitOfWork, Message[Any]], Awaitable[None]]
+
+# Postgres SQLSTATEs that mean "try again": serialization failure, deadlock, lock timeout.
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_seconds: float = 0.5
+    max_seconds: float = 60.0
+
+    def delay_ms(self, attempt: int) -> int:
+        """Delay before attempt `attempt + 1`: exponential, capped; one delay queue each."""
+        return int(min(self.base_seconds * 2 ** (attempt - 1), self.max_seconds) * 1000)
+
+    def jittered_ms(self, attempt: int, rng: random.Random) -> int:
+        """Full-range jitter in [delay/2, delay] so retries of a burst spread out."""
+        delay = self.delay_ms(attempt)
+        return max(1, int(delay / 2 + rng.random() * delay / 2))
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TransientError | OperationalError | IntegrityError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(getattr(exc.orig, "__cause__", None), "sqlstate", None)
+        return sqlstate in _RETRYABLE_SQLSTATES
+    return isinstance(exc, OSError)
+
+
+class MessageProcessor:
+    """Process deliveries of one work queue for one service, exactly once in effect."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        service: str,
+        consumer: str,
+        handlers: Mapping[str, Handler],
+        clock: Clock,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        rng: random.Random | None = None,
+        uow_factory: Callable[..., UnitOfWork] = UnitOfWork,
+    ) -> None:
+        self.engine = engine
+        self.service = service
+        self.consumer = consumer
+        self.handlers = dict(handlers)
+        self.clock = clock
+        self.retry = retry
+        self.rng = rng or random.Random()
+        self.uow_factory = uow_factory
+        self.processed = 0
+        self.duplicates = 0
+
+    async def __call__(self, delivery: Delivery) -> None:
+        with structlog.contextvars.bound_contextvars(
+            queue=delivery.queue.name, message_id=delivery.message_id, attempt=delivery.attempt
+        ):
+            message: Message[Any] | None = None
+            try:
+                message = self._decode(delivery)
+                with structlog.contextvars.bound_contextvars(
+                    saga_id=message.correlation_id, message_type=message.type
+                ):
+                    await self._process(delivery, message)
+            except (ContractError, BusinessRuleError) as exc:
+                await self._dead_letter(delivery, exc.reason_class, str(exc), message)
+            except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+                if is_transient(exc):
+                    await self._retry_or_dead_letter(delivery, exc, message)
+                else:
+                    reason = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                    await self._dead_letter(delivery, "handler_error", reason, message)
+
+    def _decode(self, delivery: Delivery) -> Message[Any]:
+        message = decode(delivery.body)
+        if not delivery.message_id:
+            raise ContractError("AMQP message-id property is missing")
+        if delivery.message_id != str(message.message_id):
+            raise ContractError(
+                f"AMQP message-id {delivery.message_id!r} != envelope message_id {message.message_id}"
+            )
+        if message.type not in self.handlers:
+            raise ContractError(f"queue {delivery.queue.name!r} has no handler for {message.type!r}")
+        return message
+
+    async def _process(self, delivery: Delivery, message: Message[Any]) -> None:
+        handler = self.handlers[message.type]
+        parent = context_from(message.envelope.traceparent, delivery.headers)
+        with tracer.start_as_current_span(
+            f"{delivery.queue.name} process {message.type}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": delivery.queue.name,
+                "messaging.message.id": str(message.message_id),
+                "compensa.saga_id": message.correlation_id,
+                "compensa.attempt": delivery.attempt,
+            },
+        ):
+            async with self.uow_factory(self.engine, self.service, self.clock, incoming=message) as uow:
+                if await uow.seen(self.consumer, message):
+                    self.duplicates += 1
+                    log.info("message.duplicate_skipped")
+                else:
+                    await handler(uow, message)
+                    await uow.commit()
+                    self.processed += 1
+                    log.debug("message.processed")
+        await delivery.ack()
+
+    async def _retry_or_dead_letter(self, delivery: Delivery, exc: BaseException, message: Message[Any] | None) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if delivery.attempt >= self.retry.max_attempts:
+            await self._dead_letter(
+                delivery, "transient_exhausted", f"gave up after {delivery.attempt} attempts: {reason}", message
+            )
+            return
+        delay_ms = self.retry.delay_ms(delivery.attempt)
+        expiration_ms = self.retry.jittered_ms(delivery.attempt, self.rng)
+        log.warning("message.retry_scheduled", error=reason, delay_ms=expiration_ms)
+        await delivery.retry(delay_ms, expiration_ms, delivery.retry_headers("transient", reason, self.clock.now()))
+
+    async def _dead_letter(self, delivery: Delivery, reason_class: str, reason: str, message: Message[Any] | None) -> None:
+        saga_id = message.correlation_id if message else _guess_saga_id(delivery)
+        log.error("message.dead_lettered", reason_class=reason_class, reason=reason, saga_id=saga_id)
+        await delivery.dead_letter(delivery.dead_letter_headers(reason_class, reason, self.clock.now(), saga_id))
+
+
+def _guess_saga_id(delivery: Delivery) -> str | None:
+    """Best effort for undecodable messages: the AMQP correlation id, if any was set."""
+    return delivery.correlation_id or None

@@ -1,0 +1,44 @@
+"""Settings from `COMPENSA_*` environment variables, with the embedded default."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///.compensa/compensa.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COMPENSA_", extra="ignore")
+
+    database_url: str = Field(
+        default=EMBEDDED_DATABASE_URL,
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///… or postgresql+asyncpg://…",
+    )
+    amqp_url: str | None = Field(default=None, description="RabbitMQ URL; unset = in-memory transport.")
+    redis_url: str | None = None
+
+    queue_type: Literal["classic", "quorum"] = "classic"
+    prefetch: int = Field(default=32, ge=1, le=10_000)
+    max_attempts: int = Field(default=5, ge=1, le=50, description="Deliveries before the DLQ.")
+    retry_base_seconds: float = Field(default=0.5, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+
+    relay_batch_size: int = Field(default=200, ge=1, le=10_000)
+    relay_poll_seconds: float = Field(default=0.5, gt=0)
+    outbox_retention_hours: float = Field(default=72.0, gt=0)
+    inbox_retention_hours: float = Field(default=168.0, gt=0)
+
+    deadline_sweep_seconds: float = Field(default=0.5, gt=0)
+    shutdown_grace_seconds: float = Field(default=20.0, gt=0)
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,155 @@
+"""The relay: move committed outbox rows to the broker, at least once, in order per saga."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts.clock import Clock
+from outbox.ports import OutgoingMessage, Publisher
+from outbox.tables import ServiceTables, tables_for
+
+log = structlog.get_logger("compensa.relay")
+
+
+def _to_outgoing(row: Row) -> OutgoingMessage:
+    return OutgoingMessage(
+        message_id=row.message_id,
+        type=row.type,
+        correlation_id=row.correlation_id,
+        exchange=row.exchange,
+        routing_key=row.routing_key,
+        body=row.body.encode(),
+        headers=json.loads(row.headers or "{}"),
+    )
+
+
+class Relay:
+    """Claim a batch, publish it with confirms, mark it sent, all inside one transaction.
+
+    The claim holds row locks (`FOR UPDATE SKIP LOCKED` on Postgres) until the marks
+    commit, so concurrent relays never publish the same row at the same time; a crash
+    after the broker confirmed but before the commit re-publishes the batch later.
+    That is at-least-once delivery, made safe by every consumer's inbox.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        service: str,
+        publisher: Publisher,
+        clock: Clock,
+        *,
+        batch_size: int = 200,
+        poll_seconds: float = 0.5,
+        retention: timedelta = timedelta(hours=72),
+        on_published: Callable[[Sequence[OutgoingMessage]], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tables: ServiceTables = tables_for(service)
+        self.service = service
+        self.publisher = publisher
+        self.clock = clock
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.retention = retention
+        self.on_published = on_published
+        self.wakeup = asyncio.Event()
+        self.published_total = 0
+
+    async def relay_once(self) -> int:
+        """Publish one batch; return how many rows were marked sent."""
+        outbox = self.tables.outbox
+        async with self.engine.connect() as connection:
+            async with connection.begin():
+                rows = (
+                    await connection.execute(
+                        select(outbox)
+                        .where(outbox.c.sent_at.is_(None))
+                        .order_by(outbox.c.id)
+                        .limit(self.batch_size)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).all()
+                if not rows:
+                    return 0
+                rows = await self._keep_saga_order(connection, rows)
+                if not rows:
+                    return 0
+                batch = [_to_outgoing(row) for row in rows]
+                await self.publisher.publish_batch(batch)
+                await connection.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_([row.id for row in rows]))
+                    .values(sent_at=self.clock.now())
+                )
+        self.published_total += len(batch)
+        if self.on_published is not None:
+            self.on_published(batch)
+        log.debug("relay.published", service=self.service, count=len(batch))
+        return len(batch)
+
+    async def _keep_saga_order(self, connection, rows: Sequence[Row]) -> list[Row]:  # type: ignore[no-untyped-def]
+        """Drop rows whose saga has an earlier pending row claimed by another relay."""
+        outbox = self.tables.outbox
+        first_claimed: dict[str, int] = {}
+        for row in rows:
+            first_claimed.setdefault(row.correlation_id, row.id)
+        earliest = dict(
+            (
+                await connection.execute(
+                    select(outbox.c.correlation_id, func.min(outbox.c.id))
+                    .where(
+                        outbox.c.sent_at.is_(None),
+                        outbox.c.correlation_id.in_(list(first_claimed)),
+                    )
+                    .group_by(outbox.c.correlation_id)
+                )
+            ).all()
+        )
+        blocked = {cid for cid, first in first_claimed.items() if earliest.get(cid, first) < first}
+        return [row for row in rows if row.correlation_id not in blocked]
+
+    async def drain(self, max_batches: int | None = None) -> int:
+        """Publish until nothing is pending (or max_batches ran); return the count."""
+        total = 0
+        batches = 0
+        while max_batches is None or batches < max_batches:
+            published = await self.relay_once()
+            batches += 1
+            if published == 0:
+                break
+            total += published
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until stopped; wake on a NOTIFY hint, poll as the fallback."""
+        log.info("relay.started", service=self.service)
+        backoff = self.poll_seconds
+        while not stop.is_set():
+            try:
+                published = await self.relay_once()
+                backoff = self.poll_seconds
+            except Exception as exc:  # noqa: BLE001 - the relay must outlive broker/db outages
+                log.warning("relay.batch_failed", service=self.service, error=repr(exc))
+                published = 0
+                backoff = min(backoff * 2, 10.0)
+            if published:
+                continue
+            self.wakeup.clear()
+            waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=backoff, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        # Flush what is left so a graceful stop leaves nothing pending.
+        try:
+            await self.drain(max_batches=50)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("relay.final_flush_failed", service=self.service, error=repr(exc))
+        log.info("relay.stopped", service=self.service, published=self.published_total)

@@ -1,0 +1,89 @@
+"""Outbox and inbox tables, one pair per service, prefixed with the service name.
+
+Every service keeps its own pair in the same database as its business rows, so a
+business change, its outgoing messages and its inbox record commit together. Table
+prefixes (not Postgres schemas) keep one code path for SQLite and Postgres.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+SERVICES = ("orders", "stock", "payments", "ledger", "saga", "ingest", "dlq")
+
+
+@dataclass(frozen=True)
+class ServiceTables:
+    service: str
+    outbox: Table
+    inbox: Table
+
+
+def _outbox_table(service: str) -> Table:
+    name = f"{service}_outbox"
+    return Table(
+        name,
+        metadata,
+        Column("id", Id, primary_key=True, autoincrement=True),
+        Column("message_id", String(36), nullable=False, unique=True),
+        Column("type", String(64), nullable=False),
+        Column("correlation_id", String(64), nullable=False),
+        Column("exchange", String(64), nullable=False),
+        Column("routing_key", String(128), nullable=False),
+        Column("body", Text, nullable=False),
+        Column("headers", Text, nullable=False, server_default="{}"),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("sent_at", DateTime(timezone=True), nullable=True),
+        Index(
+            f"ix_{name}_pending",
+            "id",
+            postgresql_where=text("sent_at IS NULL"),
+            sqlite_where=text("sent_at IS NULL"),
+        ),
+        Index(f"ix_{name}_correlation", "correlation_id", "id"),
+        Index(f"ix_{name}_sent_at", "sent_at"),
+    )
+
+
+def _inbox_table(service: str) -> Table:
+    name = f"{service}_inbox"
+    return Table(
+        name,
+        metadata,
+        Column("consumer", String(64), primary_key=True),
+        Column("message_id", String(36), primary_key=True),
+        Column("message_type", String(64), nullable=False),
+        Column("received_at", DateTime(timezone=True), nullable=False),
+        Index(f"ix_{name}_received_at", "received_at"),
+    )
+
+
+TABLES: dict[str, ServiceTables] = {
+    service: ServiceTables(service, _outbox_table(service), _inbox_table(service))
+    for service in SERVICES
+}
+
+
+def tables_for(service: str) -> ServiceTables:
+    try:
+        return TABLES[service]
+    except KeyError:
+        raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICES)}") from None

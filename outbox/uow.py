@@ -1,0 +1,186 @@
+"""The unit of work: one database transaction holding business rows, outbox and inbox."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from contracts import Message, Payload, encode, new_message
+from contracts.clock import Clock
+from contracts.routing import exchange_for
+from outbox.tables import ServiceTables, tables_for
+from outbox.tracing import current_traceparent
+
+
+def insert_ignoring_duplicates(connection: AsyncConnection, table: Any) -> Any:
+    """Return an INSERT that skips rows whose key exists (both backends speak ON CONFLICT)."""
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table).on_conflict_do_nothing()
+
+
+def outbox_row(message: Message[Any], now: datetime) -> dict[str, Any]:
+    envelope = message.envelope
+    headers = {"traceparent": envelope.traceparent} if envelope.traceparent else {}
+    return {
+        "message_id": str(envelope.message_id),
+        "type": envelope.type,
+        "correlation_id": envelope.correlation_id,
+        "exchange": exchange_for(type(message.payload).kind),
+        "routing_key": envelope.type,
+        "body": encode(envelope).decode(),
+        "headers": json.dumps(headers),
+        "created_at": now,
+    }
+
+
+class UnitOfWork:
+    """Open a transaction; stage outgoing messages; write them with the business change.
+
+    ``async with UnitOfWork(...) as uow: ...; await uow.commit()``. Leaving the block
+    without commit rolls everything back, outgoing messages included.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        service: str,
+        clock: Clock,
+        *,
+        incoming: Message[Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tables: ServiceTables = tables_for(service)
+        self.service = service
+        self.clock = clock
+        self.incoming = incoming
+        self._pending: list[Message[Any]] = []
+        self._connection: AsyncConnection | None = None
+        self.committed = False
+
+    @property
+    def connection(self) -> AsyncConnection:
+        if self._connection is None:
+            raise RuntimeError("unit of work used outside `async with`")
+        return self._connection
+
+    async def __aenter__(self) -> UnitOfWork:
+        self._connection = await self.engine.connect()
+        await self._connection.begin()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        connection = self._connection
+        self._connection = None
+        if connection is None:
+            return
+        try:
+            if not self.committed and connection.in_transaction():
+                await connection.rollback()
+        finally:
+            await connection.close()
+
+    def now(self) -> datetime:
+        return self.clock.now()
+
+    def send(
+        self,
+        payload: Payload,
+        *,
+        correlation_id: str | None = None,
+        message_id: uuid.UUID | None = None,
+    ) -> Message[Any]:
+        """Stage a message; it is written to the outbox at commit, never published here."""
+        if correlation_id is None:
+            if self.incoming is None:
+                raise ValueError("correlation_id is required outside a message handler")
+            correlation_id = self.incoming.correlation_id
+        message = new_message(
+            payload,
+            correlation_id=correlation_id,
+            producer=self.service,
+            causation_id=self.incoming.message_id if self.incoming else None,
+            traceparent=current_traceparent() or (
+                self.incoming.envelope.traceparent if self.incoming else None
+            ),
+            occurred_at=self.now(),
+            message_id=message_id,
+        )
+        self._pending.append(message)
+        return message
+
+    def add(self, message: Message[Any]) -> None:
+        """Stage an already-built message (replays, SDK publishes)."""
+        self._pending.append(message)
+
+    @property
+    def pending(self) -> tuple[Message[Any], ...]:
+        return tuple(self._pending)
+
+    async def seen(self, consumer: str, message: Message[Any]) -> bool:
+        """Record the message in the inbox; return True when it was already there."""
+        statement = insert_ignoring_duplicates(self.connection, self.tables.inbox).values(
+            consumer=consumer,
+            message_id=str(message.message_id),
+            message_type=message.type,
+            received_at=self.now(),
+        )
+        result = await self.connection.execute(statement)
+        return result.rowcount == 0
+
+    async def flush_outbox(self) -> None:
+        if self._pending:
+            now = self.now()
+            rows = [outbox_row(message, now) for message in self._pending]
+            await self.connection.execute(insert(self.tables.outbox), rows)
+            self._pending.clear()
+
+    async def commit(self) -> None:
+        await self.flush_outbox()
+        await self.connection.commit()
+        self.committed = True
+
+
+async def prune(engine: AsyncEngine, service: str, *, now: datetime, outbox_age: timedelta, inbox_age: timedelta) -> tuple[int, int]:
+    """Delete sent outbox rows and inbox rows older than their retention."""
+    tables = tables_for(service)
+    async with engine.begin() as connection:
+        sent = await connection.execute(
+            delete(tables.outbox).where(
+                tables.outbox.c.sent_at.is_not(None), tables.outbox.c.sent_at < now - outbox_age
+            )
+        )
+        seen = await connection.execute(
+            delete(tables.inbox).where(tables.inbox.c.received_at < now - inbox_age)
+        )
+    return sent.rowcount, seen.rowcount
+
+
+async def pending_summary(engine: AsyncEngine, service: str, now: datetime) -> dict[str, Any]:
+    """Count pending outbox rows and the age of the oldest one (relay lag)."""
+    from sqlalchemy import func
+
+    outbox = tables_for(service).outbox
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(func.count(), func.min(outbox.c.created_at)).where(outbox.c.sent_at.is_(None))
+            )
+        ).one()
+    count, oldest = row
+    if oldest is not None and oldest.tzinfo is None:
+        from datetime import UTC
+
+        oldest = oldest.replace(tzinfo=UTC)
+    return {
+        "service": service,
+        "pending": int(count),
+        "oldest_pending_age_seconds": (now - oldest).total_seconds() if oldest else 0.0,
+    }
