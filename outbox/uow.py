@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,8 +56,10 @@ class UnitOfWork:
         clock: Clock,
         *,
         incoming: Message[Any] | None = None,
+        message_ids: Callable[[], uuid.UUID] | None = None,
     ) -> None:
         self.engine = engine
+        self._message_ids = message_ids
         self.tables: ServiceTables = tables_for(service)
         self.service = service
         self.clock = clock
@@ -111,7 +114,7 @@ class UnitOfWork:
                 self.incoming.envelope.traceparent if self.incoming else None
             ),
             occurred_at=self.now(),
-            message_id=message_id,
+            message_id=message_id or (self._message_ids() if self._message_ids else None),
         )
         self._pending.append(message)
         return message

@@ -50,6 +50,7 @@ class BrokerStats:
     dead_lettered: int = 0
     published_ids: set[str] = field(default_factory=set)
     settled_ids: set[str] = field(default_factory=set)  # acked at least once
+    unrouted_ids: set[str] = field(default_factory=set)
     dead_letter_reasons: dict[str, str] = field(default_factory=dict)
 
 
@@ -156,6 +157,7 @@ class MemoryBroker:
             if message.exchange == COMMANDS_EXCHANGE:
                 raise TransientError(f"command {message.routing_key} is unroutable")
             self.stats.unrouted_events += 1
+            self.stats.unrouted_ids.add(message.message_id)
         self.stats.published += 1
         self.stats.published_ids.add(message.message_id)
         for queue in targets:
@@ -197,6 +199,23 @@ class MemoryBroker:
         if released:
             self.arrived.set()
         return released
+
+    def duplicate(self, delivery: MemoryDelivery) -> None:
+        """Put a second copy of a delivered message in its queue, as a broker may."""
+        original = delivery._stored
+        copy = StoredMessage(
+            original.body, dict(original.headers), original.message_id, original.exchange,
+            original.routing_key, original.correlation_id, redelivered=True,
+        )
+        self.queues[delivery.queue.name].append(copy)
+
+    def hold(self, delivery: MemoryDelivery, seconds: float) -> None:
+        """Keep a delivery in transit for a while; it reaches its queue again later."""
+        delivery._settle()
+        self.delay(delivery.queue.name, delivery._stored, int(seconds * 1000))
+
+    def work_depth(self) -> int:
+        return sum(len(self.queues[name]) for name in self.specs)
 
     def depth(self, queue: str) -> int:
         return len(self.queues[queue])

@@ -1,0 +1,46 @@
+"""The whole schema (every service's tables) and the migrations that build it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+# Importing the table modules registers every table on the shared metadata.
+import consumers.ledger.tables  # noqa: F401
+import consumers.orders.tables  # noqa: F401
+import consumers.payments.tables  # noqa: F401
+import consumers.stock.tables  # noqa: F401
+import sagas.tables  # noqa: F401
+from outbox.tables import metadata
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Apply migrations up to `revision` on the engine's database; safe to repeat."""
+
+    def run(sync_connection) -> None:  # type: ignore[no-untyped-def]
+        config = alembic_config()
+        config.attributes["connection"] = sync_connection
+        command.upgrade(config, revision)
+
+    async with engine.begin() as connection:
+        await connection.run_sync(run)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(
+            lambda sync: MigrationContext.configure(sync).get_current_revision()
+        )

@@ -1,0 +1,212 @@
+"""Composition root: which queue feeds which service's handlers, and the running of them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import consumers.ledger as ledger
+import consumers.orders as orders
+import consumers.payments as payments
+import consumers.stock as stock
+from contracts.clock import Clock
+from infra import topology as t
+from infra.pipeline import Handler, MessageProcessor, RetryPolicy
+from infra.settings import Settings
+from infra.transport.base import Subscription, Transport
+from outbox.relay import Relay
+from outbox.uow import UnitOfWork, prune
+from sagas import ORDER_SAGA
+from sagas.orchestrator import Orchestrator
+from sagas.store import SagaStore
+
+log = structlog.get_logger("compensa.runtime")
+tracer = trace.get_tracer("compensa")
+
+ORCHESTRATOR = Orchestrator([ORDER_SAGA])
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    queue: t.QueueSpec
+    handlers: Callable[[], Mapping[str, Handler]]
+
+
+def _payment_handlers() -> Mapping[str, Handler]:
+    return payments.HANDLERS
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    "saga": ServiceSpec("saga", t.SAGA_EVENTS, ORCHESTRATOR.handlers),
+    "stock": ServiceSpec("stock", t.STOCK_COMMANDS, lambda: stock.HANDLERS),
+    "payments": ServiceSpec("payments", t.PAYMENTS_COMMANDS, _payment_handlers),
+    "ledger": ServiceSpec("ledger", t.LEDGER_EVENTS, lambda: ledger.HANDLERS),
+    "orders": ServiceSpec("orders", t.ORDERS_EVENTS, lambda: orders.HANDLERS),
+}
+
+# Services whose outboxes a relay drains; `ingest` carries events accepted over HTTP.
+OUTBOX_SERVICES = ("orders", "stock", "payments", "ledger", "saga", "ingest", "dlq")
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
+
+
+def make_processor(
+    spec: ServiceSpec,
+    engine: AsyncEngine,
+    clock: Clock,
+    settings: Settings,
+    *,
+    handlers: Mapping[str, Handler] | None = None,
+    rng: random.Random | None = None,
+    uow_factory: Callable[..., UnitOfWork] = UnitOfWork,
+) -> MessageProcessor:
+    return MessageProcessor(
+        engine,
+        spec.name,
+        spec.queue.name,
+        handlers if handlers is not None else spec.handlers(),
+        clock,
+        retry=retry_policy(settings),
+        rng=rng,
+        uow_factory=uow_factory,
+    )
+
+
+async def sweep_deadlines(
+    engine: AsyncEngine,
+    clock: Clock,
+    *,
+    orchestrator: Orchestrator = ORCHESTRATOR,
+    limit: int = 100,
+    uow_factory: Callable[..., UnitOfWork] = UnitOfWork,
+) -> int:
+    """Fire every due saga deadline in one transaction; return how many fired."""
+    with tracer.start_as_current_span("saga.sweep_deadlines"):
+        async with uow_factory(engine, "saga", clock) as uow:
+            due = await SagaStore(uow.connection).due_deadlines(clock.now(), limit)
+            for saga_id, deadline in due:
+                with structlog.contextvars.bound_contextvars(saga_id=saga_id):
+                    await orchestrator.fire_deadline(uow, saga_id, deadline)
+            await uow.commit()
+    return len(due)
+
+
+@dataclass
+class Runtime:
+    """Run consumers, relays and background sweepers for a set of services until stopped."""
+
+    engine: AsyncEngine
+    transport: Transport
+    clock: Clock
+    settings: Settings
+    services: Sequence[str]
+    relays: bool = True
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    processors: dict[str, MessageProcessor] = field(default_factory=dict)
+    relay_objects: list[Relay] = field(default_factory=list)
+    _subscriptions: list[Subscription] = field(default_factory=list)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.transport.declare_topology()
+        for name in self.services:
+            spec = SERVICES[name]
+            processor = make_processor(spec, self.engine, self.clock, self.settings)
+            self.processors[name] = processor
+            self._subscriptions.append(
+                await self.transport.consume(spec.queue, processor, self.settings.prefetch)
+            )
+        if self.relays:
+            for name in self._relayed_outboxes():
+                relay = Relay(
+                    self.engine,
+                    name,
+                    self.transport,
+                    self.clock,
+                    batch_size=self.settings.relay_batch_size,
+                    poll_seconds=self.settings.relay_poll_seconds,
+                )
+                self.relay_objects.append(relay)
+                self._tasks.append(asyncio.create_task(relay.run(self.stop_event), name=f"relay:{name}"))
+            self._tasks.append(asyncio.create_task(self._notify_listener(), name="relay:listen"))
+        if "saga" in self.services:
+            self._tasks.append(asyncio.create_task(self._every(self.settings.deadline_sweep_seconds, self._sweep), name="deadlines"))
+        if "stock" in self.services:
+            self._tasks.append(asyncio.create_task(self._every(5.0, self._expire_reservations), name="reservations"))
+        self._tasks.append(asyncio.create_task(self._every(300.0, self._prune), name="prune"))
+        log.info("runtime.started", services=list(self.services), relays=self.relays)
+
+    def _relayed_outboxes(self) -> list[str]:
+        names = [s for s in self.services if s in OUTBOX_SERVICES]
+        if set(self.services) >= set(SERVICES):
+            names = list(OUTBOX_SERVICES)
+        return names
+
+    async def _sweep(self) -> None:
+        while await sweep_deadlines(self.engine, self.clock) >= 100:
+            pass
+
+    async def _expire_reservations(self) -> None:
+        await stock.expire_reservations(self.engine, self.clock)
+
+    async def _prune(self) -> None:
+        for name in self._relayed_outboxes():
+            await prune(
+                self.engine,
+                name,
+                now=self.clock.now(),
+                outbox_age=timedelta(hours=self.settings.outbox_retention_hours),
+                inbox_age=timedelta(hours=self.settings.inbox_retention_hours),
+            )
+
+    async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
+        while not self.stop_event.is_set():
+            try:
+                await job()
+            except Exception as exc:  # noqa: BLE001 - a background job must survive outages; it is logged
+                log.warning("runtime.job_failed", job=getattr(job, "__name__", str(job)), error=repr(exc))
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
+            except TimeoutError:
+                pass
+
+    async def _notify_listener(self) -> None:
+        """Wake relays on Postgres NOTIFY; polling covers SQLite and missed hints."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        from outbox.notify import listen_for_outbox
+
+        await listen_for_outbox(self.engine, {r.service: r for r in self.relay_objects}, self.stop_event)
+
+    async def stop(self) -> None:
+        """Stop consuming, let in-flight handlers finish, flush relays, then return."""
+        log.info("runtime.stopping")
+        grace = self.settings.shutdown_grace_seconds
+        await asyncio.gather(*(s.stop(grace) for s in self._subscriptions), return_exceptions=True)
+        self.stop_event.set()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+        log.info("runtime.stopped")
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await self.start()
+        await stop_requested.wait()
+        await self.stop()

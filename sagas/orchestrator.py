@@ -1,0 +1,137 @@
+"""The orchestrator: apply saga transitions and persist them with their commands, atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from contracts import BusinessRuleError, Message, Payload
+from sagas import engine
+from sagas.definition import SagaDefinition
+from sagas.state import Deadline, SagaState, SagaStatus, Transition
+from sagas.store import SagaStore
+
+log = structlog.get_logger("compensa.saga")
+tracer = trace.get_tracer("compensa")
+
+SERVICE = "saga"
+
+
+class SagaUnitOfWork(Protocol):
+    """What the orchestrator needs from a unit of work (outbox.UnitOfWork fits)."""
+
+    @property
+    def connection(self) -> AsyncConnection: ...
+
+    def now(self) -> datetime: ...
+
+    def send(self, payload: Payload, *, correlation_id: str | None = None) -> Message[Any]: ...
+
+
+class Orchestrator:
+    """Route saga events to their saga definition and store what the engine decides."""
+
+    def __init__(self, definitions: Sequence[SagaDefinition]) -> None:
+        self.definitions = {d.name: d for d in definitions}
+        self._starters = {d.starts_with.message_type: d for d in definitions}
+        self._interested: dict[str, list[SagaDefinition]] = {}
+        for definition in definitions:
+            for message_type in definition.handled_types():
+                self._interested.setdefault(message_type, []).append(definition)
+
+    def handled_types(self) -> frozenset[str]:
+        return frozenset(self._interested)
+
+    def handlers(self) -> dict[str, Any]:
+        """One handler per consumed message type, for the consumer pipeline."""
+        return {message_type: self.handle for message_type in self._interested}
+
+    async def handle(self, uow: SagaUnitOfWork, message: Message[Any]) -> None:
+        """Apply one saga event: start a saga or move an existing one."""
+        store = SagaStore(uow.connection)
+        saga_id = message.correlation_id
+        state = await store.get(saga_id)
+        if state is None:
+            definition = self._starters.get(message.type)
+            if definition is None:
+                raise BusinessRuleError(f"{message.type} for unknown saga {saga_id!r}")
+            transition = engine.start(definition, message.payload, saga_id, uow.now())
+            await store.insert(transition.state)
+            await self._apply(uow, store, transition, None, message)
+            return
+        definition = self.definitions[state.definition]
+        transition = engine.on_message(definition, state, message.payload, uow.now())
+        await self._apply(uow, store, transition, state, message)
+
+    async def fire_deadline(self, uow: SagaUnitOfWork, saga_id: str, deadline: Deadline) -> Transition | None:
+        """Apply a due deadline; a stale one (saga moved on) is dropped."""
+        store = SagaStore(uow.connection)
+        state = await store.get(saga_id)
+        if state is None:
+            await store.set_deadline(saga_id, None)
+            return None
+        definition = self.definitions[state.definition]
+        transition = engine.on_deadline(definition, state, deadline, uow.now())
+        if not transition.changed:
+            # The deadline no longer guards anything; keep a live one if the saga has it.
+            await store.set_deadline(saga_id, None)
+            return transition
+        await self._apply(uow, store, transition, state, None)
+        return transition
+
+    async def retry_compensation(self, uow: SagaUnitOfWork, saga_id: str) -> Transition:
+        store = SagaStore(uow.connection)
+        state = await store.get(saga_id)
+        if state is None:
+            raise BusinessRuleError(f"no saga {saga_id!r}")
+        if state.status is not SagaStatus.COMPENSATION_FAILED:
+            raise BusinessRuleError(f"saga {saga_id} is {state.status.value}, not compensation_failed")
+        transition = engine.retry_compensation(self.definitions[state.definition], state, uow.now())
+        await self._apply(uow, store, transition, state, None)
+        return transition
+
+    async def _apply(
+        self,
+        uow: SagaUnitOfWork,
+        store: SagaStore,
+        transition: Transition,
+        before: SagaState | None,
+        message: Message[Any] | None,
+    ) -> None:
+        if not transition.changed:
+            log.info("saga.ignored", saga_id=transition.state.saga_id, trigger=transition.trigger, note=transition.note)
+            return
+        new = transition.state
+        if before is not None:
+            await store.save(new, expected_version=before.version)
+        sent = []
+        for payload in transition.outgoing:
+            outgoing = uow.send(payload, correlation_id=new.saga_id)
+            sent.append({"type": outgoing.type, "message_id": str(outgoing.message_id)})
+        definition = self.definitions[new.definition]
+        step = definition.steps[new.step].name if 0 <= new.step < len(definition.steps) else None
+        await store.record(
+            new,
+            from_status=before.status if before else None,
+            trigger=transition.trigger,
+            note=transition.note,
+            step=step,
+            message_id=str(message.message_id) if message else None,
+            causation_id=str(message.envelope.causation_id) if message and message.envelope.causation_id else None,
+            sent=sent,
+        )
+        await store.set_deadline(new.saga_id, transition.deadline)
+        log.info(
+            "saga.transition",
+            saga_id=new.saga_id,
+            trigger=transition.trigger,
+            from_status=before.status.value if before else None,
+            to_status=new.status.value,
+            note=transition.note,
+            sent=[s["type"] for s in sent],
+        )

@@ -1,0 +1,93 @@
+"""Fault profiles for the simulator: every fault has a rate, every draw is seeded."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FaultRates:
+    #: The broker delivers a message twice.
+    duplicate: float = 0.0
+    #: The ack is lost after the effect committed: the message comes back, redelivered.
+    lost_ack: float = 0.0
+    #: A message other than the head of its queue is delivered next.
+    reorder: float = 0.0
+    #: A message is held back in transit for up to `max_delay_seconds`.
+    delay: float = 0.0
+    #: The relay dies after the broker confirmed a batch, before marking it sent.
+    relay_crash: float = 0.0
+    #: The consumer dies after its transaction committed, before it acked.
+    consumer_crash: float = 0.0
+    #: A participant handler fails transiently (retried through the delay queue).
+    transient_error: float = 0.0
+    #: A participant handler fails permanently (dead-lettered; the saga's deadline copes).
+    permanent_error: float = 0.0
+    #: A participant stays silent past the step deadline, then answers late.
+    silence: float = 0.0
+    max_delay_seconds: float = 5.0
+    #: How long a silent participant waits before it answers (past the 30 s deadline).
+    silence_seconds: float = 45.0
+
+    def with_overrides(self, overrides: dict[str, float]) -> FaultRates:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for name, value in overrides.items():
+            if name in RATE_NAMES and not 0.0 <= value <= 1.0:
+                raise ValueError(f"fault rate {name}={value} must be between 0 and 1")
+            if value < 0:
+                raise ValueError(f"{name}={value} must not be negative")
+        return replace(self, **overrides)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RATE_NAMES = (
+    "duplicate",
+    "lost_ack",
+    "reorder",
+    "delay",
+    "relay_crash",
+    "consumer_crash",
+    "transient_error",
+    "permanent_error",
+    "silence",
+)
+
+PROFILES: dict[str, FaultRates] = {
+    "none": FaultRates(),
+    "default": FaultRates(
+        duplicate=0.02,
+        lost_ack=0.01,
+        reorder=0.05,
+        delay=0.02,
+        relay_crash=0.01,
+        consumer_crash=0.01,
+        transient_error=0.02,
+        permanent_error=0.0,
+        silence=0.005,
+    ),
+    "chaos": FaultRates(
+        duplicate=0.1,
+        lost_ack=0.05,
+        reorder=0.2,
+        delay=0.1,
+        relay_crash=0.05,
+        consumer_crash=0.05,
+        transient_error=0.08,
+        permanent_error=0.005,
+        silence=0.02,
+    ),
+}
+
+
+def profile(name: str, overrides: dict[str, float] | None = None) -> FaultRates:
+    try:
+        rates = PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown fault profile {name!r}; choose one of {', '.join(PROFILES)}") from None
+    return rates.with_overrides(overrides or {})

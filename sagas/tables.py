@@ -1,0 +1,56 @@
+"""Saga tables an operator can query: instances, history of every transition, deadlines."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+_Id = BigInteger().with_variant(Integer(), "sqlite")
+
+saga_instances = Table(
+    "saga_instances",
+    metadata,
+    Column("saga_id", String(64), primary_key=True),
+    Column("definition", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("data", Text, nullable=False),
+    Column("done_steps", Text, nullable=False),
+    Column("pending_compensations", Text, nullable=False),
+    Column("compensation_attempts", Integer, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("version", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_saga_instances_status_updated", "status", "updated_at"),
+)
+
+saga_history = Table(
+    "saga_history",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("saga_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("trigger", String(96), nullable=False),
+    Column("message_id", String(36), nullable=True),
+    Column("causation_id", String(36), nullable=True),
+    Column("from_status", String(32), nullable=True),
+    Column("to_status", String(32), nullable=False),
+    Column("step", String(64), nullable=True),
+    Column("note", Text, nullable=False),
+    Column("sent", Text, nullable=False, doc="JSON list of {type, message_id} sent by this transition"),
+    Index("ix_saga_history_saga", "saga_id", "version", unique=True),
+)
+
+saga_deadlines = Table(
+    "saga_deadlines",
+    metadata,
+    Column("saga_id", String(64), primary_key=True),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("step", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Index("ix_saga_deadlines_due", "due_at"),
+)
