@@ -13,8 +13,11 @@ import consumers.ledger.tables  # noqa: F401
 import consumers.orders.tables  # noqa: F401
 import consumers.payments.tables  # noqa: F401
 import consumers.stock.tables  # noqa: F401
-import sagas.tables  # noqa: F401
 from outbox.tables import metadata
+from sagas.tables import metadata as saga_metadata
+
+#: Every table compensa owns, across the two MetaData collections.
+all_metadata = [metadata, saga_metadata]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from infra.schema import metadata
+from infra.schema import all_metadata
 
 config = context.config
 
@@ -15,7 +15,7 @@ def run_migrations_online() -> None:
         raise RuntimeError("run migrations through `compensa db upgrade` (infra.schema.upgrade)")
     context.configure(
         connection=connection,
-        target_metadata=metadata,
+        target_metadata=all_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )

@@ -1,0 +1,454 @@
+"""The `compensa` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from contracts import CompensaError
+
+app = typer.Typer(
+    name="compensa",
+    help="Event-driven order saga on RabbitMQ with a transactional outbox.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+topology_app = typer.Typer(help="Broker topology.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+contracts_app = typer.Typer(help="Message contracts.", no_args_is_help=True)
+outbox_app = typer.Typer(help="Transactional outbox.", no_args_is_help=True)
+order_app = typer.Typer(help="Orders.", no_args_is_help=True)
+saga_app = typer.Typer(help="Saga inspection.", no_args_is_help=True)
+app.add_typer(topology_app, name="topology")
+app.add_typer(db_app, name="db")
+app.add_typer(contracts_app, name="contracts")
+app.add_typer(outbox_app, name="outbox")
+app.add_typer(order_app, name="order")
+app.add_typer(saga_app, name="saga")
+
+console = Console()
+err = Console(stderr=True)
+
+
+class CliError(Exception):
+    """A failure the user can fix; printed as one line, exit code 1."""
+
+
+def fail(message: str) -> None:
+    raise CliError(message)
+
+
+def _explain(exc: BaseException) -> str | None:
+    """Turn infrastructure failures into a sentence that says what failed and how to fix it."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, CliError | CompensaError | ValueError):
+        return text
+    if isinstance(exc, OperationalError | DBAPIError):
+        return f"database unreachable or failing ({text}); check COMPENSA_DATABASE_URL and that the server runs"
+    if isinstance(exc, ConnectionError | OSError | TimeoutError):
+        return f"cannot reach a server ({text}); check COMPENSA_AMQP_URL / COMPENSA_DATABASE_URL / COMPENSA_REDIS_URL"
+    return None
+
+
+def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Run an async command body; print known failures as one line instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from infra.logging import configure_logging
+        from infra.settings import get_settings
+
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            explained = _explain(exc)
+            if explained is None:
+                raise
+            from infra.logging import redact
+
+            err.print(f"[red]error:[/red] {redact(explained)}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _engine():  # type: ignore[no-untyped-def]
+    from infra.db import create_engine
+    from infra.settings import get_settings
+
+    return create_engine(get_settings().database_url)
+
+
+async def _transport():  # type: ignore[no-untyped-def]
+    from infra.settings import get_settings
+    from infra.transport.factory import transport_from_settings
+
+    return await transport_from_settings(get_settings())
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- simulate
+
+
+def _parse_fault_overrides(values: list[str]) -> dict[str, float]:
+    overrides = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected NAME=RATE, got {item!r}", param_hint="--fault")
+        try:
+            overrides[name.strip().replace("-", "_")] = float(raw)
+        except ValueError:
+            raise typer.BadParameter(f"rate of {name!r} must be a number, got {raw!r}", param_hint="--fault") from None
+    return overrides
+
+
+@app.command()
+def simulate(
+    sagas: Annotated[int, typer.Option("--sagas", "-n", min=1, max=1_000_000, help="Number of orders.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the one RNG every choice draws from.")] = 1,
+    faults: Annotated[str, typer.Option(help="Fault profile: none, default or chaos.")] = "default",
+    fault: Annotated[list[str], typer.Option("--fault", help="Override one fault rate, NAME=RATE (repeatable).")] = [],  # noqa: B006
+    skus: Annotated[int, typer.Option(min=1, max=10_000)] = 8,
+    stock_per_sku: Annotated[int, typer.Option(min=0)] = 60,
+    decline_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write report.json and report.html into this directory.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="Run on this database instead of a temporary SQLite file.")] = None,
+    amqp_url: Annotated[str | None, typer.Option(help="Run the same workload on the real stack (RabbitMQ).")] = None,
+    save_seed: Annotated[Path | None, typer.Option(help="On a violation, append the seed and options to this regression file.")] = None,
+) -> None:
+    """Run a deterministic saga simulation with injected faults and check every invariant."""
+    from infra.logging import configure_logging
+    from sagas.simulation import report as rendering
+    from sagas.simulation.faults import profile
+    from sagas.simulation.workload import WorkloadSpec
+
+    configure_logging("ERROR", "json")
+    try:
+        rates = profile(faults, _parse_fault_overrides(fault))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--faults/--fault") from None
+    spec = WorkloadSpec(sagas=sagas, skus=skus, stock_per_sku=stock_per_sku, decline_rate=decline_rate)
+
+    if amqp_url is not None:
+        from infra.realstack import run_real_stack
+
+        if database_url is None:
+            raise typer.BadParameter("the real stack needs --database-url as well", param_hint="--amqp-url")
+        try:
+            result = asyncio.run(run_real_stack(seed, spec, amqp_url=amqp_url, database_url=database_url))
+        except Exception as exc:  # noqa: BLE001
+            explained = _explain(exc)
+            if explained is None:
+                raise
+            err.print(f"[red]error:[/red] {explained}")
+            raise typer.Exit(1) from None
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from infra.simulate import SimulationOptions, run_simulation
+
+        options = SimulationOptions(seed=seed, workload=spec, faults=rates, database_url=database_url)
+        with Progress(
+            TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err, transient=True, disable=as_json or not err.is_terminal,
+        ) as progress:
+            task = progress.add_task("sagas", total=sagas)
+            result = run_simulation(options, lambda done, _total: progress.update(task, completed=done))
+
+    document = rendering.to_document(result)
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "report.json").write_text(rendering.dumps(document))
+        (report / "report.html").write_text(rendering.html_page(document, list(result.durations.values())))
+    if as_json:
+        sys.stdout.write(rendering.dumps(document) + "\n")
+    else:
+        console.print(rendering.terminal_summary(document), highlight=False, markup=False)
+        if report is not None:
+            console.print(f"report written to {report / 'report.html'}", highlight=False)
+    if not result.ok:
+        if save_seed is not None:
+            from sagas.simulation.regressions import save_regression
+
+            save_regression(save_seed, seed=seed, sagas=sagas, faults=faults, overrides=_parse_fault_overrides(fault))
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- schema, topology, contracts
+
+
+@db_app.command("upgrade")
+@command
+async def db_upgrade(revision: str = "head") -> None:
+    """Create or migrate every service's tables (idempotent)."""
+    from infra.schema import current_revision, upgrade
+
+    engine = _engine()
+    try:
+        await upgrade(engine, revision)
+        console.print(f"database at revision {await current_revision(engine)}")
+    finally:
+        await engine.dispose()
+
+
+@topology_app.command("declare")
+@command
+async def topology_declare() -> None:
+    """Declare exchanges, work queues, delay queues and dead-letter queues (idempotent)."""
+    from infra import topology as t
+
+    transport = await _transport()
+    try:
+        await transport.declare_topology()
+    finally:
+        await transport.close()
+    for queue in t.WORK_QUEUES:
+        console.print(f"{queue.name:<20} ← {queue.exchange.name} [{', '.join(queue.routing_keys)}]  dlq {queue.dlq}", highlight=False)
+
+
+@contracts_app.command("export")
+def contracts_export(
+    out: Annotated[Path, typer.Option(help="Directory to write schemas/ and asyncapi.json into.")] = Path("docs/contracts"),
+) -> None:
+    """Write JSON Schema for every message and an AsyncAPI document for the topology."""
+    from contracts.export import asyncapi, json_schemas
+    from infra import topology as t
+
+    schemas_dir = out / "schemas"
+    schemas_dir.mkdir(parents=True, exist_ok=True)
+    schemas = json_schemas()
+    for name, schema in schemas.items():
+        (schemas_dir / f"{name}.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    document = asyncapi((q.name, q.exchange.name, q.routing_keys) for q in t.WORK_QUEUES)
+    (out / "asyncapi.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    console.print(f"wrote {len(schemas)} JSON Schemas to {schemas_dir} and {out / 'asyncapi.json'}")
+
+
+# ---------------------------------------------------------------- services
+
+
+@app.command()
+@command
+async def run(
+    service: Annotated[list[str], typer.Option("--service", "-s", help="Run only these services (repeatable).")] = [],  # noqa: B006
+    no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not run relays in this process.")] = False,
+) -> None:
+    """Run services (all by default) until SIGTERM/SIGINT, then stop gracefully."""
+    from infra.clock import SystemClock
+    from infra.services import SERVICES, Runtime
+    from infra.settings import get_settings
+
+    unknown = sorted(set(service) - set(SERVICES))
+    if unknown:
+        fail(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
+    settings = get_settings()
+    engine = _engine()
+    transport = await _transport()
+    try:
+        runtime = Runtime(engine, transport, SystemClock(), settings, service or list(SERVICES), relays=not no_relay)
+        await runtime.run_until_signalled()
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+@app.command()
+@command
+async def relay(
+    service: Annotated[list[str], typer.Option("--service", "-s", help="Outboxes to relay (default: all).")] = [],  # noqa: B006
+) -> None:
+    """Relay outbox rows to the broker until SIGTERM/SIGINT."""
+    import signal
+
+    from infra.clock import SystemClock
+    from infra.services import OUTBOX_SERVICES
+    from infra.settings import get_settings
+    from outbox.notify import listen_for_outbox
+    from outbox.relay import Relay
+
+    names = service or list(OUTBOX_SERVICES)
+    unknown = sorted(set(names) - set(OUTBOX_SERVICES))
+    if unknown:
+        fail(f"unknown outbox(es) {', '.join(unknown)}; choose from {', '.join(OUTBOX_SERVICES)}")
+    settings = get_settings()
+    engine = _engine()
+    transport = await _transport()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    relays = {
+        name: Relay(engine, name, transport, SystemClock(), batch_size=settings.relay_batch_size, poll_seconds=settings.relay_poll_seconds)
+        for name in names
+    }
+    try:
+        tasks = [asyncio.create_task(r.run(stop)) for r in relays.values()]
+        if engine.dialect.name == "postgresql":
+            tasks.append(asyncio.create_task(listen_for_outbox(engine, relays, stop)))
+        await asyncio.gather(*tasks)
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+@outbox_app.command("status")
+@command
+async def outbox_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Pending outbox rows and the oldest pending age (relay lag), per service."""
+    from infra.clock import SystemClock
+    from infra.services import OUTBOX_SERVICES
+    from outbox.uow import pending_summary
+
+    engine = _engine()
+    try:
+        rows = [await pending_summary(engine, name, SystemClock().now()) for name in OUTBOX_SERVICES]
+    finally:
+        await engine.dispose()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("service", "pending", "oldest pending (s)")
+    for row in rows:
+        table.add_row(row["service"], str(row["pending"]), f"{row['oldest_pending_age_seconds']:.1f}")
+    console.print(table)
+
+
+@order_app.command("place")
+@command
+async def order_place(
+    customer: Annotated[str, typer.Option(help="Customer id.")],
+    line: Annotated[list[str], typer.Option("--line", help="SKU:QUANTITY:UNIT_PRICE_MINOR (repeatable).")],
+    token: Annotated[str, typer.Option(help="Payment token (never a card number).")],
+    currency: Annotated[str, typer.Option()] = "EUR",
+    order_id: Annotated[str | None, typer.Option(help="Idempotent order id (default: generated).")] = None,
+) -> None:
+    """Place an order: the order row and order.created commit in one transaction."""
+    from consumers.orders import place_order
+    from contracts import OrderLine
+    from infra.clock import SystemClock
+
+    lines = []
+    for item in line:
+        parts = item.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise typer.BadParameter(f"expected SKU:QUANTITY:UNIT_PRICE_MINOR, got {item!r}", param_hint="--line")
+        lines.append(OrderLine(sku=parts[0], quantity=int(parts[1]), unit_price=int(parts[2])))
+    engine = _engine()
+    try:
+        placed = await place_order(engine, SystemClock(), order_id=order_id, customer_id=customer, lines=lines, currency=currency, payment_token=token)
+    finally:
+        await engine.dispose()
+    console.print(f"order {placed} placed")
+
+
+@saga_app.command("list")
+@command
+async def saga_list(
+    status: Annotated[str | None, typer.Option(help="Only sagas in this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List sagas, newest first."""
+    from sqlalchemy import select
+
+    from sagas import SagaStatus
+    from sagas.tables import saga_instances as s
+
+    if status is not None and status not in {x.value for x in SagaStatus}:
+        fail(f"unknown status {status!r}; choose from {', '.join(x.value for x in SagaStatus)}")
+    engine = _engine()
+    try:
+        query = select(s.c.saga_id, s.c.status, s.c.step, s.c.reason, s.c.started_at, s.c.updated_at).order_by(s.c.updated_at.desc()).limit(limit)
+        if status:
+            query = query.where(s.c.status == status)
+        async with engine.connect() as connection:
+            rows = [dict(r._mapping) for r in (await connection.execute(query)).all()]
+    finally:
+        await engine.dispose()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("saga", "status", "step", "reason", "started", "updated")
+    for r in rows:
+        table.add_row(r["saga_id"], r["status"], str(r["step"]), r["reason"] or "", str(r["started_at"]), str(r["updated_at"]))
+    console.print(table)
+
+
+@saga_app.command("show")
+@command
+async def saga_show(
+    saga_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    mermaid: Annotated[bool, typer.Option("--mermaid", help="Print a Mermaid sequence diagram.")] = False,
+) -> None:
+    """Show a saga's state and every transition, in order."""
+    from sqlalchemy import select
+
+    from sagas.tables import saga_history as h
+    from sagas.tables import saga_instances as s
+
+    engine = _engine()
+    try:
+        async with engine.connect() as connection:
+            saga = (await connection.execute(select(s).where(s.c.saga_id == saga_id))).one_or_none()
+            if saga is None:
+                fail(f"no saga {saga_id!r}; `compensa saga list` shows the known ones")
+            history = [dict(r._mapping) for r in (await connection.execute(select(h).where(h.c.saga_id == saga_id).order_by(h.c.version))).all()]
+    finally:
+        await engine.dispose()
+    for entry in history:
+        entry["sent"] = json.loads(entry["sent"])
+    if as_json:
+        _print_json({"saga": dict(saga._mapping), "history": history})
+        return
+    if mermaid:
+        console.print(_mermaid(saga_id, history), highlight=False, markup=False)
+        return
+    console.print(f"saga {saga_id}: [bold]{saga.status}[/bold] (version {saga.version}) {saga.reason or ''}")
+    table = Table("v", "at", "trigger", "from → to", "sent", "note")
+    for e in history:
+        table.add_row(str(e["version"]), str(e["at"]), e["trigger"], f"{e['from_status'] or '-'} → {e['to_status']}", ", ".join(x["type"] for x in e["sent"]) or "-", e["note"])
+    console.print(table)
+
+
+def _mermaid(saga_id: str, history: list[dict[str, Any]]) -> str:
+    participant_of = {"stock": "Stock", "payment": "Payments", "order": "Orders", "deadline": "Clock", "operator": "Operator"}
+    lines = ["sequenceDiagram", "    participant Saga as Saga " + saga_id]
+    for entry in history:
+        source = participant_of.get(entry["trigger"].split(".")[0].split(":")[0], "Broker")
+        lines.append(f"    {source}->>Saga: {entry['trigger']} ({entry['from_status'] or 'new'} → {entry['to_status']})")
+        for sent in entry["sent"]:
+            target = participant_of.get(sent["type"].split(".")[0], "Broker")
+            lines.append(f"    Saga->>{target}: {sent['type']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
