@@ -1,0 +1,1 @@
+"""Participant services: orders, stock, payments (behind a gateway port), ledger (double entry)."""

@@ -1,0 +1,131 @@
+"""Order placement, and the handlers that let an order's status follow its saga."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import structlog
+from opentelemetry import trace
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from consumers.common import Handler
+from consumers.orders import rules
+from consumers.orders.rules import Order, OrderStatus
+from consumers.orders.store import OrderStore
+from consumers.orders.tables import SERVICE
+from contracts import BusinessRuleError, ContractError, Message, OrderLine
+from contracts.clock import Clock
+from contracts.messages import OrderCancelled, OrderCompleted, OrderCreated, OrderRejected
+from outbox.uow import UnitOfWork
+
+log = structlog.get_logger("compensa.orders")
+tracer = trace.get_tracer("compensa")
+
+
+async def place_order(
+    engine: AsyncEngine,
+    clock: Clock,
+    *,
+    order_id: str | None = None,
+    customer_id: str,
+    lines: Sequence[OrderLine],
+    currency: str,
+    payment_token: str,
+) -> str:
+    """Record a pending order and announce it in one transaction; return its id.
+
+    Placing the same order again returns its id and announces nothing; placing a
+    different order under an existing id raises BusinessRuleError.
+    """
+    order_id = order_id or str(uuid.uuid4())
+    created = _order_created(order_id, customer_id, tuple(lines), currency, payment_token)
+    with tracer.start_as_current_span("order.place", attributes={"compensa.saga_id": order_id}):
+        try:
+            await _place(engine, clock, created)
+        except IntegrityError:
+            # A concurrent placement of this id committed first: answer as its repeat.
+            await _place(engine, clock, created)
+    return order_id
+
+
+def _order_created(
+    order_id: str, customer_id: str, lines: tuple[OrderLine, ...], currency: str, payment_token: str
+) -> OrderCreated:
+    try:
+        return OrderCreated(
+            order_id=order_id,
+            customer_id=customer_id,
+            lines=lines,
+            total=rules.total_of(lines, currency),
+            payment_token=payment_token,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or '<root>'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        raise ContractError(f"invalid order {order_id}: {problems}") from None
+
+
+async def _place(engine: AsyncEngine, clock: Clock, created: OrderCreated) -> None:
+    requested = Order(
+        order_id=created.order_id,
+        customer_id=created.customer_id,
+        status=OrderStatus.PENDING,
+        total=created.total,
+        lines=created.lines,
+    )
+    async with UnitOfWork(engine, SERVICE, clock) as uow:
+        store = OrderStore(uow.connection)
+        existing = await store.get(created.order_id)
+        if existing is not None:
+            if not rules.same_order(existing, requested):
+                raise BusinessRuleError(f"order {created.order_id} exists with different contents")
+            log.info("order.place_repeated", order_id=created.order_id)
+            return
+        await store.insert(requested, uow.now())
+        uow.send(created, correlation_id=created.order_id)
+        await uow.commit()
+
+
+async def handle_order_completed(uow: UnitOfWork, message: Message[OrderCompleted]) -> None:
+    """Mark the order completed."""
+    await _settle(uow, message.payload.order_id, OrderStatus.COMPLETED, None)
+
+
+async def handle_order_cancelled(uow: UnitOfWork, message: Message[OrderCancelled]) -> None:
+    """Mark the order cancelled, with the saga's reason."""
+    await _settle(uow, message.payload.order_id, OrderStatus.CANCELLED, message.payload.reason)
+
+
+async def handle_order_rejected(uow: UnitOfWork, message: Message[OrderRejected]) -> None:
+    """Mark the order rejected, with the saga's reason."""
+    await _settle(uow, message.payload.order_id, OrderStatus.REJECTED, message.payload.reason)
+
+
+async def _settle(uow: UnitOfWork, order_id: str, outcome: OrderStatus, reason: str | None) -> None:
+    store = OrderStore(uow.connection)
+    order = await store.get(order_id)
+    if order is None:
+        # Dead-letter, so an operator can replay it once the order exists.
+        raise BusinessRuleError(f"order.{outcome.value} for unknown order {order_id}")
+    status = rules.next_status(order.status, outcome)
+    if status is None:
+        if order.status is outcome:
+            log.info("order.outcome_repeated", order_id=order_id, status=order.status.value)
+        else:
+            log.warning(
+                "order.outcome_conflict", order_id=order_id, status=order.status.value, outcome=outcome.value
+            )
+        return
+    await store.set_status(order_id, status, reason, expected=order.status, now=uow.now())
+
+
+HANDLERS: dict[str, Handler] = {
+    OrderCompleted.message_type: handle_order_completed,
+    OrderCancelled.message_type: handle_order_cancelled,
+    OrderRejected.message_type: handle_order_rejected,
+}
