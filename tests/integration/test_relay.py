@@ -1,0 +1,275 @@
+"""The relay between the real PostgreSQL outbox and the real RabbitMQ.
+
+What is committed is published byte for byte; what is rolled back never leaves. A
+relay that dies after the broker confirmed but before it marked the rows re-publishes
+them, and the consumer's inbox turns that second copy into a no-op. Two relays on one
+outbox publish everything, and each saga's messages reach the queue in commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import aio_pika
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts import Message, ReserveStock, StockLine, encode
+from infra.clock import SystemClock
+from infra.pipeline import MessageProcessor
+from infra.topology import STOCK_COMMANDS
+from infra.transport.rabbit import RabbitTransport
+from outbox.ports import OutgoingMessage, Publisher
+from outbox.relay import Relay
+from outbox.tables import tables_for
+from outbox.uow import UnitOfWork, pending_summary
+from tests.support import eventually
+
+pytestmark = pytest.mark.integration
+
+PRODUCER = "saga"  # the orchestrator sends stock commands through its own outbox
+CONSUMER = "stock"
+clock = SystemClock()
+
+effects_metadata = MetaData()
+#: The test participant's only business table: one row per applied reservation, in order.
+effects = Table(
+    "test_effects",
+    effects_metadata,
+    Column("position", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(36), nullable=False),
+    Column("order_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+)
+
+
+@pytest.fixture(scope="module")
+async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
+    async with pg_engine.begin() as connection:
+        await connection.run_sync(effects_metadata.create_all)
+    return pg_engine
+
+
+@pytest.fixture(autouse=True)
+async def empty_tables(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(delete(tables_for(PRODUCER).outbox))
+        await connection.execute(delete(tables_for(CONSUMER).inbox))
+        await connection.execute(delete(effects))
+
+
+def reserve(order_id: str, seq: int = 1) -> ReserveStock:
+    """A reservation whose quantity doubles as its position within the saga."""
+    return ReserveStock(order_id=order_id, lines=(StockLine(sku="sku-1", quantity=seq),))
+
+
+async def apply_reservation(uow: UnitOfWork, message: Message[ReserveStock]) -> None:
+    """The test participant's handler: record that the reservation took effect."""
+    await uow.connection.execute(
+        insert(effects).values(
+            message_id=str(message.message_id),
+            order_id=message.payload.order_id,
+            seq=message.payload.lines[0].quantity,
+        )
+    )
+
+
+def stock_processor(engine: AsyncEngine) -> MessageProcessor:
+    return MessageProcessor(engine, CONSUMER, CONSUMER, {"stock.reserve": apply_reservation}, clock)
+
+
+async def commit(engine: AsyncEngine, plan: Sequence[tuple[str, int]]) -> list[Message[ReserveStock]]:
+    """Send one reservation per (order id, seq) in a single committed unit of work."""
+    async with UnitOfWork(engine, PRODUCER, clock) as uow:
+        sent = [uow.send(reserve(order_id, seq), correlation_id=order_id) for order_id, seq in plan]
+        await uow.commit()
+    return sent
+
+
+async def pending(engine: AsyncEngine) -> int:
+    return (await pending_summary(engine, PRODUCER, clock.now()))["pending"]
+
+
+async def applied(engine: AsyncEngine) -> list:
+    async with engine.connect() as connection:
+        return (await connection.execute(select(effects).order_by(effects.c.position))).all()
+
+
+async def inbox_count(engine: AsyncEngine) -> int:
+    async with engine.connect() as connection:
+        inbox = tables_for(CONSUMER).inbox
+        return (await connection.execute(select(func.count()).select_from(inbox))).scalar_one()
+
+
+class RelayKilled(Exception):
+    """Stands for the relay process dying at this point."""
+
+
+class DiesAfterConfirm:
+    """Publish for real and wait for the confirms, then die before the rows are marked."""
+
+    def __init__(self, transport: Publisher) -> None:
+        self.transport = transport
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        await self.transport.publish_batch(messages)
+        raise RelayKilled("killed after the broker confirmed, before marking the rows sent")
+
+
+class HangsMidBatch:
+    """Publish (confirmed) the first part of a batch, then hang until cancelled."""
+
+    def __init__(self, transport: Publisher, publish_first: int) -> None:
+        self.transport = transport
+        self.publish_first = publish_first
+        self.published_part = asyncio.Event()
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        await self.transport.publish_batch(messages[: self.publish_first])
+        self.published_part.set()
+        await asyncio.Event().wait()
+
+
+class SlowLink:
+    """A relay's slow link to the broker: it holds its claimed rows a while before publishing.
+
+    This is latency injected on purpose, not a wait for a condition: it gives the other
+    relay time to claim and publish later rows of the same sagas, if it were allowed to.
+    """
+
+    def __init__(self, transport: Publisher, latency_seconds: float) -> None:
+        self.transport = transport
+        self.latency_seconds = latency_seconds
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        await asyncio.sleep(self.latency_seconds)
+        await self.transport.publish_batch(messages)
+
+
+async def test_committed_message_is_published_exactly_as_committed_and_a_rolled_back_one_never(
+    engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    [committed] = await commit(engine, [("order-1", 1)])
+    async with UnitOfWork(engine, PRODUCER, clock) as uow:
+        rolled_back = uow.send(reserve("order-2"), correlation_id="order-2")
+        await uow.flush_outbox()  # inserted, then rolled back: leaving without commit
+    [marker] = await commit(engine, [("order-3", 1)])
+    received: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+    async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        received.append(message)
+
+    queue = await amqp_channel.get_queue(STOCK_COMMANDS.name)
+    await queue.consume(keep, no_ack=True)
+
+    assert await Relay(engine, PRODUCER, rabbit, clock).drain() == 2
+
+    await eventually(lambda: any(m.message_id == str(marker.message_id) for m in received))
+    assert [m.message_id for m in received] == [str(committed.message_id), str(marker.message_id)]
+    assert str(rolled_back.message_id) not in {m.message_id for m in received}
+    first = received[0]
+    assert first.body == encode(committed.envelope)
+    assert first.message_id == str(committed.message_id)
+    assert first.type == "stock.reserve"
+    assert first.correlation_id == "order-1"
+    assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert first.content_type == "application/json"
+    assert first.exchange == "compensa.commands"
+    assert first.routing_key == "stock.reserve"
+    assert await pending(engine) == 0
+
+
+async def test_relay_killed_between_confirm_and_mark_republishes_and_the_effect_applies_once(
+    engine: AsyncEngine, rabbit: RabbitTransport, consume: Any, depth: Any
+) -> None:
+    [message] = await commit(engine, [("order-1", 1)])
+
+    with pytest.raises(RelayKilled):
+        await Relay(engine, PRODUCER, DiesAfterConfirm(rabbit), clock).relay_once()
+    assert await pending(engine) == 1
+
+    assert await Relay(engine, PRODUCER, rabbit, clock).drain() == 1
+    assert await pending(engine) == 0
+    assert await depth(STOCK_COMMANDS.name) == 2  # confirmed publishes are queued
+
+    processor = stock_processor(engine)
+    await consume(processor, prefetch=10)
+
+    await eventually(lambda: processor.processed + processor.duplicates == 2)
+    assert (processor.processed, processor.duplicates) == (1, 1)
+    assert [row.message_id for row in await applied(engine)] == [str(message.message_id)]
+    assert await inbox_count(engine) == 1
+
+
+async def test_relay_task_cancelled_mid_batch_leaves_rows_pending_and_each_effect_applies_once(
+    engine: AsyncEngine, rabbit: RabbitTransport, consume: Any, depth: Any
+) -> None:
+    messages = await commit(engine, [(f"order-{n}", 1) for n in range(4)])
+    hanging = HangsMidBatch(rabbit, publish_first=2)
+    relay_task = asyncio.create_task(Relay(engine, PRODUCER, hanging, clock).relay_once())
+
+    await eventually(hanging.published_part.is_set, message="first half of the batch published")
+    relay_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await relay_task
+    assert await pending(engine) == 4
+
+    assert await Relay(engine, PRODUCER, rabbit, clock).drain() == 4
+    assert await depth(STOCK_COMMANDS.name) == 6
+
+    processor = stock_processor(engine)
+    await consume(processor, prefetch=10)
+
+    await eventually(lambda: processor.processed + processor.duplicates == 6)
+    assert (processor.processed, processor.duplicates) == (4, 2)
+    rows = await applied(engine)
+    assert sorted(row.message_id for row in rows) == sorted(str(m.message_id) for m in messages)
+
+
+async def test_two_relays_on_one_outbox_publish_every_message_in_commit_order_per_saga(
+    engine: AsyncEngine, rabbit: RabbitTransport, amqp_url: str, consume: Any
+) -> None:
+    sagas = [f"order-{n:02d}" for n in range(50)]
+    plan = [(saga, seq) for seq in range(1, 11) for saga in sagas]  # 500, seq 1..10 per saga
+    committed: list[Message[ReserveStock]] = []
+    for start in range(0, len(plan), 25):  # each saga's messages span many transactions
+        committed += await commit(engine, plan[start : start + 25])
+    # One consumer taking one message at a time sees the queue's order exactly.
+    processor = stock_processor(engine)
+    await consume(processor, prefetch=1)
+    published: list[str] = []
+    transports = [RabbitTransport(amqp_url), RabbitTransport(amqp_url)]
+    # Batches of 40 over 50 sagas: two batches in flight always share sagas, and the slow
+    # relay holds its rows long enough for the fast one to overtake it if it were allowed.
+    links = [SlowLink(transports[0], latency_seconds=0.02), transports[1]]
+    relays = [
+        Relay(
+            engine, PRODUCER, link, clock, batch_size=40, poll_seconds=0.02,
+            on_published=lambda batch: published.extend(m.message_id for m in batch),
+        )
+        for link in links
+    ]
+    stop = asyncio.Event()
+
+    async def drained() -> bool:
+        return await pending(engine) == 0
+
+    running = [asyncio.create_task(relay.run(stop)) for relay in relays]
+    try:
+        await eventually(drained, timeout=30, message="outbox drained")
+    finally:
+        stop.set()
+        await asyncio.gather(*running)
+        for transport in transports:
+            await transport.close()
+
+    assert set(published) == {str(m.message_id) for m in committed}
+    assert all(relay.published_total > 0 for relay in relays), "both relays took part"
+    await eventually(lambda: processor.processed == len(committed), timeout=30)
+    rows = await applied(engine)
+    assert len(rows) == len({row.message_id for row in rows}) == len(committed)
+    for saga in sagas:
+        assert [row.seq for row in rows if row.order_id == saga] == list(range(1, 11)), saga
