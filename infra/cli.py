@@ -145,7 +145,8 @@ def simulate(
     from sagas.simulation.faults import profile
     from sagas.simulation.workload import WorkloadSpec
 
-    configure_logging("ERROR", "json")
+    # Injected faults log as errors by design; the report is the output that matters.
+    configure_logging("CRITICAL", "json")
     try:
         rates = profile(faults, _parse_fault_overrides(fault))
     except ValueError as exc:

@@ -45,6 +45,21 @@ FAULTY_SERVICES = ("stock", "payments")
 OUTCOME_TYPES = frozenset({"order.completed", "order.cancelled", "order.rejected"})
 
 
+#: No saga deadline is shorter than this, so a deadline armed at t is due at t + this, or later.
+MIN_DEADLINE = min(
+    [step.deadline for step in ORCHESTRATOR.definitions["order"].steps]
+    + [ORCHESTRATOR.definitions["order"].compensation_deadline]
+)
+
+
+def _earliest(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
 class RelayCrash(Exception):
     """The relay process died after the broker confirmed, before the outbox was marked."""
 
@@ -177,7 +192,7 @@ class Simulation:
         if url is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="compensa-sim-")
             url = f"sqlite+aiosqlite:///{Path(self._tempdir.name) / 'simulation.db'}"
-        engine = create_engine(url)
+        engine = create_engine(url, inline_sqlite=url.startswith("sqlite"))
         try:
             await upgrade(engine)
             workload = generate(self.options.workload, self.rng)
@@ -202,6 +217,7 @@ class Simulation:
         next_expiry_sweep = origin
         uow_factory = self._uow_factory()
         total = len(arrivals)
+        due_hint = None
         while True:
             now = self.clock.now()
             while next_arrival < total and origin + timedelta(seconds=arrivals[next_arrival].at_seconds) <= now:
@@ -214,13 +230,15 @@ class Simulation:
                     lines=list(planned.lines),
                     currency=workload.spec.currency,
                     payment_token=planned.payment_token,
-                    message_ids=self._next_message_id,
+                    uow_factory=uow_factory,
                 )
-                self.dirty_outboxes.add("orders")
                 next_arrival += 1
             await self._relay(relays)
             self.broker.release_due()
-            await sweep_deadlines(engine, self.clock, orchestrator=ORCHESTRATOR, uow_factory=uow_factory)
+            if due_hint is not None and now >= due_hint:
+                await sweep_deadlines(engine, self.clock, orchestrator=ORCHESTRATOR, uow_factory=uow_factory)
+                # Deadlines the sweep armed are committed, so the table knows them all.
+                due_hint = await self._earliest_deadline(engine, origin)
             if now >= next_expiry_sweep:
                 await stock.expire_reservations(engine, self.clock)
                 next_expiry_sweep = now + timedelta(seconds=60)
@@ -229,7 +247,11 @@ class Simulation:
 
             ready = [name for name in queue_names if self.broker.depth(name)]
             if ready:
-                await self._deliver_one(self.rng.choice(ready), processors)
+                queue = self.rng.choice(ready)
+                await self._deliver_one(queue, processors)
+                if queue == t.SAGA_EVENTS.name:
+                    # A saga transition may have armed a deadline, due no sooner than this.
+                    due_hint = _earliest(due_hint, self.clock.now() + MIN_DEADLINE)
                 continue
             if self.dirty_outboxes:
                 continue
@@ -238,13 +260,18 @@ class Simulation:
                 candidates.append(origin + timedelta(seconds=arrivals[next_arrival].at_seconds))
             if self.broker.next_due() is not None:
                 candidates.append(self.broker.next_due())
-            async with engine.connect() as connection:
-                due = (await connection.execute(select(func.min(saga_deadlines.c.due_at)))).scalar()
-            if due is not None:
-                candidates.append(due if due.tzinfo else due.replace(tzinfo=origin.tzinfo))
+            if due_hint is not None:
+                candidates.append(due_hint)
             if not candidates:
                 break
             self.clock.set(max(min(candidates), now))
+
+    async def _earliest_deadline(self, engine: Any, origin: Any) -> Any:
+        async with engine.connect() as connection:
+            due = (await connection.execute(select(func.min(saga_deadlines.c.due_at)))).scalar()
+        if due is None:
+            return None
+        return due if due.tzinfo else due.replace(tzinfo=origin.tzinfo)
 
     async def _relay(self, relays: Mapping[str, Relay]) -> None:
         while self.dirty_outboxes:

@@ -62,6 +62,7 @@ class Relay:
         self.on_published = on_published
         self.wakeup = asyncio.Event()
         self.published_total = 0
+        self.last_claimed = 0
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked sent."""
@@ -78,9 +79,14 @@ class Relay:
                     )
                 ).all()
                 if not rows:
+                    self.last_claimed = 0
                     return 0
-                rows = await self._keep_saga_order(connection, rows)
+                claimed = len(rows)
+                if connection.dialect.name == "postgresql":
+                    # Only Postgres can have concurrent claimers; SQLite has one writer.
+                    rows = await self._keep_saga_order(connection, rows)
                 if not rows:
+                    self.last_claimed = claimed
                     return 0
                 batch = [_to_outgoing(row) for row in rows]
                 await self.publisher.publish_batch(batch)
@@ -89,6 +95,7 @@ class Relay:
                     .where(outbox.c.id.in_([row.id for row in rows]))
                     .values(sent_at=self.clock.now())
                 )
+        self.last_claimed = claimed
         self.published_total += len(batch)
         if self.on_published is not None:
             self.on_published(batch)
@@ -123,9 +130,9 @@ class Relay:
         while max_batches is None or batches < max_batches:
             published = await self.relay_once()
             batches += 1
-            if published == 0:
-                break
             total += published
+            if self.last_claimed < self.batch_size:
+                break
         return total
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 from opentelemetry import trace
@@ -34,6 +34,7 @@ async def place_order(
     lines: Sequence[OrderLine],
     currency: str,
     payment_token: str,
+    uow_factory: Callable[..., UnitOfWork] = UnitOfWork,
 ) -> str:
     """Record a pending order and announce it in one transaction; return its id.
 
@@ -44,10 +45,10 @@ async def place_order(
     created = _order_created(order_id, customer_id, tuple(lines), currency, payment_token)
     with tracer.start_as_current_span("order.place", attributes={"compensa.saga_id": order_id}):
         try:
-            await _place(engine, clock, created)
+            await _place(engine, clock, created, uow_factory)
         except IntegrityError:
             # A concurrent placement of this id committed first: answer as its repeat.
-            await _place(engine, clock, created)
+            await _place(engine, clock, created, uow_factory)
     return order_id
 
 
@@ -70,7 +71,7 @@ def _order_created(
         raise ContractError(f"invalid order {order_id}: {problems}") from None
 
 
-async def _place(engine: AsyncEngine, clock: Clock, created: OrderCreated) -> None:
+async def _place(engine: AsyncEngine, clock: Clock, created: OrderCreated, uow_factory: Callable[..., UnitOfWork]) -> None:
     requested = Order(
         order_id=created.order_id,
         customer_id=created.customer_id,
@@ -78,7 +79,7 @@ async def _place(engine: AsyncEngine, clock: Clock, created: OrderCreated) -> No
         total=created.total,
         lines=created.lines,
     )
-    async with UnitOfWork(engine, SERVICE, clock) as uow:
+    async with uow_factory(engine, SERVICE, clock) as uow:
         store = OrderStore(uow.connection)
         existing = await store.get(created.order_id)
         if existing is not None:
