@@ -26,6 +26,7 @@ from infra.transport.base import Subscription, Transport
 from outbox.relay import Relay
 from outbox.uow import UnitOfWork, prune
 from sagas import ORDER_SAGA
+from sagas.order_saga import order_saga
 from sagas.orchestrator import Orchestrator
 from sagas.store import SagaStore
 
@@ -42,17 +43,34 @@ class ServiceSpec:
     handlers: Callable[[], Mapping[str, Handler]]
 
 
-def _payment_handlers() -> Mapping[str, Handler]:
-    return payments.HANDLERS
+def orchestrator_for(settings: Settings) -> Orchestrator:
+    """The orchestrator with the saga timings the settings ask for."""
+    return Orchestrator(
+        [
+            order_saga(
+                step_deadline=timedelta(seconds=settings.saga_step_deadline_seconds),
+                compensation_deadline=timedelta(seconds=settings.saga_compensation_deadline_seconds),
+                max_compensation_attempts=settings.saga_max_compensation_attempts,
+            )
+        ]
+    )
 
 
-SERVICES: dict[str, ServiceSpec] = {
-    "saga": ServiceSpec("saga", t.SAGA_EVENTS, ORCHESTRATOR.handlers),
-    "stock": ServiceSpec("stock", t.STOCK_COMMANDS, lambda: stock.HANDLERS),
-    "payments": ServiceSpec("payments", t.PAYMENTS_COMMANDS, _payment_handlers),
-    "ledger": ServiceSpec("ledger", t.LEDGER_EVENTS, lambda: ledger.HANDLERS),
-    "orders": ServiceSpec("orders", t.ORDERS_EVENTS, lambda: orders.HANDLERS),
-}
+def build_services(settings: Settings, orchestrator: Orchestrator | None = None) -> dict[str, ServiceSpec]:
+    """Every consuming service, its queue and its handlers, configured by the settings."""
+    orchestrator = orchestrator or orchestrator_for(settings)
+    gateway = payments.RuleBasedGateway(limit=settings.payment_amount_limit)
+    ttl = timedelta(seconds=settings.reservation_ttl_seconds)
+    return {
+        "saga": ServiceSpec("saga", t.SAGA_EVENTS, orchestrator.handlers),
+        "stock": ServiceSpec("stock", t.STOCK_COMMANDS, lambda: stock.make_handlers(reservation_ttl=ttl)),
+        "payments": ServiceSpec("payments", t.PAYMENTS_COMMANDS, lambda: payments.make_handlers(gateway)),
+        "ledger": ServiceSpec("ledger", t.LEDGER_EVENTS, lambda: ledger.HANDLERS),
+        "orders": ServiceSpec("orders", t.ORDERS_EVENTS, lambda: orders.HANDLERS),
+    }
+
+
+SERVICES: dict[str, ServiceSpec] = build_services(Settings())
 
 # Services whose outboxes a relay drains; `ingest` carries events accepted over HTTP.
 OUTBOX_SERVICES = ("orders", "stock", "payments", "ledger", "saga", "ingest", "dlq")
@@ -115,14 +133,17 @@ class Runtime:
     relays: bool = True
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     processors: dict[str, MessageProcessor] = field(default_factory=dict)
+    orchestrator: Orchestrator | None = None
     relay_objects: list[Relay] = field(default_factory=list)
     _subscriptions: list[Subscription] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.transport.declare_topology()
+        self.orchestrator = self.orchestrator or orchestrator_for(self.settings)
+        specs = build_services(self.settings, self.orchestrator)
         for name in self.services:
-            spec = SERVICES[name]
+            spec = specs[name]
             processor = make_processor(spec, self.engine, self.clock, self.settings)
             self.processors[name] = processor
             self._subscriptions.append(
@@ -155,7 +176,8 @@ class Runtime:
         return names
 
     async def _sweep(self) -> None:
-        while await sweep_deadlines(self.engine, self.clock) >= 100:
+        assert self.orchestrator is not None
+        while await sweep_deadlines(self.engine, self.clock, orchestrator=self.orchestrator) >= 100:
             pass
 
     async def _expire_reservations(self) -> None:

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     inbox_retention_hours: float = Field(default=168.0, gt=0)
 
     deadline_sweep_seconds: float = Field(default=0.5, gt=0)
+    saga_step_deadline_seconds: float = Field(default=30.0, gt=0, description="How long a saga waits for a step's reply.")
+    saga_compensation_deadline_seconds: float = Field(default=30.0, gt=0)
+    saga_max_compensation_attempts: int = Field(default=5, ge=1, le=100)
+    reservation_ttl_seconds: float = Field(default=900.0, gt=0, description="Stock reservations expire after this.")
+    payment_amount_limit: int = Field(default=500_000, ge=0, description="The default gateway declines above this (minor units).")
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
 
     log_level: str = "INFO"

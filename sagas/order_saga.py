@@ -11,6 +11,7 @@ stock.commit_failed / commit deadline        ─► payment.refund + stock.relea
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from contracts.messages import (
@@ -119,3 +120,18 @@ ORDER_SAGA = SagaDefinition(
     compensation_deadline=timedelta(seconds=30),
     max_compensation_attempts=5,
 )
+
+
+def order_saga(
+    *,
+    step_deadline: timedelta = STEP_DEADLINE,
+    compensation_deadline: timedelta = timedelta(seconds=30),
+    max_compensation_attempts: int = 5,
+) -> SagaDefinition:
+    """The order saga with other timings (tests and deployments tune these, not the steps)."""
+    return replace(
+        ORDER_SAGA,
+        steps=tuple(replace(step, deadline=step_deadline) for step in ORDER_SAGA.steps),
+        compensation_deadline=compensation_deadline,
+        max_compensation_attempts=max_compensation_attempts,
+    )
