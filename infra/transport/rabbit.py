@@ -65,14 +65,31 @@ class RabbitDelivery(Delivery):
         await self._message.ack()
 
     async def retry(self, delay_ms: int, expiration_ms: int, headers: Mapping[str, Any]) -> None:
-        await self._channel.default_exchange.publish(
-            self._copy(headers, expiration_ms), routing_key=self.queue.delay_queue(delay_ms)
-        )
+        try:
+            await self._channel.default_exchange.publish(
+                self._copy(headers, expiration_ms),
+                routing_key=self.queue.delay_queue(delay_ms),
+                mandatory=True,
+            )
+        except aiormq.exceptions.PublishError:
+            # The delay queue does not exist (topology declared with other retry
+            # settings): never drop the message, park it in the DLQ saying why.
+            log.error("rabbit.delay_queue_missing", queue=self.queue.delay_queue(delay_ms))
+            fallback = dict(headers)
+            fallback[t.H_REASON_CLASS] = "retry_unroutable"
+            fallback[t.H_REASON] = (
+                f"delay queue {self.queue.delay_queue(delay_ms)} missing; run `compensa topology declare` "
+                f"with the same retry settings. Original failure: {headers.get(t.H_REASON, '')}"
+            )[:2000]
+            fallback[t.H_ATTEMPT] = self.attempt
+            await self.dead_letter(fallback)
+            return
         await self.ack()
 
     async def dead_letter(self, headers: Mapping[str, Any]) -> None:
         exchange = await self._channel.get_exchange(t.DLX.name, ensure=False)
-        await exchange.publish(self._copy(headers), routing_key=self.queue.name)
+        # Mandatory: if the DLQ is missing, fail loudly and leave the message unacked.
+        await exchange.publish(self._copy(headers), routing_key=self.queue.name, mandatory=True)
         await self.ack()
 
 
@@ -222,7 +239,7 @@ class RabbitTransport:
 
     async def consume(self, queue: QueueSpec, handler: DeliveryHandler, prefetch: int) -> RabbitSubscription:
         await self.connect()
-        channel = await self.connection.channel(publisher_confirms=True)
+        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=prefetch)
         amqp_queue = await channel.get_queue(queue.name, ensure=True)
         inflight: set[asyncio.Task[Any]] = set()
