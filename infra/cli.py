@@ -29,12 +29,14 @@ contracts_app = typer.Typer(help="Message contracts.", no_args_is_help=True)
 outbox_app = typer.Typer(help="Transactional outbox.", no_args_is_help=True)
 order_app = typer.Typer(help="Orders.", no_args_is_help=True)
 saga_app = typer.Typer(help="Saga inspection.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (need PostgreSQL and RabbitMQ; see scripts/bench.sh).", no_args_is_help=True)
 app.add_typer(topology_app, name="topology")
 app.add_typer(db_app, name="db")
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(order_app, name="order")
 app.add_typer(saga_app, name="saga")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 err = Console(stderr=True)
@@ -445,6 +447,87 @@ def _mermaid(saga_id: str, history: list[dict[str, Any]]) -> str:
             target = participant_of.get(sent["type"].split(".")[0], "Broker")
             lines.append(f"    Saga->>{target}: {sent['type']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def _figure(label: str, value: float, unit: str = "") -> None:
+    console.print(f"  {label:<52} {value:>12,.1f} {unit}", highlight=False)
+
+
+@bench_app.command("relay")
+@command
+async def bench_relay(
+    messages: Annotated[int, typer.Option(min=100, help="Messages per path.")] = 20_000,
+    memory_messages: Annotated[int, typer.Option(min=0, help="Rows relayed while sampling RSS (0 = skip).")] = 100_000,
+) -> None:
+    """Raw publish-with-confirm + consume vs commit → outbox → relay → consume with inbox."""
+    from infra import bench
+
+    database_url, amqp_url = bench.environment_urls()
+    console.print(f"relay benchmark: {messages:,} messages per path, same PostgreSQL and RabbitMQ", highlight=False)
+    raw = await bench.raw_pipelined_rate(amqp_url, messages)
+    outbox = await bench.outbox_rate(database_url, amqp_url, messages)
+    raw_again = await bench.raw_pipelined_rate(amqp_url, messages)
+    raw_rate = (raw + raw_again) / 2
+    _figure("raw aio-pika publish-with-confirm + consume", raw_rate, "msgs/s")
+    _figure("outbox commit → relay → consume with inbox", outbox["end_to_end_per_s"], "msgs/s")
+    _figure("  of which outbox commits (20 writers)", outbox["outbox_commit_per_s"], "msgs/s")
+    console.print(f"  ratio outbox / raw: {outbox['end_to_end_per_s'] / raw_rate:.2f}  (raw runs: {raw:,.0f}, {raw_again:,.0f})", highlight=False)
+    if memory_messages:
+        memory = await bench.relay_memory(database_url, amqp_url, memory_messages)
+        _figure(f"relay only, {memory['messages']:,.0f} pre-committed rows", memory["relay_only_per_s"], "msgs/s")
+        console.print(
+            f"  relay RSS: start {memory['rss_start_mb']:.0f} MB, after 10k {memory['rss_after_10k_mb']:.0f} MB, "
+            f"end {memory['rss_end_mb']:.0f} MB, max {memory['rss_max_mb']:.0f} MB",
+            highlight=False,
+        )
+
+
+@bench_app.command("saga")
+@command
+async def bench_saga(
+    inflight: Annotated[list[int], typer.Option("--inflight", help="Concurrent sagas (repeatable).")] = [1, 10, 50],  # noqa: B006
+    seconds: Annotated[float, typer.Option(min=1.0, help="Seconds per level.")] = 15.0,
+) -> None:
+    """Completed sagas/s and p50/p99 latency, with the machine's limit for the saga's work."""
+    from infra import bench
+
+    database_url, amqp_url = bench.environment_urls()
+    pg = await bench.postgres_commit_rate(database_url)
+    broker = await bench.raw_broker_rate(amqp_url, 10_000)
+    limit = min(pg / 11, broker["publish_confirm_per_s"] / 9, broker["consume_ack_per_s"] / 9)
+    console.print("limits of this machine for the saga's work (11 transactions, 9 messages per saga):", highlight=False)
+    _figure("PostgreSQL commits/s (inbox + update + outbox, 20 conns)", pg, "tx/s")
+    _figure("RabbitMQ persistent publish-with-confirm", broker["publish_confirm_per_s"], "msgs/s")
+    _figure("RabbitMQ consume with ack", broker["consume_ack_per_s"], "msgs/s")
+    _figure("=> ceiling", limit, "sagas/s")
+    for level in inflight:
+        result = await bench.saga_rate(database_url, amqp_url, level, seconds)
+        console.print(
+            f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
+            f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; {result['sagas_per_s'] / limit:.2f} of ceiling)",
+            highlight=False,
+        )
+
+
+@bench_app.command("simulate")
+def bench_simulate(
+    sagas: Annotated[int, typer.Option(min=10)] = 10_000,
+    faults: Annotated[str, typer.Option()] = "chaos",
+) -> None:
+    """Simulated sagas per wall second (SQLite, in-memory broker, virtual clock)."""
+    from infra import bench
+    from infra.logging import configure_logging
+
+    configure_logging("CRITICAL", "json")
+    result = bench.simulation_rate(sagas, faults)
+    console.print(
+        f"simulated {sagas:,} sagas ({faults}): {result['wall_s']:.1f} s wall, {result['sagas_per_s']:.1f} sagas/s, "
+        f"RSS growth {result['rss_growth_mb']:.0f} MB, invariants {'hold' if result['invariants_ok'] else 'VIOLATED'}",
+        highlight=False,
+    )
 
 
 def main() -> None:

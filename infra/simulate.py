@@ -27,14 +27,15 @@ from infra.clock import VirtualClock
 from infra.db import create_engine
 from infra.pipeline import Handler, MessageProcessor
 from infra.schema import upgrade
-from infra.services import ORCHESTRATOR, SERVICES, make_processor, sweep_deadlines
+from infra.services import ORCHESTRATOR, build_services, make_processor, sweep_deadlines
 from infra.settings import Settings
 from infra.transport.memory import MemoryBroker, MemoryDelivery
-from outbox.ports import OutgoingMessage
+from outbox.ports import OutgoingMessage, Publisher
 from outbox.relay import Relay
 from outbox.uow import UnitOfWork
 from sagas.simulation.faults import FaultRates
 from sagas.simulation.invariants import Snapshot, Violation, check
+from sagas.orchestrator import Orchestrator
 from sagas.simulation.workload import Workload, WorkloadSpec, generate
 from sagas.tables import saga_deadlines
 
@@ -45,11 +46,13 @@ FAULTY_SERVICES = ("stock", "payments")
 OUTCOME_TYPES = frozenset({"order.completed", "order.cancelled", "order.rejected"})
 
 
-#: No saga deadline is shorter than this, so a deadline armed at t is due at t + this, or later.
-MIN_DEADLINE = min(
-    [step.deadline for step in ORCHESTRATOR.definitions["order"].steps]
-    + [ORCHESTRATOR.definitions["order"].compensation_deadline]
-)
+def min_deadline(orchestrator: Orchestrator) -> timedelta:
+    """No saga deadline is shorter than this, so a deadline armed at t is due at t + this, or later."""
+    return min(
+        deadline
+        for definition in orchestrator.definitions.values()
+        for deadline in [step.deadline for step in definition.steps] + [definition.compensation_deadline]
+    )
 
 
 def _earliest(a: Any, b: Any) -> Any:
@@ -73,6 +76,16 @@ class SimulationOptions:
     #: Virtual seconds one delivery takes to process, drawn uniformly in this range.
     service_time: tuple[float, float] = (0.001, 0.02)
     max_attempts: int = 5
+    # Seams for running deliberately broken variants, to prove the checker catches them.
+    # The CLI never sets these; the defaults are the product as deployed.
+    #: The saga definitions, for the saga service and the deadline sweeper alike.
+    orchestrator: Orchestrator = ORCHESTRATOR
+    #: The unit of work every service commits through (a subclass may break the inbox).
+    unit_of_work: type[UnitOfWork] = UnitOfWork
+    #: service -> message type -> handler replacing the production one.
+    handler_overrides: Mapping[str, Mapping[str, Handler]] = field(default_factory=dict)
+    #: Wraps the publisher the relays hand their batches to.
+    relay_publisher: Callable[[Publisher], Publisher] | None = None
 
 
 @dataclass
@@ -118,7 +131,7 @@ class Simulation:
     def _uow_factory(self) -> Callable[..., UnitOfWork]:
         simulation = self
 
-        class SimulatedUnitOfWork(UnitOfWork):
+        class SimulatedUnitOfWork(self.options.unit_of_work):  # type: ignore[name-defined,misc]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 kwargs.setdefault("message_ids", simulation._next_message_id)
                 super().__init__(*args, **kwargs)
@@ -156,8 +169,8 @@ class Simulation:
     def _build_processors(self, engine: Any) -> dict[str, MessageProcessor]:
         uow_factory = self._uow_factory()
         processors = {}
-        for name, spec in SERVICES.items():
-            handlers = dict(spec.handlers())
+        for name, spec in build_services(self.settings, self.options.orchestrator).items():
+            handlers = {**spec.handlers(), **self.options.handler_overrides.get(name, {})}
             if name in FAULTY_SERVICES:
                 handlers = {k: self._faulty(v) for k, v in handlers.items()}
             processors[spec.queue.name] = make_processor(
@@ -179,8 +192,11 @@ class Simulation:
                 if message.type in OUTCOME_TYPES and message.correlation_id not in simulation.finished:
                     simulation.finished.add(message.correlation_id)
 
+        publisher: Publisher = CrashingPublisher()
+        if self.options.relay_publisher is not None:
+            publisher = self.options.relay_publisher(publisher)
         return {
-            name: Relay(engine, name, CrashingPublisher(), self.clock, batch_size=500, on_published=note_outcomes)
+            name: Relay(engine, name, publisher, self.clock, batch_size=500, on_published=note_outcomes)
             for name in ("orders", "stock", "payments", "ledger", "saga")
         }
 
@@ -218,6 +234,7 @@ class Simulation:
         uow_factory = self._uow_factory()
         total = len(arrivals)
         due_hint = None
+        shortest_deadline = min_deadline(self.options.orchestrator)
         while True:
             now = self.clock.now()
             while next_arrival < total and origin + timedelta(seconds=arrivals[next_arrival].at_seconds) <= now:
@@ -236,7 +253,7 @@ class Simulation:
             await self._relay(relays)
             self.broker.release_due()
             if due_hint is not None and now >= due_hint:
-                await sweep_deadlines(engine, self.clock, orchestrator=ORCHESTRATOR, uow_factory=uow_factory)
+                await sweep_deadlines(engine, self.clock, orchestrator=self.options.orchestrator, uow_factory=uow_factory)
                 # Deadlines the sweep armed are committed, so the table knows them all.
                 due_hint = await self._earliest_deadline(engine, origin)
             if now >= next_expiry_sweep:
@@ -251,7 +268,7 @@ class Simulation:
                 await self._deliver_one(queue, processors)
                 if queue == t.SAGA_EVENTS.name:
                     # A saga transition may have armed a deadline, due no sooner than this.
-                    due_hint = _earliest(due_hint, self.clock.now() + MIN_DEADLINE)
+                    due_hint = _earliest(due_hint, self.clock.now() + shortest_deadline)
                 continue
             if self.dirty_outboxes:
                 continue

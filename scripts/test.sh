@@ -77,24 +77,7 @@ else
 fi
 
 phase "virtualenv (.venv)"
-if [ -x .venv/bin/python ]; then
-  echo "using existing .venv ($(.venv/bin/python --version))"
-else
-  if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-    echo "python3 >= 3.11 required, found $(python3 --version 2>&1)" >&2
-    exit 1
-  fi
-  python3 -m venv .venv
-  echo "created .venv ($(.venv/bin/python --version))"
-fi
-
-phase "project and dev dependencies (pip install -e '.[dev]')"
-# The build backend's chatter is shown only when the install fails.
-if ! pip_log=$(.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1); then
-  echo "$pip_log" >&2
-  exit 1
-fi
-echo "installed"
+bash scripts/setup.sh --dev
 
 phase "pytest $*"
 status=0

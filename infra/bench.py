@@ -1,0 +1,433 @@
+"""Benchmarks, measured side by side in one run and reported as figures and ratios.
+
+Never timed tests: these print what this machine does today. Every figure in one
+report comes from the same servers within minutes of each other, so the ratios
+mean more than the absolute numbers on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import aio_pika
+from sqlalchemy import text
+
+from contracts import new_message
+from contracts.messages import LedgerUpdated, OrderLine, Posting
+from infra import topology as t
+from infra.clock import SystemClock
+from infra.db import create_engine
+from infra.pipeline import MessageProcessor
+from infra.schema import upgrade
+from infra.settings import Settings
+from infra.transport.rabbit import RabbitTransport
+from outbox.relay import Relay
+from outbox.uow import UnitOfWork
+
+BENCH_QUEUE = t.QueueSpec("bench.outbox", "ledger", t.EVENTS, (LedgerUpdated.message_type,))
+Report = Callable[[str], None]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _ledger_event(n: int) -> LedgerUpdated:
+    return LedgerUpdated(
+        order_id=f"bench-{n}",
+        transaction_id=f"capture:bench-{n}",
+        postings=(Posting(account="cash:EUR", debit=100, credit=0), Posting(account="sales:EUR", debit=0, credit=100)),
+        balances={"cash:EUR": 100},
+    )
+
+
+async def _purge(channel: aio_pika.abc.AbstractChannel, name: str) -> None:
+    queue = await channel.declare_queue(name, durable=True, passive=True)
+    await queue.purge()
+
+
+# ---------------------------------------------------------------- broker limits
+
+
+async def raw_broker_rate(amqp_url: str, messages: int, inflight: int = 100) -> dict[str, float]:
+    """Persistent publish-with-confirm (inflight at once) and consume-with-ack of the same messages."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        publish_channel = await connection.channel(publisher_confirms=True)
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=inflight)
+        queue = await consume_channel.declare_queue(f"bench.raw.{uuid.uuid4().hex[:8]}", durable=True, auto_delete=False)
+        body = new_message(_ledger_event(0), correlation_id="bench", producer="bench").envelope.model_dump_json().encode()
+        received = 0
+        done = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal received
+            await message.ack()
+            received += 1
+            if received >= messages:
+                done.set()
+
+        semaphore = asyncio.Semaphore(inflight)
+
+        async def publish(n: int) -> None:
+            async with semaphore:
+                await publish_channel.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(n)),
+                    routing_key=queue.name,
+                )
+
+        started = time.perf_counter()
+        await asyncio.gather(*(publish(n) for n in range(messages)))
+        published = time.perf_counter() - started
+        consume_started = time.perf_counter()
+        tag = await queue.consume(on_message)
+        await asyncio.wait_for(done.wait(), timeout=600)
+        consumed = time.perf_counter() - consume_started
+        await queue.cancel(tag)
+        await queue.delete(if_unused=False, if_empty=False)
+        return {
+            "publish_confirm_per_s": messages / published,
+            "consume_ack_per_s": messages / consumed,
+            "end_to_end_per_s": messages / (published + consumed),
+        }
+    finally:
+        await connection.close()
+
+
+async def raw_pipelined_rate(amqp_url: str, messages: int, inflight: int = 100) -> float:
+    """Publish-with-confirm and consume at the same time: the raw path the outbox is compared to."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        publish_channel = await connection.channel(publisher_confirms=True)
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=inflight)
+        queue = await consume_channel.declare_queue(f"bench.raw.{uuid.uuid4().hex[:8]}", durable=True)
+        body = new_message(_ledger_event(0), correlation_id="bench", producer="bench").envelope.model_dump_json().encode()
+        received = 0
+        done = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal received
+            await message.ack()
+            received += 1
+            if received >= messages:
+                done.set()
+
+        tag = await queue.consume(on_message)
+        semaphore = asyncio.Semaphore(inflight)
+
+        async def publish(n: int) -> None:
+            async with semaphore:
+                await publish_channel.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(n)),
+                    routing_key=queue.name,
+                )
+
+        started = time.perf_counter()
+        await asyncio.gather(*(publish(n) for n in range(messages)))
+        await asyncio.wait_for(done.wait(), timeout=600)
+        elapsed = time.perf_counter() - started
+        await queue.cancel(tag)
+        await queue.delete(if_unused=False, if_empty=False)
+        return messages / elapsed
+    finally:
+        await connection.close()
+
+
+# ---------------------------------------------------------------- outbox path
+
+
+async def outbox_rate(database_url: str, amqp_url: str, messages: int, writers: int = 20, prefetch: int = 100) -> dict[str, float]:
+    """Commit to the outbox → relay → consume with the inbox, all running at once."""
+    engine = create_engine(database_url, pool_size=writers + 10)
+    transport = RabbitTransport(amqp_url)
+    await transport.connect()
+    clock = SystemClock()
+    try:
+        await upgrade(engine)
+        await _declare_bench_queue(transport)
+        async with engine.begin() as c:
+            await c.execute(text("TRUNCATE ledger_outbox, ledger_inbox"))
+        done = asyncio.Event()
+        processed = 0
+
+        async def handle(_uow: UnitOfWork, _message: Any) -> None:
+            nonlocal processed
+            processed += 1
+            if processed >= messages:
+                done.set()
+
+        processor = MessageProcessor(engine, "ledger", BENCH_QUEUE.name, {LedgerUpdated.message_type: handle}, clock)
+        subscription = await transport.consume(BENCH_QUEUE, processor, prefetch)
+        stop = asyncio.Event()
+        relay = Relay(engine, "ledger", transport, clock, batch_size=200, poll_seconds=0.05)
+        from outbox.notify import listen_for_outbox
+
+        relay_task = asyncio.create_task(relay.run(stop))
+        listen_task = asyncio.create_task(listen_for_outbox(engine, {"ledger": relay}, stop))
+        counter = iter(range(messages))
+
+        async def writer() -> None:
+            for n in counter:
+                async with UnitOfWork(engine, "ledger", clock) as uow:
+                    uow.send(_ledger_event(n), correlation_id=f"bench-{n % 500}")
+                    await uow.commit()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(writer() for _ in range(writers)))
+        committed = time.perf_counter() - started
+        await asyncio.wait_for(done.wait(), timeout=600)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await asyncio.gather(relay_task, listen_task)
+        await subscription.stop(5)
+        return {"end_to_end_per_s": messages / elapsed, "outbox_commit_per_s": messages / committed}
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+async def relay_memory(database_url: str, amqp_url: str, messages: int) -> dict[str, float]:
+    """Relay `messages` pre-committed rows and sample the process's RSS as it goes."""
+    engine = create_engine(database_url)
+    transport = RabbitTransport(amqp_url)
+    await transport.connect()
+    clock = SystemClock()
+    try:
+        await upgrade(engine)
+        await _declare_bench_queue(transport)
+        async with engine.begin() as c:
+            await c.execute(text("TRUNCATE ledger_outbox, ledger_inbox"))
+        from outbox.uow import outbox_row
+
+        chunk = 5_000
+        for start in range(0, messages, chunk):
+            rows = [
+                outbox_row(new_message(_ledger_event(n), correlation_id=f"bench-{n % 500}", producer="bench"), clock.now())
+                for n in range(start, min(messages, start + chunk))
+            ]
+            async with engine.begin() as c:
+                from outbox.tables import tables_for
+
+                await c.execute(tables_for("ledger").outbox.insert(), rows)
+        # Drain the bench queue as fast as possible so the broker does not hold 100k messages.
+        connection = await aio_pika.connect_robust(amqp_url)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=500)
+        queue = await channel.declare_queue(BENCH_QUEUE.name, passive=True)
+        await queue.consume(lambda m: m.ack())
+        relay = Relay(engine, "ledger", transport, clock, batch_size=500)
+        samples = [rss_mb()]
+        started = time.perf_counter()
+        published = 0
+        while published < messages:
+            count = await relay.relay_once()
+            if count == 0:
+                break
+            published += count
+            if published % 10_000 < count:
+                samples.append(rss_mb())
+        elapsed = time.perf_counter() - started
+        samples.append(rss_mb())
+        await connection.close()
+        return {
+            "messages": published,
+            "relay_only_per_s": published / elapsed,
+            "rss_start_mb": samples[0],
+            "rss_after_10k_mb": samples[min(1, len(samples) - 1)],
+            "rss_end_mb": samples[-1],
+            "rss_max_mb": max(samples),
+        }
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+async def _declare_bench_queue(transport: RabbitTransport) -> None:
+    await transport.declare_topology()
+    channel = await transport.connection.channel()
+    queue = await channel.declare_queue(BENCH_QUEUE.name, durable=True, arguments={"x-queue-type": "classic"})
+    await queue.bind(t.EVENTS.name, routing_key=LedgerUpdated.message_type)
+    await queue.purge()
+    await channel.close()
+
+
+# ---------------------------------------------------------------- Postgres limit for saga-shaped transactions
+
+
+async def postgres_commit_rate(database_url: str, seconds: float = 3.0, concurrency: int = 20) -> float:
+    """Commits/s of the saga's transaction shape: inbox insert + row update + outbox insert."""
+    engine = create_engine(database_url, pool_size=concurrency)
+    try:
+        async with engine.begin() as c:
+            await c.execute(text("CREATE UNLOGGED TABLE IF NOT EXISTS bench_rows (id int primary key, n bigint)"))
+            await c.execute(text("CREATE TABLE IF NOT EXISTS bench_inbox (id uuid primary key)"))
+            await c.execute(text("CREATE TABLE IF NOT EXISTS bench_outbox (id bigserial primary key, body text)"))
+            await c.execute(text("TRUNCATE bench_rows, bench_inbox, bench_outbox"))
+            await c.execute(text("INSERT INTO bench_rows SELECT g, 0 FROM generate_series(1, 1000) g"))
+        deadline = time.perf_counter() + seconds
+        commits = 0
+
+        async def worker(w: int) -> None:
+            nonlocal commits
+            n = 0
+            while time.perf_counter() < deadline:
+                async with engine.begin() as c:
+                    await c.execute(text("INSERT INTO bench_inbox VALUES (:id)"), {"id": uuid.uuid4()})
+                    await c.execute(text("UPDATE bench_rows SET n = n + 1 WHERE id = :id"), {"id": (w * 50 + n) % 1000 + 1})
+                    await c.execute(text("INSERT INTO bench_outbox (body) VALUES (:b)"), {"b": "x" * 400})
+                commits += 1
+                n += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        rate = commits / (time.perf_counter() - started)
+        async with engine.begin() as c:
+            await c.execute(text("DROP TABLE bench_rows, bench_inbox, bench_outbox"))
+        return rate
+    finally:
+        await engine.dispose()
+
+
+# ---------------------------------------------------------------- the saga end to end
+
+
+async def saga_rate(database_url: str, amqp_url: str, inflight: int, seconds: float) -> dict[str, float]:
+    """Closed loop: `inflight` clients each place an order and wait for its completion."""
+    from sqlalchemy import select
+
+    from consumers.orders import place_order
+    from consumers.orders.tables import orders_orders
+    from consumers.stock import seed_stock
+    from infra.services import Runtime
+    from sagas.tables import saga_instances
+
+    settings = Settings(
+        database_url=database_url, amqp_url=amqp_url, relay_poll_seconds=0.05, deadline_sweep_seconds=1.0, prefetch=64
+    )
+    engine = create_engine(database_url, pool_size=30)
+    transport = RabbitTransport(amqp_url, retry_delays_ms=t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds))
+    await transport.connect()
+    clock = SystemClock()
+    try:
+        await upgrade(engine)
+        await seed_stock(engine, {f"BENCH-{i}": 10_000_000 for i in range(20)})
+        runtime = Runtime(engine, transport, clock, settings, ["saga", "stock", "payments", "ledger", "orders"])
+        await runtime.start()
+        waiting: dict[str, asyncio.Future[None]] = {}
+        orders_processor = runtime.processors["orders"]
+        completed_handler = orders_processor.handlers["order.completed"]
+
+        async def on_completed(uow: UnitOfWork, message: Any) -> None:
+            await completed_handler(uow, message)
+            future = waiting.get(message.correlation_id)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+        orders_processor.handlers["order.completed"] = on_completed
+        placed: list[str] = []
+        deadline = time.perf_counter() + seconds
+        run_id = uuid.uuid4().hex[:6]
+
+        async def client(c: int) -> None:
+            n = 0
+            while time.perf_counter() < deadline:
+                order_id = f"b{run_id}-{inflight}-{c}-{n}"
+                n += 1
+                waiting[order_id] = asyncio.get_running_loop().create_future()
+                await place_order(
+                    engine, clock, order_id=order_id, customer_id=f"c{c}",
+                    lines=[OrderLine(sku=f"BENCH-{(c + n) % 20}", quantity=1, unit_price=1000)],
+                    currency="EUR", payment_token=f"tok_ok_{c}",
+                )
+                await asyncio.wait_for(waiting[order_id], timeout=60)
+                placed.append(order_id)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(inflight)))
+        elapsed = time.perf_counter() - started
+        await runtime.stop()
+        async with engine.connect() as c:
+            rows = (
+                await c.execute(
+                    select(orders_orders.c.created_at, saga_instances.c.updated_at)
+                    .join(saga_instances, saga_instances.c.saga_id == orders_orders.c.order_id)
+                    .where(orders_orders.c.order_id.in_(placed), saga_instances.c.status == "completed")
+                )
+            ).all()
+        latencies = sorted((done - created).total_seconds() * 1000 for created, done in rows)
+        return {
+            "inflight": inflight,
+            "completed": len(rows),
+            "sagas_per_s": len(rows) / elapsed,
+            "p50_ms": _pct(latencies, 50),
+            "p99_ms": _pct(latencies, 99),
+        }
+    finally:
+        await transport.close()
+        await engine.dispose()
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+# ---------------------------------------------------------------- simulation speed
+
+
+def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, float]:
+    from infra.simulate import SimulationOptions, run_simulation
+    from sagas.simulation.faults import profile
+    from sagas.simulation.workload import WorkloadSpec
+
+    rss_before = rss_mb()
+    started = time.perf_counter()
+    result = run_simulation(
+        SimulationOptions(seed=seed, workload=WorkloadSpec(sagas=sagas, stock_per_sku=max(60, sagas // 2)), faults=profile(faults))
+    )
+    elapsed = time.perf_counter() - started
+    return {
+        "sagas": sagas,
+        "sagas_per_s": sagas / elapsed,
+        "wall_s": elapsed,
+        "invariants_ok": float(result.ok),
+        "rss_growth_mb": rss_mb() - rss_before,
+    }
+
+
+def median_of(runs: int, measure: Callable[[], Awaitable[float]]) -> Callable[[], Awaitable[float]]:
+    async def run() -> float:
+        return statistics.median([await measure() for _ in range(runs)])
+
+    return run
+
+
+def environment_urls() -> tuple[str, str]:
+    database_url = os.environ.get("COMPENSA_DATABASE_URL", "")
+    amqp_url = os.environ.get("COMPENSA_AMQP_URL", "")
+    if not database_url.startswith("postgresql") or not amqp_url:
+        raise ValueError(
+            "benchmarks need PostgreSQL and RabbitMQ: set COMPENSA_DATABASE_URL=postgresql+asyncpg://… and "
+            "COMPENSA_AMQP_URL=amqp://…, or run `bash scripts/bench.sh`, which starts both"
+        )
+    return database_url, amqp_url
+
+
+__all__ = [
+    "environment_urls", "outbox_rate", "postgres_commit_rate", "raw_broker_rate", "raw_pipelined_rate",
+    "relay_memory", "saga_rate", "simulation_rate", "timedelta",
+]
