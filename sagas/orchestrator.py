@@ -71,9 +71,11 @@ class Orchestrator:
     async def fire_deadline(self, uow: SagaUnitOfWork, saga_id: str, deadline: Deadline) -> Transition | None:
         """Apply a due deadline; a stale one (saga moved on) is dropped."""
         store = SagaStore(uow.connection)
-        state = await store.get(saga_id)
+        # A reply being applied to this saga holds its row and will rewrite the
+        # deadline itself: skip it this round instead of waiting (and deadlocking
+        # against that transaction, which wants the deadline row we hold).
+        state = await store.get(saga_id, skip_locked=True)
         if state is None:
-            await store.set_deadline(saga_id, None)
             return None
         definition = self.definitions[state.definition]
         transition = engine.on_deadline(definition, state, deadline, uow.now())

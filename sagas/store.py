@@ -57,11 +57,14 @@ class SagaStore:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
 
-    async def get(self, saga_id: str, *, lock: bool = True) -> SagaState | None:
-        """Load a saga; on Postgres lock its row so concurrent replies queue, not conflict."""
+    async def get(self, saga_id: str, *, lock: bool = True, skip_locked: bool = False) -> SagaState | None:
+        """Load a saga; on Postgres lock its row so concurrent replies queue, not conflict.
+
+        With `skip_locked`, a saga another transaction holds comes back as None.
+        """
         query = select(saga_instances).where(saga_instances.c.saga_id == saga_id)
         if lock:
-            query = query.with_for_update()
+            query = query.with_for_update(skip_locked=skip_locked)
         row = (await self.connection.execute(query)).one_or_none()
         return state_from_row(row) if row else None
 
