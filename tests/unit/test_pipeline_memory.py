@@ -1,0 +1,190 @@
+"""The consumer pipeline and the in-memory broker: the same port the RabbitMQ adapter implements."""
+
+import json
+import uuid
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+
+from contracts import BusinessRuleError, TransientError, encode, new_message
+from contracts.messages import ReserveStock, StockLine
+from infra import topology as t
+from infra.clock import VirtualClock
+from infra.db import create_engine
+from infra.pipeline import MessageProcessor, RetryPolicy
+from infra.transport.memory import MemoryBroker
+from outbox.ports import OutgoingMessage
+from outbox.relay import Relay
+from outbox.tables import metadata
+from outbox.uow import UnitOfWork
+
+effects_metadata = MetaData()
+effects = Table("test_effects", effects_metadata, Column("id", Integer, primary_key=True), Column("order_id", String(64)))
+
+
+@pytest.fixture
+async def engine(tmp_path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+        await connection.run_sync(effects_metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+def reserve(order_id="o-1"):
+    return new_message(ReserveStock(order_id=order_id, lines=[StockLine(sku="A", quantity=1)]), correlation_id=order_id, producer="test")
+
+
+def outgoing(message):
+    return OutgoingMessage(
+        message_id=str(message.message_id), type=message.type, correlation_id=message.correlation_id,
+        exchange="compensa.commands", routing_key=message.type, body=encode(message.envelope),
+    )
+
+
+async def apply_effect(uow, message):
+    await uow.connection.execute(insert(effects).values(order_id=message.payload.order_id))
+
+
+async def count_effects(engine):
+    async with engine.connect() as connection:
+        return (await connection.execute(select(func.count()).select_from(effects))).scalar_one()
+
+
+def processor(engine, clock, handler=apply_effect, max_attempts=3):
+    return MessageProcessor(engine, "stock", "stock.commands", {"stock.reserve": handler}, clock, retry=RetryPolicy(max_attempts, 1.0, 8.0))
+
+
+async def test_duplicate_delivery_is_acknowledged_and_applied_once(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    message = reserve()
+    await broker.publish_batch([outgoing(message), outgoing(message)])
+    consume = processor(engine, clock)
+    for _ in range(2):
+        await consume(broker.get("stock.commands"))
+    assert await count_effects(engine) == 1
+    assert consume.duplicates == 1 and broker.depth("stock.commands") == 0
+
+
+async def test_unacked_delivery_returns_flagged_redelivered():
+    broker = MemoryBroker(VirtualClock())
+    await broker.publish_batch([outgoing(reserve())])
+    first = broker.get("stock.commands")
+    await first.requeue()
+    again = broker.get("stock.commands")
+    assert again.redelivered and again.message_id == first.message_id
+
+
+async def test_transient_failure_waits_in_the_delay_queue_then_succeeds(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    calls = []
+
+    async def flaky(uow, message):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TransientError("database blinked")
+        await apply_effect(uow, message)
+
+    await broker.publish_batch([outgoing(reserve())])
+    consume = processor(engine, clock, flaky)
+    await consume(broker.get("stock.commands"))
+    assert broker.depth("stock.commands") == 0 and broker.delayed_count() == 1
+    clock.advance(0.4)  # before the jittered delay (at least half of 1 s) nothing comes back
+    assert broker.release_due() == 0
+    clock.advance(1.0)
+    assert broker.release_due() == 1
+    retried = broker.get("stock.commands")
+    assert retried.attempt == 2 and retried.headers[t.H_REASON_CLASS] == "transient"
+    await consume(retried)
+    assert await count_effects(engine) == 1
+
+
+async def test_exhausted_retries_and_permanent_errors_go_to_the_dlq_with_reasons(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+
+    async def always_transient(uow, message):
+        raise TransientError("still down")
+
+    await broker.publish_batch([outgoing(reserve("o-t"))])
+    consume = processor(engine, clock, always_transient, max_attempts=2)
+    await consume(broker.get("stock.commands"))
+    clock.advance(10)
+    broker.release_due()
+    await consume(broker.get("stock.commands"))
+    [dead] = broker.dead_letters("stock.commands")
+    assert dead.headers[t.H_REASON_CLASS] == "transient_exhausted"
+    assert dead.headers[t.H_ATTEMPT] == 2 and "still down" in dead.headers[t.H_REASON]
+    assert dead.headers[t.H_SAGA_ID] == "o-t" and dead.headers[t.H_ORIGINAL_QUEUE] == "stock.commands"
+
+    async def refuse(uow, message):
+        raise BusinessRuleError("sku A is discontinued")
+
+    await broker.publish_batch([outgoing(reserve("o-b"))])
+    await processor(engine, clock, refuse)(broker.get("stock.commands"))
+    business = broker.dead_letters("stock.commands")[-1]
+    assert business.headers[t.H_REASON_CLASS] == "business_rule"
+    assert business.headers[t.H_ATTEMPT] == 1 and await count_effects(engine) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "message_id", "reason"),
+    [
+        (b"{", "m-1", "not valid JSON"),
+        (json.dumps({"hello": "world"}).encode(), "m-2", "invalid envelope"),
+        (None, None, "message-id property is missing"),
+        (None, "other", "!= envelope message_id"),
+    ],
+)
+async def test_malformed_deliveries_are_dead_lettered_as_contract_errors(engine, body, message_id, reason):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    message = reserve()
+    raw = outgoing(message)
+    raw = OutgoingMessage(
+        message_id=message_id if message_id is not None else "", type=raw.type, correlation_id=raw.correlation_id,
+        exchange=raw.exchange, routing_key=raw.routing_key, body=body if body is not None else raw.body,
+    )
+    broker.publish_one(raw)
+    delivery = broker.get("stock.commands")
+    if message_id is None:
+        delivery.message_id = None
+    await processor(engine, clock)(delivery)
+    [dead] = broker.dead_letters("stock.commands")
+    assert dead.headers[t.H_REASON_CLASS] == "contract" and reason in dead.headers[t.H_REASON]
+    assert await count_effects(engine) == 0
+
+
+async def test_unroutable_command_fails_the_relay_batch_and_stays_pending(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock, queues=(t.SAGA_EVENTS,))
+    async with UnitOfWork(engine, "saga", clock) as uow:
+        uow.send(ReserveStock(order_id="o-1", lines=[StockLine(sku="A", quantity=1)]), correlation_id="o-1")
+        await uow.commit()
+    relay = Relay(engine, "saga", broker, clock)
+    with pytest.raises(TransientError, match="unroutable"):
+        await relay.relay_once()
+    from outbox.uow import pending_summary
+
+    assert (await pending_summary(engine, "saga", clock.now()))["pending"] == 1
+
+
+async def test_relay_publishes_in_commit_order_per_saga(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    sent = []
+    for n in range(30):
+        async with UnitOfWork(engine, "saga", clock) as uow:
+            order_id = f"o-{n % 3}"
+            message = uow.send(ReserveStock(order_id=order_id, lines=[StockLine(sku="A", quantity=n + 1)]), correlation_id=order_id, message_id=uuid.uuid4())
+            sent.append(str(message.message_id))
+            await uow.commit()
+    assert await Relay(engine, "saga", broker, clock, batch_size=7).drain() == 30
+    received = []
+    while (delivery := broker.get("stock.commands")) is not None:
+        received.append(delivery.message_id)
+        await delivery.ack()
+    assert received == sent
