@@ -155,31 +155,47 @@ def simulate(
         raise typer.BadParameter(str(exc), param_hint="--faults/--fault") from None
     spec = WorkloadSpec(sagas=sagas, skus=skus, stock_per_sku=stock_per_sku, decline_rate=decline_rate)
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("simulating" if amqp_url is None else "running on the real stack"),
+        BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=as_json or not err.is_terminal,
+    )
+    task = progress.add_task("sagas", total=sagas)
+
+    def on_progress(done: int, _total: int) -> None:
+        progress.update(task, completed=done)
+
     if amqp_url is not None:
-        from infra.realstack import run_real_stack
+        from infra.logging import redact
+        from infra.realstack import real_stack_faults, run_real_stack
 
         if database_url is None:
             raise typer.BadParameter("the real stack needs --database-url as well", param_hint="--amqp-url")
+        _kept, ignored = real_stack_faults(rates)
+        if ignored:
+            err.print(
+                f"note: the real stack injects only duplicate, relay_crash and transient_error; ignoring {', '.join(ignored)}",
+                highlight=False, markup=False,
+            )
         try:
-            result = asyncio.run(run_real_stack(seed, spec, amqp_url=amqp_url, database_url=database_url))
-        except Exception as exc:  # noqa: BLE001
+            with progress:
+                result = asyncio.run(
+                    run_real_stack(seed, spec, amqp_url=amqp_url, database_url=database_url, faults=rates, on_progress=on_progress)
+                )
+        except Exception as exc:  # noqa: BLE001 - explained in one line, or re-raised
             explained = _explain(exc)
             if explained is None:
                 raise
-            err.print(f"[red]error:[/red] {explained}")
+            err.print(f"[red]error:[/red] {redact(explained)}", highlight=False)
             raise typer.Exit(1) from None
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from infra.simulate import SimulationOptions, run_simulation
 
         options = SimulationOptions(seed=seed, workload=spec, faults=rates, database_url=database_url)
-        with Progress(
-            TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err, transient=True, disable=as_json or not err.is_terminal,
-        ) as progress:
-            task = progress.add_task("sagas", total=sagas)
-            result = run_simulation(options, lambda done, _total: progress.update(task, completed=done))
+        with progress:
+            result = run_simulation(options, on_progress)
 
     document = rendering.to_document(result)
     if report is not None:
@@ -464,7 +480,9 @@ async def bench_relay(
 ) -> None:
     """Raw publish-with-confirm + consume vs commit → outbox → relay → consume with inbox."""
     from infra import bench
+    from infra.logging import configure_logging
 
+    configure_logging("WARNING", "json")
     database_url, amqp_url = bench.environment_urls()
     console.print(f"relay benchmark: {messages:,} messages per path, same PostgreSQL and RabbitMQ", highlight=False)
     raw = await bench.raw_pipelined_rate(amqp_url, messages)
@@ -493,7 +511,9 @@ async def bench_saga(
 ) -> None:
     """Completed sagas/s and p50/p99 latency, with the machine's limit for the saga's work."""
     from infra import bench
+    from infra.logging import configure_logging
 
+    configure_logging("WARNING", "json")
     database_url, amqp_url = bench.environment_urls()
     pg = await bench.postgres_commit_rate(database_url)
     broker = await bench.raw_broker_rate(amqp_url, 10_000)
