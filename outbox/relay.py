@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.clock import Clock
@@ -63,21 +63,25 @@ class Relay:
         self.wakeup = asyncio.Event()
         self.published_total = 0
         self.last_claimed = 0
+        outbox = self.tables.outbox
+        self._claim = (
+            select(outbox)
+            .where(outbox.c.sent_at.is_(None))
+            .order_by(outbox.c.id)
+            .limit(batch_size)
+            .with_for_update(skip_locked=True)
+        )
+        self._mark_sent = (
+            update(outbox)
+            .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
+            .values(sent_at=bindparam("now"))
+        )
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked sent."""
-        outbox = self.tables.outbox
         async with self.engine.connect() as connection:
             async with connection.begin():
-                rows = (
-                    await connection.execute(
-                        select(outbox)
-                        .where(outbox.c.sent_at.is_(None))
-                        .order_by(outbox.c.id)
-                        .limit(self.batch_size)
-                        .with_for_update(skip_locked=True)
-                    )
-                ).all()
+                rows = (await connection.execute(self._claim)).all()
                 if not rows:
                     self.last_claimed = 0
                     return 0
@@ -90,11 +94,7 @@ class Relay:
                     return 0
                 batch = [_to_outgoing(row) for row in rows]
                 await self.publisher.publish_batch(batch)
-                await connection.execute(
-                    update(outbox)
-                    .where(outbox.c.id.in_([row.id for row in rows]))
-                    .values(sent_at=self.clock.now())
-                )
+                await connection.execute(self._mark_sent, {"ids": [row.id for row in rows], "now": self.clock.now()})
         self.last_claimed = claimed
         self.published_total += len(batch)
         if self.on_published is not None:

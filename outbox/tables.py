@@ -7,7 +7,8 @@ prefixes (not Postgres schemas) keep one code path for SQLite and Postgres.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    insert,
     text,
 )
 
@@ -29,12 +31,22 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 
 SERVICES = ("orders", "stock", "payments", "ledger", "saga", "ingest", "dlq")
 
+#: Outboxes that re-send existing messages under their own message id (dead-letter
+#: replays): one message may go to several queues, and again after a later failure,
+#: so the message id is indexed there but not unique.
+RESENDING_SERVICES = frozenset({"dlq"})
+
 
 @dataclass(frozen=True)
 class ServiceTables:
     service: str
     outbox: Table
     inbox: Table
+    #: Built once: every unit of work that sends messages runs it.
+    outbox_insert: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outbox_insert", insert(self.outbox))
 
 
 def _outbox_table(service: str) -> Table:
@@ -43,7 +55,7 @@ def _outbox_table(service: str) -> Table:
         name,
         metadata,
         Column("id", Id, primary_key=True, autoincrement=True),
-        Column("message_id", String(36), nullable=False, unique=True),
+        Column("message_id", String(36), nullable=False, unique=service not in RESENDING_SERVICES),
         Column("type", String(64), nullable=False),
         Column("correlation_id", String(64), nullable=False),
         Column("exchange", String(64), nullable=False),
@@ -60,6 +72,7 @@ def _outbox_table(service: str) -> Table:
         ),
         Index(f"ix_{name}_correlation", "correlation_id", "id"),
         Index(f"ix_{name}_sent_at", "sent_at"),
+        *([Index(f"ix_{name}_message_id", "message_id")] if service in RESENDING_SERVICES else []),
     )
 
 

@@ -18,24 +18,37 @@ from outbox.tables import ServiceTables, tables_for
 from outbox.tracing import current_traceparent
 
 
+_IGNORING_INSERTS: dict[tuple[str, str], Any] = {}
+
+
 def insert_ignoring_duplicates(connection: AsyncConnection, table: Any) -> Any:
-    """Return an INSERT that skips rows whose key exists (both backends speak ON CONFLICT)."""
-    if connection.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(table).on_conflict_do_nothing()
+    """Return an INSERT that skips rows whose key exists (both backends speak ON CONFLICT).
+
+    Built once per dialect and table: statement construction costs more than running it.
+    """
+    key = (connection.dialect.name, table.name)
+    statement = _IGNORING_INSERTS.get(key)
+    if statement is None:
+        if connection.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        statement = _IGNORING_INSERTS[key] = dialect_insert(table).on_conflict_do_nothing()
+    return statement
 
 
-def outbox_row(message: Message[Any], now: datetime) -> dict[str, Any]:
+def outbox_row(
+    message: Message[Any], now: datetime, exchange: str | None = None, routing_key: str | None = None
+) -> dict[str, Any]:
+    """The outbox row of a message: to its kind's exchange under its type, unless told otherwise."""
     envelope = message.envelope
     headers = {"traceparent": envelope.traceparent} if envelope.traceparent else {}
     return {
         "message_id": str(envelope.message_id),
         "type": envelope.type,
         "correlation_id": envelope.correlation_id,
-        "exchange": exchange_for(type(message.payload).kind),
-        "routing_key": envelope.type,
+        "exchange": exchange_for(type(message.payload).kind) if exchange is None else exchange,
+        "routing_key": envelope.type if routing_key is None else routing_key,
         "body": encode(envelope).decode(),
         "headers": json.dumps(headers),
         "created_at": now,
@@ -65,6 +78,8 @@ class UnitOfWork:
         self.clock = clock
         self.incoming = incoming
         self._pending: list[Message[Any]] = []
+        #: Index in _pending -> (exchange, routing key) for messages routed by hand.
+        self._routes: dict[int, tuple[str | None, str | None]] = {}
         self._connection: AsyncConnection | None = None
         self.committed = False
 
@@ -119,8 +134,14 @@ class UnitOfWork:
         self._pending.append(message)
         return message
 
-    def add(self, message: Message[Any]) -> None:
-        """Stage an already-built message (replays, SDK publishes)."""
+    def add(self, message: Message[Any], *, exchange: str | None = None, routing_key: str | None = None) -> None:
+        """Stage an already-built message (replays, SDK publishes).
+
+        `exchange`/`routing_key` override where it goes: `exchange=""` (the default
+        exchange) with `routing_key=<queue>` delivers it to that one queue only.
+        """
+        if exchange is not None or routing_key is not None:
+            self._routes[len(self._pending)] = (exchange, routing_key)
         self._pending.append(message)
 
     @property
@@ -129,21 +150,28 @@ class UnitOfWork:
 
     async def seen(self, consumer: str, message: Message[Any]) -> bool:
         """Record the message in the inbox; return True when it was already there."""
-        statement = insert_ignoring_duplicates(self.connection, self.tables.inbox).values(
-            consumer=consumer,
-            message_id=str(message.message_id),
-            message_type=message.type,
-            received_at=self.now(),
+        statement = insert_ignoring_duplicates(self.connection, self.tables.inbox)
+        result = await self.connection.execute(
+            statement,
+            {
+                "consumer": consumer,
+                "message_id": str(message.message_id),
+                "message_type": message.type,
+                "received_at": self.now(),
+            },
         )
-        result = await self.connection.execute(statement)
         return result.rowcount == 0
 
     async def flush_outbox(self) -> None:
         if self._pending:
             now = self.now()
-            rows = [outbox_row(message, now) for message in self._pending]
-            await self.connection.execute(insert(self.tables.outbox), rows)
+            rows = [
+                outbox_row(message, now, *self._routes.get(index, (None, None)))
+                for index, message in enumerate(self._pending)
+            ]
+            await self.connection.execute(self.tables.outbox_insert, rows)
             self._pending.clear()
+            self._routes.clear()
 
     async def commit(self) -> None:
         await self.flush_outbox()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts import ConflictError
@@ -53,6 +53,19 @@ def _columns(state: SagaState) -> dict[str, Any]:
     }
 
 
+# Built once: constructing a statement costs more than executing it.
+_SELECT = select(saga_instances).where(saga_instances.c.saga_id == bindparam("b_saga_id"))
+_SELECT_FOR_UPDATE = _SELECT.with_for_update()
+_SELECT_SKIP_LOCKED = _SELECT.with_for_update(skip_locked=True)
+_INSERT = insert(saga_instances)
+_UPDATE = update(saga_instances).where(
+    saga_instances.c.saga_id == bindparam("b_saga_id"), saga_instances.c.version == bindparam("b_version")
+)
+_RECORD = insert(saga_history)
+_CLEAR_DEADLINE = delete(saga_deadlines).where(saga_deadlines.c.saga_id == bindparam("b_saga_id"))
+_SET_DEADLINE = insert(saga_deadlines)
+
+
 class SagaStore:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
@@ -62,21 +75,17 @@ class SagaStore:
 
         With `skip_locked`, a saga another transaction holds comes back as None.
         """
-        query = select(saga_instances).where(saga_instances.c.saga_id == saga_id)
-        if lock:
-            query = query.with_for_update(skip_locked=skip_locked)
-        row = (await self.connection.execute(query)).one_or_none()
+        query = _SELECT if not lock else _SELECT_SKIP_LOCKED if skip_locked else _SELECT_FOR_UPDATE
+        row = (await self.connection.execute(query, {"b_saga_id": saga_id})).one_or_none()
         return state_from_row(row) if row else None
 
     async def insert(self, state: SagaState) -> None:
-        await self.connection.execute(insert(saga_instances).values(saga_id=state.saga_id, **_columns(state)))
+        await self.connection.execute(_INSERT, {"saga_id": state.saga_id, **_columns(state)})
 
     async def save(self, state: SagaState, *, expected_version: int) -> None:
         """Write the new state only if nobody else moved the saga since we read it."""
         result = await self.connection.execute(
-            update(saga_instances)
-            .where(saga_instances.c.saga_id == state.saga_id, saga_instances.c.version == expected_version)
-            .values(**_columns(state))
+            _UPDATE, {"b_saga_id": state.saga_id, "b_version": expected_version, **_columns(state)}
         )
         if result.rowcount != 1:
             raise ConflictError(f"saga {state.saga_id} changed concurrently (expected version {expected_version})")
@@ -94,32 +103,34 @@ class SagaStore:
         sent: Sequence[dict[str, str]],
     ) -> None:
         await self.connection.execute(
-            insert(saga_history).values(
-                saga_id=state.saga_id,
-                version=state.version,
-                at=state.updated_at,
-                trigger=trigger,
-                message_id=message_id,
-                causation_id=causation_id,
-                from_status=from_status.value if from_status else None,
-                to_status=state.status.value,
-                step=step,
-                note=note,
-                sent=json.dumps(list(sent)),
-            )
+            _RECORD,
+            {
+                "saga_id": state.saga_id,
+                "version": state.version,
+                "at": state.updated_at,
+                "trigger": trigger,
+                "message_id": message_id,
+                "causation_id": causation_id,
+                "from_status": from_status.value if from_status else None,
+                "to_status": state.status.value,
+                "step": step,
+                "note": note,
+                "sent": json.dumps(list(sent)),
+            },
         )
 
     async def set_deadline(self, saga_id: str, deadline: Deadline | None) -> None:
-        await self.connection.execute(delete(saga_deadlines).where(saga_deadlines.c.saga_id == saga_id))
+        await self.connection.execute(_CLEAR_DEADLINE, {"b_saga_id": saga_id})
         if deadline is not None:
             await self.connection.execute(
-                insert(saga_deadlines).values(
-                    saga_id=saga_id,
-                    due_at=deadline.due_at,
-                    kind=deadline.kind,
-                    step=deadline.step,
-                    attempt=deadline.attempt,
-                )
+                _SET_DEADLINE,
+                {
+                    "saga_id": saga_id,
+                    "due_at": deadline.due_at,
+                    "kind": deadline.kind,
+                    "step": deadline.step,
+                    "attempt": deadline.attempt,
+                },
             )
 
     async def due_deadlines(self, now: datetime, limit: int) -> list[tuple[str, Deadline]]:
