@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import BusinessRuleError, ContractError, Message, TransientError, decode
@@ -45,7 +46,7 @@ class RetryPolicy:
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TransientError | OperationalError | IntegrityError | ConnectionError | TimeoutError):
+    if isinstance(exc, TransientError | OperationalError | IntegrityError | PoolTimeoutError | ConnectionError | TimeoutError):
         return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:

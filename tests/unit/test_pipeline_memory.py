@@ -188,3 +188,17 @@ async def test_relay_publishes_in_commit_order_per_saga(engine):
         received.append(delivery.message_id)
         await delivery.ack()
     assert received == sent
+
+
+def test_infrastructure_failures_are_classified_transient_and_bugs_are_not():
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+    from infra.pipeline import is_transient
+
+    assert is_transient(PoolTimeoutError("QueuePool limit reached"))
+    assert is_transient(OperationalError("select 1", {}, Exception("database is locked")))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TransientError("x"))
+    assert not is_transient(KeyError("bug"))
+    assert not is_transient(BusinessRuleError("no"))
