@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import Row, bindparam, func, select, update
+from sqlalchemy import Row, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.clock import Clock
@@ -16,6 +16,8 @@ from outbox.ports import OutgoingMessage, Publisher
 from outbox.tables import ServiceTables, tables_for
 
 log = structlog.get_logger("compensa.relay")
+
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
 
 
 def _to_outgoing(row: Row) -> OutgoingMessage:
@@ -87,6 +89,9 @@ class Relay:
                     return 0
                 claimed = len(rows)
                 if connection.dialect.name == "postgresql":
+                    # Losing a "sent" mark in a crash only re-publishes (the inboxes
+                    # dedupe), so this commit need not wait for its WAL flush.
+                    await connection.execute(_ASYNC_COMMIT)
                     # Only Postgres can have concurrent claimers; SQLite has one writer.
                     rows = await self._keep_saga_order(connection, rows)
                 if not rows:
