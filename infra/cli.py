@@ -168,15 +168,15 @@ def simulate(
         progress.update(task, completed=done)
 
     if amqp_url is not None:
-        from infra.logging import redact
-        from infra.realstack import real_stack_faults, run_real_stack
-
         if database_url is None:
             raise typer.BadParameter("the real stack needs --database-url as well", param_hint="--amqp-url")
+        from infra.logging import redact
+        from infra.realstack import REAL_FAULTS, real_stack_faults, run_real_stack
+
         _kept, ignored = real_stack_faults(rates)
         if ignored:
             err.print(
-                f"note: the real stack injects only duplicate, relay_crash and transient_error; ignoring {', '.join(ignored)}",
+                f"note: the real stack injects only {', '.join(REAL_FAULTS)} (and declines); ignoring {', '.join(ignored)}",
                 highlight=False, markup=False,
             )
         try:

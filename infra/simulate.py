@@ -4,6 +4,7 @@ and a virtual clock, with seeded faults; then an invariant check and a report.""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import tempfile
 import time
@@ -33,9 +34,9 @@ from infra.transport.memory import MemoryBroker, MemoryDelivery
 from outbox.ports import OutgoingMessage, Publisher
 from outbox.relay import Relay
 from outbox.uow import UnitOfWork
+from sagas.orchestrator import Orchestrator
 from sagas.simulation.faults import FaultRates
 from sagas.simulation.invariants import Snapshot, Violation, check
-from sagas.orchestrator import Orchestrator
 from sagas.simulation.workload import Workload, WorkloadSpec, generate
 from sagas.tables import saga_deadlines
 
@@ -102,6 +103,10 @@ class SimulationResult:
     wall_seconds: float
     history: dict[str, list[dict[str, Any]]]
     dead_letters: list[dict[str, str]]
+    #: "simulated" (virtual time, in-memory broker) or "real" (PostgreSQL + RabbitMQ, wall time).
+    stack: str = "simulated"
+    #: What only one kind of run knows (the real stack: queue depths, dead letters per queue).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -324,52 +329,12 @@ class Simulation:
     # ------------------------------------------------------------ results
 
     async def _result(self, engine: Any, workload: Workload, snapshot: Snapshot, violations: list[Violation], processors: Mapping[str, MessageProcessor], started: float) -> SimulationResult:
-        from sagas.tables import saga_history, saga_instances
-
-        async with engine.connect() as connection:
-            sagas = (await connection.execute(select(saga_instances.c.saga_id, saga_instances.c.status, saga_instances.c.started_at, saga_instances.c.updated_at))).all()
-            durations = {}
-            outcomes: Counter[str] = Counter()
-            for row in sagas:
-                outcomes[row.status] += 1
-                durations[row.saga_id] = round((row.updated_at - row.started_at).total_seconds(), 6)
-            wanted = set(v.saga_id for v in violations if v.saga_id)
-            if durations:
-                wanted.add(max(sorted(durations), key=lambda k: durations[k]))
-            history: dict[str, list[dict[str, Any]]] = {}
-            if wanted:
-                rows = (
-                    await connection.execute(
-                        select(saga_history).where(saga_history.c.saga_id.in_(sorted(wanted))).order_by(saga_history.c.saga_id, saga_history.c.version)
-                    )
-                ).all()
-                origin = min(r.started_at for r in sagas)
-                for r in rows:
-                    history.setdefault(r.saga_id, []).append(
-                        {
-                            "version": r.version,
-                            "at_seconds": round((r.at - origin).total_seconds(), 6),
-                            "trigger": r.trigger,
-                            "from": r.from_status,
-                            "to": r.to_status,
-                            "step": r.step,
-                            "note": r.note,
-                            "sent": [s["type"] for s in __import__("json").loads(r.sent)],
-                        }
-                    )
-        dead_letters = []
-        for spec in t.WORK_QUEUES:
-            for stored in self.broker.dead_letters(spec.name):
-                dead_letters.append(
-                    {
-                        "queue": spec.name,
-                        "type": _type_of(stored.body),
-                        "saga_id": str(stored.headers.get(t.H_SAGA_ID, "")),
-                        "reason_class": str(stored.headers.get(t.H_REASON_CLASS, "")),
-                        "reason": str(stored.headers.get(t.H_REASON, "")),
-                        "attempts": str(stored.headers.get(t.H_ATTEMPT, "")),
-                    }
-                )
+        durations, outcomes, history = await read_outcomes(engine, violations)
+        dead_letters = [
+            dead_letter_record(spec.name, stored.body, stored.headers)
+            for spec in t.WORK_QUEUES
+            for stored in self.broker.dead_letters(spec.name)
+        ]
         stats = self.broker.stats
         counters = {
             "published": stats.published,
@@ -390,12 +355,64 @@ class Simulation:
             faults_injected=self.injected,
             counters=counters,
             durations=durations,
-            outcomes=dict(sorted(outcomes.items())),
+            outcomes=outcomes,
             virtual_seconds=round((self.clock.now() - VirtualClock().now()).total_seconds(), 6),
             wall_seconds=time.perf_counter() - started,
             history=history,
             dead_letters=dead_letters,
         )
+
+
+async def read_outcomes(
+    engine: Any, violations: list[Violation]
+) -> tuple[dict[str, float], dict[str, int], dict[str, list[dict[str, Any]]]]:
+    """Per saga: duration and outcome; the history of the slowest and of every violating saga."""
+    from sagas.tables import saga_history, saga_instances
+
+    async with engine.connect() as connection:
+        sagas = (await connection.execute(select(saga_instances.c.saga_id, saga_instances.c.status, saga_instances.c.started_at, saga_instances.c.updated_at))).all()
+        durations = {}
+        outcomes: Counter[str] = Counter()
+        for row in sagas:
+            outcomes[row.status] += 1
+            durations[row.saga_id] = round((row.updated_at - row.started_at).total_seconds(), 6)
+        wanted = set(v.saga_id for v in violations if v.saga_id)
+        if durations:
+            wanted.add(max(sorted(durations), key=lambda k: durations[k]))
+        history: dict[str, list[dict[str, Any]]] = {}
+        if wanted:
+            rows = (
+                await connection.execute(
+                    select(saga_history).where(saga_history.c.saga_id.in_(sorted(wanted))).order_by(saga_history.c.saga_id, saga_history.c.version)
+                )
+            ).all()
+            origin = min(r.started_at for r in sagas)
+            for r in rows:
+                history.setdefault(r.saga_id, []).append(
+                    {
+                        "version": r.version,
+                        "at_seconds": round((r.at - origin).total_seconds(), 6),
+                        "trigger": r.trigger,
+                        "from": r.from_status,
+                        "to": r.to_status,
+                        "step": r.step,
+                        "note": r.note,
+                        "sent": [s["type"] for s in json.loads(r.sent)],
+                    }
+                )
+    return durations, dict(sorted(outcomes.items())), history
+
+
+def dead_letter_record(queue: str, body: bytes, headers: Mapping[str, Any]) -> dict[str, str]:
+    """One dead letter as the report lists it."""
+    return {
+        "queue": queue,
+        "type": _type_of(body),
+        "saga_id": str(headers.get(t.H_SAGA_ID, "")),
+        "reason_class": str(headers.get(t.H_REASON_CLASS, "")),
+        "reason": str(headers.get(t.H_REASON, "")),
+        "attempts": str(headers.get(t.H_ATTEMPT, "")),
+    }
 
 
 def _type_of(body: bytes) -> str:
@@ -408,7 +425,24 @@ def _type_of(body: bytes) -> str:
 async def build_snapshot(engine: Any, workload: Workload, broker: MemoryBroker | None) -> Snapshot:
     from infra.snapshot import read_snapshot
 
-    return await read_snapshot(engine, workload, broker)
+    snapshot = await read_snapshot(engine, workload, broker)
+    if broker is not None:
+        snapshot.marked_sent_ids = await outbox_sent_ids(engine)
+    return snapshot
+
+
+async def outbox_sent_ids(engine: Any) -> set[str]:
+    """Message ids of every outbox row marked sent, across the services."""
+    from infra.services import OUTBOX_SERVICES
+    from outbox.tables import tables_for
+
+    sent: set[str] = set()
+    async with engine.connect() as connection:
+        for service in OUTBOX_SERVICES:
+            outbox = tables_for(service).outbox
+            rows = await connection.execute(select(outbox.c.message_id).where(outbox.c.sent_at.is_not(None)))
+            sent.update(str(row.message_id) for row in rows)
+    return sent
 
 
 def run_simulation(options: SimulationOptions, on_progress: Callable[[int, int], None] | None = None) -> SimulationResult:

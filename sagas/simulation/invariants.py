@@ -48,6 +48,8 @@ class Snapshot:
     unrouted_ids: set[str]
     messages_left_in_queues: int
     extra: dict[str, object] = field(default_factory=dict)
+    #: message ids of outbox rows marked sent; None when the runtime cannot tell.
+    marked_sent_ids: set[str] | None = None
 
 
 def check(s: Snapshot) -> list[Violation]:
@@ -139,11 +141,16 @@ def _ledger_balanced(s: Snapshot) -> list[Violation]:
 
 
 def _outbox_drained(s: Snapshot) -> list[Violation]:
-    return [
+    found = [
         Violation("every outbox row published", f"{service}: {count} rows still pending")
         for service, count in sorted(s.outbox_pending.items())
         if count
     ]
+    if s.marked_sent_ids is not None:
+        # A row marked sent that the broker never confirmed is a message lost by the relay.
+        for message_id in sorted(s.marked_sent_ids - s.published_ids)[:20]:
+            found.append(Violation("every outbox row published", f"message {message_id} marked sent, never published"))
+    return found
 
 
 def _messages_accounted_for(s: Snapshot) -> list[Violation]:

@@ -40,6 +40,7 @@ def to_document(result: Any) -> dict[str, Any]:
         "faults_injected": dict(sorted(result.faults_injected.items())),
         "counters": result.counters,
         "dead_letters": {"total": len(result.dead_letters), "groups": dict(sorted(dlq_groups.items()))},
+        "stack": result.stack,
         "virtual_seconds": result.virtual_seconds,
         "saga_duration_seconds": duration_stats(result.durations),
         "invariants": {
@@ -55,7 +56,7 @@ def to_document(result: Any) -> dict[str, Any]:
             "seconds": round(result.wall_seconds, 3),
             "sagas_per_second": round(len(result.workload.orders) / result.wall_seconds, 1) if result.wall_seconds else None,
         },
-    }
+    } | ({"stack_details": result.extra} if result.extra else {})
 
 
 def without_wall(document: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,16 +68,18 @@ def dumps(document: Mapping[str, Any]) -> str:
 
 
 def terminal_summary(document: Mapping[str, Any]) -> str:
+    clock = "real" if document.get("stack") == "real" else "virtual"
     lines = [
-        f"compensa simulate — seed {document['seed']}, {document['sagas']} sagas",
+        f"compensa simulate — seed {document['seed']}, {document['sagas']} sagas"
+        + (" on the real stack (PostgreSQL + RabbitMQ)" if clock == "real" else ""),
         "outcomes:        " + ", ".join(f"{k} {v}" for k, v in document["outcomes"].items()),
         "faults injected: " + (", ".join(f"{k} {v}" for k, v in document["faults_injected"].items()) or "none"),
         "deliveries:      "
         + ", ".join(f"{k} {document['counters'][k]}" for k in ("published", "delivered", "retried", "requeued", "duplicates_skipped", "dead_lettered")),
         f"dead letters:    {document['dead_letters']['total']}"
         + "".join(f"\n                   {group}: {count}" for group, count in document["dead_letters"]["groups"].items()),
-        "saga duration:   " + ", ".join(f"{k} {v:.3f}s" for k, v in document["saga_duration_seconds"].items()) + " (virtual)",
-        f"time:            {document['virtual_seconds']:.1f} s virtual, {document['wall']['seconds']:.2f} s wall "
+        "saga duration:   " + ", ".join(f"{k} {v:.3f}s" for k, v in document["saga_duration_seconds"].items()) + f" ({clock})",
+        f"time:            {document['virtual_seconds']:.1f} s {clock}, {document['wall']['seconds']:.2f} s wall "
         f"({document['wall']['sagas_per_second']} sagas/s)",
     ]
     invariants = document["invariants"]

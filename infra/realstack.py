@@ -1,0 +1,458 @@
+"""Run the simulator's seeded workload on the real stack: PostgreSQL, RabbitMQ, real time.
+
+The same orders as `compensa simulate` draws for a seed go through an in-process
+Runtime (every service, the relays, the deadline sweeper) with short saga deadlines.
+The faults a real deployment can suffer are injected around it: declines (part of
+the workload), duplicate publishes and relay crashes after the broker confirmed (a
+wrapper round the relays' publisher) and transient participant errors (a wrapper round
+the stock and payments handlers). When every saga is terminal and nothing is left in
+flight, the runtime stops gracefully and the simulator's invariants are checked over
+the services' tables, the work queues (passive declares) and the dead-letter queues.
+
+Runs need a database of their own: the invariants look at every row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import consumers.orders as orders
+import consumers.stock as stock
+from consumers.orders.tables import orders_orders
+from contracts import CompensaError, TransientError
+from infra import topology as t
+from infra.clock import SystemClock
+from infra.db import create_engine
+from infra.pipeline import Handler, MessageProcessor
+from infra.schema import upgrade
+from infra.services import OUTBOX_SERVICES, SERVICES, Runtime
+from infra.settings import Settings
+from infra.simulate import (
+    FAULTY_SERVICES,
+    SimulationOptions,
+    SimulationResult,
+    dead_letter_record,
+    outbox_sent_ids,
+    read_outcomes,
+)
+from infra.snapshot import read_snapshot
+from infra.topology import QueueSpec, retry_delays_ms
+from infra.transport.base import Delivery, DeliveryHandler, Subscription
+from infra.transport.rabbit import RabbitTransport
+from outbox.ports import OutgoingMessage
+from outbox.tables import tables_for
+from outbox.uow import UnitOfWork
+from sagas.simulation.faults import RATE_NAMES, FaultRates
+from sagas.simulation.invariants import TERMINAL_STATUSES, Snapshot, check
+from sagas.simulation.workload import Workload, WorkloadSpec, generate
+from sagas.tables import saga_instances
+
+log = structlog.get_logger("compensa.realstack")
+
+#: The faults the real stack can suffer on purpose; the others need the simulator's broker.
+REAL_FAULTS = ("duplicate", "relay_crash", "transient_error")
+#: Most dead letters read back from one queue for the report.
+DEAD_LETTER_PEEK_LIMIT = 1000
+
+
+class RealStackError(CompensaError):
+    """The servers are not in a state a run can start from."""
+
+
+class RelayCrash(Exception):
+    """Injected: the relay died after the broker confirmed, before it marked the rows sent."""
+
+
+def real_stack_faults(rates: FaultRates) -> tuple[FaultRates, list[str]]:
+    """Keep the rates the real stack can inject; name the ones set but left out."""
+    ignored = [name for name in RATE_NAMES if name not in REAL_FAULTS and getattr(rates, name) > 0]
+    kept = replace(FaultRates(), **{name: getattr(rates, name) for name in REAL_FAULTS})
+    return kept, ignored
+
+
+@dataclass
+class Traffic:
+    """What went through the broker during the run, as the runtime saw it."""
+
+    published: int = 0
+    delivered: int = 0
+    redelivered: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    in_flight: int = 0
+    published_ids: set[str] = field(default_factory=set)
+    unrouted_ids: set[str] = field(default_factory=set)
+
+
+_BOUND = {(q.exchange.name, key) for q in t.WORK_QUEUES for key in q.routing_keys}
+
+
+class FaultyTransport:
+    """The runtime's RabbitMQ transport, with faults injected and traffic counted.
+
+    Publishing may send a message twice (a broker or network duplicate) or raise after
+    the broker confirmed (the relay dies before marking rows sent). Consuming wraps the
+    participants' handlers so they fail transiently at the configured rate.
+    """
+
+    def __init__(self, inner: RabbitTransport, faults: FaultRates, rng: random.Random) -> None:
+        self.inner = inner
+        self.faults = faults
+        self.rng = rng
+        self.injected: Counter[str] = Counter()
+        self.traffic = Traffic()
+
+    def _chance(self, fault: str) -> bool:
+        rate = getattr(self.faults, fault)
+        hit = rate > 0 and self.rng.random() < rate
+        if hit:
+            self.injected[fault] += 1
+        return hit
+
+    async def declare_topology(self) -> None:
+        await self.inner.declare_topology()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        batch: list[OutgoingMessage] = []
+        for message in messages:
+            batch.append(message)
+            if self._chance("duplicate"):
+                # Right behind the original, so each saga's order is kept.
+                batch.append(message)
+        await self.inner.publish_batch(batch)
+        self.traffic.published += len(batch)
+        for message in messages:
+            self.traffic.published_ids.add(message.message_id)
+            if (message.exchange, message.routing_key) not in _BOUND:
+                self.traffic.unrouted_ids.add(message.message_id)
+        if self._chance("relay_crash"):
+            raise RelayCrash("injected: relay died after the broker confirmed")
+
+    def _faulty(self, handler: Handler) -> Handler:
+        async def handle(uow: UnitOfWork, message: Any) -> None:
+            if self._chance("transient_error"):
+                raise TransientError("injected transient participant error")
+            await handler(uow, message)
+
+        return handle
+
+    async def consume(self, queue: QueueSpec, handler: DeliveryHandler, prefetch: int) -> Subscription:
+        if isinstance(handler, MessageProcessor) and handler.service in FAULTY_SERVICES:
+            handler.handlers = {k: self._faulty(v) for k, v in handler.handlers.items()}
+        traffic = self.traffic
+
+        async def counted(delivery: Delivery) -> None:
+            traffic.delivered += 1
+            traffic.redelivered += bool(delivery.redelivered)
+            traffic.in_flight += 1
+            ack, retry, dead_letter = delivery.ack, delivery.retry, delivery.dead_letter
+
+            async def counted_ack() -> None:
+                traffic.acked += 1
+                await ack()
+
+            async def counted_retry(delay_ms: int, expiration_ms: int, headers: Mapping[str, Any]) -> None:
+                traffic.retried += 1
+                await retry(delay_ms, expiration_ms, headers)
+
+            async def counted_dead_letter(headers: Mapping[str, Any]) -> None:
+                traffic.dead_lettered += 1
+                await dead_letter(headers)
+
+            delivery.ack, delivery.retry, delivery.dead_letter = counted_ack, counted_retry, counted_dead_letter  # type: ignore[method-assign]
+            try:
+                await handler(delivery)
+            finally:
+                traffic.in_flight -= 1
+
+        return await self.inner.consume(queue, counted, prefetch)
+
+
+#: Timings short enough for a run that takes seconds (the deadlines are a run option).
+REAL_STACK_TIMINGS: dict[str, Any] = {
+    "deadline_sweep_seconds": 0.2,
+    "relay_poll_seconds": 0.1,
+    "max_attempts": 5,
+    "retry_base_seconds": 0.1,
+    "retry_max_seconds": 1.0,
+    "shutdown_grace_seconds": 10.0,
+}
+RETRY_DELAYS_MS = retry_delays_ms(
+    REAL_STACK_TIMINGS["max_attempts"], REAL_STACK_TIMINGS["retry_base_seconds"], REAL_STACK_TIMINGS["retry_max_seconds"]
+)
+#: Every queue a message of the run may wait in: work queues and their delay queues.
+RUN_QUEUES = [q.name for q in t.WORK_QUEUES] + [q.delay_queue(ms) for q in t.WORK_QUEUES for ms in RETRY_DELAYS_MS]
+
+
+def real_stack_settings(database_url: str, amqp_url: str, saga_deadline_seconds: float) -> Settings:
+    """Production settings (COMPENSA_* still apply) with the run's short timings."""
+    return Settings(
+        database_url=database_url,
+        amqp_url=amqp_url,
+        saga_step_deadline_seconds=saga_deadline_seconds,
+        saga_compensation_deadline_seconds=saga_deadline_seconds,
+        **REAL_STACK_TIMINGS,
+    )
+
+
+def real_stack_transport(amqp_url: str, queue_type: str = "classic") -> RabbitTransport:
+    """A RabbitMQ transport whose delay queues match the run's retry timings."""
+    return RabbitTransport(amqp_url, queue_type=queue_type, retry_delays_ms=RETRY_DELAYS_MS)
+
+
+async def _queue_state(transport: RabbitTransport, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Ready messages and consumers per queue, from passive declares."""
+    channel = await transport.connection.channel()
+    try:
+        state = {}
+        for name in names:
+            queue = await channel.declare_queue(name, passive=True)
+            state[name] = (queue.declaration_result.message_count, queue.declaration_result.consumer_count)
+        return state
+    finally:
+        await channel.close()
+
+
+async def _require_fresh(engine: AsyncEngine, transport: RabbitTransport) -> None:
+    async with engine.connect() as connection:
+        placed = (await connection.execute(select(func.count()).select_from(orders_orders))).scalar_one()
+        sagas = (await connection.execute(select(func.count()).select_from(saga_instances))).scalar_one()
+    if placed or sagas:
+        raise RealStackError(
+            f"the database already holds {placed} orders and {sagas} sagas; "
+            "a real-stack run checks every row, so give it an empty database"
+        )
+    busy = {
+        name: state
+        for name, state in (await _queue_state(transport, RUN_QUEUES)).items()
+        if state != (0, 0)
+    }
+    if busy:
+        detail = ", ".join(f"{name} ({ready} ready, {consumers} consumers)" for name, (ready, consumers) in sorted(busy.items()))
+        raise RealStackError(
+            f"queues are in use: {detail}; stop other compensa services and drain the queues first"
+        )
+
+
+async def _place_orders(engine: AsyncEngine, workload: Workload, arrival_scale: float) -> None:
+    """Place every order in arrival order, at its arrival time scaled by `arrival_scale`."""
+    clock = SystemClock()
+    loop = asyncio.get_running_loop()
+    origin = loop.time()
+    for planned in workload.orders:
+        wait = origin + planned.at_seconds * arrival_scale - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await orders.place_order(
+            engine,
+            clock,
+            order_id=planned.order_id,
+            customer_id=planned.customer_id,
+            lines=list(planned.lines),
+            currency=workload.spec.currency,
+            payment_token=planned.payment_token,
+        )
+
+
+async def _terminal_count(engine: AsyncEngine, order_ids: Sequence[str]) -> int:
+    async with engine.connect() as connection:
+        return int(
+            (
+                await connection.execute(
+                    select(func.count())
+                    .select_from(saga_instances)
+                    .where(saga_instances.c.saga_id.in_(order_ids), saga_instances.c.status.in_(sorted(TERMINAL_STATUSES)))
+                )
+            ).scalar_one()
+        )
+
+
+async def _pending_outbox(engine: AsyncEngine) -> int:
+    async with engine.connect() as connection:
+        total = 0
+        for service in OUTBOX_SERVICES:
+            outbox = tables_for(service).outbox
+            total += int((await connection.execute(select(func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None)))).scalar_one())
+    return total
+
+
+async def _wait_until_quiet(
+    engine: AsyncEngine,
+    faulty: FaultyTransport,
+    order_ids: Sequence[str],
+    deadline: float,
+    on_progress: Callable[[int, int], None] | None,
+) -> bool:
+    """Poll until every saga is terminal and nothing is in flight, twice in a row."""
+    loop = asyncio.get_running_loop()
+    quiet_before: int | None = None
+    while loop.time() < deadline:
+        terminal = await _terminal_count(engine, order_ids)
+        if on_progress is not None:
+            on_progress(terminal, len(order_ids))
+        quiet = (
+            terminal == len(order_ids)
+            and faulty.traffic.in_flight == 0
+            and await _pending_outbox(engine) == 0
+            and all(ready == 0 for ready, _ in (await _queue_state(faulty.inner, RUN_QUEUES)).values())
+        )
+        if quiet:
+            # Quiet twice, with no delivery in between: nothing was merely between hops.
+            if quiet_before == faulty.traffic.delivered:
+                return True
+            quiet_before = faulty.traffic.delivered
+        else:
+            quiet_before = None
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def _inbox_ids(engine: AsyncEngine) -> set[str]:
+    consumed: set[str] = set()
+    async with engine.connect() as connection:
+        for service in SERVICES:
+            inbox = tables_for(service).inbox
+            consumed.update(str(row.message_id) for row in await connection.execute(select(inbox.c.message_id)))
+    return consumed
+
+
+async def _dead_letters(transport: RabbitTransport, ours: set[str]) -> list[dict[str, str]]:
+    """Read every DLQ without consuming it; keep the run's own messages."""
+    found = []
+    channel = await transport.connection.channel()
+    try:
+        for spec in t.WORK_QUEUES:
+            queue = await channel.declare_queue(spec.dlq, passive=True)
+            for _ in range(DEAD_LETTER_PEEK_LIMIT):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                if message.message_id in ours:
+                    found.append((message.message_id, dead_letter_record(spec.name, message.body, dict(message.headers or {}))))
+    finally:
+        # Closing the channel returns every peeked message to its queue, unharmed.
+        await channel.close()
+    return [record | {"message_id": message_id} for message_id, record in found]
+
+
+async def run_real_stack(
+    seed: int,
+    spec: WorkloadSpec,
+    *,
+    amqp_url: str,
+    database_url: str,
+    faults: FaultRates | None = None,
+    timeout: float = 120,
+    arrival_scale: float = 0.05,
+    saga_deadline_seconds: float = 5.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SimulationResult:
+    """Run the seed's workload through the real services and check every invariant.
+
+    Only the faults in REAL_FAULTS are injected; `real_stack_faults` says which others
+    were asked for. Inter-arrival times shrink by `arrival_scale`. A run that is not
+    quiet after `timeout` seconds is stopped and reported with what it reached.
+    """
+    started = time.perf_counter()
+    rates, _ignored = real_stack_faults(faults or FaultRates())
+    rng = random.Random(seed)
+    workload = generate(spec, rng)
+    settings = real_stack_settings(database_url, amqp_url, saga_deadline_seconds)
+    order_ids = [planned.order_id for planned in workload.orders]
+    engine = create_engine(database_url)
+    inner = real_stack_transport(amqp_url, settings.queue_type)
+    faulty = FaultyTransport(inner, rates, rng)
+    runtime: Runtime | None = None
+    try:
+        await upgrade(engine)
+        await inner.declare_topology()
+        await _require_fresh(engine, inner)
+        await stock.seed_stock(engine, workload.stock)
+        runtime = Runtime(engine, faulty, SystemClock(), settings, list(SERVICES))
+        await runtime.start()
+        first_order = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await _place_orders(engine, workload, arrival_scale)
+        quiet = await _wait_until_quiet(engine, faulty, order_ids, deadline, on_progress)
+        run_seconds = time.perf_counter() - first_order
+        await runtime.stop()
+        processors = runtime.processors
+        runtime = None
+        if not quiet:
+            log.warning("realstack.timed_out", timeout=timeout)
+        left = {name: ready for name, (ready, _) in (await _queue_state(inner, RUN_QUEUES)).items() if ready}
+        dead_letters = await _dead_letters(inner, faulty.traffic.published_ids)
+        snapshot = await read_snapshot(engine, workload, broker=None)
+        snapshot = _with_traffic(snapshot, faulty.traffic, await _inbox_ids(engine), dead_letters, sum(left.values()))
+        snapshot.marked_sent_ids = await outbox_sent_ids(engine)
+        violations = check(snapshot)
+        durations, outcomes, history = await read_outcomes(engine, violations)
+    finally:
+        if runtime is not None:
+            await runtime.stop()
+        await inner.close()
+        await engine.dispose()
+    traffic = faulty.traffic
+    counters = {
+        "published": traffic.published,
+        "delivered": traffic.delivered,
+        "acked": traffic.acked,
+        "requeued": traffic.redelivered,
+        "retried": traffic.retried,
+        "dead_lettered": traffic.dead_lettered,
+        "unrouted_events": len(traffic.unrouted_ids),
+        "processed": sum(p.processed for p in processors.values()),
+        "duplicates_skipped": sum(p.duplicates for p in processors.values()),
+    }
+    dlq_counts = Counter(record["queue"] for record in dead_letters)
+    return SimulationResult(
+        options=SimulationOptions(seed=seed, workload=spec, faults=rates, database_url=database_url),
+        workload=workload,
+        snapshot=snapshot,
+        violations=violations,
+        faults_injected=faulty.injected,
+        counters=counters,
+        durations=durations,
+        outcomes=outcomes,
+        virtual_seconds=round(run_seconds, 3),
+        wall_seconds=time.perf_counter() - started,
+        history=history,
+        dead_letters=[{k: v for k, v in record.items() if k != "message_id"} for record in dead_letters],
+        stack="real",
+        extra={
+            "quiet_before_timeout": quiet,
+            "saga_deadline_seconds": saga_deadline_seconds,
+            "arrival_scale": arrival_scale,
+            "messages_left_in_queues": dict(sorted(left.items())),
+            "dead_letters_per_queue": {spec.dlq: dlq_counts.get(spec.name, 0) for spec in t.WORK_QUEUES},
+        },
+    )
+
+
+def _with_traffic(
+    snapshot: Snapshot, traffic: Traffic, consumed: set[str], dead_letters: list[dict[str, str]], left: int
+) -> Snapshot:
+    """Fill in what the tables cannot tell: what was published, consumed, dead-lettered, left."""
+    return replace(
+        snapshot,
+        published_ids=set(traffic.published_ids),
+        consumed_ids=consumed,
+        dead_lettered={record["message_id"]: record["reason"] for record in dead_letters},
+        unrouted_ids=set(traffic.unrouted_ids),
+        messages_left_in_queues=left,
+    )

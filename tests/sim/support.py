@@ -1,0 +1,120 @@
+"""Small runs and deliberately broken variants of the product, for the checker to catch.
+
+Every variant is built here, from test code, through the seams SimulationOptions
+offers; the product code itself is never changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from consumers.ledger import rules as ledger_rules
+from consumers.ledger.rules import Kind
+from consumers.ledger.store import LedgerStore
+from consumers.stock import rules as stock_rules
+from consumers.stock.store import StockStore
+from contracts import Message
+from contracts.messages import PaymentAuthorized, PaymentRefunded, ReleaseStock
+from infra.simulate import SimulationOptions, SimulationResult, run_simulation
+from outbox.ports import OutgoingMessage, Publisher
+from outbox.uow import UnitOfWork
+from sagas.orchestrator import Orchestrator
+from sagas.order_saga import ORDER_SAGA
+from sagas.simulation.faults import FaultRates
+from sagas.simulation.invariants import Violation
+from sagas.simulation.workload import WorkloadSpec
+
+
+def simulate(seed: int = 1, sagas: int = 40, faults: FaultRates | None = None, **options: Any) -> SimulationResult:
+    """One small simulated run; `workload` overrides go in as WorkloadSpec fields."""
+    workload = options.pop("workload", {})
+    return run_simulation(
+        SimulationOptions(
+            seed=seed,
+            workload=WorkloadSpec(sagas=sagas, **workload),
+            faults=faults or FaultRates(),
+            **options,
+        )
+    )
+
+
+def invariants_broken(violations: Sequence[Violation]) -> set[str]:
+    return {v.invariant for v in violations}
+
+
+# ---------------------------------------------------------------- (a) no inbox
+
+
+class InboxSwitchedOff(UnitOfWork):
+    """Record the inbox row but always answer "not seen": every redelivery runs again."""
+
+    async def seen(self, consumer: str, message: Message[Any]) -> bool:
+        await super().seen(consumer, message)
+        return False
+
+
+def ledger_trusting_the_inbox() -> dict[str, dict[str, Any]]:
+    """Ledger handlers that post every delivery they are handed.
+
+    The production ledger names a posting after its fact (`capture:<order>`), so it is
+    safe even without the inbox; this one leaves exactly-once to the inbox alone.
+    """
+    numbers = itertools.count(1)
+
+    async def post(uow: UnitOfWork, message: Message[Any]) -> None:
+        kind = Kind.CAPTURE if message.type == PaymentAuthorized.message_type else Kind.REFUND
+        postings = ledger_rules.postings_for(kind, message.payload.amount)
+        if not postings:
+            return
+        order_id = message.payload.order_id
+        transaction_id = f"{ledger_rules.transaction_id(kind, order_id)}#{next(numbers)}"
+        store = LedgerStore(uow.connection)
+        await store.open_transaction(transaction_id, order_id, kind, uow.now())
+        await store.add_entries(transaction_id, postings)
+        await store.apply_balances(ledger_rules.balance_changes(postings))
+
+    return {"ledger": {PaymentAuthorized.message_type: post, PaymentRefunded.message_type: post}}
+
+
+# ---------------------------------------------------------------- (b) compensation skipped
+
+
+async def release_nothing(uow: UnitOfWork, message: Message[ReleaseStock]) -> None:
+    """Confirm the release as the real handler would, but keep the stock reserved."""
+    order_id = message.payload.order_id
+    existing = await StockStore(uow.connection).reservation(order_id)
+    uow.send(stock_rules.decide_release(existing, order_id).event)
+
+
+STOCK_NEVER_RELEASED = {"stock": {ReleaseStock.message_type: release_nothing}}
+
+#: The order saga with every compensation removed from its definition.
+SAGA_WITHOUT_COMPENSATIONS = Orchestrator(
+    [replace(ORDER_SAGA, steps=tuple(replace(step, compensation=None) for step in ORDER_SAGA.steps))]
+)
+
+
+# ---------------------------------------------------------------- (c) lossy relay
+
+
+class LossyPublisher:
+    """Drop some messages but report success, so the relay marks them sent."""
+
+    def __init__(self, inner: Publisher, loss: float = 0.1, seed: int = 7) -> None:
+        self.inner = inner
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.dropped: list[str] = []
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        kept = []
+        for message in messages:
+            if self.rng.random() < self.loss:
+                self.dropped.append(message.message_id)
+            else:
+                kept.append(message)
+        await self.inner.publish_batch(kept)
