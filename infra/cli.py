@@ -550,6 +550,9 @@ def bench_simulate(
     )
 
 
+import infra.cli_api  # noqa: E402,F401 - registers `api`, `producers` and `bench api`
+
+
 def main() -> None:
     app()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -39,6 +40,20 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(default=900.0, gt=0, description="Stock reservations expire after this.")
     payment_amount_limit: int = Field(default=500_000, ge=0, description="The default gateway declines above this (minor units).")
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
+
+    # HTTP ingest (`compensa api`); see producers/ingest.
+    api_host: str = Field(default="127.0.0.1", description="Address `compensa api` listens on.")
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    api_keys_file: Path | None = Field(default=None, description="JSON file of API keys (hashed), besides the ingest_producers table.")
+    api_key_cache_seconds: float = Field(default=5.0, ge=0, description="API key lookups are cached this long; a revocation takes effect within it.")
+    api_idempotency_ttl_seconds: float = Field(default=86_400.0, gt=0, description="How long a stored response answers retries of its Idempotency-Key.")
+    api_idempotency_processing_seconds: float = Field(default=30.0, gt=0, description="How long a `processing` marker outlives a crashed request.")
+    api_rate_limit: int = Field(default=600, ge=1, description="Requests per producer per window (a producer may have its own).")
+    api_rate_limit_window_seconds: float = Field(default=60.0, gt=0)
+    api_max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    api_max_batch_events: int = Field(default=500, ge=1, le=10_000)
+    api_require_idempotency_key: bool = False
+    api_redis_timeout_seconds: float = Field(default=1.0, gt=0, description="Redis socket timeout; past it a request answers 503.")
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"

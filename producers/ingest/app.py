@@ -1,0 +1,353 @@
+"""The HTTP front door: POST events, get 202 once they are committed to the ingest outbox.
+
+Every request goes: API key (401) → size (413) → JSON (422) → rate limit (429) →
+Idempotency-Key (replay / 409 / 422) → contracts and permissions (422 / 403) → one
+transaction into the outbox → 202 with the message ids. Redis down means 503: without
+it neither the key nor the limit can be checked, and guessing risks a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, FastAPI, Header, Request, Security
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts.clock import Clock
+from contracts.export import json_schemas
+from outbox.tables import tables_for
+from outbox.uow import outbox_row
+from producers.ingest.auth import Producer, ProducerDirectory
+from producers.ingest.config import IngestConfig
+from producers.ingest.idempotency import Claim, IdempotencyStore, fingerprint, message_ids
+from producers.ingest.writer import OutboxWriter
+from producers.ingest.submission import (
+    Accepted,
+    BatchIn,
+    EventIn,
+    Rejected,
+    build_messages,
+    field_error,
+    parse_events,
+)
+
+log = structlog.get_logger("compensa.ingest")
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The producer's API key.")
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`.")
+
+_ERRORS = {
+    401: {"description": "Missing, unknown or revoked API key."},
+    403: {"description": "The key's producer may not publish this event type."},
+    409: {"description": "A request with this Idempotency-Key is still being processed; retry after Retry-After."},
+    413: {"description": "Body larger than the request size limit."},
+    422: {"description": "Invalid body (field errors under `detail`), or the Idempotency-Key was used for another body."},
+    429: {"description": "Rate limit exceeded; retry after Retry-After."},
+    503: {"description": "Redis or the database is unavailable; nothing was accepted. Retry after Retry-After."},
+}
+
+
+# Module level: FastAPI resolves these (string) annotations in the module's namespace.
+ApiKey = Annotated[str | None, Security(_api_key_header)]
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+        description="Unique per logical request; a retry with the same key and body returns the first response.",
+    ),
+]
+TraceParent = Annotated[str | None, Header(alias="traceparent", description="W3C trace context, copied into the envelope.")]
+
+
+class _UtcClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"detail": self.detail}, status_code=self.status, headers=self.headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_large = Refused(413, f"request body larger than {limit} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Ingest:
+    """The request pipeline, independent of routing."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        redis: Redis,
+        producers: ProducerDirectory,
+        config: IngestConfig,
+        clock: Clock,
+    ) -> None:
+        self.engine = engine
+        self.redis = redis
+        self.producers = producers
+        self.config = config
+        self.clock = clock
+        self.writer = OutboxWriter(engine, tables_for(config.outbox).outbox)
+        self.idempotency = IdempotencyStore(
+            redis,
+            prefix=config.redis_prefix,
+            ttl_seconds=config.idempotency_ttl_seconds,
+            processing_seconds=config.processing_ttl_seconds,
+            window_seconds=config.rate_window_seconds,
+        )
+
+    async def authenticate(self, api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> Producer:
+        presented = api_key or (bearer.credentials if bearer is not None else None)
+        try:
+            producer = await self.producers.authenticate(presented)
+        except (SQLAlchemyError, OSError) as exc:
+            raise Refused(503, f"database unavailable: {type(exc).__name__}", {"Retry-After": "5"}) from None
+        if producer is None:
+            raise Refused(
+                401,
+                "missing, unknown or revoked API key" if presented else "missing API key (X-API-Key or Authorization: Bearer)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return producer
+
+    async def handle(
+        self, request: Request, *, batch: bool, producer: Producer, key: str | None, traceparent: str | None
+    ) -> JSONResponse:
+        if key is None and self.config.require_idempotency_key:
+            raise Refused(428, "this server requires an Idempotency-Key header")
+        raw = await _read_body(request, self.config.max_request_bytes)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Refused(422, [field_error(["body"], f"invalid JSON: {exc}", "json_invalid")]) from None
+        request_hash = fingerprint(request.method, request.url.path, body)
+        claim = await self._admit(producer, key, request_hash)
+        if claim is not None and claim.outcome == "replay":
+            return JSONResponse(claim.body, status_code=claim.status, headers={"Idempotent-Replayed": "true"})
+        committed = False
+        try:
+            events = parse_events(body, batch=batch, max_events=self.config.max_batch_events)
+            if key is not None:
+                derived = message_ids(producer.name, key, request_hash, len(events))
+                ids: Callable[[int], uuid.UUID] = derived.__getitem__
+            else:
+                ids = lambda _index: uuid.uuid4()  # noqa: E731
+            now = self.clock.now()
+            messages = build_messages(
+                events, batch=batch, producer=producer, now=now, ids=ids, traceparent=traceparent
+            )
+            await self._write(messages, now)
+            committed = True
+        except Rejected as rejected:
+            raise Refused(rejected.status, rejected.detail) from None
+        finally:
+            if key is not None and claim is not None and not committed:
+                await self._release(producer, key, claim.owner)
+        accepted_ids = [str(m.message_id) for m in messages]
+        response: dict[str, Any] = {"message_ids": accepted_ids}
+        if not batch:
+            response["message_id"] = accepted_ids[0]
+        log.info("ingest.accepted", producer=producer.name, count=len(messages), message_ids=accepted_ids)
+        if key is not None:
+            try:
+                await self.idempotency.complete(producer.name, key, request_hash, 202, response)
+            except (RedisError, OSError) as exc:
+                # Committed already: answer 202. A retry finds the marker until it
+                # expires (409), then re-runs and meets the same ids in the outbox.
+                log.warning("ingest.idempotency_store_failed", producer=producer.name, error=type(exc).__name__)
+        return JSONResponse(response, status_code=202)
+
+    async def _admit(self, producer: Producer, key: str | None, request_hash: str) -> Claim | None:
+        """Rate limit (429) and, for a keyed request, claim the key (409 / 422 / a stored answer)."""
+        limit = producer.rate_limit if producer.rate_limit is not None else self.config.rate_limit
+        try:
+            admission = await self.idempotency.admit(producer.name, limit, key, request_hash)
+        except (RedisError, OSError) as exc:
+            raise self._redis_down(exc) from None
+        if not admission.allowed:
+            raise Refused(
+                429,
+                f"rate limit of {limit} requests per {self.config.rate_window_seconds:g} s exceeded",
+                {"Retry-After": str(admission.retry_after_seconds)},
+            )
+        claim = admission.claim
+        if claim is not None and claim.outcome == "mismatch":
+            raise Refused(
+                422,
+                [field_error(["header", "Idempotency-Key"], "this key was already used for a different request", "idempotency_key_reused")],
+            )
+        if claim is not None and claim.outcome == "in_progress":
+            raise Refused(
+                409,
+                "a request with this Idempotency-Key is still being processed",
+                {"Retry-After": str(max(1, min(5, claim.retry_after_ms // 1000)))},
+            )
+        return claim
+
+    async def _release(self, producer: Producer, key: str, owner: str) -> None:
+        try:
+            await self.idempotency.release(producer.name, key, owner)
+        except (RedisError, OSError) as exc:
+            log.warning("ingest.idempotency_release_failed", producer=producer.name, error=type(exc).__name__)
+
+    async def _write(self, messages: list[Any], now: datetime) -> None:
+        try:
+            # One transaction (shared with concurrent requests); an id already in the
+            # outbox was accepted before (a retry after a crash) and is skipped.
+            await self.writer.write([outbox_row(message, now) for message in messages])
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("ingest.database_failed", error=type(exc).__name__)
+            raise Refused(503, f"database unavailable: {type(exc).__name__}; nothing was accepted", {"Retry-After": "5"}) from None
+
+    @staticmethod
+    def _redis_down(exc: BaseException) -> Refused:
+        log.warning("ingest.redis_unavailable", error=type(exc).__name__)
+        return Refused(
+            503,
+            f"idempotency store (Redis) unavailable ({type(exc).__name__}); nothing was accepted",
+            {"Retry-After": "5"},
+        )
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+
+        async def database() -> None:
+            async with self.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+
+        async def redis() -> None:
+            await self.redis.ping()
+
+        for name, probe, consequence in (
+            ("database", database, "events cannot be written to the outbox"),
+            ("redis", redis, "idempotency keys and rate limits cannot be checked, so every POST answers 503"),
+        ):
+            try:
+                await asyncio.wait_for(probe(), timeout=2.0)
+                checks[name] = {"ok": True}
+            except Exception as exc:  # noqa: BLE001 - a health check reports every failure
+                checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300], "effect": consequence}
+        return all(c["ok"] for c in checks.values()), checks
+
+
+def create_app(
+    *,
+    engine: AsyncEngine,
+    redis: Redis,
+    producers: ProducerDirectory,
+    config: IngestConfig | None = None,
+    clock: Clock | None = None,
+    health_router: APIRouter | None = None,
+    lifespan: Any = None,
+) -> FastAPI:
+    """Build the ingest app on an engine, a Redis client and a producer directory.
+
+    With `health_router`, that router serves /health instead of the built-in check.
+    """
+    config = config or IngestConfig()
+    ingest = Ingest(engine, redis, producers, config, clock or _UtcClock())
+    app = FastAPI(
+        title="compensa ingest",
+        version="1",
+        description=(
+            "Publish events into compensa. Each accepted event is committed to the ingest outbox "
+            "before the 202; a relay publishes it to RabbitMQ. Send an `Idempotency-Key` so that "
+            "a retried request is never accepted twice."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.ingest = ingest
+
+    @app.exception_handler(Refused)
+    async def _refused(_request: Request, exc: Refused) -> JSONResponse:
+        return exc.response()
+
+    def body_doc(schema: str) -> dict[str, Any]:
+        return {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+            }
+        }
+
+    responses: dict[int | str, dict[str, Any]] = {202: {"model": Accepted, "description": "Committed to the outbox."}, **_ERRORS}
+
+    @app.post("/v1/events", status_code=202, responses=responses, openapi_extra=body_doc("EventIn"), tags=["events"])
+    async def publish_event(
+        request: Request, api_key: ApiKey = None, bearer: Bearer = None,
+        idempotency_key: IdempotencyKey = None, traceparent: TraceParent = None,
+    ) -> JSONResponse:
+        """Accept one event (a full envelope or `{type, version?, correlation_id, payload}`)."""
+        producer = await ingest.authenticate(api_key, bearer)
+        return await ingest.handle(request, batch=False, producer=producer, key=idempotency_key, traceparent=traceparent)
+
+    @app.post("/v1/events:batch", status_code=202, responses=responses, openapi_extra=body_doc("BatchIn"), tags=["events"])
+    async def publish_batch(
+        request: Request, api_key: ApiKey = None, bearer: Bearer = None,
+        idempotency_key: IdempotencyKey = None, traceparent: TraceParent = None,
+    ) -> JSONResponse:
+        """Accept several events in one transaction: all of them or none."""
+        producer = await ingest.authenticate(api_key, bearer)
+        return await ingest.handle(request, batch=True, producer=producer, key=idempotency_key, traceparent=traceparent)
+
+    @app.get("/v1/contracts", tags=["contracts"])
+    async def contracts() -> dict[str, Any]:
+        """JSON Schema of every message (envelope + payload), keyed `type.vN`."""
+        return json_schemas()
+
+    if health_router is not None:
+        app.include_router(health_router)
+    else:
+
+        @app.get("/health", tags=["health"])
+        async def health() -> JSONResponse:
+            """Database and Redis reachability; 503 says which is down and what that means."""
+            ok, checks = await ingest.health()
+            return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (EventIn, BatchIn):
+                document = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(document.pop("$defs", {}))
+                components[model.__name__] = document
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,25 @@
+"""What the ingest app is told by its composition root (infra builds it from settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    #: How long a stored response answers retries of the same Idempotency-Key.
+    idempotency_ttl_seconds: float = 86_400.0
+    #: How long a `processing` marker lives if its request never finishes (a crash).
+    processing_ttl_seconds: float = 30.0
+    #: Requests per producer per window, unless the producer has its own limit.
+    rate_limit: int = 600
+    rate_window_seconds: float = 60.0
+    max_request_bytes: int = 1_048_576
+    max_batch_events: int = 500
+    #: How long an API key lookup is cached; a revocation takes effect within this.
+    key_cache_seconds: float = 5.0
+    require_idempotency_key: bool = False
+    #: Prefix of every Redis key the app writes (idempotency records, rate counters).
+    redis_prefix: str = "compensa:ingest:"
+    #: The outbox accepted events are written to.
+    outbox: str = "ingest"

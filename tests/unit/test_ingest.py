@@ -1,0 +1,145 @@
+"""Pure parts of the ingest: API keys, request fingerprints, derived ids, submissions, SDK retries."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from contracts import ContractError, LedgerUpdated, Posting
+from producers.ingest.auth import ProducerDirectory, check_types, generate_key, split_key
+from producers.ingest.idempotency import fingerprint, message_ids
+from producers.ingest.submission import Rejected, build_messages, parse_events
+from producers.sdk import IngestClient, IngestUnavailable, InvalidEvent, PermissionDenied, event
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def ledger(order_id: str = "o-1") -> LedgerUpdated:
+    return LedgerUpdated(
+        order_id=order_id, transaction_id=f"t-{order_id}",
+        postings=(Posting(account="a", debit=5, credit=0), Posting(account="b", debit=0, credit=5)), balances={},
+    )
+
+
+def test_a_key_verifies_only_with_its_secret_and_is_stored_without_it():
+    key, record = generate_key("erp", ["order.created"], now=NOW)
+    key_id, secret = split_key(key)
+    assert key_id == record.key_id and record.verify(secret) and not record.verify(secret + "x")
+    assert secret not in json.dumps(record.to_json())
+    assert split_key("cpk_only") is None and split_key("xyz_a_b") is None
+
+
+def test_types_must_be_known_events():
+    assert check_types(["order.created", " order.created", "order.cancelled"]) == ("order.cancelled", "order.created")
+    with pytest.raises(ContractError, match="unknown"):
+        check_types(["order.shipped"])
+    with pytest.raises(ContractError, match="commands"):
+        check_types(["stock.reserve"])
+    with pytest.raises(ContractError, match="name"):
+        generate_key("bad name!", ["order.created"])
+
+
+async def test_directory_authenticates_configured_keys():
+    key, record = generate_key("erp", ["order.created"])
+    directory = ProducerDirectory(configured=[record])
+    producer = await directory.authenticate(key)
+    assert producer is not None and producer.name == "erp" and producer.may_publish("order.created")
+    assert await directory.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    assert await directory.authenticate(None) is None and await directory.authenticate("cpk_nope_x") is None
+
+
+def test_fingerprint_ignores_formatting_but_not_content_or_endpoint():
+    a = fingerprint("POST", "/v1/events", json.loads('{"a": 1, "b": [1, 2]}'))
+    assert a == fingerprint("POST", "/v1/events", {"b": [1, 2], "a": 1})
+    assert a != fingerprint("POST", "/v1/events", {"a": 2, "b": [1, 2]})
+    assert a != fingerprint("POST", "/v1/events:batch", {"a": 1, "b": [1, 2]})
+
+
+def test_derived_ids_are_stable_per_request_and_distinct_otherwise():
+    ids = message_ids("erp", "k", "h", 3)
+    assert ids == message_ids("erp", "k", "h", 3) and len(set(ids)) == 3
+    assert not set(ids) & set(message_ids("crm", "k", "h", 3) + message_ids("erp", "k2", "h", 3) + message_ids("erp", "k", "h2", 3))
+
+
+def producer(types=("ledger.updated",)):
+    _key, record = generate_key("erp", types)
+    return record.producer()
+
+
+def test_build_fills_server_fields_and_takes_the_traceparent_header():
+    [item] = parse_events({"type": "ledger.updated", "correlation_id": "o-1", "payload": ledger().model_dump(mode="json")}, batch=False, max_events=10)
+    fixed = uuid.uuid4()
+    trace = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    [message] = build_messages([item], batch=False, producer=producer(), now=NOW, ids=lambda _i: fixed, traceparent=trace)
+    envelope = message.envelope
+    assert (envelope.message_id, envelope.producer, envelope.occurred_at, envelope.version, envelope.traceparent) == (fixed, "erp", NOW, 1, trace)
+    [message] = build_messages([item], batch=False, producer=producer(), now=NOW, ids=lambda _i: fixed, traceparent="garbage")
+    assert message.envelope.traceparent is None
+
+
+def test_forbidden_types_win_over_payload_errors_and_batches_name_the_index():
+    body = {"events": [
+        {"type": "ledger.updated", "correlation_id": "o-1", "payload": {}},
+        {"type": "order.created", "correlation_id": "o-1", "payload": {}},
+    ]}
+    events = parse_events(body, batch=True, max_events=10)
+    with pytest.raises(Rejected) as forbidden:
+        build_messages(events, batch=True, producer=producer(), now=NOW, ids=lambda _i: uuid.uuid4())
+    assert forbidden.value.status == 403
+    with pytest.raises(Rejected) as invalid:
+        build_messages(events[:1], batch=True, producer=producer(), now=NOW, ids=lambda _i: uuid.uuid4())
+    assert invalid.value.status == 422
+    assert ["body", "events", 0, "payload", "transaction_id"] in [e["loc"] for e in invalid.value.detail]
+    with pytest.raises(Rejected) as too_many:
+        parse_events({"events": body["events"] * 3}, batch=True, max_events=5)
+    assert too_many.value.detail[0]["loc"] == ["body", "events"]
+
+
+def fake_server(*answers: httpx.Response) -> tuple[httpx.MockTransport, list[httpx.Request]]:
+    """An HTTP peer answering in turn (a fake of the API, for the client's retry rules only)."""
+    seen: list[httpx.Request] = []
+    queue = list(answers)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return queue.pop(0)
+
+    return httpx.MockTransport(handle), seen
+
+
+def test_sdk_retries_transient_answers_under_one_key_with_backoff():
+    ok = httpx.Response(202, json={"message_ids": [str(uuid.uuid4())]})
+    transport, seen = fake_server(httpx.Response(503, headers={"Retry-After": "2"}), httpx.Response(409), ok)
+    slept: list[float] = []
+    with IngestClient("http://api", "k", transport=transport, sleep=slept.append, backoff_base=0.1) as client:
+        accepted = client.publish(ledger(), correlation_id="o-1")
+    assert accepted.attempts == 3 and len(seen) == 3
+    assert {r.headers["Idempotency-Key"] for r in seen} == {accepted.idempotency_key}
+    assert len({r.content for r in seen}) == 1
+    assert slept[0] == 2.0 and 0 <= slept[1] <= 0.2
+
+
+def test_sdk_raises_clear_errors_without_retrying_4xx_and_gives_up_on_5xx():
+    detail = [{"loc": ["body", "payload", "order_id"], "msg": "Field required", "type": "missing"}]
+    transport, seen = fake_server(httpx.Response(422, json={"detail": detail}), httpx.Response(403, json={"detail": "no"}))
+    with IngestClient("http://api", "k", transport=transport, sleep=lambda _s: None) as client:
+        with pytest.raises(InvalidEvent, match=r"body\.payload\.order_id: Field required"):
+            client.publish({"x": 1}, type="ledger.updated", correlation_id="o-1")
+        with pytest.raises(PermissionDenied):
+            client.publish(ledger(), correlation_id="o-1")
+    assert len(seen) == 2
+    transport, seen = fake_server(*(httpx.Response(503) for _ in range(3)))
+    with IngestClient("http://api", "k", transport=transport, sleep=lambda _s: None, max_attempts=3) as client:
+        with pytest.raises(IngestUnavailable, match="3 attempts"):
+            client.publish(ledger(), correlation_id="o-1")
+
+
+def test_event_builder_short_form():
+    assert event(ledger(), correlation_id="o-1")["type"] == "ledger.updated"
+    assert event({"a": 1}, type="x.y", version=2, correlation_id="c") == {"type": "x.y", "payload": {"a": 1}, "version": 2, "correlation_id": "c"}
+    with pytest.raises(ValueError, match="type="):
+        event({"a": 1}, correlation_id="c")
