@@ -5,6 +5,8 @@ from __future__ import annotations
 EVENTS_EXCHANGE = "compensa.events"
 COMMANDS_EXCHANGE = "compensa.commands"
 DEAD_LETTER_EXCHANGE = "compensa.dlx"
+#: AMQP's default exchange: the routing key is the name of the one queue to deliver to.
+DEFAULT_EXCHANGE = ""
 
 
 def exchange_for(kind: str) -> str:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts import CompensaError
+from infra.cli_ops import bench_replay, dlq_app, health, saga_retry
 
 app = typer.Typer(
     name="compensa",
@@ -37,9 +38,10 @@ app.add_typer(outbox_app, name="outbox")
 app.add_typer(order_app, name="order")
 app.add_typer(saga_app, name="saga")
 app.add_typer(bench_app, name="bench")
+app.add_typer(dlq_app, name="dlq")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 
 class CliError(Exception):
@@ -277,17 +279,17 @@ async def run(
 ) -> None:
     """Run services (all by default) until SIGTERM/SIGINT, then stop gracefully."""
     from infra.clock import SystemClock
-    from infra.services import SERVICES, Runtime
+    from infra.services import RUNNABLE_SERVICES, Runtime
     from infra.settings import get_settings
 
-    unknown = sorted(set(service) - set(SERVICES))
+    unknown = sorted(set(service) - set(RUNNABLE_SERVICES))
     if unknown:
-        fail(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
+        fail(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(RUNNABLE_SERVICES)}")
     settings = get_settings()
     engine = _engine()
     transport = await _transport()
     try:
-        runtime = Runtime(engine, transport, SystemClock(), settings, service or list(SERVICES), relays=not no_relay)
+        runtime = Runtime(engine, transport, SystemClock(), settings, service or list(RUNNABLE_SERVICES), relays=not no_relay)
         await runtime.run_until_signalled()
     finally:
         await transport.close()
@@ -387,12 +389,15 @@ async def order_place(
 @command
 async def saga_list(
     status: Annotated[str | None, typer.Option(help="Only sagas in this status.")] = None,
+    older_than: Annotated[str | None, typer.Option("--older-than", help="Only sagas started longer ago than this (30s, 10m, 2h, 1d).")] = None,
+    stuck_for: Annotated[str | None, typer.Option("--stuck-for", help="Only unfinished sagas not updated for this long.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List sagas, newest first."""
     from sqlalchemy import select
 
+    from infra.cli_ops import saga_age_filters
     from sagas import SagaStatus
     from sagas.tables import saga_instances as s
 
@@ -403,6 +408,7 @@ async def saga_list(
         query = select(s.c.saga_id, s.c.status, s.c.step, s.c.reason, s.c.started_at, s.c.updated_at).order_by(s.c.updated_at.desc()).limit(limit)
         if status:
             query = query.where(s.c.status == status)
+        query = saga_age_filters(query, older_than=older_than, stuck_for=stuck_for)
         async with engine.connect() as connection:
             rows = [dict(r._mapping) for r in (await connection.execute(query)).all()]
     finally:
@@ -447,9 +453,9 @@ async def saga_show(
         console.print(_mermaid(saga_id, history), highlight=False, markup=False)
         return
     console.print(f"saga {saga_id}: [bold]{saga.status}[/bold] (version {saga.version}) {saga.reason or ''}")
-    table = Table("v", "at", "trigger", "from → to", "sent", "note")
+    table = Table("v", "at", "trigger", "message", "causation", "from → to", "sent", "note")
     for e in history:
-        table.add_row(str(e["version"]), str(e["at"]), e["trigger"], f"{e['from_status'] or '-'} → {e['to_status']}", ", ".join(x["type"] for x in e["sent"]) or "-", e["note"])
+        table.add_row(str(e["version"]), str(e["at"]), e["trigger"], (e["message_id"] or "-")[:8], (e["causation_id"] or "-")[:8], f"{e['from_status'] or '-'} → {e['to_status']}", ", ".join(x["type"] for x in e["sent"]) or "-", e["note"])
     console.print(table)
 
 
@@ -551,6 +557,12 @@ def bench_simulate(
 
 
 import infra.cli_api  # noqa: E402,F401 - registers `api`, `producers` and `bench api`
+
+
+# Operator commands (infra/cli_ops.py), after the built-in ones of each group.
+saga_app.command("retry")(saga_retry)
+app.command("health")(health)
+bench_app.command("replay")(bench_replay)
 
 
 def main() -> None:

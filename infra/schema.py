@@ -13,6 +13,7 @@ import consumers.ledger.tables  # noqa: F401
 import consumers.orders.tables  # noqa: F401
 import consumers.payments.tables  # noqa: F401
 import consumers.stock.tables  # noqa: F401
+import infra.dlq.tables  # noqa: F401
 import producers.ingest.tables  # noqa: F401
 from outbox.tables import metadata
 from sagas.tables import metadata as saga_metadata

@@ -72,6 +72,11 @@ def build_services(settings: Settings, orchestrator: Orchestrator | None = None)
 
 SERVICES: dict[str, ServiceSpec] = build_services(Settings())
 
+#: The dead-letter archive (infra/dlq): it reads every `<queue>.dlq`, not one work queue.
+ARCHIVE_SERVICE = "dlq"
+#: What `compensa run` starts by default: every message service and the archive.
+RUNNABLE_SERVICES: tuple[str, ...] = (*SERVICES, ARCHIVE_SERVICE)
+
 # Services whose outboxes a relay drains; `ingest` carries events accepted over HTTP.
 OUTBOX_SERVICES = ("orders", "stock", "payments", "ledger", "saga", "ingest", "dlq")
 
@@ -135,6 +140,7 @@ class Runtime:
     processors: dict[str, MessageProcessor] = field(default_factory=dict)
     orchestrator: Orchestrator | None = None
     relay_objects: list[Relay] = field(default_factory=list)
+    archive: Any = None
     _subscriptions: list[Subscription] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -143,6 +149,12 @@ class Runtime:
         self.orchestrator = self.orchestrator or orchestrator_for(self.settings)
         specs = build_services(self.settings, self.orchestrator)
         for name in self.services:
+            if name == ARCHIVE_SERVICE:
+                from infra.dlq.archive import start_archive
+
+                self.archive, subscriptions = await start_archive(self.transport, self.engine, self.clock, self.settings.prefetch)
+                self._subscriptions.extend(subscriptions)
+                continue
             spec = specs[name]
             processor = make_processor(spec, self.engine, self.clock, self.settings)
             self.processors[name] = processor

@@ -79,6 +79,12 @@ WORK_QUEUES: tuple[QueueSpec, ...] = (
 )
 
 
+#: The dead-letter queues, as queues the archive (service "dlq") consumes.
+DEAD_LETTER_QUEUES: tuple[QueueSpec, ...] = tuple(
+    QueueSpec(queue.dlq, "dlq", DLX, (queue.name,)) for queue in WORK_QUEUES
+)
+
+
 def queue_named(name: str) -> QueueSpec:
     for queue in WORK_QUEUES:
         if queue.name == name:

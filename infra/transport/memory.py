@@ -20,7 +20,7 @@ from typing import Any
 
 from contracts import TransientError
 from contracts.clock import Clock
-from contracts.routing import COMMANDS_EXCHANGE
+from contracts.routing import COMMANDS_EXCHANGE, DEFAULT_EXCHANGE
 from infra import topology as t
 from infra.topology import QueueSpec
 from infra.transport.base import Delivery, DeliveryHandler
@@ -118,6 +118,8 @@ class MemoryBroker:
     def __init__(self, clock: Clock, *, queues: Sequence[QueueSpec] = t.WORK_QUEUES) -> None:
         self.clock = clock
         self.specs = {q.name: q for q in queues}
+        #: Queues consumed that are not work queues (the dead-letter archive reads `<queue>.dlq`).
+        self.other_specs: dict[str, QueueSpec] = {}
         self.queues: dict[str, deque[StoredMessage]] = {}
         self.bindings: dict[tuple[str, str], list[str]] = {}
         self.unacked: dict[int, tuple[str, StoredMessage]] = {}
@@ -152,10 +154,14 @@ class MemoryBroker:
             self.publish_one(message)
 
     def publish_one(self, message: OutgoingMessage) -> None:
-        targets = self.bindings.get((message.exchange, message.routing_key), [])
+        if message.exchange == DEFAULT_EXCHANGE:
+            # The default exchange routes to the queue the routing key names (replays).
+            targets = [message.routing_key] if message.routing_key in self.queues else []
+        else:
+            targets = self.bindings.get((message.exchange, message.routing_key), [])
         if not targets:
-            if message.exchange == COMMANDS_EXCHANGE:
-                raise TransientError(f"command {message.routing_key} is unroutable")
+            if message.exchange in (COMMANDS_EXCHANGE, DEFAULT_EXCHANGE):
+                raise TransientError(f"{message.type} to {message.exchange or 'queue'} {message.routing_key} is unroutable")
             self.stats.unrouted_events += 1
             self.stats.unrouted_ids.add(message.message_id)
         self.stats.published += 1
@@ -237,7 +243,7 @@ class MemoryBroker:
         stored.delivery_tag = next(self._tags)
         self.unacked[stored.delivery_tag] = (queue, stored)
         self.stats.delivered += 1
-        return MemoryDelivery(self, self.specs[queue], stored)
+        return MemoryDelivery(self, self.specs.get(queue) or self.other_specs[queue], stored)
 
     def dead_letters(self, queue: str) -> list[StoredMessage]:
         return list(self.queues[self.specs[queue].dlq])
@@ -246,6 +252,9 @@ class MemoryBroker:
 
     async def consume(self, queue: QueueSpec, handler: DeliveryHandler, prefetch: int = 1) -> MemorySubscription:
         stop = asyncio.Event()
+        if queue.name not in self.specs:
+            self.other_specs[queue.name] = queue
+            self.queues.setdefault(queue.name, deque())
 
         async def loop() -> None:
             while not stop.is_set():

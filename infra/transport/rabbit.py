@@ -12,7 +12,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 from contracts import TransientError
-from contracts.routing import COMMANDS_EXCHANGE
+from contracts.routing import COMMANDS_EXCHANGE, DEFAULT_EXCHANGE
 from infra import topology as t
 from infra.clock import SystemClock
 from infra.topology import QueueSpec
@@ -208,7 +208,12 @@ class RabbitTransport:
         try:
             pending = []
             for message in messages:
-                exchange = await self._exchange(message.exchange)
+                # Exchange "" is the default exchange: the routing key names one queue (replays).
+                exchange = (
+                    self._publish_channel.default_exchange
+                    if message.exchange == DEFAULT_EXCHANGE and self._publish_channel is not None
+                    else await self._exchange(message.exchange)
+                )
                 amqp_message = aio_pika.Message(
                     body=message.body,
                     headers=_amqp_headers(message.headers),
@@ -218,12 +223,13 @@ class RabbitTransport:
                     correlation_id=message.correlation_id,
                     type=message.type,
                 )
-                # Commands must reach a queue; an unroutable command is an error, not a drop.
+                # Commands and messages addressed to one queue must reach it; unroutable
+                # is an error (the relay retries), never a drop.
                 pending.append(
                     exchange.publish(
                         amqp_message,
                         routing_key=message.routing_key,
-                        mandatory=message.exchange == COMMANDS_EXCHANGE,
+                        mandatory=message.exchange in (COMMANDS_EXCHANGE, DEFAULT_EXCHANGE),
                     )
                 )
             results = await asyncio.gather(*pending, return_exceptions=True)

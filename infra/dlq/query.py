@@ -1,0 +1,172 @@
+"""Find dead letters: filters, listing, failure groups, one dead letter in full, purge."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from infra.dlq.tables import NEW, PURGED, STATUSES, dead_letters
+
+dl = dead_letters
+
+#: Columns of a listing (everything but body and headers).
+SUMMARY_COLUMNS = (
+    dl.c.id, dl.c.queue, dl.c.type, dl.c.message_id, dl.c.saga_id, dl.c.reason_class, dl.c.reason,
+    dl.c.attempts, dl.c.last_failure_at, dl.c.archived_at, dl.c.status, dl.c.replay_count,
+)
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters an operator means. Empty fields match everything."""
+
+    ids: tuple[int, ...] = ()
+    queue: str | None = None
+    type: str | None = None
+    reason_class: str | None = None
+    saga_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    status: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}; choose from {', '.join(STATUSES)}")
+        if self.since and self.until and self.since > self.until:
+            raise ValueError(f"--since {self.since.isoformat()} is after --until {self.until.isoformat()}")
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.ids or self.queue or self.type or self.reason_class or self.saga_id
+                    or self.since or self.until or self.status)
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        """Add this filter's conditions; times compare with the last failure time."""
+        if self.ids:
+            query = query.where(dl.c.id.in_(self.ids))
+        if self.queue:
+            query = query.where(dl.c.queue == self.queue)
+        if self.type:
+            query = query.where(dl.c.type == self.type)
+        if self.reason_class:
+            query = query.where(dl.c.reason_class == self.reason_class)
+        if self.saga_id:
+            query = query.where(dl.c.saga_id == self.saga_id)
+        if self.since:
+            query = query.where(dl.c.last_failure_at >= self.since)
+        if self.until:
+            query = query.where(dl.c.last_failure_at < self.until)
+        if self.status:
+            query = query.where(dl.c.status == self.status)
+        return query
+
+    def describe(self) -> str:
+        parts = [f"{name}={value}" for name, value in (
+            ("ids", ",".join(map(str, self.ids)) if self.ids else None), ("queue", self.queue), ("type", self.type),
+            ("reason_class", self.reason_class), ("saga", self.saga_id),
+            ("since", self.since.isoformat() if self.since else None),
+            ("until", self.until.isoformat() if self.until else None), ("status", self.status),
+        ) if value]
+        return " ".join(parts) or "everything"
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything compensa stores is UTC.
+    if moment is None or moment.tzinfo:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def _summary(row: Any) -> dict[str, Any]:
+    data = dict(row._mapping)
+    for key in ("last_failure_at", "archived_at", "first_failure_at", "replayed_at", "purged_at"):
+        if key in data:
+            data[key] = aware(data[key])
+    return data
+
+
+async def list_dead_letters(
+    connection: AsyncConnection, where: DeadLetterFilter, *, limit: int | None = 100
+) -> list[dict[str, Any]]:
+    """Matching dead letters, most recent failure first."""
+    query = where.apply(select(*SUMMARY_COLUMNS)).order_by(dl.c.last_failure_at.desc(), dl.c.id.desc())
+    if limit is not None:
+        query = query.limit(limit)
+    return [_summary(row) for row in (await connection.execute(query)).all()]
+
+
+async def count_dead_letters(connection: AsyncConnection, where: DeadLetterFilter) -> int:
+    return int((await connection.execute(where.apply(select(func.count()).select_from(dl)))).scalar_one())
+
+
+async def matching_ids(connection: AsyncConnection, where: DeadLetterFilter) -> list[int]:
+    """Ids of the matching dead letters, oldest first (the order a replay follows)."""
+    query = where.apply(select(dl.c.id)).order_by(dl.c.id)
+    return list((await connection.execute(query)).scalars())
+
+
+async def failure_groups(connection: AsyncConnection, where: DeadLetterFilter) -> list[dict[str, Any]]:
+    """Counts per queue × reason class, with how many sagas and the failure time span."""
+    query = where.apply(
+        select(
+            dl.c.queue,
+            dl.c.reason_class,
+            func.count().label("count"),
+            func.count(dl.c.saga_id.distinct()).label("sagas"),
+            func.min(dl.c.last_failure_at).label("first_failure_at"),
+            func.max(dl.c.last_failure_at).label("last_failure_at"),
+            func.max(dl.c.reason).label("example_reason"),
+        ).select_from(dl)
+    ).group_by(dl.c.queue, dl.c.reason_class).order_by(func.count().desc(), dl.c.queue, dl.c.reason_class)
+    return [_summary(row) for row in (await connection.execute(query)).all()]
+
+
+def decoded_body(row: Any) -> tuple[Any, str]:
+    """The body as JSON when it parses, else as text (or base64 for binary); and its form."""
+    if row.body_encoding == "base64":
+        raw = base64.b64decode(row.body)
+        return row.body, f"base64 ({len(raw)} bytes, not UTF-8)"
+    try:
+        return json.loads(row.body), "json"
+    except json.JSONDecodeError:
+        return row.body, "text"
+
+
+async def get_dead_letter(connection: AsyncConnection, dead_letter_id: int) -> dict[str, Any] | None:
+    """One dead letter with everything: parsed headers and body."""
+    row = (await connection.execute(select(dl).where(dl.c.id == dead_letter_id))).one_or_none()
+    if row is None:
+        return None
+    data = _summary(row)
+    data["headers"] = json.loads(row.headers)
+    data["body"], data["body_form"] = decoded_body(row)
+    data["replay_patch"] = json.loads(row.replay_patch) if row.replay_patch else None
+    data.pop("dedup_key", None)
+    return data
+
+
+async def missing_ids(connection: AsyncConnection, ids: Sequence[int]) -> list[int]:
+    found = set((await connection.execute(select(dl.c.id).where(dl.c.id.in_(ids)))).scalars())
+    return [i for i in ids if i not in found]
+
+
+async def purge(engine: AsyncEngine, where: DeadLetterFilter, now: datetime) -> int:
+    """Mark matching dead letters purged (kept in the table, out of the way); return how many."""
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            where.apply(update(dl)).where(dl.c.status != PURGED).values(status=PURGED, purged_at=now)
+        )
+    return int(result.rowcount)
+
+
+async def open_counts(connection: AsyncConnection) -> dict[str, int]:
+    """Dead letters still to deal with (status new), per queue."""
+    query = select(dl.c.queue, func.count()).where(dl.c.status == NEW).group_by(dl.c.queue)
+    return {queue: int(count) for queue, count in (await connection.execute(query)).all()}
