@@ -60,54 +60,9 @@ async def _purge(channel: aio_pika.abc.AbstractChannel, name: str) -> None:
 # ---------------------------------------------------------------- broker limits
 
 
-async def raw_broker_rate(amqp_url: str, messages: int, inflight: int = 100) -> dict[str, float]:
-    """Persistent publish-with-confirm (inflight at once) and consume-with-ack of the same messages."""
-    connection = await aio_pika.connect_robust(amqp_url)
-    try:
-        publish_channel = await connection.channel(publisher_confirms=True)
-        consume_channel = await connection.channel()
-        await consume_channel.set_qos(prefetch_count=inflight)
-        queue = await consume_channel.declare_queue(f"bench.raw.{uuid.uuid4().hex[:8]}", durable=True, auto_delete=False)
-        body = new_message(_ledger_event(0), correlation_id="bench", producer="bench").envelope.model_dump_json().encode()
-        received = 0
-        done = asyncio.Event()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal received
-            await message.ack()
-            received += 1
-            if received >= messages:
-                done.set()
-
-        semaphore = asyncio.Semaphore(inflight)
-
-        async def publish(n: int) -> None:
-            async with semaphore:
-                await publish_channel.default_exchange.publish(
-                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(n)),
-                    routing_key=queue.name,
-                )
-
-        started = time.perf_counter()
-        await asyncio.gather(*(publish(n) for n in range(messages)))
-        published = time.perf_counter() - started
-        consume_started = time.perf_counter()
-        tag = await queue.consume(on_message)
-        await asyncio.wait_for(done.wait(), timeout=600)
-        consumed = time.perf_counter() - consume_started
-        await queue.cancel(tag)
-        await queue.delete(if_unused=False, if_empty=False)
-        return {
-            "publish_confirm_per_s": messages / published,
-            "consume_ack_per_s": messages / consumed,
-            "end_to_end_per_s": messages / (published + consumed),
-        }
-    finally:
-        await connection.close()
-
-
-async def raw_pipelined_rate(amqp_url: str, messages: int, inflight: int = 100) -> float:
-    """Publish-with-confirm and consume at the same time: the raw path the outbox is compared to."""
+async def _raw_run(amqp_url: str, messages: int, inflight: int, *, pipelined: bool) -> dict[str, float]:
+    """Publish persistent messages with confirms (`inflight` at once) to a fresh queue and
+    consume them with acks, either after publishing (`pipelined=False`) or meanwhile."""
     connection = await aio_pika.connect_robust(amqp_url)
     try:
         publish_channel = await connection.channel(publisher_confirms=True)
@@ -125,7 +80,6 @@ async def raw_pipelined_rate(amqp_url: str, messages: int, inflight: int = 100) 
             if received >= messages:
                 done.set()
 
-        tag = await queue.consume(on_message)
         semaphore = asyncio.Semaphore(inflight)
 
         async def publish(n: int) -> None:
@@ -135,15 +89,34 @@ async def raw_pipelined_rate(amqp_url: str, messages: int, inflight: int = 100) 
                     routing_key=queue.name,
                 )
 
+        tag = await queue.consume(on_message) if pipelined else None
         started = time.perf_counter()
         await asyncio.gather(*(publish(n) for n in range(messages)))
+        published = time.perf_counter() - started
+        consume_started = time.perf_counter()
+        if tag is None:
+            tag = await queue.consume(on_message)
         await asyncio.wait_for(done.wait(), timeout=600)
-        elapsed = time.perf_counter() - started
+        finished = time.perf_counter()
         await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
-        return messages / elapsed
+        return {
+            "publish_confirm_per_s": messages / published,
+            "consume_ack_per_s": messages / (finished - consume_started),
+            "end_to_end_per_s": messages / (finished - started),
+        }
     finally:
         await connection.close()
+
+
+async def raw_broker_rate(amqp_url: str, messages: int, inflight: int = 100) -> dict[str, float]:
+    """Persistent publish-with-confirm, then consume-with-ack of the same messages, apart."""
+    return await _raw_run(amqp_url, messages, inflight, pipelined=False)
+
+
+async def raw_pipelined_rate(amqp_url: str, messages: int, inflight: int = 100) -> float:
+    """Publish-with-confirm and consume at the same time: the raw path the outbox is compared to."""
+    return (await _raw_run(amqp_url, messages, inflight, pipelined=True))["end_to_end_per_s"]
 
 
 # ---------------------------------------------------------------- outbox path
