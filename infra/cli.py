@@ -29,6 +29,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 contracts_app = typer.Typer(help="Message contracts.", no_args_is_help=True)
 outbox_app = typer.Typer(help="Transactional outbox.", no_args_is_help=True)
 order_app = typer.Typer(help="Orders.", no_args_is_help=True)
+stock_app = typer.Typer(help="Stock levels.", no_args_is_help=True)
 saga_app = typer.Typer(help="Saga inspection.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (need PostgreSQL and RabbitMQ; see scripts/bench.sh).", no_args_is_help=True)
 app.add_typer(topology_app, name="topology")
@@ -36,6 +37,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(order_app, name="order")
+app.add_typer(stock_app, name="stock")
 app.add_typer(saga_app, name="saga")
 app.add_typer(bench_app, name="bench")
 app.add_typer(dlq_app, name="dlq")
@@ -383,6 +385,43 @@ async def order_place(
     finally:
         await engine.dispose()
     console.print(f"order {placed} placed")
+
+
+@stock_app.command("set")
+@command
+async def stock_set(
+    sku: Annotated[str, typer.Argument(help="The SKU.")],
+    on_hand: Annotated[int, typer.Argument(min=0, help="Units free to reserve.")],
+) -> None:
+    """Set a SKU's units on hand (creating it); reservations already held are kept."""
+    from consumers.stock import seed_stock
+
+    engine = _engine()
+    try:
+        await seed_stock(engine, {sku: on_hand})
+    finally:
+        await engine.dispose()
+    console.print(f"{sku}: {on_hand} on hand", highlight=False)
+
+
+@stock_app.command("list")
+@command
+async def stock_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Units on hand and reserved per SKU."""
+    from consumers.stock import stock_levels
+
+    engine = _engine()
+    try:
+        levels = await stock_levels(engine)
+    finally:
+        await engine.dispose()
+    if as_json:
+        _print_json({sku: {"on_hand": on_hand, "reserved": reserved} for sku, (on_hand, reserved) in levels.items()})
+        return
+    table = Table("sku", "on hand", "reserved")
+    for sku, (on_hand, reserved) in sorted(levels.items()):
+        table.add_row(sku, str(on_hand), str(reserved))
+    console.print(table)
 
 
 @saga_app.command("list")
