@@ -24,7 +24,7 @@ from contracts.messages import LedgerUpdated, OrderLine, Posting
 from infra import topology as t
 from infra.clock import SystemClock
 from infra.db import create_engine
-from infra.pipeline import MessageProcessor
+from infra.pipeline import BatchingConsumer, MessageProcessor
 from infra.schema import upgrade
 from infra.settings import Settings
 from infra.transport.rabbit import RabbitTransport
@@ -122,7 +122,9 @@ async def raw_pipelined_rate(amqp_url: str, messages: int, inflight: int = 100) 
 # ---------------------------------------------------------------- outbox path
 
 
-async def outbox_rate(database_url: str, amqp_url: str, messages: int, writers: int = 20, prefetch: int = 100) -> dict[str, float]:
+async def outbox_rate(
+    database_url: str, amqp_url: str, messages: int, writers: int = 20, prefetch: int = 100, batch: int = 50
+) -> dict[str, float]:
     """Commit to the outbox → relay → consume with the inbox, all running at once."""
     engine = create_engine(database_url, pool_size=writers + 10)
     transport = RabbitTransport(amqp_url)
@@ -143,7 +145,8 @@ async def outbox_rate(database_url: str, amqp_url: str, messages: int, writers: 
                 done.set()
 
         processor = MessageProcessor(engine, "ledger", BENCH_QUEUE.name, {LedgerUpdated.message_type: handle}, clock)
-        subscription = await transport.consume(BENCH_QUEUE, processor, prefetch)
+        batching = BatchingConsumer(processor, max_batch=batch, workers=4)
+        subscription = await transport.consume(BENCH_QUEUE, processor if batch <= 1 else batching, prefetch)
         stop = asyncio.Event()
         relay = Relay(engine, "ledger", transport, clock, batch_size=200, poll_seconds=0.05)
         from outbox.notify import listen_for_outbox
@@ -166,6 +169,7 @@ async def outbox_rate(database_url: str, amqp_url: str, messages: int, writers: 
         stop.set()
         await asyncio.gather(relay_task, listen_task)
         await subscription.stop(5)
+        batching.close()
         return {"end_to_end_per_s": messages / elapsed, "outbox_commit_per_s": messages / committed}
     finally:
         await transport.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -114,12 +115,11 @@ class MessageProcessor:
             raise ContractError(f"queue {delivery.queue.name!r} has no handler for {message.type!r}")
         return message
 
-    async def _process(self, delivery: Delivery, message: Message[Any]) -> None:
-        handler = self.handlers[message.type]
-        parent = context_from(message.envelope.traceparent, delivery.headers)
-        with tracer.start_as_current_span(
+    def _span(self, delivery: Delivery, message: Message[Any]) -> Any:
+        """The consumer span, a child of the producer's trace carried by the message."""
+        return tracer.start_as_current_span(
             f"{delivery.queue.name} process {message.type}",
-            context=parent,
+            context=context_from(message.envelope.traceparent, delivery.headers),
             kind=trace.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "rabbitmq",
@@ -128,17 +128,65 @@ class MessageProcessor:
                 "compensa.saga_id": message.correlation_id,
                 "compensa.attempt": delivery.attempt,
             },
-        ):
-            async with self.uow_factory(self.engine, self.service, self.clock, incoming=message) as uow:
-                if await uow.seen(self.consumer, message):
-                    self.duplicates += 1
-                    log.info("message.duplicate_skipped")
-                else:
-                    await handler(uow, message)
-                    await uow.commit()
-                    self.processed += 1
-                    log.debug("message.processed")
+        )
+
+    async def _apply(self, uow: UnitOfWork, delivery: Delivery, message: Message[Any]) -> bool:
+        """Record the message in the inbox and run its handler; False for a duplicate."""
+        with self._span(delivery, message):
+            if await uow.seen(self.consumer, message):
+                log.info("message.duplicate_skipped", message_id=str(message.message_id))
+                return False
+            await self.handlers[message.type](uow, message)
+            return True
+
+    async def _process(self, delivery: Delivery, message: Message[Any]) -> None:
+        async with self.uow_factory(self.engine, self.service, self.clock, incoming=message) as uow:
+            applied = await self._apply(uow, delivery, message)
+            if applied:
+                await uow.commit()
+        self._count(applied)
         await delivery.ack()
+
+    def _count(self, applied: bool) -> None:
+        if applied:
+            self.processed += 1
+        else:
+            self.duplicates += 1
+
+    async def process_batch(self, deliveries: list[Delivery]) -> None:
+        """Apply deliveries that arrived together in one transaction, then ack them all.
+
+        The same guarantees as one at a time: inbox rows, effects and outgoing messages
+        of the whole batch commit together, and nothing is acked before that. If any
+        message fails, the batch rolls back and each delivery is processed on its own,
+        so the failure is classified (retry, DLQ) for that message alone.
+        """
+        decoded: list[tuple[Delivery, Message[Any]]] = []
+        for delivery in deliveries:
+            try:
+                decoded.append((delivery, self._decode(delivery)))
+            except ContractError:
+                await self(delivery)  # dead-letters it with the reason
+        if len(decoded) <= 1:
+            for delivery, _ in decoded:
+                await self(delivery)
+            return
+        try:
+            outcomes = []
+            async with self.uow_factory(self.engine, self.service, self.clock) as uow:
+                for delivery, message in decoded:
+                    uow.incoming = message
+                    outcomes.append(await self._apply(uow, delivery, message))
+                await uow.commit()
+        except Exception as exc:  # noqa: BLE001 - every message is retried alone, where it is classified
+            log.info("batch.split", size=len(decoded), error=repr(exc))
+            for delivery, _ in decoded:
+                await self(delivery)
+            return
+        for applied in outcomes:
+            self._count(applied)
+        for delivery, _ in decoded:
+            await delivery.ack()
 
     async def _retry_or_dead_letter(self, delivery: Delivery, exc: BaseException, message: Message[Any] | None) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -161,3 +209,52 @@ class MessageProcessor:
 def _guess_saga_id(delivery: Delivery) -> str | None:
     """Best effort for undecodable messages: the AMQP correlation id, if any was set."""
     return delivery.correlation_id or None
+
+
+class BatchingConsumer:
+    """Hand deliveries that arrive together to a processor as batches.
+
+    The transport calls this once per delivery, concurrently (up to the prefetch);
+    each call waits until its delivery was processed. A few workers each take what
+    is waiting, up to `max_batch`, so an idle queue costs no latency and a busy one
+    shares one commit among many messages.
+    """
+
+    def __init__(self, processor: MessageProcessor, *, max_batch: int = 50, workers: int = 4) -> None:
+        self.processor = processor
+        self.max_batch = max_batch
+        self.workers = workers
+        self._waiting: asyncio.Queue[tuple[Delivery, asyncio.Future[None]]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.largest_batch = 0
+
+    async def __call__(self, delivery: Delivery) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._work(), name=f"batch:{self.processor.consumer}") for _ in range(self.workers)]
+        done = asyncio.get_running_loop().create_future()
+        await self._waiting.put((delivery, done))
+        await done
+
+    async def _work(self) -> None:
+        while True:
+            batch = [await self._waiting.get()]
+            while len(batch) < self.max_batch and not self._waiting.empty():
+                batch.append(self._waiting.get_nowait())
+            self.largest_batch = max(self.largest_batch, len(batch))
+            try:
+                await self.processor.process_batch([delivery for delivery, _ in batch])
+            except BaseException as exc:  # noqa: BLE001 - handed to each waiting caller
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []

@@ -20,7 +20,7 @@ import consumers.payments as payments
 import consumers.stock as stock
 from contracts.clock import Clock
 from infra import topology as t
-from infra.pipeline import Handler, MessageProcessor, RetryPolicy
+from infra.pipeline import BatchingConsumer, Handler, MessageProcessor, RetryPolicy
 from infra.settings import Settings
 from infra.transport.base import Subscription, Transport
 from outbox.relay import Relay
@@ -143,6 +143,7 @@ class Runtime:
     archive: Any = None
     _subscriptions: list[Subscription] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _batchers: list[BatchingConsumer] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.transport.declare_topology()
@@ -158,8 +159,14 @@ class Runtime:
             spec = specs[name]
             processor = make_processor(spec, self.engine, self.clock, self.settings)
             self.processors[name] = processor
+            handler: Any = processor
+            if self.settings.consumer_batch_size > 1:
+                handler = BatchingConsumer(
+                    processor, max_batch=self.settings.consumer_batch_size, workers=self.settings.consumer_workers
+                )
+                self._batchers.append(handler)
             self._subscriptions.append(
-                await self.transport.consume(spec.queue, processor, self.settings.prefetch)
+                await self.transport.consume(spec.queue, handler, self.settings.prefetch)
             )
         if self.relays:
             for name in self._relayed_outboxes():
@@ -229,6 +236,8 @@ class Runtime:
         log.info("runtime.stopping")
         grace = self.settings.shutdown_grace_seconds
         await asyncio.gather(*(s.stop(grace) for s in self._subscriptions), return_exceptions=True)
+        for batcher in self._batchers:
+            batcher.close()
         self.stop_event.set()
         if self._tasks:
             done, pending = await asyncio.wait(self._tasks, timeout=grace)

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
 
     queue_type: Literal["classic", "quorum"] = "classic"
     prefetch: int = Field(default=32, ge=1, le=10_000)
+    consumer_batch_size: int = Field(default=50, ge=1, le=1_000, description="Deliveries applied in one transaction when they arrive together (1 = one at a time).")
+    consumer_workers: int = Field(default=4, ge=1, le=64, description="Concurrent transactions per consumer.")
     max_attempts: int = Field(default=5, ge=1, le=50, description="Deliveries before the DLQ.")
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_max_seconds: float = Field(default=60.0, gt=0)

@@ -43,7 +43,7 @@ from contracts import (
 from contracts.routing import COMMANDS_EXCHANGE
 from infra import topology as t
 from infra.clock import SystemClock
-from infra.pipeline import MessageProcessor, RetryPolicy
+from infra.pipeline import BatchingConsumer, MessageProcessor, RetryPolicy
 from infra.topology import STOCK_COMMANDS
 from infra.transport.base import Delivery
 from infra.transport.rabbit import RabbitTransport
@@ -471,3 +471,40 @@ async def test_two_consumers_of_one_queue_apply_each_effect_exactly_once(
     assert sorted(applied) == sorted(str(m.message_id) for m in messages)
     assert await inbox_count(engine) == len(messages)
 
+
+
+# ------------------------------------------------------------------ batches
+
+
+async def test_batched_consumer_applies_each_once_and_isolates_a_poison_message(
+    engine: AsyncEngine, rabbit: RabbitTransport, consume: Any, amqp_channel: Any, depth: Any, retry_policy: RetryPolicy
+) -> None:
+    """Many messages per transaction, same guarantees: duplicates skipped, one bad
+    message dead-lettered alone, every good one applied exactly once."""
+    async with engine.begin() as connection:
+        await connection.execute(delete(effects))
+        await connection.execute(delete(tables_for(CONSUMER).inbox))
+    messages = [reservation(f"batch-{n:03d}") for n in range(150)]
+    poison = reservation("batch-poison")
+    publishes = [outgoing(m) for m in messages]
+    publishes[40:40] = [outgoing(poison)]
+    publishes += [outgoing(m) for m in messages[:30]]  # redelivered copies
+
+    async def refuse_poison(uow: UnitOfWork, message: Message[ReserveStock]) -> None:
+        if message.payload.order_id == "batch-poison":
+            raise BusinessRuleError("sku-1 is discontinued for batch-poison")
+        await apply_reservation(uow, message)
+
+    processor = processor_for(engine, refuse_poison, retry_policy)
+    batching = BatchingConsumer(processor, max_batch=25, workers=2)
+    await consume(batching, prefetch=100)
+    await rabbit.publish_batch(publishes)
+
+    await eventually(lambda: processor.processed == len(messages) and processor.duplicates == 30, timeout=30)
+    await eventually(lambda: depth(STOCK_COMMANDS.dlq), message="poison dead-lettered")
+    [letter] = await take_all(amqp_channel, STOCK_COMMANDS.dlq)
+    assert text(letter.headers[t.H_REASON_CLASS]) == "business_rule"
+    assert sorted(await applied_ids(engine)) == sorted(str(m.message_id) for m in messages)
+    assert await inbox_count(engine) == len(messages)
+    assert batching.largest_batch > 1, "deliveries were applied in shared transactions"
+    batching.close()
