@@ -292,8 +292,53 @@ async def postgres_commit_rate(database_url: str, seconds: float = 3.0, concurre
 # ---------------------------------------------------------------- the saga end to end
 
 
-async def saga_rate(database_url: str, amqp_url: str, inflight: int, seconds: float) -> dict[str, float]:
-    """Closed loop: `inflight` clients each place an order and wait for its completion."""
+#: How `bench saga --processes` splits the services over OS processes (GIL: one core each).
+PROCESS_LAYOUT: tuple[tuple[str, ...], ...] = (
+    ("run", "--service", "saga", "--no-relay"),
+    ("run", "--service", "stock", "--service", "payments", "--service", "ledger", "--service", "orders", "--no-relay"),
+    ("relay",),
+)
+
+
+async def _start_processes(database_url: str, amqp_url: str) -> list[Any]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    compensa = str(Path(sys.executable).with_name("compensa"))
+    env = {
+        **os.environ,
+        "COMPENSA_DATABASE_URL": database_url,
+        "COMPENSA_AMQP_URL": amqp_url,
+        "COMPENSA_LOG_LEVEL": "WARNING",
+        "COMPENSA_RELAY_POLL_SECONDS": "0.05",
+        "COMPENSA_PREFETCH": "64",
+    }
+    return [subprocess.Popen([compensa, *args], env=env) for args in PROCESS_LAYOUT]
+
+
+async def _stop_processes(processes: list[Any]) -> None:
+    import signal
+
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.perf_counter() + 30
+    for process in processes:
+        while process.poll() is None and time.perf_counter() < deadline:
+            await asyncio.sleep(0.1)
+        if process.poll() is None:
+            process.kill()
+
+
+async def saga_rate(
+    database_url: str, amqp_url: str, inflight: int, seconds: float, *, processes: bool = False
+) -> dict[str, float]:
+    """Closed loop: `inflight` clients each place an order and wait for its completion.
+
+    In-process (one Runtime with every service) or, with `processes`, the services
+    spread over OS processes as in PROCESS_LAYOUT; completion is then observed on a
+    queue of the bench's own bound to `order.completed`.
+    """
     from sqlalchemy import select
 
     from consumers.orders import place_order
@@ -309,44 +354,68 @@ async def saga_rate(database_url: str, amqp_url: str, inflight: int, seconds: fl
     transport = RabbitTransport(amqp_url, retry_delays_ms=t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds))
     await transport.connect()
     clock = SystemClock()
+    waiting: dict[str, asyncio.Future[None]] = {}
+
+    def completed(order_id: str) -> None:
+        future = waiting.get(order_id)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    runtime = None
+    children: list[Any] = []
     try:
         await upgrade(engine)
+        await transport.declare_topology()
         await seed_stock(engine, {f"BENCH-{i}": 10_000_000 for i in range(20)})
-        runtime = Runtime(engine, transport, clock, settings, ["saga", "stock", "payments", "ledger", "orders"])
-        await runtime.start()
-        waiting: dict[str, asyncio.Future[None]] = {}
-        orders_processor = runtime.processors["orders"]
-        completed_handler = orders_processor.handlers["order.completed"]
+        if processes:
+            channel = await transport.connection.channel()
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind(t.EVENTS.name, routing_key="order.completed")
 
-        async def on_completed(uow: UnitOfWork, message: Any) -> None:
-            await completed_handler(uow, message)
-            future = waiting.get(message.correlation_id)
-            if future is not None and not future.done():
-                future.set_result(None)
+            async def on_completed_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                await message.ack()
+                completed(message.correlation_id or "")
 
-        orders_processor.handlers["order.completed"] = on_completed
+            await queue.consume(on_completed_message)
+            children = await _start_processes(database_url, amqp_url)
+        else:
+            runtime = Runtime(engine, transport, clock, settings, ["saga", "stock", "payments", "ledger", "orders"])
+            await runtime.start()
+            orders_processor = runtime.processors["orders"]
+            completed_handler = orders_processor.handlers["order.completed"]
+
+            async def on_completed(uow: UnitOfWork, message: Any) -> None:
+                await completed_handler(uow, message)
+                completed(message.correlation_id)
+
+            orders_processor.handlers["order.completed"] = on_completed
         placed: list[str] = []
-        deadline = time.perf_counter() + seconds
         run_id = uuid.uuid4().hex[:6]
+
+        async def one_saga(order_id: str, c: int, n: int) -> None:
+            waiting[order_id] = asyncio.get_running_loop().create_future()
+            await place_order(
+                engine, clock, order_id=order_id, customer_id=f"c{c}",
+                lines=[OrderLine(sku=f"BENCH-{(c + n) % 20}", quantity=1, unit_price=1000)],
+                currency="EUR", payment_token=f"tok_ok_{c}",
+            )
+            await asyncio.wait_for(waiting[order_id], timeout=60)
+
+        # Warm up: the services (or processes) are consuming once one saga went through.
+        await one_saga(f"b{run_id}-warmup", 0, 0)
+        deadline = time.perf_counter() + seconds
 
         async def client(c: int) -> None:
             n = 0
             while time.perf_counter() < deadline:
                 order_id = f"b{run_id}-{inflight}-{c}-{n}"
                 n += 1
-                waiting[order_id] = asyncio.get_running_loop().create_future()
-                await place_order(
-                    engine, clock, order_id=order_id, customer_id=f"c{c}",
-                    lines=[OrderLine(sku=f"BENCH-{(c + n) % 20}", quantity=1, unit_price=1000)],
-                    currency="EUR", payment_token=f"tok_ok_{c}",
-                )
-                await asyncio.wait_for(waiting[order_id], timeout=60)
+                await one_saga(order_id, c, n)
                 placed.append(order_id)
 
         started = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(inflight)))
         elapsed = time.perf_counter() - started
-        await runtime.stop()
         async with engine.connect() as c:
             rows = (
                 await c.execute(
@@ -364,6 +433,9 @@ async def saga_rate(database_url: str, amqp_url: str, inflight: int, seconds: fl
             "p99_ms": _pct(latencies, 99),
         }
     finally:
+        if runtime is not None:
+            await runtime.stop()
+        await _stop_processes(children)
         await transport.close()
         await engine.dispose()
 

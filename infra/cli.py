@@ -562,6 +562,7 @@ async def bench_relay(
 async def bench_saga(
     inflight: Annotated[list[int], typer.Option("--inflight", help="Concurrent sagas (repeatable).")] = [1, 10, 50],  # noqa: B006
     seconds: Annotated[float, typer.Option(min=1.0, help="Seconds per level.")] = 15.0,
+    processes: Annotated[bool, typer.Option("--processes", help="Also run the services as separate OS processes.")] = False,
 ) -> None:
     """Completed sagas/s and p50/p99 latency, with the machine's limit for the saga's work."""
     from infra import bench
@@ -577,13 +578,16 @@ async def bench_saga(
     _figure("RabbitMQ persistent publish-with-confirm", broker["publish_confirm_per_s"], "msgs/s")
     _figure("RabbitMQ consume with ack", broker["consume_ack_per_s"], "msgs/s")
     _figure("=> ceiling", limit, "sagas/s")
-    for level in inflight:
-        result = await bench.saga_rate(database_url, amqp_url, level, seconds)
-        console.print(
-            f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
-            f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; {result['sagas_per_s'] / limit:.2f} of ceiling)",
-            highlight=False,
-        )
+    layouts = [("one process", False)] + ([("3 processes", True)] if processes else [])
+    for label, separate in layouts:
+        console.print(f"compensa, {label}:", highlight=False)
+        for level in inflight:
+            result = await bench.saga_rate(database_url, amqp_url, level, seconds, processes=separate)
+            console.print(
+                f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
+                f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; {result['sagas_per_s'] / limit:.2f} of ceiling)",
+                highlight=False,
+            )
 
 
 @bench_app.command("simulate")
