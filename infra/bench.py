@@ -215,7 +215,10 @@ async def relay_memory(database_url: str, amqp_url: str, messages: int) -> dict[
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=500)
         queue = await channel.declare_queue(BENCH_QUEUE.name, passive=True)
-        await queue.consume(lambda m: m.ack())
+        async def discard(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+
+        await queue.consume(discard)
         relay = Relay(engine, "ledger", transport, clock, batch_size=500)
         samples = [rss_mb()]
         started = time.perf_counter()

@@ -1,0 +1,35 @@
+"""A tiny run of every real-server benchmark, so the benchmark code cannot rot.
+
+These assert that the benchmarks run and count what they should, never how fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from infra import bench
+
+pytestmark = pytest.mark.integration
+
+
+def url_of(engine: AsyncEngine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+async def test_relay_benchmarks_move_every_message(pg_engine: AsyncEngine, amqp_url: str) -> None:
+    raw = await bench.raw_broker_rate(amqp_url, 200)
+    assert raw["publish_confirm_per_s"] > 0 and raw["consume_ack_per_s"] > 0
+    assert await bench.raw_pipelined_rate(amqp_url, 200) > 0
+    for batch in (1, 50):
+        outbox = await bench.outbox_rate(url_of(pg_engine), amqp_url, 300, writers=5, batch=batch)
+        assert outbox["end_to_end_per_s"] > 0
+    relayed = await bench.outbox_rate(url_of(pg_engine), amqp_url, 300, precommitted=True)
+    assert relayed["end_to_end_per_s"] > 0
+    memory = await bench.relay_memory(url_of(pg_engine), amqp_url, 1_000)
+    assert memory["messages"] == 1_000 and memory["rss_max_mb"] > 0
+
+
+async def test_saga_benchmark_completes_sagas_in_process(pg_engine: AsyncEngine, amqp_url: str) -> None:
+    result = await bench.saga_rate(url_of(pg_engine), amqp_url, inflight=2, seconds=2.0)
+    assert result["completed"] >= 2 and result["p50_ms"] > 0
