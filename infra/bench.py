@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -472,13 +470,6 @@ def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[st
     }
 
 
-def median_of(runs: int, measure: Callable[[], Awaitable[float]]) -> Callable[[], Awaitable[float]]:
-    async def run() -> float:
-        return statistics.median([await measure() for _ in range(runs)])
-
-    return run
-
-
 def environment_urls() -> tuple[str, str]:
     database_url = os.environ.get("COMPENSA_DATABASE_URL", "")
     amqp_url = os.environ.get("COMPENSA_AMQP_URL", "")
@@ -488,9 +479,3 @@ def environment_urls() -> tuple[str, str]:
             "COMPENSA_AMQP_URL=amqp://…, or run `bash scripts/bench.sh`, which starts both"
         )
     return database_url, amqp_url
-
-
-__all__ = [
-    "environment_urls", "outbox_rate", "postgres_commit_rate", "raw_broker_rate", "raw_pipelined_rate",
-    "relay_memory", "saga_rate", "simulation_rate", "timedelta",
-]

@@ -83,13 +83,15 @@ class MessageProcessor:
         self.processed = 0
         self.duplicates = 0
 
-    async def __call__(self, delivery: Delivery) -> None:
+    async def __call__(self, delivery: Delivery, decoded: Message[Any] | None = None) -> None:
+        """Process one delivery in its own transaction (`decoded` if the caller decoded it)."""
         with structlog.contextvars.bound_contextvars(
             queue=delivery.queue.name, message_id=delivery.message_id, attempt=delivery.attempt
         ):
-            message: Message[Any] | None = None
+            message: Message[Any] | None = decoded
             try:
-                message = self._decode(delivery)
+                if message is None:
+                    message = self._decode(delivery)
                 with structlog.contextvars.bound_contextvars(
                     saga_id=message.correlation_id, message_type=message.type
                 ):
@@ -168,8 +170,8 @@ class MessageProcessor:
             except ContractError:
                 await self(delivery)  # dead-letters it with the reason
         if len(decoded) <= 1:
-            for delivery, _ in decoded:
-                await self(delivery)
+            for delivery, message in decoded:
+                await self(delivery, message)
             return
         try:
             outcomes = []
@@ -180,8 +182,8 @@ class MessageProcessor:
                 await uow.commit()
         except Exception as exc:  # noqa: BLE001 - every message is retried alone, where it is classified
             log.info("batch.split", size=len(decoded), error=repr(exc))
-            for delivery, _ in decoded:
-                await self(delivery)
+            for delivery, message in decoded:
+                await self(delivery, message)
             return
         for applied in outcomes:
             self._count(applied)

@@ -30,7 +30,7 @@ from infra.pipeline import Handler, MessageProcessor
 from infra.schema import upgrade
 from infra.services import ORCHESTRATOR, build_services, make_processor, sweep_deadlines
 from infra.settings import Settings
-from infra.transport.memory import MemoryBroker, MemoryDelivery
+from infra.transport.memory import MemoryBroker
 from outbox.ports import OutgoingMessage, Publisher
 from outbox.relay import Relay
 from outbox.uow import UnitOfWork

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import ReserveStock, StockLine, TransientError, encode, new_message
 from contracts.messages import PaymentAuthorized
-from contracts.routing import COMMANDS_EXCHANGE
 from infra import topology as t
 from infra.clock import SystemClock
 from infra.dlq.archive import DeadLetterArchive, start_archive

@@ -15,9 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 import structlog
-from redis.asyncio import Redis
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import decode
 from infra.logging import configure_logging
