@@ -108,25 +108,28 @@ class Relay:
         return len(batch)
 
     async def _keep_saga_order(self, connection, rows: Sequence[Row]) -> list[Row]:  # type: ignore[no-untyped-def]
-        """Drop rows whose saga has an earlier pending row claimed by another relay."""
+        """Keep, per saga, only the claimed rows before its first pending row held elsewhere.
+
+        `SKIP LOCKED` can hand this relay a saga's rows with a gap: seq 4 and 6 while
+        another relay holds seq 5. Publishing 6 then would overtake 5, so everything
+        from the first pending row this relay did not claim onwards waits its turn.
+        """
         outbox = self.tables.outbox
-        first_claimed: dict[str, int] = {}
-        for row in rows:
-            first_claimed.setdefault(row.correlation_id, row.id)
-        earliest = dict(
+        claimed_ids = [row.id for row in rows]
+        first_foreign = dict(
             (
                 await connection.execute(
                     select(outbox.c.correlation_id, func.min(outbox.c.id))
                     .where(
                         outbox.c.sent_at.is_(None),
-                        outbox.c.correlation_id.in_(list(first_claimed)),
+                        outbox.c.correlation_id.in_({row.correlation_id for row in rows}),
+                        outbox.c.id.not_in(claimed_ids),
                     )
                     .group_by(outbox.c.correlation_id)
                 )
             ).all()
         )
-        blocked = {cid for cid, first in first_claimed.items() if earliest.get(cid, first) < first}
-        return [row for row in rows if row.correlation_id not in blocked]
+        return [row for row in rows if row.id < first_foreign.get(row.correlation_id, row.id + 1)]
 
     async def drain(self, max_batches: int | None = None) -> int:
         """Publish until nothing is pending (or max_batches ran); return the count."""

@@ -229,6 +229,39 @@ async def test_relay_task_cancelled_mid_batch_leaves_rows_pending_and_each_effec
     assert sorted(row.message_id for row in rows) == sorted(str(m.message_id) for m in messages)
 
 
+class RecordingLink:
+    """A publisher that only records what the relay handed it, in order."""
+
+    def __init__(self) -> None:
+        self.published: list[OutgoingMessage] = []
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        self.published.extend(messages)
+
+
+async def test_a_relay_never_publishes_past_a_row_of_the_same_saga_another_relay_holds(
+    engine: AsyncEngine,
+) -> None:
+    # seq 1..3 of one saga plus another saga's row, each in its own commit.
+    first, second, third = [await commit(engine, [("order-1", seq)]) for seq in (1, 2, 3)]
+    [other] = await commit(engine, [("order-2", 1)])
+    outbox = tables_for(PRODUCER).outbox
+    link = RecordingLink()
+    relay = Relay(engine, PRODUCER, link, clock)
+    async with engine.connect() as holder, holder.begin():
+        # Another relay has claimed seq 2 (and dropped or not yet published it):
+        # SKIP LOCKED hands this relay seq 1 and seq 3 with a gap between them.
+        await holder.execute(
+            select(outbox.c.id).where(outbox.c.message_id == str(second[0].message_id)).with_for_update()
+        )
+        assert await relay.relay_once() == 2
+        assert [m.message_id for m in link.published] == [str(first[0].message_id), str(other.message_id)]
+    # Once seq 2 is free again, seq 2 and 3 follow in order.
+    assert await relay.drain() == 2
+    assert [m.message_id for m in link.published[2:]] == [str(second[0].message_id), str(third[0].message_id)]
+    assert await pending(engine) == 0
+
+
 async def test_two_relays_on_one_outbox_publish_every_message_in_commit_order_per_saga(
     engine: AsyncEngine, rabbit: RabbitTransport, amqp_url: str, consume: Any
 ) -> None:
