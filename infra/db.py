@@ -9,23 +9,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
-def create_engine(url: str, *, pool_size: int = 10, echo: bool = False, inline_sqlite: bool = False) -> AsyncEngine:
-    """Create an async engine; on SQLite turn on WAL and a busy timeout.
-
-    `inline_sqlite` runs SQLite calls on the event-loop thread (see infra.sqlite_inline):
-    for the single-threaded simulator only.
-    """
+def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+    """Create an async engine; on SQLite turn on WAL and a busy timeout."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        if inline_sqlite:
-            from infra.sqlite_inline import inline_creator
-
-            engine = create_async_engine(url, echo=echo, async_creator=inline_creator(database or ":memory:"))
-        else:
-            engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+        engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -33,8 +24,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False, inline_s
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            # The simulator's database is a throwaway file: no need to wait for the disk.
-            cursor.execute("PRAGMA synchronous=OFF" if inline_sqlite else "PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
 import consumers.orders as orders
 import consumers.stock as stock
@@ -30,6 +31,7 @@ from infra.pipeline import Handler, MessageProcessor
 from infra.schema import upgrade
 from infra.services import ORCHESTRATOR, build_services, make_processor, sweep_deadlines
 from infra.settings import Settings
+from infra.sqlite_direct import create_direct_sqlite_engine
 from infra.transport.memory import MemoryBroker
 from outbox.ports import OutgoingMessage, Publisher
 from outbox.relay import Relay
@@ -209,11 +211,7 @@ class Simulation:
 
     async def run(self) -> SimulationResult:
         started = time.perf_counter()
-        url = self.options.database_url
-        if url is None:
-            self._tempdir = tempfile.TemporaryDirectory(prefix="compensa-sim-")
-            url = f"sqlite+aiosqlite:///{Path(self._tempdir.name) / 'simulation.db'}"
-        engine = create_engine(url, inline_sqlite=url.startswith("sqlite"))
+        engine = self._engine()
         try:
             await upgrade(engine)
             workload = generate(self.options.workload, self.rng)
@@ -229,6 +227,17 @@ class Simulation:
             if self._tempdir is not None:
                 self._tempdir.cleanup()
         return result
+
+    def _engine(self) -> Any:
+        """SQLite runs inline (see infra.sqlite_direct); another database through its async driver."""
+        url = self.options.database_url
+        if url is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="compensa-sim-")
+            return create_direct_sqlite_engine(str(Path(self._tempdir.name) / "simulation.db"))
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+            return create_direct_sqlite_engine(parsed.database)
+        return create_engine(url)
 
     async def _loop(self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], relays: Mapping[str, Relay]) -> None:
         origin = self.clock.now()
