@@ -34,6 +34,12 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return event_dict
 
 
+def _current_stderr(*_args: Any) -> structlog.PrintLogger:
+    # Whatever sys.stderr is when a logger is made, not when logging was configured: a
+    # stream swapped in for a while (a CLI runner capturing output) may be closed later.
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
     """Route structlog (and stdlib logging) to one stream as JSON lines or console text."""
     renderer: Any = (
@@ -51,7 +57,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream) if stream else _current_stderr,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(levelname)s %(name)s %(message)s")

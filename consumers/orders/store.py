@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from consumers.orders.rules import Order, OrderStatus
@@ -24,6 +24,15 @@ def _order(row: Row[Any]) -> Order:
     )
 
 
+# Built once: these run for every order (bind parameters, not new statements).
+_GET_FOR_UPDATE = select(orders_orders).where(orders_orders.c.order_id == bindparam("order_id")).with_for_update()
+_SET_STATUS = (
+    update(orders_orders)
+    .where(orders_orders.c.order_id == bindparam("b_order_id"), orders_orders.c.status == bindparam("b_expected"))
+    .values(status=bindparam("b_status"), reason=bindparam("b_reason"), updated_at=bindparam("b_now"))
+)
+
+
 class OrderStore:
     """Read and change orders inside one open transaction."""
 
@@ -31,8 +40,7 @@ class OrderStore:
         self.connection = connection
 
     async def get(self, order_id: str) -> Order | None:
-        query = select(orders_orders).where(orders_orders.c.order_id == order_id).with_for_update()
-        row = (await self.connection.execute(query)).one_or_none()
+        row = (await self.connection.execute(_GET_FOR_UPDATE, {"order_id": order_id})).one_or_none()
         return _order(row) if row else None
 
     async def insert(self, order: Order, now: datetime) -> None:
@@ -56,9 +64,8 @@ class OrderStore:
     ) -> None:
         """Move an order on from the status it was read in."""
         result = await self.connection.execute(
-            update(orders_orders)
-            .where(orders_orders.c.order_id == order_id, orders_orders.c.status == expected.value)
-            .values(status=status.value, reason=reason, updated_at=now)
+            _SET_STATUS,
+            {"b_order_id": order_id, "b_expected": expected.value, "b_status": status.value, "b_reason": reason, "b_now": now},
         )
         if result.rowcount != 1:
             raise ConflictError(f"order {order_id} left status {expected} concurrently")

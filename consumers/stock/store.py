@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from consumers.common import aware, dialect_insert
@@ -32,6 +32,32 @@ def _reservation(row: Row[Any]) -> Reservation:
     )
 
 
+# Built once: these run for every order (bind parameters, not new statements).
+_RESERVATION_FOR_UPDATE = (
+    select(stock_reservations).where(stock_reservations.c.order_id == bindparam("order_id")).with_for_update()
+)
+_LEVELS_FOR_UPDATE = (
+    select(stock_items.c.sku, stock_items.c.on_hand, stock_items.c.reserved)
+    .where(stock_items.c.sku.in_(bindparam("skus", expanding=True)))
+    .order_by(stock_items.c.sku)
+    .with_for_update()
+)
+# Deltas with a guard, not absolute values: correct even where the backend took no row
+# lock between our read and this write.
+_MOVE = (
+    update(stock_items)
+    .where(
+        stock_items.c.sku == bindparam("b_sku"),
+        stock_items.c.on_hand + bindparam("on_hand_delta") >= 0,
+        stock_items.c.reserved + bindparam("reserved_delta") >= 0,
+    )
+    .values(
+        on_hand=stock_items.c.on_hand + bindparam("on_hand_delta"),
+        reserved=stock_items.c.reserved + bindparam("reserved_delta"),
+    )
+)
+
+
 class StockStore:
     """Read and change stock rows inside one open transaction."""
 
@@ -40,19 +66,12 @@ class StockStore:
 
     async def reservation(self, order_id: str) -> Reservation | None:
         """Load an order's reservation; on Postgres lock it so repeats of one order queue."""
-        query = select(stock_reservations).where(stock_reservations.c.order_id == order_id)
-        row = (await self.connection.execute(query.with_for_update())).one_or_none()
+        row = (await self.connection.execute(_RESERVATION_FOR_UPDATE, {"order_id": order_id})).one_or_none()
         return _reservation(row) if row else None
 
     async def levels(self, skus: Iterable[str]) -> dict[str, Level]:
         """Load and lock the SKUs' counters in SKU order, so concurrent orders never deadlock."""
-        query = (
-            select(stock_items.c.sku, stock_items.c.on_hand, stock_items.c.reserved)
-            .where(stock_items.c.sku.in_(sorted(set(skus))))
-            .order_by(stock_items.c.sku)
-            .with_for_update()
-        )
-        rows = (await self.connection.execute(query)).all()
+        rows = (await self.connection.execute(_LEVELS_FOR_UPDATE, {"skus": sorted(set(skus))})).all()
         return {row.sku: Level(row.on_hand, row.reserved) for row in rows}
 
     async def due_reservations(self, now: datetime, limit: int) -> list[Reservation]:
@@ -82,19 +101,8 @@ class StockStore:
             return
         await self.levels(move.sku for move in moves)
         for move in moves:
-            # Deltas with a guard, not absolute values: correct even where the
-            # backend took no row lock between our read and this write.
             result = await self.connection.execute(
-                update(stock_items)
-                .where(
-                    stock_items.c.sku == move.sku,
-                    stock_items.c.on_hand + move.on_hand >= 0,
-                    stock_items.c.reserved + move.reserved >= 0,
-                )
-                .values(
-                    on_hand=stock_items.c.on_hand + move.on_hand,
-                    reserved=stock_items.c.reserved + move.reserved,
-                )
+                _MOVE, {"b_sku": move.sku, "on_hand_delta": move.on_hand, "reserved_delta": move.reserved}
             )
             if result.rowcount != 1:
                 raise ConflictError(f"stock of SKU {move.sku!r} changed under movement {move}")
