@@ -26,6 +26,7 @@ def _order(row: Row[Any]) -> Order:
 
 # Built once: these run for every order (bind parameters, not new statements).
 _GET_FOR_UPDATE = select(orders_orders).where(orders_orders.c.order_id == bindparam("order_id")).with_for_update()
+_INSERT = insert(orders_orders)
 _SET_STATUS = (
     update(orders_orders)
     .where(orders_orders.c.order_id == bindparam("b_order_id"), orders_orders.c.status == bindparam("b_expected"))
@@ -46,17 +47,18 @@ class OrderStore:
     async def insert(self, order: Order, now: datetime) -> None:
         """Insert an order; a concurrent insert of the same id fails with IntegrityError."""
         await self.connection.execute(
-            insert(orders_orders).values(
-                order_id=order.order_id,
-                customer_id=order.customer_id,
-                status=order.status.value,
-                total=order.total.amount,
-                currency=order.total.currency,
-                lines=[line.model_dump(mode="json") for line in order.lines],
-                reason=order.reason,
-                created_at=now,
-                updated_at=now,
-            )
+            _INSERT,
+            {
+                "order_id": order.order_id,
+                "customer_id": order.customer_id,
+                "status": order.status.value,
+                "total": order.total.amount,
+                "currency": order.total.currency,
+                "lines": [line.model_dump(mode="json") for line in order.lines],
+                "reason": order.reason,
+                "created_at": now,
+                "updated_at": now,
+            },
         )
 
     async def set_status(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from consumers.payments.rules import Charge, ChargeStatus
@@ -36,6 +36,19 @@ def _values(charge: Charge, now: datetime) -> dict[str, Any]:
     }
 
 
+_CHANGED = ("status", "payment_id", "amount", "currency", "refunded_amount", "reason", "updated_at")
+# Built once: these run for every order (bind parameters, not new statements).
+_CHARGE_FOR_UPDATE = (
+    select(payments_charges).where(payments_charges.c.order_id == bindparam("order_id")).with_for_update()
+)
+_INSERT = insert(payments_charges)
+_UPDATE = (
+    update(payments_charges)
+    .where(payments_charges.c.order_id == bindparam("b_order_id"), payments_charges.c.status == bindparam("b_expected"))
+    .values({name: bindparam(name) for name in _CHANGED})
+)
+
+
 class PaymentStore:
     """Read and change charges inside one open transaction."""
 
@@ -44,22 +57,17 @@ class PaymentStore:
 
     async def charge(self, order_id: str) -> Charge | None:
         """Load an order's charge; on Postgres lock it so repeats of one order queue."""
-        query = select(payments_charges).where(payments_charges.c.order_id == order_id).with_for_update()
-        row = (await self.connection.execute(query)).one_or_none()
+        row = (await self.connection.execute(_CHARGE_FOR_UPDATE, {"order_id": order_id})).one_or_none()
         return _charge(row) if row else None
 
     async def insert(self, charge: Charge, now: datetime) -> None:
         """Insert a charge; a concurrent insert for the same order fails and is retried."""
-        await self.connection.execute(
-            insert(payments_charges).values(order_id=charge.order_id, created_at=now, **_values(charge, now))
-        )
+        await self.connection.execute(_INSERT, {"order_id": charge.order_id, "created_at": now, **_values(charge, now)})
 
     async def update(self, charge: Charge, *, expected: ChargeStatus, now: datetime) -> None:
         """Move a charge on from the status it was read in."""
         result = await self.connection.execute(
-            update(payments_charges)
-            .where(payments_charges.c.order_id == charge.order_id, payments_charges.c.status == expected.value)
-            .values(**_values(charge, now))
+            _UPDATE, {"b_order_id": charge.order_id, "b_expected": expected.value, **_values(charge, now)}
         )
         if result.rowcount != 1:
             raise ConflictError(f"charge of order {charge.order_id} left status {expected} concurrently")

@@ -42,6 +42,15 @@ _LEVELS_FOR_UPDATE = (
     .order_by(stock_items.c.sku)
     .with_for_update()
 )
+_INSERT_RESERVATION = insert(stock_reservations)
+_UPDATE_RESERVATION = (
+    update(stock_reservations)
+    .where(
+        stock_reservations.c.order_id == bindparam("b_order_id"),
+        stock_reservations.c.status == bindparam("b_expected"),
+    )
+    .values({name: bindparam(name) for name in ("status", "lines", "reason", "expires_at", "updated_at")})
+)
 # Deltas with a guard, not absolute values: correct even where the backend took no row
 # lock between our read and this write.
 _MOVE = (
@@ -118,16 +127,11 @@ class StockStore:
         }
         if expected is None:
             await self.connection.execute(
-                insert(stock_reservations).values(order_id=reservation.order_id, created_at=now, **values)
+                _INSERT_RESERVATION, {"order_id": reservation.order_id, "created_at": now, **values}
             )
             return
         result = await self.connection.execute(
-            update(stock_reservations)
-            .where(
-                stock_reservations.c.order_id == reservation.order_id,
-                stock_reservations.c.status == expected.value,
-            )
-            .values(**values)
+            _UPDATE_RESERVATION, {"b_order_id": reservation.order_id, "b_expected": expected.value, **values}
         )
         if result.rowcount != 1:
             raise ConflictError(f"reservation {reservation.order_id} left status {expected} concurrently")
