@@ -11,7 +11,8 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
@@ -450,16 +451,22 @@ def _pct(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------- simulation speed
 
 
+def _simulation_spec(sagas: int) -> Any:
+    from sagas.simulation.workload import WorkloadSpec
+
+    # Enough stock that most orders go the whole way (reserve, charge, commit): the
+    # heavier path, rather than a run that is mostly quick rejections.
+    return WorkloadSpec(sagas=sagas, stock_per_sku=max(60, sagas // 2))
+
+
 def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, float]:
+    """Simulated sagas per wall second (SQLite, in-memory broker, virtual clock)."""
     from infra.simulate import SimulationOptions, run_simulation
     from sagas.simulation.faults import profile
-    from sagas.simulation.workload import WorkloadSpec
 
     rss_before = rss_mb()
     started = time.perf_counter()
-    result = run_simulation(
-        SimulationOptions(seed=seed, workload=WorkloadSpec(sagas=sagas, stock_per_sku=max(60, sagas // 2)), faults=profile(faults))
-    )
+    result = run_simulation(SimulationOptions(seed=seed, workload=_simulation_spec(sagas), faults=profile(faults)))
     elapsed = time.perf_counter() - started
     return {
         "sagas": sagas,
@@ -467,7 +474,60 @@ def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[st
         "wall_s": elapsed,
         "invariants_ok": float(result.ok),
         "rss_growth_mb": rss_mb() - rss_before,
+        "outcomes": result.outcomes,  # type: ignore[dict-item]
     }
+
+
+async def real_stack_rate(database_url: str, amqp_url: str, sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, float]:
+    """The same kind of workload end to end on PostgreSQL and RabbitMQ, in wall time.
+
+    A real-stack run checks every row, so it gets a scratch database of its own, and
+    the work queues are purged first (earlier benchmarks may have left messages).
+    """
+    from infra.realstack import RUN_QUEUES, real_stack_transport, run_real_stack
+    from sagas.simulation.faults import profile
+
+    transport = real_stack_transport(amqp_url)
+    try:
+        await transport.declare_topology()
+        channel = await transport.connection.channel()
+        for name in RUN_QUEUES:
+            await _purge(channel, name)
+        await channel.close()
+    finally:
+        await transport.close()
+    async with scratch_database(database_url) as scratch_url:
+        started = time.perf_counter()
+        result = await run_real_stack(
+            seed, _simulation_spec(sagas), amqp_url=amqp_url, database_url=scratch_url, faults=profile(faults), timeout=600
+        )
+        elapsed = time.perf_counter() - started
+    return {
+        "sagas": sagas,
+        "sagas_per_s": sagas / elapsed,
+        "wall_s": elapsed,
+        "invariants_ok": float(result.ok),
+        "outcomes": result.outcomes,  # type: ignore[dict-item]
+    }
+
+
+@asynccontextmanager
+async def scratch_database(database_url: str) -> AsyncIterator[str]:
+    """An empty database on the same PostgreSQL server, dropped afterwards."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = make_url(database_url)
+    name = f"compensa_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
 
 
 def environment_urls() -> tuple[str, str]:

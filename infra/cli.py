@@ -594,18 +594,36 @@ async def bench_saga(
 def bench_simulate(
     sagas: Annotated[int, typer.Option(min=10)] = 10_000,
     faults: Annotated[str, typer.Option()] = "chaos",
+    real_sagas: Annotated[int, typer.Option(min=0, help="Sagas for the real-stack rate in the same run (0: skip).")] = 300,
 ) -> None:
-    """Simulated sagas per wall second (SQLite, in-memory broker, virtual clock)."""
+    """Simulated sagas per wall second, and its ratio to the real stack's end-to-end rate."""
     from infra import bench
     from infra.logging import configure_logging
 
     configure_logging("CRITICAL", "json")
+    real = None
+    if real_sagas:
+        try:
+            database_url, amqp_url = bench.environment_urls()
+        except ValueError as exc:
+            err.print(f"real-stack rate skipped: {exc}", highlight=False, markup=False)
+        else:
+            real = asyncio.run(bench.real_stack_rate(database_url, amqp_url, real_sagas, faults))
+            console.print(
+                f"real stack, {real_sagas:,} sagas ({faults}, faults it can inject): {real['wall_s']:.1f} s wall, "
+                f"{real['sagas_per_s']:.1f} sagas/s, outcomes {real['outcomes']}, "
+                f"invariants {'hold' if real['invariants_ok'] else 'VIOLATED'}",
+                highlight=False,
+            )
     result = bench.simulation_rate(sagas, faults)
     console.print(
         f"simulated {sagas:,} sagas ({faults}): {result['wall_s']:.1f} s wall, {result['sagas_per_s']:.1f} sagas/s, "
-        f"RSS growth {result['rss_growth_mb']:.0f} MB, invariants {'hold' if result['invariants_ok'] else 'VIOLATED'}",
+        f"outcomes {result['outcomes']}, RSS growth {result['rss_growth_mb']:.0f} MB, "
+        f"invariants {'hold' if result['invariants_ok'] else 'VIOLATED'}",
         highlight=False,
     )
+    if real is not None:
+        console.print(f"ratio simulated / real stack: {result['sagas_per_s'] / real['sagas_per_s']:.1f}", highlight=False)
 
 
 import infra.cli_api  # noqa: E402,F401 - registers `api`, `producers` and `bench api`
