@@ -123,7 +123,9 @@ class Simulation:
         self.rng = random.Random(options.seed)
         self.clock = VirtualClock()
         self.broker = MemoryBroker(self.clock)
-        self.settings = Settings(
+        # Defaults plus these, never COMPENSA_* from the environment: a seed must replay
+        # the same run on any machine (gateway limit, reservation TTL, ...).
+        self.settings = Settings.model_construct(
             max_attempts=options.max_attempts, retry_base_seconds=0.5, retry_max_seconds=8.0
         )
         self.faults = options.faults
