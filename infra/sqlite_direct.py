@@ -33,8 +33,10 @@ class DirectTransaction:
         self._transaction = connection.sync_connection.begin()
 
     def __await__(self) -> Generator[Any, None, DirectTransaction]:
+        return self._itself().__await__()
+
+    async def _itself(self) -> DirectTransaction:
         return self
-        yield  # noqa: unreachable - makes this a generator, hence awaitable
 
     async def __aenter__(self) -> DirectTransaction:
         return self
@@ -97,8 +99,10 @@ class _Connecting:
         self._connection = DirectConnection(engine.connect())
 
     def __await__(self) -> Generator[Any, None, DirectConnection]:
+        return self._connected().__await__()
+
+    async def _connected(self) -> DirectConnection:
         return self._connection
-        yield  # noqa: unreachable - makes this a generator, hence awaitable
 
     async def __aenter__(self) -> DirectConnection:
         return self._connection

@@ -13,6 +13,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 import structlog
 from sqlalchemy import select
@@ -331,3 +332,51 @@ async def test_writer_commits_a_request_larger_than_one_statement_in_one_transac
     ]
     await asyncio.gather(writer.write(rows), writer.write(rows[:1]), writer.write([rows[4]]))
     assert sorted(r.message_id for r in await outbox_rows(engine)) == sorted(r["message_id"] for r in rows)
+
+
+async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(engine, redis):
+    """The API reaches PostgreSQL through a link the test cuts: what a client sees when it is down."""
+    from sqlalchemy.engine import make_url
+
+    from infra.db import create_engine
+    from producers.ingest import IngestConfig, ProducerDirectory, create_app, generate_key
+    from tests.integration.ingest_helpers import clock
+    from tests.support import CuttableLink
+
+    url = make_url(engine.url.render_as_string(hide_password=False))
+    link = await CuttableLink(url.host or "127.0.0.1", url.port or 5432).start()
+    linked = create_engine(url.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False))
+    # A key from the keys file: authenticating it needs no database.
+    key, record = generate_key("erp", ("order.created",), rate_limit=None, now=clock.now())
+    app = create_app(
+        engine=linked, redis=redis, producers=ProducerDirectory(None, [record]),
+        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:"), clock=clock,
+    )
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest", headers={"X-API-Key": key})
+    event = short_event("o-db")
+    try:
+        assert (await client.post("/v1/events", json=short_event("o-up"), headers={"Idempotency-Key": "k-up"})).status_code == 202
+        assert await outbox_count(engine) == 1
+        await link.cut()
+        response = await client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-db"})
+        assert response.status_code == 503, response.text
+        assert "database unavailable" in response.json()["detail"] and "nothing was accepted" in response.json()["detail"]
+        assert response.headers["Retry-After"].isdigit()
+        health = await client.get("/health")
+        assert health.status_code == 503
+        checks = health.json()["checks"]
+        assert checks["database"]["ok"] is False and checks["database"]["error"]
+        assert checks["redis"]["ok"] is True
+        assert await outbox_count(engine) == 1
+        await link.restore()
+        # The refused request left its key free: the retry is accepted once.
+        retried = await client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-db"})
+        assert retried.status_code == 202, retried.text
+        again = await client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-db"})
+        assert again.status_code == 202 and again.json() == retried.json()
+        assert await outbox_count(engine) == 2
+        assert (await client.get("/health")).status_code == 200
+    finally:
+        await client.aclose()
+        await linked.dispose()
+        await link.close()
