@@ -10,7 +10,7 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts import Message
-from outbox.uow import UnitOfWork
+from outbox.uow import UnitOfWork, insert_for
 
 Handler = Callable[[UnitOfWork, Message[Any]], Awaitable[None]]
 
@@ -23,8 +23,4 @@ def aware(moment: datetime) -> datetime:
 
 def dialect_insert(connection: AsyncConnection, table: Table) -> Any:
     """Return an INSERT that supports ON CONFLICT on either backend."""
-    if connection.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
+    return insert_for(connection.dialect.name, table)

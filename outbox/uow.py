@@ -21,6 +21,15 @@ from outbox.tracing import current_traceparent
 _IGNORING_INSERTS: dict[tuple[str, str], Any] = {}
 
 
+def insert_for(dialect: str, table: Any) -> Any:
+    """An INSERT with the dialect's ON CONFLICT clauses (PostgreSQL and SQLite both have them)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
 def insert_ignoring_duplicates(connection: AsyncConnection, table: Any) -> Any:
     """Return an INSERT that skips rows whose key exists (both backends speak ON CONFLICT).
 
@@ -29,11 +38,7 @@ def insert_ignoring_duplicates(connection: AsyncConnection, table: Any) -> Any:
     key = (connection.dialect.name, table.name)
     statement = _IGNORING_INSERTS.get(key)
     if statement is None:
-        if connection.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        statement = _IGNORING_INSERTS[key] = dialect_insert(table).on_conflict_do_nothing()
+        statement = _IGNORING_INSERTS[key] = insert_for(connection.dialect.name, table).on_conflict_do_nothing()
     return statement
 
 

@@ -4,15 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from consumers.common import dialect_insert
 from consumers.ledger.rules import Kind
 from consumers.ledger.tables import ledger_balances, ledger_entries, ledger_transactions
 from contracts import Posting
+from outbox.uow import insert_for
+
+
+# Built once (per dialect where ON CONFLICT is spelled per backend): these run for
+# every posting, and building a statement costs more than running it.
+_INSERT_ENTRIES = insert(ledger_entries)
+_BALANCES = (
+    select(ledger_balances.c.account, ledger_balances.c.balance)
+    .where(ledger_balances.c.account.in_(bindparam("accounts", expanding=True)))
+    .order_by(ledger_balances.c.account)
+)
+
+
+@cache
+def _statements(dialect: str) -> tuple[Any, Any]:
+    """(open a transaction unless posted already, add to a balance) for this dialect."""
+    open_transaction = insert_for(dialect, ledger_transactions).on_conflict_do_nothing(
+        index_elements=[ledger_transactions.c.transaction_id]
+    )
+    add_to_balance = insert_for(dialect, ledger_balances)
+    add_to_balance = add_to_balance.on_conflict_do_update(
+        index_elements=[ledger_balances.c.account],
+        set_={"balance": ledger_balances.c.balance + add_to_balance.excluded.balance},
+    )
+    return open_transaction, add_to_balance
 
 
 class LedgerStore:
@@ -23,38 +48,27 @@ class LedgerStore:
 
     async def open_transaction(self, transaction_id: str, order_id: str, kind: Kind, now: datetime) -> bool:
         """Record the transaction; return False when it was posted already."""
-        statement = (
-            dialect_insert(self.connection, ledger_transactions)
-            .values(transaction_id=transaction_id, order_id=order_id, kind=kind.value, created_at=now)
-            .on_conflict_do_nothing(index_elements=[ledger_transactions.c.transaction_id])
+        open_transaction, _ = _statements(self.connection.dialect.name)
+        result = await self.connection.execute(
+            open_transaction,
+            {"transaction_id": transaction_id, "order_id": order_id, "kind": kind.value, "created_at": now},
         )
-        result = await self.connection.execute(statement)
         return result.rowcount == 1
 
     async def add_entries(self, transaction_id: str, postings: Sequence[Posting]) -> None:
         await self.connection.execute(
-            insert(ledger_entries),
+            _INSERT_ENTRIES,
             [{"transaction_id": transaction_id, **posting.model_dump()} for posting in postings],
         )
 
     async def apply_balances(self, changes: Mapping[str, int]) -> dict[str, int]:
         """Add the changes to the accounts' balances; return the new balances."""
+        _, add_to_balance = _statements(self.connection.dialect.name)
         accounts = sorted(changes)
         # In account order, so concurrent postings lock balance rows in one order.
         for account in accounts:
-            statement = dialect_insert(self.connection, ledger_balances).values(
-                account=account, balance=changes[account]
-            )
-            statement = statement.on_conflict_do_update(
-                index_elements=[ledger_balances.c.account],
-                set_={"balance": ledger_balances.c.balance + statement.excluded.balance},
-            )
-            await self.connection.execute(statement)
-        rows = await self.connection.execute(
-            select(ledger_balances.c.account, ledger_balances.c.balance)
-            .where(ledger_balances.c.account.in_(accounts))
-            .order_by(ledger_balances.c.account)
-        )
+            await self.connection.execute(add_to_balance, {"account": account, "balance": changes[account]})
+        rows = await self.connection.execute(_BALANCES, {"accounts": accounts})
         return {row.account: row.balance for row in rows}
 
 
