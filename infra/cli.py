@@ -563,8 +563,9 @@ async def bench_saga(
     inflight: Annotated[list[int], typer.Option("--inflight", help="Concurrent sagas (repeatable).")] = [1, 10, 50],  # noqa: B006
     seconds: Annotated[float, typer.Option(min=1.0, help="Seconds per level.")] = 15.0,
     processes: Annotated[bool, typer.Option("--processes", help="Also run the services as separate OS processes.")] = False,
+    peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run the same saga as a DBOS workflow.")] = True,
 ) -> None:
-    """Completed sagas/s and p50/p99 latency, with the machine's limit for the saga's work."""
+    """Completed sagas/s and p50/p99 latency, with the machine's limit and a DBOS peer."""
     from infra import bench
     from infra.logging import configure_logging
 
@@ -579,13 +580,32 @@ async def bench_saga(
     _figure("RabbitMQ consume with ack", broker["consume_ack_per_s"], "msgs/s")
     _figure("=> ceiling", limit, "sagas/s")
     layouts = [("one process", False)] + ([("3 processes", True)] if processes else [])
+    compensa_rates: dict[int, float] = {}
     for label, separate in layouts:
         console.print(f"compensa, {label}:", highlight=False)
         for level in inflight:
             result = await bench.saga_rate(database_url, amqp_url, level, seconds, processes=separate)
+            compensa_rates.setdefault(level, result["sagas_per_s"])
             console.print(
                 f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
                 f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; {result['sagas_per_s'] / limit:.2f} of ceiling)",
+                highlight=False,
+            )
+    if not peer:
+        return
+    try:
+        from infra.peer_dbos import dbos_saga_rate
+    except ImportError:
+        err.print("DBOS peer skipped: DBOS is not installed (pip install 'compensa[bench]')", highlight=False, markup=False)
+        return
+    console.print("DBOS peer, the same saga as a workflow (6 checkpointed transactions, no broker):", highlight=False)
+    async with bench.scratch_database(database_url) as scratch_url:
+        for result in await dbos_saga_rate(scratch_url, inflight, seconds):
+            level = int(result["inflight"])
+            console.print(
+                f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
+                f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; "
+                f"compensa / DBOS = {compensa_rates[level] / result['sagas_per_s']:.2f})",
                 highlight=False,
             )
 

@@ -5,7 +5,8 @@
 #   bash scripts/bench.sh relay --messages 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || bash scripts/setup.sh
+# The DBOS peer of `bench saga` comes with the bench extra.
+.venv/bin/python -c 'import dbos' 2>/dev/null || bash scripts/setup.sh --bench
 run_benchmarks() {
   if [ "$#" -gt 0 ]; then
     .venv/bin/compensa bench "$@"

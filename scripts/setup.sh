@@ -2,10 +2,12 @@
 # Create .venv (if missing) and install compensa into it.
 #   bash scripts/setup.sh          # the project
 #   bash scripts/setup.sh --dev    # the project and its test dependencies
+#   bash scripts/setup.sh --bench  # the project and the benchmarks' DBOS peer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
+[ "${1:-}" = "--bench" ] && extras="[bench]"
 
 if [ -x .venv/bin/python ]; then
   echo "using existing .venv ($(.venv/bin/python --version))"

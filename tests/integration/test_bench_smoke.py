@@ -33,3 +33,17 @@ async def test_relay_benchmarks_move_every_message(pg_engine: AsyncEngine, amqp_
 async def test_saga_benchmark_completes_sagas_in_process(pg_engine: AsyncEngine, amqp_url: str) -> None:
     result = await bench.saga_rate(url_of(pg_engine), amqp_url, inflight=2, seconds=2.0)
     assert result["completed"] >= 2 and result["p50_ms"] > 0
+
+
+async def test_dbos_peer_runs_the_saga_on_a_scratch_database(pg_engine: AsyncEngine) -> None:
+    from infra.peer_dbos import dbos_saga_rate
+
+    async with bench.scratch_database(url_of(pg_engine)) as scratch_url:
+        [result] = await dbos_saga_rate(scratch_url, [2], 2.0)
+    assert result["inflight"] == 2 and result["completed"] >= 2 and result["p50_ms"] > 0
+
+
+async def test_real_stack_rate_runs_the_workload_with_every_invariant(pg_engine: AsyncEngine, amqp_url: str) -> None:
+    result = await bench.real_stack_rate(url_of(pg_engine), amqp_url, 8)
+    assert result["sagas"] == 8 and result["invariants_ok"] == 1.0
+    assert sum(result["outcomes"].values()) == 8
