@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts import CompensaError
-from infra.cli_ops import bench_replay, dlq_app, health, saga_retry
+from infra.cli_ops import bench_replay, dlq_app, health, saga_cancel, saga_retry
 
 app = typer.Typer(
     name="compensa",
@@ -651,6 +651,7 @@ import infra.cli_api  # noqa: E402,F401 - registers `api`, `producers` and `benc
 
 # Operator commands (infra/cli_ops.py), after the built-in ones of each group.
 saga_app.command("retry")(saga_retry)
+saga_app.command("cancel")(saga_cancel)
 app.command("health")(health)
 bench_app.command("replay")(bench_replay)
 

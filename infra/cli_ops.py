@@ -546,6 +546,44 @@ async def saga_retry(
     )
 
 
+@command
+async def saga_cancel(
+    saga_id: Annotated[str, typer.Argument(metavar="ID", help="Saga (order) id.")],
+    reason: Annotated[str, typer.Option(help="Why (required): recorded in the saga's history and on the order.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a running saga: compensate what it did (release stock, refund), then cancel the order."""
+    from contracts import BusinessRuleError
+    from infra.clock import SystemClock
+    from infra.services import orchestrator_for
+    from infra.settings import get_settings
+    from outbox.uow import UnitOfWork
+
+    if not reason.strip():
+        raise typer.BadParameter("give a reason; it is recorded in the history", param_hint="--reason")
+    if not yes and not typer.confirm(f"cancel saga {saga_id} and compensate what it did?", err=True):
+        fail("nothing cancelled")
+    orchestrator = orchestrator_for(get_settings())
+    async with _database() as engine:
+        async with UnitOfWork(engine, "saga", SystemClock()) as uow:
+            try:
+                transition = await orchestrator.cancel(uow, saga_id, reason.strip())
+            except BusinessRuleError as exc:
+                fail(f"{exc}; `compensa saga show {saga_id}` shows where it is")
+            await uow.commit()
+    sent = [payload.message_type for payload in transition.outgoing]
+    result = {"saga_id": saga_id, "status": transition.state.status.value, "trigger": transition.trigger, "note": transition.note, "sent": sent}
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"saga {saga_id}: running → {result['status']}; "
+        + (f"sent {', '.join(sent)} (a running relay delivers them)" if sent else transition.note),
+        highlight=False,
+    )
+
+
 # ---------------------------------------------------------------- health
 
 

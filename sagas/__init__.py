@@ -1,7 +1,7 @@
 """Sagas: definitions as data, the pure transition engine, and the order saga."""
 
 from sagas.definition import Compensation, SagaData, SagaDefinition, Step
-from sagas.engine import on_deadline, on_message, retry_compensation, start
+from sagas.engine import cancel, on_deadline, on_message, retry_compensation, start
 from sagas.order_saga import ORDER_SAGA
 from sagas.state import TERMINAL, Deadline, DeadlineKind, SagaState, SagaStatus, Transition
 
@@ -20,5 +20,6 @@ __all__ = [
     "on_deadline",
     "on_message",
     "retry_compensation",
+    "cancel",
     "start",
 ]

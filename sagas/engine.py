@@ -20,6 +20,7 @@ from sagas.definition import Compensation, SagaData, SagaDefinition, Step
 from sagas.state import Deadline, SagaState, SagaStatus, Transition
 
 RETRY_TRIGGER = "operator:retry_compensation"
+CANCEL_TRIGGER = "operator:cancel"
 
 _COMPENSATION_OPEN = (SagaStatus.COMPENSATING, SagaStatus.COMPENSATION_FAILED)
 
@@ -108,6 +109,28 @@ def retry_compensation(definition: SagaDefinition, state: SagaState, now: dateti
         deadline=_compensation_deadline(definition, state, now, attempt=1),
         status=SagaStatus.COMPENSATING,
         compensation_attempts=1,
+    )
+
+
+def cancel(definition: SagaDefinition, state: SagaState, now: datetime, reason: str) -> Transition:
+    """Stop a running saga by hand (operator action): undo what it did, as a timeout would.
+
+    The current step's command was sent and may have taken effect, so it is undone
+    too; a reply that arrives later is undone like any late reply. A saga already
+    compensating goes on as it is; a finished one stays finished (a completed order
+    is not cancelled by compensation).
+    """
+    _check_belongs(definition, state)
+    if state.status is not SagaStatus.RUNNING:
+        return _ignored(state, CANCEL_TRIGGER, f"saga is {state.status.value}: only a running saga can be cancelled")
+    return _compensate(
+        definition,
+        state,
+        (*_done_in_order(definition, state), _current(definition, state)),
+        reason=f"cancelled by operator: {reason}",
+        now=now,
+        trigger=CANCEL_TRIGGER,
+        cause="operator cancel",
     )
 
 

@@ -97,6 +97,18 @@ class Orchestrator:
         await self._apply(uow, store, transition, state, None)
         return transition
 
+    async def cancel(self, uow: SagaUnitOfWork, saga_id: str, reason: str) -> Transition:
+        """Cancel a running saga by hand: compensate what it did (see engine.cancel)."""
+        store = SagaStore(uow.connection)
+        state = await store.get(saga_id)
+        if state is None:
+            raise BusinessRuleError(f"no saga {saga_id!r}")
+        transition = engine.cancel(self.definitions[state.definition], state, uow.now(), reason)
+        if not transition.changed:
+            raise BusinessRuleError(f"saga {saga_id}: {transition.note}")
+        await self._apply(uow, store, transition, state, None)
+        return transition
+
     async def _apply(
         self,
         uow: SagaUnitOfWork,

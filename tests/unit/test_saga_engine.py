@@ -32,6 +32,7 @@ from sagas import (
     Deadline,
     SagaStatus,
     Transition,
+    cancel,
     on_deadline,
     on_message,
     retry_compensation,
@@ -111,6 +112,10 @@ class Run:
 
     def retry(self) -> Transition:
         return self._apply(retry_compensation(ORDER_SAGA, self.state, self.now))
+
+    def cancel(self, reason: str = "customer called") -> Transition:
+        self.now += timedelta(seconds=1)
+        return self._apply(cancel(ORDER_SAGA, self.state, self.now, reason))
 
 
 def run(*steps: str) -> Run:
@@ -645,3 +650,55 @@ def test_a_completed_saga_never_compensates() -> None:
         assert not saga.reply(message).changed
     for deadline in (Deadline(T0, "step", "commit", 1), Deadline(T0, "compensation", "commit", 1)):
         assert not saga.fire(deadline).changed
+
+
+# ---------------------------------------------------------------- operator cancel
+
+
+def test_cancel_while_reserving_releases_then_cancels() -> None:
+    saga = run()
+
+    cancelled = saga.cancel()
+
+    assert cancelled.trigger == "operator:cancel"
+    assert types(cancelled) == ("stock.release",)
+    assert cancelled.state.status is SagaStatus.COMPENSATING
+    assert cancelled.state.reason == "cancelled by operator: customer called"
+    assert cancelled.deadline == Deadline(saga.now + timedelta(seconds=30), "compensation", "reserve", 1)
+    # The release is confirmed: the order is cancelled with the operator's reason.
+    assert types(saga.reply("stock.released")) == ("order.cancelled",)
+    assert saga.state.status is SagaStatus.CANCELLED
+
+
+def test_cancel_while_charging_voids_the_charge_and_releases_the_stock() -> None:
+    saga = run("stock.reserved")
+
+    cancelled = saga.cancel()
+
+    assert types(cancelled) == ("payment.refund", "stock.release")
+    assert cancelled.state.pending_compensations == ("payment.refund", "stock.release")
+    # A charge that was captured after all is refunded, never kept.
+    late = saga.reply("payment.authorized")
+    assert "payment.refund" in types(late)
+    saga.reply("payment.refunded")
+    assert types(saga.reply("stock.released")) == ("order.cancelled",)
+    assert saga.state.reason == "cancelled by operator: customer called"
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        ("stock.reservation_failed",),  # rejected
+        ("stock.reserved", "payment.declined"),  # compensating
+        ("stock.reserved", "payment.declined", "stock.released"),  # cancelled
+        ("stock.reserved", "payment.authorized", "stock.committed"),  # completed
+    ],
+)
+def test_only_a_running_saga_can_be_cancelled(replies: tuple[str, ...]) -> None:
+    saga = run(*replies)
+    before = saga.state
+
+    transition = saga.cancel()
+
+    assert not transition.changed and transition.state is before
+    assert "only a running saga can be cancelled" in transition.note
