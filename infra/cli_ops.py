@@ -511,6 +511,36 @@ async def dlq_purge(
     console.print(f"purged {purged} dead letters ({where.describe()}); they stay in the archive with status purged", highlight=False)
 
 
+@dlq_app.command("prune")
+@command
+async def dlq_prune(
+    older_than: Annotated[str, typer.Option("--older-than", help="Replayed or purged longer ago than this (30d, 12h).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete archived dead letters dealt with (replayed or purged) long ago; `new` ones always stay."""
+    from infra.clock import SystemClock
+    from infra.dlq.query import prune
+
+    cutoff = SystemClock().now() - parse_duration(older_than, "--older-than")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"would delete replayed and purged dead letters dealt with before {cutoff:%Y-%m-%d %H:%M} UTC; confirm with --yes")
+        if not typer.confirm(f"delete replayed and purged dead letters dealt with before {cutoff:%Y-%m-%d %H:%M} UTC?", default=False, err=True):
+            err.print("nothing deleted")
+            raise typer.Exit(1)
+    async with _database() as engine:
+        deleted = await prune(engine, cutoff)
+    if as_json:
+        _print_json({"deleted": deleted, "before": cutoff.isoformat()})
+        return
+    console.print(
+        f"deleted {deleted['replayed']} replayed and {deleted['purged']} purged dead letters dealt with before "
+        f"{cutoff:%Y-%m-%d %H:%M} UTC; dead letters still new are kept",
+        highlight=False,
+    )
+
+
 # ---------------------------------------------------------------- saga retry
 
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from infra.dlq.tables import NEW, PURGED, STATUSES, dead_letters
+from infra.dlq.tables import NEW, PURGED, REPLAYED, STATUSES, dead_letters
 
 dl = dead_letters
 
@@ -164,6 +164,21 @@ async def purge(engine: AsyncEngine, where: DeadLetterFilter, now: datetime) -> 
             where.apply(update(dl)).where(dl.c.status != PURGED).values(status=PURGED, purged_at=now)
         )
     return int(result.rowcount)
+
+
+async def prune(engine: AsyncEngine, older_than: datetime) -> dict[str, int]:
+    """Delete dead letters dealt with (replayed or purged) before `older_than`; return counts.
+
+    Dead letters still `new` are never deleted: somebody has yet to look at them.
+    """
+    resolved_at = func.coalesce(dl.c.purged_at, dl.c.replayed_at)
+    async with engine.begin() as connection:
+        deleted = (
+            await connection.execute(
+                delete(dl).where(dl.c.status.in_((REPLAYED, PURGED)), resolved_at < older_than).returning(dl.c.status)
+            )
+        ).scalars().all()
+    return {REPLAYED: deleted.count(REPLAYED), PURGED: deleted.count(PURGED)}
 
 
 async def open_counts(connection: AsyncConnection) -> dict[str, int]:

@@ -336,3 +336,33 @@ async def test_purge_marks_only_what_its_filter_names(
     replay = (await compensa(env, "dlq", "replay", "--status", "purged", "--json")).json()
     assert (replay["replayed"], replay["skipped"]) == (0, 2)
     assert (await compensa(env, "dlq", "list", "--status", "new", "--json")).json()["total"] == 2
+
+
+async def test_prune_deletes_only_dead_letters_dealt_with_before_the_cutoff(
+    engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel, archive: DeadLetterArchive,
+    env: dict[str, str],
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from infra.dlq.tables import dead_letters
+
+    for name in ("old-replayed", "old-purged", "new-purged", "old-new"):
+        await publish_dead_letter(amqp_channel, STOCK_COMMANDS, reservation(name), reason_class="contract")
+    await eventually(lambda: archive.archived == 4, timeout=10)
+    long_ago = SystemClock().now() - timedelta(days=40)
+    async with engine.begin() as connection:
+        dl = dead_letters
+        await connection.execute(update(dl).where(dl.c.saga_id == "old-replayed").values(status="replayed", replayed_at=long_ago))
+        await connection.execute(update(dl).where(dl.c.saga_id == "old-purged").values(status="purged", purged_at=long_ago))
+        await connection.execute(update(dl).where(dl.c.saga_id == "new-purged").values(status="purged", purged_at=SystemClock().now()))
+        # Never dealt with, however old: stays.
+        await connection.execute(update(dl).where(dl.c.saga_id == "old-new").values(archived_at=long_ago))
+
+    assert_one_line_error(await compensa(env, "dlq", "prune", "--older-than", "30d"), "confirm with --yes")
+    assert_one_line_error(await compensa(env, "dlq", "prune", "--older-than", "soon", "--yes"), "--older-than", "bad duration")
+    run = await compensa(env, "dlq", "prune", "--older-than", "30d", "--yes", "--json")
+    assert run.returncode == 0, run.stderr
+    assert run.json()["deleted"] == {"replayed": 1, "purged": 1}
+    assert sorted(r.saga_id for r in await archived(engine)) == ["new-purged", "old-new"]
