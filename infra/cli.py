@@ -594,11 +594,13 @@ async def bench_saga(
     if not peer:
         return
     try:
+        import dbos  # noqa: F401 - only to know whether the peer can run
+
         from infra.peer_dbos import dbos_saga_rate
     except ImportError:
         err.print("DBOS peer skipped: DBOS is not installed (pip install 'compensa[bench]')", highlight=False, markup=False)
         return
-    console.print("DBOS peer, the same saga as a workflow (6 checkpointed transactions, no broker):", highlight=False)
+    console.print("DBOS peer, the same saga as a workflow (5 checkpointed transactions, no broker):", highlight=False)
     async with bench.scratch_database(database_url) as scratch_url:
         for result in await dbos_saga_rate(scratch_url, inflight, seconds):
             level = int(result["inflight"])
@@ -628,9 +630,15 @@ def bench_simulate(
         except ValueError as exc:
             err.print(f"real-stack rate skipped: {exc}", highlight=False, markup=False)
         else:
-            real = asyncio.run(bench.real_stack_rate(database_url, amqp_url, real_sagas, faults))
+            from infra.realstack import RealStackError
+
+            try:
+                real = asyncio.run(bench.real_stack_rate(database_url, amqp_url, real_sagas, faults))
+            except RealStackError as exc:
+                err.print(f"real-stack rate skipped: {exc}", highlight=False, markup=False)
+        if real is not None:
             console.print(
-                f"real stack, {real_sagas:,} sagas ({faults}, faults it can inject): {real['wall_s']:.1f} s wall, "
+                f"real stack, {real_sagas:,} sagas ({faults}, faults it can inject): {real['wall_s']:.1f} s from first order to last saga settled, "
                 f"{real['sagas_per_s']:.1f} sagas/s, outcomes {real['outcomes']}, "
                 f"invariants {'hold' if real['invariants_ok'] else 'VIOLATED'}",
                 highlight=False,

@@ -51,8 +51,9 @@ class DirectTransaction:
 
 
 class DirectConnection:
-    def __init__(self, sync_connection: Connection) -> None:
+    def __init__(self, sync_connection: Connection, on_close: Callable[[], None]) -> None:
         self.sync_connection = sync_connection
+        self._on_close = on_close
 
     @property
     def dialect(self) -> Any:
@@ -83,7 +84,9 @@ class DirectConnection:
         self.sync_connection.rollback()
 
     async def close(self) -> None:
-        self.sync_connection.close()
+        if not self.sync_connection.closed:
+            self.sync_connection.close()
+            self._on_close()
 
     async def __aenter__(self) -> DirectConnection:
         return self
@@ -95,8 +98,8 @@ class DirectConnection:
 class _Connecting:
     """`await engine.connect()` or `async with engine.connect() as connection:`."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._connection = DirectConnection(engine.connect())
+    def __init__(self, engine: DirectEngine) -> None:
+        self._connection = engine.checkout()
 
     def __await__(self) -> Generator[Any, None, DirectConnection]:
         return self._connected().__await__()
@@ -114,13 +117,17 @@ class _Connecting:
 class _Beginning:
     """`async with engine.begin() as connection:` commits on success, rolls back on error."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: DirectEngine) -> None:
         self._engine = engine
         self._connection: DirectConnection | None = None
 
     async def __aenter__(self) -> DirectConnection:
-        self._connection = DirectConnection(self._engine.connect())
-        self._connection.sync_connection.begin()
+        self._connection = self._engine.checkout()
+        try:
+            self._connection.sync_connection.begin()
+        except BaseException:
+            await self._connection.close()
+            raise
         return self._connection
 
     async def __aexit__(self, exc_type: object, *_: object) -> None:
@@ -133,7 +140,7 @@ class _Beginning:
                 else:
                     connection.rollback()
         finally:
-            connection.close()
+            await self._connection.close()
 
 
 class DirectEngine:
@@ -141,6 +148,19 @@ class DirectEngine:
 
     def __init__(self, sync_engine: Engine) -> None:
         self.sync_engine = sync_engine
+        self._checked_out = False
+
+    def checkout(self) -> DirectConnection:
+        # Every connection shares one sqlite3 connection (StaticPool): a second one
+        # opened inside a unit of work would end that unit's transaction under it.
+        if self._checked_out:
+            raise RuntimeError("the simulator's SQLite engine serves one connection at a time; close the open one first")
+        connection = DirectConnection(self.sync_engine.connect(), self._checked_in)
+        self._checked_out = True
+        return connection
+
+    def _checked_in(self) -> None:
+        self._checked_out = False
 
     @property
     def dialect(self) -> Any:
@@ -151,10 +171,10 @@ class DirectEngine:
         return self.sync_engine.url
 
     def connect(self) -> _Connecting:
-        return _Connecting(self.sync_engine)
+        return _Connecting(self)
 
     def begin(self) -> _Beginning:
-        return _Beginning(self.sync_engine)
+        return _Beginning(self)
 
     async def dispose(self) -> None:
         self.sync_engine.dispose()

@@ -62,11 +62,12 @@ class CuttableLink:
     async def cut(self) -> None:
         assert self._server is not None
         self._server.close()
-        await self._server.wait_closed()
-        self._server = None
+        # Open connections first: from Python 3.12 on, wait_closed() waits for them.
         for writer in list(self._writers):
             writer.close()
         self._writers.clear()
+        await self._server.wait_closed()
+        self._server = None
 
     async def restore(self) -> None:
         await self.start()
@@ -76,12 +77,18 @@ class CuttableLink:
             await self.cut()
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._writers.add(client_writer)
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:
             client_writer.close()
+            self._writers.discard(client_writer)
             return
-        self._writers.update((client_writer, server_writer))
+        if self._server is None:  # cut while connecting
+            client_writer.close()
+            server_writer.close()
+            return
+        self._writers.add(server_writer)
 
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:

@@ -63,3 +63,13 @@ async def test_a_transaction_takes_the_write_lock_at_begin(engine, tmp_path: Pat
                 other.execute("BEGIN IMMEDIATE")
         finally:
             other.close()
+
+
+async def test_a_second_connection_while_one_is_open_is_refused(engine) -> None:  # type: ignore[no-untyped-def]
+    # Both would share one sqlite3 connection: the second would end the first's transaction.
+    async with engine.begin() as connection:
+        await connection.execute(insert(notes).values(text="kept"))
+        with pytest.raises(RuntimeError, match="one connection at a time"):
+            await engine.connect()
+    async with engine.connect() as connection:  # free again once closed
+        assert (await connection.execute(select(func.count()).select_from(notes))).scalar_one() == 1
