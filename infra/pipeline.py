@@ -82,6 +82,8 @@ class MessageProcessor:
         self.uow_factory = uow_factory
         self.processed = 0
         self.duplicates = 0
+        #: Batches rolled back and replayed one message at a time (a failure, a deadlock).
+        self.batch_splits = 0
 
     async def __call__(self, delivery: Delivery, decoded: Message[Any] | None = None) -> None:
         """Process one delivery in its own transaction (`decoded` if the caller decoded it)."""
@@ -181,6 +183,7 @@ class MessageProcessor:
                     outcomes.append(await self._apply(uow, delivery, message))
                 await uow.commit()
         except Exception as exc:  # noqa: BLE001 - every message is retried alone, where it is classified
+            self.batch_splits += 1
             log.info("batch.split", size=len(decoded), error=repr(exc))
             for delivery, message in decoded:
                 await self(delivery, message)
