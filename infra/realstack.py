@@ -33,7 +33,7 @@ from contracts import CompensaError, TransientError
 from infra import topology as t
 from infra.clock import SystemClock
 from infra.db import create_engine
-from infra.pipeline import Handler, MessageProcessor
+from infra.pipeline import BatchingConsumer, Handler, MessageProcessor
 from infra.schema import upgrade
 from infra.services import OUTBOX_SERVICES, SERVICES, Runtime
 from infra.settings import Settings
@@ -151,8 +151,10 @@ class FaultyTransport:
         return handle
 
     async def consume(self, queue: QueueSpec, handler: DeliveryHandler, prefetch: int) -> Subscription:
-        if isinstance(handler, MessageProcessor) and handler.service in FAULTY_SERVICES:
-            handler.handlers = {k: self._faulty(v) for k, v in handler.handlers.items()}
+        # The runtime hands either a processor or a batching consumer around one.
+        processor = handler.processor if isinstance(handler, BatchingConsumer) else handler
+        if isinstance(processor, MessageProcessor) and processor.service in FAULTY_SERVICES:
+            processor.handlers = {k: self._faulty(v) for k, v in processor.handlers.items()}
         traffic = self.traffic
 
         async def counted(delivery: Delivery) -> None:

@@ -64,11 +64,11 @@ async def idle_queues(amqp_url: str) -> None:
 
 
 @pytest.mark.integration
-async def test_real_stack_smoke_with_duplicates_and_relay_crashes(
+async def test_real_stack_smoke_with_duplicates_relay_crashes_and_transient_errors(
     fresh_database: Callable[[], Awaitable[str]], amqp_url: str, idle_queues: None
 ) -> None:
     database_url = await fresh_database()
-    faults = FaultRates(duplicate=0.2, relay_crash=0.2)
+    faults = FaultRates(duplicate=0.2, relay_crash=0.2, transient_error=0.2)
 
     result = await run_real_stack(1, WorkloadSpec(sagas=SAGAS), amqp_url=amqp_url, database_url=database_url, faults=faults, timeout=90)
 
@@ -78,6 +78,8 @@ async def test_real_stack_smoke_with_duplicates_and_relay_crashes(
     assert sum(result.outcomes.values()) == SAGAS, summary
     assert set(result.outcomes) <= {"completed", "cancelled", "rejected"}
     assert result.faults_injected["duplicate"] > 0 and result.faults_injected["relay_crash"] > 0
+    # Injected into the participants' handlers behind the batching consumer, and retried.
+    assert result.faults_injected["transient_error"] > 0 and result.counters["retried"] > 0
     assert result.counters["duplicates_skipped"] > 0
     assert document["stack"] == "real"
     assert document["stack_details"]["quiet_before_timeout"] is True
