@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,6 +47,15 @@ def fail(message: str) -> None:
     from infra.cli import CliError
 
     raise CliError(message)
+
+
+def _confirm(action: str, *, declined: str) -> None:
+    """Ask on a terminal before `action`; without one, refuse and name --yes."""
+    if not sys.stdin.isatty():
+        fail(f"would {action}; confirm with --yes")
+    if not typer.confirm(f"{action}?", default=False, err=True):
+        err.print(declined)
+        raise typer.Exit(1)
 
 
 def _print_json(value: Any) -> None:
@@ -499,11 +508,7 @@ async def dlq_purge(
     async with _database() as engine:
         selected = await _selection(engine, parsed, where)
         if selected and not yes:
-            if not sys.stdin.isatty():
-                fail(f"would purge {len(selected)} dead letters ({where.describe()}); confirm with --yes")
-            if not typer.confirm(f"purge {len(selected)} dead letters ({where.describe()})?", default=False, err=True):
-                err.print("nothing purged")
-                raise typer.Exit(1)
+            _confirm(f"purge {len(selected)} dead letters ({where.describe()})", declined="nothing purged")
         purged = await purge(engine, DeadLetterFilter(ids=tuple(selected)), SystemClock().now()) if selected else 0
     if as_json:
         _print_json({"purged": purged, "ids": selected})
@@ -524,11 +529,7 @@ async def dlq_prune(
 
     cutoff = SystemClock().now() - parse_duration(older_than, "--older-than")
     if not yes:
-        if not sys.stdin.isatty():
-            fail(f"would delete replayed and purged dead letters dealt with before {cutoff:%Y-%m-%d %H:%M} UTC; confirm with --yes")
-        if not typer.confirm(f"delete replayed and purged dead letters dealt with before {cutoff:%Y-%m-%d %H:%M} UTC?", default=False, err=True):
-            err.print("nothing deleted")
-            raise typer.Exit(1)
+        _confirm(f"delete replayed and purged dead letters dealt with before {cutoff:%Y-%m-%d %H:%M} UTC", declined="nothing deleted")
     async with _database() as engine:
         deleted = await prune(engine, cutoff)
     if as_json:
@@ -550,29 +551,13 @@ async def saga_retry(
     as_json: JsonOpt = False,
 ) -> None:
     """Resend the pending compensations of a compensation_failed saga, with a fresh budget."""
-    from contracts import BusinessRuleError
-    from infra.clock import SystemClock
-    from infra.services import orchestrator_for
-    from infra.settings import get_settings
-    from outbox.uow import UnitOfWork
-
-    orchestrator = orchestrator_for(get_settings())
-    async with _database() as engine:
-        async with UnitOfWork(engine, "saga", SystemClock()) as uow:
-            try:
-                transition = await orchestrator.retry_compensation(uow, saga_id)
-            except BusinessRuleError as exc:
-                fail(f"{exc}; `compensa saga list --status compensation_failed` shows the sagas to retry")
-            await uow.commit()
-    sent = [payload.message_type for payload in transition.outgoing]
-    result = {"saga_id": saga_id, "status": transition.state.status.value, "trigger": transition.trigger, "note": transition.note, "sent": sent}
-    if as_json:
-        _print_json(result)
-        return
-    console.print(
-        f"saga {saga_id}: compensation_failed → {result['status']}; "
-        + (f"resent {', '.join(sent)} (a running relay delivers them)" if sent else transition.note),
-        highlight=False,
+    await _saga_action(
+        saga_id,
+        lambda orchestrator, uow: orchestrator.retry_compensation(uow, saga_id),
+        hint="`compensa saga list --status compensation_failed` shows the sagas to retry",
+        was="compensation_failed",
+        sent_verb="resent",
+        as_json=as_json,
     )
 
 
@@ -584,23 +569,43 @@ async def saga_cancel(
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel a running saga: compensate what it did (release stock, refund), then cancel the order."""
+    if not reason.strip():
+        raise typer.BadParameter("give a reason; it is recorded in the history", param_hint="--reason")
+    if not yes:
+        _confirm(f"cancel saga {saga_id} and compensate what it did", declined="nothing cancelled")
+    await _saga_action(
+        saga_id,
+        lambda orchestrator, uow: orchestrator.cancel(uow, saga_id, reason.strip()),
+        hint=f"`compensa saga show {saga_id}` shows where it is",
+        was="running",
+        sent_verb="sent",
+        as_json=as_json,
+    )
+
+
+async def _saga_action(
+    saga_id: str,
+    action: Callable[[Any, Any], Awaitable[Any]],
+    *,
+    hint: str,
+    was: str,
+    sent_verb: str,
+    as_json: bool,
+) -> None:
+    """Apply an operator action through the orchestrator in one unit of work, and report it."""
     from contracts import BusinessRuleError
     from infra.clock import SystemClock
     from infra.services import orchestrator_for
     from infra.settings import get_settings
     from outbox.uow import UnitOfWork
 
-    if not reason.strip():
-        raise typer.BadParameter("give a reason; it is recorded in the history", param_hint="--reason")
-    if not yes and not typer.confirm(f"cancel saga {saga_id} and compensate what it did?", err=True):
-        fail("nothing cancelled")
     orchestrator = orchestrator_for(get_settings())
     async with _database() as engine:
         async with UnitOfWork(engine, "saga", SystemClock()) as uow:
             try:
-                transition = await orchestrator.cancel(uow, saga_id, reason.strip())
+                transition = await action(orchestrator, uow)
             except BusinessRuleError as exc:
-                fail(f"{exc}; `compensa saga show {saga_id}` shows where it is")
+                fail(f"{exc}; {hint}")
             await uow.commit()
     sent = [payload.message_type for payload in transition.outgoing]
     result = {"saga_id": saga_id, "status": transition.state.status.value, "trigger": transition.trigger, "note": transition.note, "sent": sent}
@@ -608,8 +613,8 @@ async def saga_cancel(
         _print_json(result)
         return
     console.print(
-        f"saga {saga_id}: running → {result['status']}; "
-        + (f"sent {', '.join(sent)} (a running relay delivers them)" if sent else transition.note),
+        f"saga {saga_id}: {was} → {result['status']}; "
+        + (f"{sent_verb} {', '.join(sent)} (a running relay delivers them)" if sent else transition.note),
         highlight=False,
     )
 
