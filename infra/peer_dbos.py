@@ -34,6 +34,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from consumers.payments.gateway import Authorization, RuleBasedGateway
 from contracts import Money
+from infra.bench import _pct  # the same percentile as compensa's side of the bench
 
 SKUS = [f"PEER-{i}" for i in range(20)]
 
@@ -221,14 +222,10 @@ async def _closed_loop(order_saga: Any, inflight: int, seconds: float) -> dict[s
     await asyncio.gather(*(client(n) for n in range(inflight)))
     elapsed = time.perf_counter() - started
     latencies.sort()
-
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(round(q / 100 * (len(latencies) - 1))))] if latencies else float("nan")
-
     return {
         "inflight": inflight,
         "completed": outcomes.get("completed", 0),
         "sagas_per_s": len(latencies) / elapsed,
-        "p50_ms": pct(50),
-        "p99_ms": pct(99),
+        "p50_ms": _pct(latencies, 50),
+        "p99_ms": _pct(latencies, 99),
     }
