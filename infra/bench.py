@@ -11,8 +11,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -22,7 +21,7 @@ from contracts import new_message
 from contracts.messages import LedgerUpdated, OrderLine, Posting
 from infra import topology as t
 from infra.clock import SystemClock
-from infra.db import create_engine
+from infra.db import create_engine, scratch_database
 from infra.pipeline import BatchingConsumer, MessageProcessor
 from infra.schema import upgrade
 from infra.settings import Settings
@@ -504,27 +503,6 @@ async def real_stack_rate(database_url: str, amqp_url: str, sagas: int, faults: 
         "invariants_ok": float(result.ok),
         "outcomes": result.outcomes,  # type: ignore[dict-item]
     }
-
-
-@asynccontextmanager
-async def scratch_database(database_url: str) -> AsyncIterator[str]:
-    """An empty database on the same PostgreSQL server, dropped afterwards."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    url = make_url(database_url)
-    name = f"compensa_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'CREATE DATABASE "{name}"'))
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        try:
-            async with admin.connect() as connection:
-                await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            await admin.dispose()
 
 
 def environment_urls() -> tuple[str, str]:

@@ -601,7 +601,9 @@ async def bench_saga(
         err.print("DBOS peer skipped: DBOS is not installed (pip install 'compensa[bench]')", highlight=False, markup=False)
         return
     console.print("DBOS peer, the same saga as a workflow (5 checkpointed transactions, no broker):", highlight=False)
-    async with bench.scratch_database(database_url) as scratch_url:
+    from infra.db import scratch_database
+
+    async with scratch_database(database_url) as scratch_url:
         for result in await dbos_saga_rate(scratch_url, inflight, seconds):
             level = int(result["inflight"])
             console.print(

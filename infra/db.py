@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -17,24 +20,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-            # Let SQLAlchemy, not the driver, decide when a transaction begins.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin_immediate(connection):  # type: ignore[no-untyped-def]
-            # Take the write lock at BEGIN: reads inside a unit of work then see the
-            # rows they will write, and SQLite has exactly one writer at a time.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
+        configure_sqlite(engine.sync_engine, synchronous="NORMAL")
         return engine
     if parsed.get_backend_name() == "postgresql":
         return create_async_engine(
@@ -44,6 +30,48 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
         "use sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db"
     )
+
+
+def configure_sqlite(sync_engine: Engine, *, synchronous: str) -> None:
+    """WAL, foreign keys, a busy timeout, and the write lock taken at BEGIN, on every connection."""
+
+    @event.listens_for(sync_engine, "connect")
+    def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy, not the driver, decide when a transaction begins.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin_immediate(connection):  # type: ignore[no-untyped-def]
+        # Take the write lock at BEGIN: reads inside a unit of work then see the
+        # rows they will write, and SQLite has exactly one writer at a time.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@asynccontextmanager
+async def scratch_database(server_url: str, prefix: str = "compensa_scratch") -> AsyncIterator[str]:
+    """An empty database on the same PostgreSQL server, dropped afterwards; yields its URL.
+
+    `server_url` names any database the role can connect to; the new one sits beside it.
+    """
+    url = make_url(server_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}".lower()
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        try:
+            async with admin.connect() as connection:
+                await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            await admin.dispose()
 
 
 def is_postgres(engine: AsyncEngine) -> bool:

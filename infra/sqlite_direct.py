@@ -20,9 +20,11 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Result, event
+from sqlalchemy import Connection, Engine, Result
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.pool import StaticPool
+
+from infra.db import configure_sqlite
 
 
 class DirectTransaction:
@@ -186,20 +188,6 @@ def create_direct_sqlite_engine(path: str) -> DirectEngine:
     # One connection, reused: there is only ever one caller.
     engine = create_sync_engine(f"sqlite:///{path}", poolclass=StaticPool)
 
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-        # Let SQLAlchemy, not the driver, decide when a transaction begins.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # A throwaway file: no need to wait for the disk.
-        cursor.execute("PRAGMA synchronous=OFF")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection):  # type: ignore[no-untyped-def]
-        # As on the production SQLite engine: take the write lock at BEGIN.
-        connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
-
+    # A throwaway file: no need to wait for the disk.
+    configure_sqlite(engine, synchronous="OFF")
     return DirectEngine(engine)

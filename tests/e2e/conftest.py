@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,11 @@ from typing import Any
 import aio_pika
 import pytest
 import structlog
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from infra import topology as t
 from infra.clock import SystemClock
-from infra.db import create_engine
+from infra.db import create_engine, scratch_database
 from infra.logging import configure_logging
 from infra.schema import upgrade
 from infra.services import SERVICES, Runtime
@@ -115,32 +112,25 @@ def _quiet_logs() -> Iterator[None]:
 async def stack(database_url: str, amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     """A fresh migrated database for the module, and every compensa queue emptied."""
     module = request.module.__name__.rsplit(".", 1)[-1]
-    name = f"e2e_{module}_{uuid.uuid4().hex[:8]}".lower()
-    admin = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as connection:
-        await connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url)
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        await upgrade(engine)
-        channel = await connection.channel()
-        stack = Stack(url, amqp_url, engine, channel)
-        transport = await transport_from_settings(stack.settings())
+    async with scratch_database(database_url, f"e2e_{module}") as url:
+        engine = create_engine(url)
+        connection = await aio_pika.connect(amqp_url)
         try:
-            await transport.declare_topology()
+            await upgrade(engine)
+            channel = await connection.channel()
+            stack = Stack(url, amqp_url, engine, channel)
+            transport = await transport_from_settings(stack.settings())
+            try:
+                await transport.declare_topology()
+            finally:
+                await transport.close()
+            for queue_name in all_queue_names(stack.settings()):
+                queue = await channel.get_queue(queue_name, ensure=True)
+                await queue.purge()
+            yield stack
         finally:
-            await transport.close()
-        for queue_name in all_queue_names(stack.settings()):
-            queue = await channel.get_queue(queue_name, ensure=True)
-            await queue.purge()
-        yield stack
-    finally:
-        await connection.close()
-        await engine.dispose()
-        async with admin.connect() as c:
-            await c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
+            await connection.close()
+            await engine.dispose()
 
 
 StartServices = Callable[..., Awaitable[Runtime]]

@@ -11,18 +11,15 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aio_pika
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from infra.db import create_engine
+from infra.db import create_engine, scratch_database
 from infra.pipeline import RetryPolicy
 from infra.schema import upgrade
 from infra.telemetry import configure_tracing
@@ -47,22 +44,13 @@ def retry_policy() -> RetryPolicy:
 async def pg_engine(database_url: str, request: pytest.FixtureRequest) -> AsyncIterator[AsyncEngine]:
     """A database of the module's own on the harness's server, with every migration applied."""
     module = request.module.__name__.rsplit(".", 1)[-1]
-    name = f"it_{module}_{uuid.uuid4().hex[:8]}".lower()
-    admin = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'CREATE DATABASE "{name}"'))
-        url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    async with scratch_database(database_url, f"it_{module}") as url:
         engine = create_engine(url)
         try:
             await upgrade(engine)
             yield engine
         finally:
             await engine.dispose()
-            async with admin.connect() as connection:
-                await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
 
 
 async def purge_stock_queues(transport: RabbitTransport) -> None:

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from infra import bench
+from infra.db import scratch_database
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ async def test_saga_benchmark_completes_sagas_in_process(pg_engine: AsyncEngine,
 async def test_dbos_peer_runs_the_saga_on_a_scratch_database(pg_engine: AsyncEngine) -> None:
     from infra.peer_dbos import dbos_saga_rate
 
-    async with bench.scratch_database(url_of(pg_engine)) as scratch_url:
+    async with scratch_database(url_of(pg_engine)) as scratch_url:
         [result] = await dbos_saga_rate(scratch_url, [2], 2.0)
     assert result["inflight"] == 2 and result["completed"] >= 2 and result["p50_ms"] > 0
 

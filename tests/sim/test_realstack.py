@@ -10,16 +10,20 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from infra.realstack import RUN_QUEUES, RealStackError, real_stack_faults, real_stack_transport, run_real_stack
+from infra.db import scratch_database
+from infra.realstack import (
+    RUN_QUEUES,
+    RealStackError,
+    real_stack_faults,
+    real_stack_transport,
+    run_real_stack,
+)
 from sagas.simulation.faults import FaultRates, profile
 from sagas.simulation.report import terminal_summary, to_document
 from sagas.simulation.workload import WorkloadSpec
@@ -30,23 +34,12 @@ SAGAS = 10
 @pytest.fixture
 async def fresh_database(database_url: str) -> AsyncIterator[Callable[[], Awaitable[str]]]:
     """``await fresh_database()`` creates an empty database; all are dropped afterwards."""
-    admin = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
-    created: list[str] = []
+    async with AsyncExitStack() as databases:
 
-    async def create() -> str:
-        name = f"realstack_{uuid.uuid4().hex[:8]}"
-        async with admin.connect() as connection:
-            await connection.execute(text(f'CREATE DATABASE "{name}"'))
-        created.append(name)
-        return make_url(database_url).set(database=name).render_as_string(hide_password=False)
+        async def create() -> str:
+            return await databases.enter_async_context(scratch_database(database_url, "realstack"))
 
-    try:
         yield create
-    finally:
-        async with admin.connect() as connection:
-            for name in created:
-                await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
 
 
 @pytest.fixture
