@@ -32,8 +32,11 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     )
 
 
-def configure_sqlite(sync_engine: Engine, *, synchronous: str) -> None:
-    """WAL, foreign keys, a busy timeout, and the write lock taken at BEGIN, on every connection."""
+def configure_sqlite(sync_engine: Engine, *, synchronous: str, begin_immediate: bool = True) -> None:
+    """WAL, foreign keys, a busy timeout, and the write lock taken at BEGIN, on every connection.
+
+    `begin_immediate=False` leaves BEGIN to the caller (the simulator's engine issues it).
+    """
 
     @event.listens_for(sync_engine, "connect")
     def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -45,6 +48,9 @@ def configure_sqlite(sync_engine: Engine, *, synchronous: str) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+
+    if not begin_immediate:
+        return
 
     @event.listens_for(sync_engine, "begin")
     def _begin_immediate(connection):  # type: ignore[no-untyped-def]

@@ -43,3 +43,22 @@ def test_document_keeps_wall_time_apart(first: SimulationResult) -> None:
     assert set(full) - set(without_wall(full)) == {"wall"}
     assert full["wall"]["seconds"] > 0
     assert full["stack"] == "simulated"
+
+
+def test_statement_runner_changes_nothing_but_speed(first: SimulationResult, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator's direct statement runner and SQLAlchemy's own path give the same run."""
+    import infra.simulate
+    from infra.sqlite_direct import create_direct_sqlite_engine
+
+    engines = []
+
+    def engine_without_runner(path: str):  # type: ignore[no-untyped-def]
+        engine = create_direct_sqlite_engine(path, statement_runner=False)
+        engines.append(engine)
+        return engine
+
+    monkeypatch.setattr(infra.simulate, "create_direct_sqlite_engine", engine_without_runner)
+    through_sqlalchemy = simulate(seed=11, sagas=SAGAS, faults=profile("chaos"))
+
+    assert engines and engines[0].runner is None
+    assert document(through_sqlalchemy) == document(first)

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 
 from infra.sqlite_direct import create_direct_sqlite_engine
 
@@ -73,3 +94,99 @@ async def test_a_second_connection_while_one_is_open_is_refused(engine) -> None:
             await engine.connect()
     async with engine.connect() as connection:  # free again once closed
         assert (await connection.execute(select(func.count()).select_from(notes))).scalar_one() == 1
+
+
+# --- the statement runner: the same answers as SQLAlchemy's own path -------------------
+
+typed = Table(
+    "typed",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String, nullable=False, unique=True),
+    Column("at", DateTime(timezone=True)),
+    Column("amount", Numeric(12, 2)),
+    Column("flag", Boolean),
+    Column("data", JSON),
+)
+
+ROWS = [
+    {"name": "a", "at": datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC), "amount": Decimal("12.34"), "flag": True, "data": {"k": [1, 2]}},
+    {"name": "b", "at": datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC), "amount": Decimal("0.10"), "flag": False, "data": None},
+    {"name": "c", "at": None, "amount": None, "flag": None, "data": ["x"]},
+]
+
+pick = select(typed).where(typed.c.name.in_(bindparam("names", expanding=True))).order_by(typed.c.id)
+rename = update(typed).where(typed.c.name == bindparam("old")).values(name=bindparam("new"))
+
+
+async def run_statements(engine) -> list[object]:  # type: ignore[no-untyped-def]
+    """Every statement shape compensa runs, with what each one answers."""
+    answers: list[object] = []
+    async with engine.begin() as connection:
+        answers.append((await connection.execute(insert(typed), ROWS)).rowcount)
+        answers.append((await connection.execute(sqlite_insert(typed).on_conflict_do_nothing(), {"name": "a"})).rowcount)
+        answers.append([tuple(row) for row in await connection.execute(pick, {"names": ["c", "a"]})])
+        answers.append([row._asdict() for row in (await connection.execute(select(typed).where(typed.c.flag.is_(True)))).all()])
+        answers.append((await connection.execute(rename, [{"old": "a", "new": "a2"}, {"old": "zz", "new": "z"}])).rowcount)
+        answers.append((await connection.execute(select(func.count(), func.min(typed.c.at)).select_from(typed))).one())
+        answers.append((await connection.execute(update(typed).where(typed.c.name == "b").values(amount=typed.c.amount + Decimal("1.00")).returning(typed.c.amount))).scalar_one())
+        answers.append(list((await connection.execute(select(typed.c.name).order_by(typed.c.name))).scalars()))
+        answers.append((await connection.execute(delete(typed).where(typed.c.name.in_(["b", "c"])))).rowcount)
+        answers.append(await connection.scalar(select(typed.c.data).where(typed.c.name == "a2")))
+        answers.append([tuple(row) for row in await connection.execute(text("SELECT name, amount FROM typed"))])
+    return answers
+
+
+async def test_the_statement_runner_answers_like_sqlalchemy(tmp_path: Path) -> None:
+    results = []
+    for runner in (True, False):
+        engine = create_direct_sqlite_engine(str(tmp_path / f"runner-{runner}.db"), statement_runner=runner)
+        async with engine.begin() as connection:
+            await connection.run_sync(metadata.create_all)
+        results.append(await run_statements(engine))
+        if runner:
+            # It really ran them (only the Python-side-default-free shapes exist here).
+            assert engine.runner is not None and engine.runner.fast >= 10 and engine.runner.fallbacks == 0
+        await engine.dispose()
+    fast, through_sqlalchemy = results
+    assert fast == through_sqlalchemy
+    assert fast[2][0][2] == datetime(2026, 1, 2, 3, 4, 5, 600000)  # typed values, not strings
+    assert fast[6] == Decimal("1.10")
+
+
+async def test_a_failing_statement_raises_sqlalchemys_error_and_rolls_back(engine) -> None:  # type: ignore[no-untyped-def]
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    with pytest.raises(IntegrityError):  # the pipeline retries these: the class matters
+        async with engine.begin() as connection:
+            await connection.execute(insert(notes).values(text="lost"))
+            await connection.execute(insert(notes), {"id": 1, "text": None})
+    assert await count(engine) == 0
+
+
+async def test_a_statement_outside_a_transaction_opens_one_and_close_rolls_it_back(engine) -> None:  # type: ignore[no-untyped-def]
+    async with engine.connect() as connection:
+        await connection.execute(insert(notes).values(text="never committed"))
+        assert connection.in_transaction()
+    assert await count(engine) == 0
+    async with engine.connect() as connection:
+        await connection.execute(insert(notes).values(text="committed"))
+        await connection.commit()
+    assert await count(engine) == 1
+
+
+async def test_statements_sqlalchemy_runs_itself_share_the_transaction(engine) -> None:  # type: ignore[no-untyped-def]
+    # exec_driver_sql and run_sync take SQLAlchemy's path; commit and rollback must
+    # still end the one transaction SQLite has.
+    async with engine.begin() as connection:
+        await connection.execute(insert(notes).values(text="runner"))
+        await connection.exec_driver_sql("INSERT INTO notes (text) VALUES ('driver sql')")
+    with pytest.raises(RuntimeError):
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("INSERT INTO notes (text) VALUES ('rolled back')")
+            await connection.execute(insert(notes).values(text="rolled back too"))
+            raise RuntimeError
+    assert await count(engine) == 2
+    async with engine.begin() as connection:  # no transaction left over in either layer
+        await connection.execute(insert(notes).values(text="third"))
+    assert await count(engine) == 3
