@@ -74,6 +74,8 @@ class StatementRunner:
     def __init__(self, engine: Engine) -> None:
         self.dialect = engine.dialect
         self._compiled_cache: dict[Any, Any] = {}
+        #: (id(statement), parameter keys, executemany) -> (statement, its compiled form).
+        self._compiled_statements: dict[tuple[int, tuple[str, ...], bool], tuple[Any, tuple[Any, Any, Any]]] = {}
         #: id(compiled) -> (compiled, its plan or None when SQLAlchemy must run it).
         self._plans: dict[int, tuple[Any, _Plan | None]] = {}
         self._metadata: dict[tuple[str, ...], SimpleResultMetaData] = {}
@@ -90,14 +92,7 @@ class StatementRunner:
             return None
         first = parameters[0] if many else (parameters or {})
         for_executemany = many and len(parameters) > 1
-        compiled, extracted, collected, _ = statement._compile_w_cache(
-            dialect=self.dialect,
-            compiled_cache=self._compiled_cache,
-            column_keys=sorted(first),
-            for_executemany=for_executemany,
-            schema_translate_map=None,
-            linting=self._linting,
-        )
+        compiled, extracted, collected = self._compile(statement, tuple(sorted(first)), for_executemany)
         plan = self._plan(compiled)
         if plan is None or (plan.expanding and for_executemany):
             self.fallbacks += 1
@@ -143,6 +138,29 @@ class StatementRunner:
             keys = tuple(column[0] for column in description)
             return _RowsResult(self._metadata_for(keys), raw_rows, rowcount)
         return _RowsResult(self._metadata_for(plan.keys), self._processed(plan, raw_rows), rowcount)
+
+    def _compile(self, statement: Any, keys: tuple[str, ...], for_executemany: bool) -> tuple[Any, Any, Any]:
+        """SQLAlchemy's cached compile, remembered per statement object.
+
+        Statements are immutable and compensa builds its frequent ones once, so the
+        cache key SQLAlchemy would derive again on every call is derived once per object.
+        """
+        memo_key = (id(statement), keys, for_executemany)
+        known = self._compiled_statements.get(memo_key)
+        if known is not None and known[0] is statement:
+            return known[1]
+        compiled, extracted, collected, _ = statement._compile_w_cache(
+            dialect=self.dialect,
+            compiled_cache=self._compiled_cache,
+            column_keys=list(keys),
+            for_executemany=for_executemany,
+            schema_translate_map=None,
+            linting=self._linting,
+        )
+        if len(self._compiled_statements) > _MAX_PLANS:
+            self._compiled_statements.clear()
+        self._compiled_statements[memo_key] = (statement, (compiled, extracted, collected))
+        return compiled, extracted, collected
 
     def _plan(self, compiled: Any) -> _Plan | None:
         known = self._plans.get(id(compiled))
