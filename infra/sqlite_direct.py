@@ -46,7 +46,7 @@ _MAX_PLANS = 2000
 class _Plan:
     """What running one compiled statement needs, worked out once per compiled form."""
 
-    __slots__ = ("compiled", "positions", "processors", "keys", "result_processors", "expanding")
+    __slots__ = ("compiled", "positions", "processors", "names", "keys", "result_processors", "expanding", "plain")
 
     def __init__(self, compiled: Any, dialect: Any) -> None:
         self.compiled = compiled
@@ -55,6 +55,14 @@ class _Plan:
         self.processors = tuple(bind_processors.get(name) for name in self.positions)
         #: Expanding IN parameters: the SQL and positions depend on the values.
         self.expanding = bool(compiled.post_compile_params)
+        #: Every bind is named by its own key: when the caller gives them all, its
+        #: dict is the statement's parameters as they are (what construct_params returns).
+        self.names = frozenset(self.positions)
+        self.plain = (
+            not self.expanding
+            and not compiled.escaped_bind_names
+            and all(compiled.binds[name].key == name for name in self.positions)
+        )
         columns = compiled._result_columns
         self.keys = tuple(column[0] for column in columns)
         self.result_processors = tuple(column[3]._cached_result_processor(dialect, None) for column in columns)
@@ -102,9 +110,12 @@ class StatementRunner:
         sql = compiled.string
         rows_of_parameters = []
         for group, given in enumerate(groups):
-            values = compiled.construct_params(
-                given, escape_names=False, _group_number=group, extracted_parameters=extracted, _collected_params=collected
-            )
+            if plan.plain and plan.names <= given.keys():
+                values = given
+            else:
+                values = compiled.construct_params(
+                    given, escape_names=False, _group_number=group, extracted_parameters=extracted, _collected_params=collected
+                )
             positions, processors = plan.positions, plan.processors
             if plan.expanding:
                 expanded = compiled._process_parameters_for_postcompile(values)
@@ -112,10 +123,10 @@ class StatementRunner:
                 all_processors = {**compiled._bind_processors, **expanded.processors}
                 processors = tuple(all_processors.get(name) for name in positions)
             rows_of_parameters.append(
-                tuple(
+                tuple([
                     values[name] if process is None else process(values[name])
                     for name, process in zip(positions, processors, strict=True)
-                )
+                ])
             )
         cursor = sqlite.cursor()
         try:
