@@ -46,15 +46,19 @@ _MAX_PLANS = 2000
 class _Plan:
     """What running one compiled statement needs, worked out once per compiled form."""
 
-    __slots__ = ("compiled", "positions", "processors", "names", "keys", "result_processors", "expanding", "plain")
+    __slots__ = (
+        "compiled", "positions", "processors", "names", "keys", "result_processors", "expanding", "plain", "expansions"
+    )
 
     def __init__(self, compiled: Any, dialect: Any) -> None:
         self.compiled = compiled
         self.positions = tuple(compiled.positiontup or ())
         bind_processors = compiled._bind_processors
         self.processors = tuple(bind_processors.get(name) for name in self.positions)
-        #: Expanding IN parameters: the SQL and positions depend on the values.
-        self.expanding = bool(compiled.post_compile_params)
+        #: Expanding IN parameters: the SQL and positions depend on how many values each has.
+        self.expanding = tuple(compiled.bind_names[bind] for bind in compiled.post_compile_params)
+        #: Value counts -> (SQL, positions, processors, element names per expanding parameter).
+        self.expansions: dict[tuple[int, ...], tuple[str, Any, Any, Any]] = {}
         #: Every bind is named by its own key: when the caller gives them all, its
         #: dict is the statement's parameters as they are (what construct_params returns).
         self.names = frozenset(self.positions)
@@ -118,10 +122,7 @@ class StatementRunner:
                 )
             positions, processors = plan.positions, plan.processors
             if plan.expanding:
-                expanded = compiled._process_parameters_for_postcompile(values)
-                sql, positions = expanded.statement, expanded.positiontup
-                all_processors = {**compiled._bind_processors, **expanded.processors}
-                processors = tuple(all_processors.get(name) for name in positions)
+                sql, positions, processors, values = self._expand(plan, values)
             rows_of_parameters.append(
                 tuple([
                     values[name] if process is None else process(values[name])
@@ -149,6 +150,31 @@ class StatementRunner:
             keys = tuple(column[0] for column in description)
             return _RowsResult(self._metadata_for(keys), raw_rows, rowcount)
         return _RowsResult(self._metadata_for(plan.keys), self._processed(plan, raw_rows), rowcount)
+
+    @staticmethod
+    def _expand(plan: _Plan, values: Any) -> tuple[str, Any, Any, Any]:
+        """The SQL, positions and values with each IN list spelled out, one bind per element.
+
+        SQLAlchemy renders the same SQL for the same number of elements: it is
+        rendered once per count, and later lists only fill in its element names.
+        """
+        shape = tuple(len(values[name]) for name in plan.expanding)
+        known = plan.expansions.get(shape)
+        if known is not None:
+            sql, positions, processors, element_names = known
+            values = dict(values)
+            for name in plan.expanding:
+                values.update(zip(element_names[name], values[name], strict=True))
+            return sql, positions, processors, values
+        compiled = plan.compiled
+        expanded = compiled._process_parameters_for_postcompile(values)
+        all_processors = {**compiled._bind_processors, **expanded.processors}
+        processors = tuple(all_processors.get(name) for name in expanded.positiontup)
+        element_names = expanded.parameter_expansion
+        # Tuples in an IN list expand to several binds each: rendered every time.
+        if all(len(element_names.get(name, ())) == count for name, count in zip(plan.expanding, shape, strict=True)):
+            plan.expansions[shape] = (expanded.statement, expanded.positiontup, processors, element_names)
+        return expanded.statement, expanded.positiontup, processors, expanded.parameters
 
     def _compile(self, statement: Any, keys: tuple[str, ...], for_executemany: bool) -> tuple[Any, Any, Any]:
         """SQLAlchemy's cached compile, remembered per statement object.

@@ -126,6 +126,9 @@ async def run_statements(engine) -> list[object]:  # type: ignore[no-untyped-def
         answers.append((await connection.execute(insert(typed), ROWS)).rowcount)
         answers.append((await connection.execute(sqlite_insert(typed).on_conflict_do_nothing(), {"name": "a"})).rowcount)
         answers.append([tuple(row) for row in await connection.execute(pick, {"names": ["c", "a"]})])
+        # IN lists of other lengths, then of a length seen before with other values.
+        for names in (["a"], ["b", "c"], [], ["b"], ["a", "b"], ["zz"]):
+            answers.append([row.name for row in await connection.execute(pick, {"names": names})])
         answers.append([row._asdict() for row in (await connection.execute(select(typed).where(typed.c.flag.is_(True)))).all()])
         answers.append((await connection.execute(rename, [{"old": "a", "new": "a2"}, {"old": "zz", "new": "z"}])).rowcount)
         answers.append((await connection.execute(select(func.count(), func.min(typed.c.at)).select_from(typed))).one())
@@ -150,8 +153,9 @@ async def test_the_statement_runner_answers_like_sqlalchemy(tmp_path: Path) -> N
         await engine.dispose()
     fast, through_sqlalchemy = results
     assert fast == through_sqlalchemy
+    assert fast[3:9] == [["a"], ["b", "c"], [], ["b"], ["a", "b"], []]
     assert fast[2][0][2] == datetime(2026, 1, 2, 3, 4, 5, 600000)  # typed values, not strings
-    assert fast[6] == Decimal("1.10")
+    assert fast[12] == Decimal("1.10")
 
 
 async def test_a_failing_statement_raises_sqlalchemys_error_and_rolls_back(engine) -> None:  # type: ignore[no-untyped-def]
