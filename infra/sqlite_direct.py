@@ -65,7 +65,7 @@ class _Plan:
         self.plain = (
             not self.expanding
             and not compiled.escaped_bind_names
-            and all(compiled.binds[name].key == name for name in self.positions)
+            and all(getattr(compiled.binds.get(name), "key", None) == name for name in self.positions)
         )
         columns = compiled._result_columns
         self.keys = tuple(column[0] for column in columns)
