@@ -29,7 +29,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Result
+from sqlalchemy import Connection, Engine, Result, event
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
@@ -442,8 +442,13 @@ class DirectEngine:
         self.sync_engine.dispose()
 
 
-def create_direct_sqlite_engine(path: str, *, statement_runner: bool = True) -> DirectEngine:
-    """A throwaway single-threaded SQLite database at `path` (WAL, no fsync, one writer)."""
+def create_direct_sqlite_engine(path: str, *, statement_runner: bool = True, exclusive: bool = False) -> DirectEngine:
+    """A single-threaded SQLite database at `path` (WAL, no fsync, one writer).
+
+    `exclusive` holds SQLite's file lock for the engine's life (no other process can
+    read the file meanwhile), which spares every transaction the shared-memory locking:
+    for a throwaway database nobody else opens.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # One connection, reused: there is only ever one caller.
     engine = create_sync_engine(f"sqlite:///{path}", poolclass=StaticPool)
@@ -451,4 +456,10 @@ def create_direct_sqlite_engine(path: str, *, statement_runner: bool = True) -> 
     # A throwaway file: no need to wait for the disk. Transactions begin in
     # DirectConnection, with the same BEGIN IMMEDIATE.
     configure_sqlite(engine, synchronous="OFF", begin_immediate=False)
+    if exclusive:
+
+        @event.listens_for(engine, "connect")
+        def _exclusive(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            dbapi_connection.execute("PRAGMA locking_mode=EXCLUSIVE")
+
     return DirectEngine(engine, runner=statement_runner)

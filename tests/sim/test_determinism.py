@@ -52,8 +52,8 @@ def test_statement_runner_changes_nothing_but_speed(first: SimulationResult, mon
 
     engines = []
 
-    def engine_without_runner(path: str):  # type: ignore[no-untyped-def]
-        engine = create_direct_sqlite_engine(path, statement_runner=False)
+    def engine_without_runner(path: str, **options):  # type: ignore[no-untyped-def]
+        engine = create_direct_sqlite_engine(path, **options, statement_runner=False)
         engines.append(engine)
         return engine
 

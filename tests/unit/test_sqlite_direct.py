@@ -194,3 +194,22 @@ async def test_statements_sqlalchemy_runs_itself_share_the_transaction(engine) -
     async with engine.begin() as connection:  # no transaction left over in either layer
         await connection.execute(insert(notes).values(text="third"))
     assert await count(engine) == 3
+
+
+async def test_an_exclusive_engine_keeps_other_connections_out(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = str(tmp_path / "exclusive.db")
+    engine = create_direct_sqlite_engine(path, exclusive=True)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    async with engine.begin() as connection:
+        await connection.execute(insert(notes).values(text="mine"))
+    other = sqlite3.connect(path, timeout=0)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("SELECT count(*) FROM notes").fetchall()
+        await engine.dispose()  # closing the engine lets go of the file
+        assert other.execute("SELECT count(*) FROM notes").fetchall() == [(1,)]
+    finally:
+        other.close()
