@@ -235,7 +235,7 @@ class Simulation:
         url = self.options.database_url
         if url is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="compensa-sim-")
-            return create_direct_sqlite_engine(str(Path(self._tempdir.name) / "simulation.db"), exclusive=True)
+            return create_direct_sqlite_engine(str(Path(self._tempdir.name) / "simulation.db"), throwaway=True)
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
             return create_direct_sqlite_engine(parsed.database)

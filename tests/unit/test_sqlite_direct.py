@@ -196,15 +196,20 @@ async def test_statements_sqlalchemy_runs_itself_share_the_transaction(engine) -
     assert await count(engine) == 3
 
 
-async def test_an_exclusive_engine_keeps_other_connections_out(tmp_path: Path) -> None:
+async def test_a_throwaway_engine_keeps_other_connections_out_and_still_rolls_back(tmp_path: Path) -> None:
     import sqlite3
 
-    path = str(tmp_path / "exclusive.db")
-    engine = create_direct_sqlite_engine(path, exclusive=True)
+    path = str(tmp_path / "throwaway.db")
+    engine = create_direct_sqlite_engine(path, throwaway=True)
     async with engine.begin() as connection:
         await connection.run_sync(metadata.create_all)
     async with engine.begin() as connection:
         await connection.execute(insert(notes).values(text="mine"))
+    with pytest.raises(RuntimeError):
+        async with engine.begin() as connection:
+            await connection.execute(insert(notes).values(text="rolled back"))
+            raise RuntimeError
+    assert await count(engine) == 1
     other = sqlite3.connect(path, timeout=0)
     try:
         with pytest.raises(sqlite3.OperationalError, match="locked"):
