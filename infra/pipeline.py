@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,8 @@ log = structlog.get_logger("compensa.consumer")
 tracer = trace.get_tracer("compensa")
 
 Handler = Callable[[UnitOfWork, Message[Any]], Awaitable[None]]
+#: Runs first in a batch's transaction with all its messages (to take locks in one order).
+BatchLock = Callable[[UnitOfWork, Sequence[Message[Any]]], Awaitable[None]]
 
 # Postgres SQLSTATEs that mean "try again": serialization failure, deadlock, lock timeout.
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
@@ -71,8 +73,10 @@ class MessageProcessor:
         retry: RetryPolicy = RetryPolicy(),
         rng: random.Random | None = None,
         uow_factory: Callable[..., UnitOfWork] = UnitOfWork,
+        lock_batch: BatchLock | None = None,
     ) -> None:
         self.engine = engine
+        self.lock_batch = lock_batch
         self.service = service
         self.consumer = consumer
         self.handlers = dict(handlers)
@@ -178,6 +182,8 @@ class MessageProcessor:
         try:
             outcomes = []
             async with self.uow_factory(self.engine, self.service, self.clock) as uow:
+                if self.lock_batch is not None:
+                    await self.lock_batch(uow, [message for _, message in decoded])
                 for delivery, message in decoded:
                     uow.incoming = message
                     outcomes.append(await self._apply(uow, delivery, message))

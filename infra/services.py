@@ -20,7 +20,7 @@ import consumers.payments as payments
 import consumers.stock as stock
 from contracts.clock import Clock
 from infra import topology as t
-from infra.pipeline import BatchingConsumer, Handler, MessageProcessor, RetryPolicy
+from infra.pipeline import BatchingConsumer, BatchLock, Handler, MessageProcessor, RetryPolicy
 from infra.settings import Settings
 from infra.transport.base import Subscription, Transport
 from outbox.relay import Relay
@@ -46,6 +46,9 @@ class ServiceSpec:
     #: at once take them in different orders and deadlock (measured: hundreds of
     #: deadlocks, each stalling a second, with 8 hot SKUs and 4 workers).
     serial_batches: bool = False
+    #: Takes a batch's locks up front in one order, so batches of two processes queue
+    #: instead of deadlocking (serial_batches only orders the batches of one process).
+    lock_batch: BatchLock | None = None
 
 
 def orchestrator_for(settings: Settings) -> Orchestrator:
@@ -68,7 +71,13 @@ def build_services(settings: Settings, orchestrator: Orchestrator | None = None)
     ttl = timedelta(seconds=settings.reservation_ttl_seconds)
     return {
         "saga": ServiceSpec("saga", t.SAGA_EVENTS, orchestrator.handlers),
-        "stock": ServiceSpec("stock", t.STOCK_COMMANDS, lambda: stock.make_handlers(reservation_ttl=ttl), serial_batches=True),
+        "stock": ServiceSpec(
+            "stock",
+            t.STOCK_COMMANDS,
+            lambda: stock.make_handlers(reservation_ttl=ttl),
+            serial_batches=True,
+            lock_batch=stock.lock_batch,
+        ),
         "payments": ServiceSpec("payments", t.PAYMENTS_COMMANDS, lambda: payments.make_handlers(gateway)),
         "ledger": ServiceSpec("ledger", t.LEDGER_EVENTS, lambda: ledger.HANDLERS, serial_batches=True),
         "orders": ServiceSpec("orders", t.ORDERS_EVENTS, lambda: orders.HANDLERS),
@@ -109,6 +118,7 @@ def make_processor(
         retry=retry_policy(settings),
         rng=rng,
         uow_factory=uow_factory,
+        lock_batch=spec.lock_batch,
     )
 
 

@@ -6,6 +6,7 @@ from consumers.stock.handlers import (
     handle_commit_stock,
     handle_release_stock,
     handle_reserve_stock,
+    lock_batch,
     make_handlers,
 )
 from consumers.stock.rules import RESERVATION_TTL
@@ -21,6 +22,7 @@ __all__ = [
     "handle_commit_stock",
     "handle_release_stock",
     "handle_reserve_stock",
+    "lock_batch",
     "make_handlers",
     "reservation_statuses",
     "seed_stock",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -51,6 +53,20 @@ async def handle_release_stock(uow: UnitOfWork, message: Message[ReleaseStock]) 
     decision = rules.decide_release(existing, order_id)
     await store.record(existing, decision, uow.now())
     uow.send(decision.event)
+
+
+async def lock_batch(uow: UnitOfWork, messages: Sequence[Message[Any]]) -> None:
+    """Lock every row a batch of stock commands will touch, up front: reservations, then SKUs, each sorted.
+
+    Every command locks its own rows in that order, but a batch takes them command
+    after command; two processes' batches could each hold a SKU the other one waits
+    for. Taken all at once, sorted, the locks of concurrent batches queue instead.
+    """
+    store = StockStore(uow.connection)
+    reservations = await store.lock_reservations(message.payload.order_id for message in messages)
+    skus = {line.sku for reservation in reservations for line in reservation.lines}
+    skus.update(line.sku for message in messages if isinstance(message.payload, ReserveStock) for line in message.payload.lines)
+    await store.levels(skus)
 
 
 def make_handlers(*, reservation_ttl: timedelta = rules.RESERVATION_TTL) -> dict[str, Handler]:

@@ -36,6 +36,12 @@ def _reservation(row: Row[Any]) -> Reservation:
 _RESERVATION_FOR_UPDATE = (
     select(stock_reservations).where(stock_reservations.c.order_id == bindparam("order_id")).with_for_update()
 )
+_RESERVATIONS_FOR_UPDATE = (
+    select(stock_reservations)
+    .where(stock_reservations.c.order_id.in_(bindparam("order_ids", expanding=True)))
+    .order_by(stock_reservations.c.order_id)
+    .with_for_update()
+)
 _LEVELS_FOR_UPDATE = (
     select(stock_items.c.sku, stock_items.c.on_hand, stock_items.c.reserved)
     .where(stock_items.c.sku.in_(bindparam("skus", expanding=True)))
@@ -77,6 +83,11 @@ class StockStore:
         """Load an order's reservation; on Postgres lock it so repeats of one order queue."""
         row = (await self.connection.execute(_RESERVATION_FOR_UPDATE, {"order_id": order_id})).one_or_none()
         return _reservation(row) if row else None
+
+    async def lock_reservations(self, order_ids: Iterable[str]) -> list[Reservation]:
+        """Load and lock the orders' reservations in order-id order (those that exist)."""
+        rows = (await self.connection.execute(_RESERVATIONS_FOR_UPDATE, {"order_ids": sorted(set(order_ids))})).all()
+        return [_reservation(row) for row in rows]
 
     async def levels(self, skus: Iterable[str]) -> dict[str, Level]:
         """Load and lock the SKUs' counters in SKU order, so concurrent orders never deadlock."""

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from consumers.stock import seed_stock, stock_levels
-from contracts import ReserveStock, StockLine, new_message
+from contracts import Message, ReserveStock, StockLine, new_message
+from infra.services import Runtime
 from outbox.ports import OutgoingMessage
 from outbox.uow import outbox_row
 from tests.e2e.conftest import Stack, StartServices
@@ -17,18 +18,19 @@ from tests.support import eventually
 pytestmark = pytest.mark.e2e
 
 
-async def test_reservations_on_a_few_hot_skus_apply_without_a_deadlocked_batch(stack: Stack, services: StartServices) -> None:
-    runtime = await services("stock", settings=stack.settings(consumer_workers=4, consumer_batch_size=50, prefetch=200))
-    skus = [unique("HOT") for _ in range(4)]
-    await seed_stock(stack.engine, {sku: 1_000_000 for sku in skus})
+def hot_reservations(skus: list[str], count: int) -> list[Message[ReserveStock]]:
     rng = random.Random(7)
     commands = []
-    for n in range(400):
+    for n in range(count):
         # Two or three of the hot SKUs per order, in any order: each order locks them
         # sorted, but a batch of orders locks them order after order.
         lines = tuple(StockLine(sku=sku, quantity=1) for sku in rng.sample(skus, rng.choice((2, 3))))
         order_id = unique(f"hot-{n}")
         commands.append(new_message(ReserveStock(order_id=order_id, lines=lines), correlation_id=order_id, producer="saga"))
+    return commands
+
+
+async def publish(runtime: Runtime, commands: list[Message[ReserveStock]]) -> None:
     rows = [outbox_row(message, message.envelope.occurred_at) for message in commands]
     await runtime.transport.publish_batch(
         [
@@ -39,12 +41,44 @@ async def test_reservations_on_a_few_hot_skus_apply_without_a_deadlocked_batch(s
             for row in rows
         ]
     )
+
+
+def held_units(commands: list[Message[ReserveStock]], skus: list[str]) -> dict[str, int]:
+    return {sku: sum(1 for m in commands for line in m.payload.lines if line.sku == sku) for sku in skus}
+
+
+async def test_reservations_on_a_few_hot_skus_apply_without_a_deadlocked_batch(stack: Stack, services: StartServices) -> None:
+    runtime = await services("stock", settings=stack.settings(consumer_workers=4, consumer_batch_size=50, prefetch=200))
+    skus = [unique("HOT") for _ in range(4)]
+    await seed_stock(stack.engine, {sku: 1_000_000 for sku in skus})
+    commands = hot_reservations(skus, 400)
+    await publish(runtime, commands)
     processor = runtime.processors["stock"]
     await eventually(lambda: processor.processed == len(commands), timeout=60, message="reservations not all applied")
-    held = {sku: sum(1 for m in commands for line in m.payload.lines if line.sku == sku) for sku in skus}
+    held = held_units(commands, skus)
     # Reserved units leave on_hand and count as reserved, each exactly once.
     assert {sku: level for sku, level in (await stock_levels(stack.engine)).items() if sku in skus} == {
         sku: (1_000_000 - held[sku], held[sku]) for sku in skus
     }
     # A deadlock rolls a batch back and replays it message by message: none happened.
     assert processor.batch_splits == 0
+
+
+async def test_stock_processes_sharing_hot_skus_do_not_deadlock_each_other(stack: Stack, services: StartServices) -> None:
+    """Two stock processes take batches off one queue at once: each batch locks all its rows up front, sorted."""
+    settings = stack.settings(consumer_workers=4, consumer_batch_size=50, prefetch=100)
+    runtimes = [await services("stock", settings=settings) for _ in range(2)]
+    skus = [unique("HOT") for _ in range(8)]
+    await seed_stock(stack.engine, {sku: 1_000_000 for sku in skus})
+    commands = hot_reservations(skus, 600)
+    await publish(runtimes[0], commands)
+    processors = [runtime.processors["stock"] for runtime in runtimes]
+    await eventually(
+        lambda: sum(p.processed for p in processors) == len(commands), timeout=90, message="reservations not all applied"
+    )
+    assert all(p.processed for p in processors), "both processes took part"
+    held = held_units(commands, skus)
+    assert {sku: level for sku, level in (await stock_levels(stack.engine)).items() if sku in skus} == {
+        sku: (1_000_000 - held[sku], held[sku]) for sku in skus
+    }
+    assert [p.batch_splits for p in processors] == [0, 0]
