@@ -79,7 +79,9 @@ def build_services(settings: Settings, orchestrator: Orchestrator | None = None)
             lock_batch=stock.lock_batch,
         ),
         "payments": ServiceSpec("payments", t.PAYMENTS_COMMANDS, lambda: payments.make_handlers(gateway)),
-        "ledger": ServiceSpec("ledger", t.LEDGER_EVENTS, lambda: ledger.HANDLERS, serial_batches=True),
+        "ledger": ServiceSpec(
+            "ledger", t.LEDGER_EVENTS, lambda: ledger.HANDLERS, serial_batches=True, lock_batch=ledger.lock_batch
+        ),
         "orders": ServiceSpec("orders", t.ORDERS_EVENTS, lambda: orders.HANDLERS),
     }
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import structlog
 
 from consumers.common import Handler
@@ -39,6 +42,26 @@ async def _post(uow: UnitOfWork, kind: Kind, order_id: str, amount: Money) -> No
     uow.send(
         LedgerUpdated(order_id=order_id, transaction_id=transaction_id, postings=postings, balances=balances)
     )
+
+
+_KINDS = {PaymentAuthorized.message_type: Kind.CAPTURE, PaymentRefunded.message_type: Kind.REFUND}
+
+
+async def lock_batch(uow: UnitOfWork, messages: Sequence[Message[Any]]) -> None:
+    """Lock every balance row a batch will post to, in account order, before any posting.
+
+    Each posting changes its accounts in account order, but a batch mixing currencies
+    takes cash:X and sales:X posting after posting, so two processes' batches could
+    each hold a balance the other waits for. Adding zero to every one of them first,
+    sorted, takes those row locks at once (creating an account's row if it is new).
+    """
+    accounts = {
+        posting.account
+        for message in messages
+        for posting in rules.postings_for(_KINDS[message.type], message.payload.amount)
+    }
+    if accounts:
+        await LedgerStore(uow.connection).apply_balances(dict.fromkeys(accounts, 0))
 
 
 HANDLERS: dict[str, Handler] = {

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
+from consumers.ledger import trial_balance
 from consumers.stock import seed_stock, stock_levels
-from contracts import Message, ReserveStock, StockLine, new_message
+from contracts import Message, Money, ReserveStock, StockLine, new_message
+from contracts.messages import PaymentAuthorized
 from infra.services import Runtime
 from outbox.ports import OutgoingMessage
 from outbox.uow import outbox_row
@@ -30,7 +33,7 @@ def hot_reservations(skus: list[str], count: int) -> list[Message[ReserveStock]]
     return commands
 
 
-async def publish(runtime: Runtime, commands: list[Message[ReserveStock]]) -> None:
+async def publish(runtime: Runtime, commands: list[Message[Any]]) -> None:
     rows = [outbox_row(message, message.envelope.occurred_at) for message in commands]
     await runtime.transport.publish_batch(
         [
@@ -81,4 +84,38 @@ async def test_stock_processes_sharing_hot_skus_do_not_deadlock_each_other(stack
     assert {sku: level for sku, level in (await stock_levels(stack.engine)).items() if sku in skus} == {
         sku: (1_000_000 - held[sku], held[sku]) for sku in skus
     }
+    assert [p.batch_splits for p in processors] == [0, 0]
+
+
+async def test_ledger_processes_posting_in_several_currencies_do_not_deadlock_each_other(
+    stack: Stack, services: StartServices
+) -> None:
+    """Batches mixing currencies lock cash:X and sales:X rows; two ledger processes must not cross."""
+    settings = stack.settings(consumer_workers=4, consumer_batch_size=50, prefetch=100)
+    runtimes = [await services("ledger", settings=settings) for _ in range(2)]
+    rng = random.Random(11)
+    currencies = ["CHF", "EUR", "GBP", "JPY", "SEK", "USD"]
+    events = []
+    for n in range(600):
+        order_id = unique(f"led-{n}")
+        amount = Money(amount=rng.randrange(100, 10_000), currency=rng.choice(currencies))
+        events.append(
+            new_message(
+                PaymentAuthorized(order_id=order_id, payment_id=f"pay-{order_id}", amount=amount),
+                correlation_id=order_id,
+                producer="payments",
+            )
+        )
+    await publish(runtimes[0], events)
+    processors = [runtime.processors["ledger"] for runtime in runtimes]
+    await eventually(
+        lambda: sum(p.processed for p in processors) == len(events), timeout=90, message="postings not all applied"
+    )
+    assert all(p.processed for p in processors), "both processes took part"
+    balances = await trial_balance(stack.engine)
+    assert balances["balanced"]
+    for currency in currencies:
+        captured = sum(e.payload.amount.amount for e in events if e.payload.amount.currency == currency)
+        assert balances["balances"][f"cash:{currency}"] == captured
+        assert balances["balances"][f"sales:{currency}"] == -captured
     assert [p.batch_splits for p in processors] == [0, 0]
