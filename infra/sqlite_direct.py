@@ -255,12 +255,7 @@ class DirectTransaction:
         return self
 
     async def __aexit__(self, exc_type: object, *_: object) -> None:
-        if not self._connection.in_transaction():
-            return
-        if exc_type is None:
-            await self._connection.commit()
-        else:
-            await self._connection.rollback()
+        await self._connection.end(succeeded=exc_type is None)
 
 
 class DirectConnection:
@@ -332,14 +327,22 @@ class DirectConnection:
         else:
             self._sqlite.rollback()
 
+    async def end(self, *, succeeded: bool) -> None:
+        """End the open transaction, if any: commit it if its block succeeded, else roll back."""
+        if not self.in_transaction():
+            return
+        if succeeded:
+            await self.commit()
+        else:
+            await self.rollback()
+
     async def close(self) -> None:
         """Roll back what was not committed and hand the connection back (it stays open)."""
         if self._closed:
             return
         self._closed = True
         try:
-            if self.in_transaction():
-                await self.rollback()
+            await self.end(succeeded=False)
         finally:
             self._on_close()
 
@@ -388,11 +391,7 @@ class _Beginning:
     async def __aexit__(self, exc_type: object, *_: object) -> None:
         assert self._connection is not None
         try:
-            if self._connection.in_transaction():
-                if exc_type is None:
-                    await self._connection.commit()
-                else:
-                    await self._connection.rollback()
+            await self._connection.end(succeeded=exc_type is None)
         finally:
             await self._connection.close()
 

@@ -52,16 +52,14 @@ async def lock_batch(uow: UnitOfWork, messages: Sequence[Message[Any]]) -> None:
 
     Each posting changes its accounts in account order, but a batch mixing currencies
     takes cash:X and sales:X posting after posting, so two processes' batches could
-    each hold a balance the other waits for. Adding zero to every one of them first,
-    sorted, takes those row locks at once (creating an account's row if it is new).
+    each hold a balance the other waits for. Taken first, sorted, those row locks queue.
     """
     accounts = {
         posting.account
         for message in messages
         for posting in rules.postings_for(_KINDS[message.type], message.payload.amount)
     }
-    if accounts:
-        await LedgerStore(uow.connection).apply_balances(dict.fromkeys(accounts, 0))
+    await LedgerStore(uow.connection).lock_balances(accounts)
 
 
 HANDLERS: dict[str, Handler] = {

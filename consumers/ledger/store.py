@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -63,13 +63,19 @@ class LedgerStore:
 
     async def apply_balances(self, changes: Mapping[str, int]) -> dict[str, int]:
         """Add the changes to the accounts' balances; return the new balances."""
-        _, add_to_balance = _statements(self.connection.dialect.name)
-        accounts = sorted(changes)
-        # In account order, so concurrent postings lock balance rows in one order.
-        for account in accounts:
-            await self.connection.execute(add_to_balance, {"account": account, "balance": changes[account]})
-        rows = await self.connection.execute(_BALANCES, {"accounts": accounts})
+        await self._add_to_balances(changes)
+        rows = await self.connection.execute(_BALANCES, {"accounts": sorted(changes)})
         return {row.account: row.balance for row in rows}
+
+    async def lock_balances(self, accounts: Iterable[str]) -> None:
+        """Lock the accounts' balance rows, in account order, creating the missing ones at zero."""
+        await self._add_to_balances(dict.fromkeys(accounts, 0))
+
+    async def _add_to_balances(self, changes: Mapping[str, int]) -> None:
+        _, add_to_balance = _statements(self.connection.dialect.name)
+        # In account order, so concurrent postings lock balance rows in one order.
+        for account in sorted(changes):
+            await self.connection.execute(add_to_balance, {"account": account, "balance": changes[account]})
 
 
 async def trial_balance(engine: AsyncEngine) -> dict[str, Any]:

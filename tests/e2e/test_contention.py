@@ -46,8 +46,12 @@ async def publish(runtime: Runtime, commands: list[Message[Any]]) -> None:
     )
 
 
-def held_units(commands: list[Message[ReserveStock]], skus: list[str]) -> dict[str, int]:
-    return {sku: sum(1 for m in commands for line in m.payload.lines if line.sku == sku) for sku in skus}
+async def assert_each_reserved_once(stack: Stack, commands: list[Message[ReserveStock]], skus: list[str]) -> None:
+    """Reserved units leave on_hand and count as reserved, each exactly once."""
+    held = {sku: sum(1 for m in commands for line in m.payload.lines if line.sku == sku) for sku in skus}
+    assert {sku: level for sku, level in (await stock_levels(stack.engine)).items() if sku in skus} == {
+        sku: (1_000_000 - held[sku], held[sku]) for sku in skus
+    }
 
 
 async def test_reservations_on_a_few_hot_skus_apply_without_a_deadlocked_batch(stack: Stack, services: StartServices) -> None:
@@ -58,11 +62,7 @@ async def test_reservations_on_a_few_hot_skus_apply_without_a_deadlocked_batch(s
     await publish(runtime, commands)
     processor = runtime.processors["stock"]
     await eventually(lambda: processor.processed == len(commands), timeout=60, message="reservations not all applied")
-    held = held_units(commands, skus)
-    # Reserved units leave on_hand and count as reserved, each exactly once.
-    assert {sku: level for sku, level in (await stock_levels(stack.engine)).items() if sku in skus} == {
-        sku: (1_000_000 - held[sku], held[sku]) for sku in skus
-    }
+    await assert_each_reserved_once(stack, commands, skus)
     # A deadlock rolls a batch back and replays it message by message: none happened.
     assert processor.batch_splits == 0
 
@@ -80,10 +80,7 @@ async def test_stock_processes_sharing_hot_skus_do_not_deadlock_each_other(stack
         lambda: sum(p.processed for p in processors) == len(commands), timeout=90, message="reservations not all applied"
     )
     assert all(p.processed for p in processors), "both processes took part"
-    held = held_units(commands, skus)
-    assert {sku: level for sku, level in (await stock_levels(stack.engine)).items() if sku in skus} == {
-        sku: (1_000_000 - held[sku], held[sku]) for sku in skus
-    }
+    await assert_each_reserved_once(stack, commands, skus)
     assert [p.batch_splits for p in processors] == [0, 0]
 
 
