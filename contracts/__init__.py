@@ -1,10 +1,12 @@
 """Message contracts: the envelope, every event and command, and their registry."""
 
 from contracts.envelope import (
+    MAX_MESSAGE_BYTES,
     REGISTRY,
     Envelope,
     Message,
     Registry,
+    check_saga_key,
     decode,
     encode,
     new_message,
@@ -19,11 +21,11 @@ from contracts.errors import (
     TransientError,
 )
 from contracts.messages import *  # noqa: F403
-from contracts.messages import COMMANDS, EVENTS, Money, OrderLine, Payload, Posting, StockLine
+from contracts.messages import COMMANDS, EVENTS, Money, OrderLine, OrderPayload, Payload, Posting, StockLine
 
 __all__ = [
-    "REGISTRY", "Envelope", "Message", "Registry", "decode", "encode", "new_message",
+    "MAX_MESSAGE_BYTES", "REGISTRY", "check_saga_key", "Envelope", "Message", "Registry", "decode", "encode", "new_message",
     "parse_envelope", "validate_payload", "BusinessRuleError", "CompensaError",
     "ConflictError", "ContractError", "TransientError", "COMMANDS", "EVENTS", "Money",
-    "OrderLine", "Payload", "Posting", "StockLine",
+    "OrderLine", "OrderPayload", "Payload", "Posting", "StockLine",
 ]

@@ -11,7 +11,13 @@ from typing import Any, Generic, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from contracts.errors import ContractError
-from contracts.messages import COMMANDS, EVENTS, Payload
+from contracts.messages import COMMANDS, EVENTS, Identifier, Payload, StrictInt
+
+#: Largest message body any edge accepts. The biggest legitimate message (an order of
+#: 100 lines) is about 15 KB; a consumer holds every body in memory.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
 P = TypeVar("P", bound=Payload)
 
@@ -22,13 +28,13 @@ class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     message_id: uuid.UUID
-    type: str = Field(min_length=1, max_length=64)
-    version: int = Field(ge=1)
+    type: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+    version: StrictInt = Field(ge=1, le=10_000)
     occurred_at: AwareDatetime
-    correlation_id: str = Field(min_length=1, max_length=64, description="Saga id = order id.")
+    correlation_id: Identifier = Field(description="Saga id = the business key (order id).")
     causation_id: uuid.UUID | None = None
-    producer: str = Field(min_length=1, max_length=64)
-    traceparent: str | None = Field(default=None, max_length=55)
+    producer: Identifier
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
     payload: dict[str, Any]
 
 
@@ -94,10 +100,14 @@ def _errors_text(exc: ValidationError) -> str:
 
 def parse_envelope(body: bytes | str) -> Envelope:
     """Parse raw bytes into an envelope; raise ContractError saying exactly what is wrong."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise ContractError(f"body is {len(body)} bytes; at most {MAX_MESSAGE_BYTES} are accepted")
     try:
         raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ContractError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ContractError("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer past the digit limit
+        raise ContractError(f"body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise ContractError(f"body must be a JSON object, got {type(raw).__name__}")
     try:
@@ -107,7 +117,11 @@ def parse_envelope(body: bytes | str) -> Envelope:
 
 
 def validate_payload(envelope: Envelope, registry: Registry = REGISTRY) -> Message[Payload]:
-    """Validate the envelope's payload against its registered contract."""
+    """Validate the envelope's payload against its registered contract.
+
+    A payload that names its saga (`Payload.saga_key`) must name the envelope's
+    correlation id: otherwise a message of one saga could move another's stock or money.
+    """
     model = registry.model_for(envelope.type, envelope.version)
     try:
         payload = model.model_validate(envelope.payload)
@@ -115,7 +129,18 @@ def validate_payload(envelope: Envelope, registry: Registry = REGISTRY) -> Messa
         raise ContractError(
             f"invalid payload for {envelope.type} v{envelope.version}: {_errors_text(exc)}"
         ) from None
+    check_saga_key(payload, envelope.correlation_id)
     return Message(envelope=envelope, payload=payload)
+
+
+def check_saga_key(payload: Payload, correlation_id: str) -> None:
+    """Raise ContractError unless the payload belongs to the saga `correlation_id` names."""
+    key = payload.saga_key
+    if key is not None and getattr(payload, key) != correlation_id:
+        raise ContractError(
+            f"correlation_id {correlation_id!r} != payload.{key} {getattr(payload, key)!r}: "
+            f"a {payload.message_type} belongs to the saga of its {key}"
+        )
 
 
 def decode(body: bytes | str, registry: Registry = REGISTRY) -> Message[Payload]:
@@ -137,7 +162,8 @@ def new_message(
     occurred_at: datetime | None = None,
     message_id: uuid.UUID | None = None,
 ) -> Message[P]:
-    """Wrap a payload in a fresh envelope."""
+    """Wrap a payload in a fresh envelope (of the saga its business key names)."""
+    check_saga_key(payload, correlation_id)
     envelope = Envelope(
         message_id=message_id or uuid.uuid4(),
         type=payload.message_type,

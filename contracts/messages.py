@@ -2,15 +2,30 @@
 
 Events are past tense, commands imperative. Money is always integer minor units
 plus an ISO 4217 currency. No card number or secret travels: payments carry a token.
+
+Every edge (HTTP, SDK, broker) validates with these models, so they are strict:
+no type coercion (``"2"`` or ``true`` is not a quantity), numbers bounded to what
+the database columns hold, and no control characters in identifiers (PostgreSQL
+text cannot hold NUL; a terminal or log must not be steered by an id).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
-OrderId = str
+#: Largest amount of money one message may carry, in minor units. Ledger balances are
+#: int64 sums of amounts: this leaves room for about a million maximal orders.
+MAX_AMOUNT = 10**13
+
+#: An identifier: 1-64 characters, none of them a control character.
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+#: Free text (a reason): bounded, no NUL (tabs and newlines are fine).
+Text = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")]
+#: A count or amount: a JSON integer, never a string or a boolean.
+StrictInt = Annotated[int, Strict()]
+OrderId = Identifier
 
 
 class Payload(BaseModel):
@@ -21,50 +36,57 @@ class Payload(BaseModel):
     message_type: ClassVar[str]
     message_version: ClassVar[int] = 1
     kind: ClassVar[Literal["event", "command"]]
+    #: The payload field that names the saga the message belongs to: the envelope's
+    #: correlation id must equal it (checked by `contracts.validate_payload`), so a
+    #: message can only ever act on the saga of its own business key.
+    saga_key: ClassVar[str | None] = None
+
+
+class OrderPayload(Payload):
+    """A message of one order's saga: its correlation id is its order id."""
+
+    saga_key: ClassVar[str | None] = "order_id"
+
+    order_id: OrderId
 
 
 class Money(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    amount: int = Field(ge=0, description="Amount in minor units (cents).")
+    amount: StrictInt = Field(ge=0, le=MAX_AMOUNT, description="Amount in minor units (cents).")
     currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")
 
 
 class StockLine(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sku: str = Field(min_length=1, max_length=64)
-    quantity: int = Field(gt=0, le=1_000_000)
+    sku: Identifier
+    quantity: StrictInt = Field(gt=0, le=1_000_000)
 
 
 class OrderLine(StockLine):
-    unit_price: int = Field(ge=0, description="Unit price in minor units.")
+    unit_price: StrictInt = Field(ge=0, le=MAX_AMOUNT, description="Unit price in minor units.")
 
 
 class Posting(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    account: str
-    debit: int = Field(ge=0)
-    credit: int = Field(ge=0)
-
-
-def _order_id_field() -> object:
-    return Field(min_length=1, max_length=64)
+    account: Identifier
+    debit: StrictInt = Field(ge=0, le=MAX_AMOUNT)
+    credit: StrictInt = Field(ge=0, le=MAX_AMOUNT)
 
 
 # ---------------------------------------------------------------- events
 
 
-class OrderCreated(Payload):
+class OrderCreated(OrderPayload):
     message_type = "order.created"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    customer_id: str = Field(min_length=1, max_length=64)
+    customer_id: Identifier
     lines: tuple[OrderLine, ...] = Field(min_length=1, max_length=100)
     total: Money
-    payment_token: str = Field(min_length=1, max_length=128)
+    payment_token: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
 
     @model_validator(mode="after")
     def _total_matches_lines(self) -> OrderCreated:
@@ -74,78 +96,69 @@ class OrderCreated(Payload):
         return self
 
 
-class StockReserved(Payload):
+class StockReserved(OrderPayload):
     message_type = "stock.reserved"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
     lines: tuple[StockLine, ...]
 
 
-class StockReservationFailed(Payload):
+class StockReservationFailed(OrderPayload):
     message_type = "stock.reservation_failed"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    reason: str
+    reason: Text
 
 
-class StockCommitted(Payload):
+class StockCommitted(OrderPayload):
     message_type = "stock.committed"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
 
 
-class StockCommitFailed(Payload):
+class StockCommitFailed(OrderPayload):
     message_type = "stock.commit_failed"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    reason: str
+    reason: Text
 
 
-class StockReleased(Payload):
+class StockReleased(OrderPayload):
     message_type = "stock.released"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
     lines: tuple[StockLine, ...] = ()
 
 
-class PaymentAuthorized(Payload):
+class PaymentAuthorized(OrderPayload):
     message_type = "payment.authorized"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    payment_id: str
+    payment_id: Identifier
     amount: Money
 
 
-class PaymentDeclined(Payload):
+class PaymentDeclined(OrderPayload):
     message_type = "payment.declined"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    reason: str
+    reason: Text
 
 
-class PaymentRefunded(Payload):
+class PaymentRefunded(OrderPayload):
     message_type = "payment.refunded"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
     amount: Money = Field(description="Amount actually returned; 0 when nothing was captured.")
 
 
-class LedgerUpdated(Payload):
+class LedgerUpdated(OrderPayload):
     message_type = "ledger.updated"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    transaction_id: str
+    transaction_id: Identifier
     postings: tuple[Posting, ...]
-    balances: dict[str, int]
+    balances: dict[Identifier, Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]]
 
     @model_validator(mode="after")
     def _balanced(self) -> LedgerUpdated:
@@ -156,69 +169,61 @@ class LedgerUpdated(Payload):
         return self
 
 
-class OrderCompleted(Payload):
+class OrderCompleted(OrderPayload):
     message_type = "order.completed"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
     total: Money
 
 
-class OrderCancelled(Payload):
+class OrderCancelled(OrderPayload):
     message_type = "order.cancelled"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    reason: str
+    reason: Text
 
 
-class OrderRejected(Payload):
+class OrderRejected(OrderPayload):
     message_type = "order.rejected"
     kind = "event"
 
-    order_id: OrderId = _order_id_field()
-    reason: str
+    reason: Text
 
 
 # ---------------------------------------------------------------- commands
 
 
-class ReserveStock(Payload):
+class ReserveStock(OrderPayload):
     message_type = "stock.reserve"
     kind = "command"
 
-    order_id: OrderId = _order_id_field()
     lines: tuple[StockLine, ...] = Field(min_length=1)
 
 
-class CommitStock(Payload):
+class CommitStock(OrderPayload):
     message_type = "stock.commit"
     kind = "command"
 
-    order_id: OrderId = _order_id_field()
 
 
-class ReleaseStock(Payload):
+class ReleaseStock(OrderPayload):
     message_type = "stock.release"
     kind = "command"
 
-    order_id: OrderId = _order_id_field()
 
 
-class ChargePayment(Payload):
+class ChargePayment(OrderPayload):
     message_type = "payment.charge"
     kind = "command"
 
-    order_id: OrderId = _order_id_field()
     amount: Money
-    payment_token: str = Field(min_length=1, max_length=128)
+    payment_token: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
 
 
-class RefundPayment(Payload):
+class RefundPayment(OrderPayload):
     message_type = "payment.refund"
     kind = "command"
 
-    order_id: OrderId = _order_id_field()
 
 
 EVENTS: tuple[type[Payload], ...] = (

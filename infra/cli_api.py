@@ -49,15 +49,6 @@ def ingest_config(settings: Settings) -> Any:
     )
 
 
-def _health_router() -> Any:
-    """The operators' shared /health router when it exists; else the app's own check serves /health."""
-    try:
-        from infra import health
-    except ImportError:
-        return None
-    return getattr(health, "health_router", None) or getattr(health, "router", None)
-
-
 def build_app(settings: Settings | None = None) -> Any:
     """The ingest app on the configured database and Redis (both opened lazily, closed on shutdown)."""
     from redis.asyncio import Redis
@@ -89,7 +80,7 @@ def build_app(settings: Settings | None = None) -> Any:
 
     return create_app(
         engine=engine, redis=redis, producers=directory, config=ingest_config(settings),
-        clock=SystemClock(), health_router=_health_router(), lifespan=lifespan,
+        clock=SystemClock(), lifespan=lifespan,
     )
 
 

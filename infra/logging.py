@@ -11,16 +11,25 @@ from typing import Any
 import structlog
 
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|api[-_]?key|authorization|cookie|credential", re.I)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)(?P<password>[^@\s]+)@", re.I)
+# `scheme://user:password@host`, the user possibly empty (`redis://:password@host`); the
+# password runs to the last `@` before the path, so a password holding `@` is masked whole.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^/\s]*)@", re.I)
+# A secret-looking query parameter (`?password=…`, `&api_key=…`) or libpq keyword (`password=…`).
+_PARAM_SECRET = re.compile(
+    r"(?P<name>(?:^|(?<=[?&;\s]))[^=&;?#\s]*(?:pass(?:word)?|secret|token|api[-_]?key|credential)[^=&;?#\s]*=)"
+    r"(?P<value>[^&;#\s]+)",
+    re.I,
+)
 REDACTED = "***"
 
 
 def redact(value: Any, key: str | None = None) -> Any:
-    """Mask values under secret-looking keys and passwords inside URLs, recursively."""
+    """Mask values under secret-looking keys, passwords inside URLs and secret query parameters, recursively."""
     if key is not None and _SECRET_KEY.search(key):
         return REDACTED
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+        value = _URL_PASSWORD.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+        return _PARAM_SECRET.sub(lambda m: f"{m.group('name')}{REDACTED}", value)
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):

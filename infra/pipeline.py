@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +32,10 @@ BatchLock = Callable[[UnitOfWork, Sequence[Message[Any]]], Awaitable[None]]
 
 # Postgres SQLSTATEs that mean "try again": serialization failure, deadlock, lock timeout.
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
+# Postgres SQLSTATEs that mean "the server is not available now": shutting down
+# (57P01 admin, 57P02 crash), starting up or a standby (57P03), too many connections
+# (53300). Class 08 is every connection exception.
+_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class RetryPolicy:
     max_attempts: int = 5
     base_seconds: float = 0.5
     max_seconds: float = 60.0
+    #: How long a message waits, unacknowledged, for an unavailable database (a restart)
+    #: before it takes the ordinary retry path; it uses no attempt meanwhile.
+    unavailable_seconds: float = 120.0
 
     def delay_ms(self, attempt: int) -> int:
         """Delay before attempt `attempt + 1`: exponential, capped; one delay queue each."""
@@ -48,15 +57,39 @@ class RetryPolicy:
         return max(1, int(delay / 2 + rng.random() * delay / 2))
 
 
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TransientError | OperationalError | IntegrityError | PoolTimeoutError | ConnectionError | TimeoutError):
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Tell whether the database could not be reached or is restarting (not a bad statement)."""
+    if isinstance(exc, PoolTimeoutError | ConnectionError | TimeoutError):
         return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(getattr(exc.orig, "__cause__", None), "sqlstate", None)
-        return sqlstate in _RETRYABLE_SQLSTATES
+        sqlstate = _sqlstate(exc) or ""
+        return sqlstate in _UNAVAILABLE_SQLSTATES or sqlstate.startswith("08")
     return isinstance(exc, OSError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TransientError | OperationalError | IntegrityError):
+        return True
+    if is_unavailable(exc):
+        return True
+    if isinstance(exc, DBAPIError):
+        return _sqlstate(exc) in _RETRYABLE_SQLSTATES
+    return False
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line naming the failure, without the SQL statement or its bound values."""
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        return f"{type(exc).__name__}: {type(exc.orig).__name__}: {detail}"[:2000]
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]
 
 
 class MessageProcessor:
@@ -88,6 +121,7 @@ class MessageProcessor:
         self.duplicates = 0
         #: Batches rolled back and replayed one message at a time (a failure, a deadlock).
         self.batch_splits = 0
+        self._probe_lock = asyncio.Lock()
 
     async def __call__(self, delivery: Delivery, decoded: Message[Any] | None = None) -> None:
         """Process one delivery in its own transaction (`decoded` if the caller decoded it)."""
@@ -95,21 +129,54 @@ class MessageProcessor:
             queue=delivery.queue.name, message_id=delivery.message_id, attempt=delivery.attempt
         ):
             message: Message[Any] | None = decoded
-            try:
-                if message is None:
-                    message = self._decode(delivery)
-                with structlog.contextvars.bound_contextvars(
-                    saga_id=message.correlation_id, message_type=message.type
-                ):
-                    await self._process(delivery, message)
-            except (ContractError, BusinessRuleError) as exc:
-                await self._dead_letter(delivery, exc.reason_class, str(exc), message)
-            except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
-                if is_transient(exc):
-                    await self._retry_or_dead_letter(delivery, exc, message)
-                else:
-                    reason = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                    await self._dead_letter(delivery, "handler_error", reason, message)
+            patience: float | None = None
+            pause = 0.05
+            while True:
+                try:
+                    if message is None:
+                        message = self._decode(delivery)
+                    with structlog.contextvars.bound_contextvars(
+                        saga_id=message.correlation_id, message_type=message.type
+                    ):
+                        await self._process(delivery, message)
+                except (ContractError, BusinessRuleError) as exc:
+                    await self._dead_letter(delivery, exc.reason_class, str(exc), message)
+                except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+                    if is_unavailable(exc):
+                        patience = patience or time.monotonic() + self.retry.unavailable_seconds
+                        if time.monotonic() < patience and await self.wait_for_database(patience):
+                            # The same delivery again, no attempt used; a pause in case
+                            # the server answers probes but still refuses the work.
+                            await asyncio.sleep(pause)
+                            pause = min(pause * 2, 2.0)
+                            continue
+                    if is_transient(exc):
+                        await self._retry_or_dead_letter(delivery, exc, message)
+                    else:
+                        await self._dead_letter(delivery, "handler_error", failure_reason(exc), message)
+                return
+
+    async def wait_for_database(self, until: float) -> bool:
+        """Wait until the database answers again (True) or monotonic time `until` passes.
+
+        A restarting server refuses work for seconds to a minute; the message waits
+        here, unacknowledged, instead of spending its attempts or going to the DLQ.
+        Concurrent callers share one probe.
+        """
+        async with self._probe_lock:
+            delay = 0.1
+            while True:
+                try:
+                    async with self.engine.connect() as connection:
+                        await connection.execute(text("SELECT 1"))
+                    return True
+                except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                    if not is_unavailable(exc) or time.monotonic() + delay > until:
+                        return False
+                    if delay == 0.1:
+                        log.warning("database.unavailable", error=failure_reason(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _decode(self, delivery: Delivery) -> Message[Any]:
         message = decode(delivery.body)
@@ -153,7 +220,7 @@ class MessageProcessor:
             if applied:
                 await uow.commit()
         self._count(applied)
-        await delivery.ack()
+        await _ack_committed(delivery)
 
     def _count(self, applied: bool) -> None:
         if applied:
@@ -173,8 +240,8 @@ class MessageProcessor:
         for delivery in deliveries:
             try:
                 decoded.append((delivery, self._decode(delivery)))
-            except ContractError:
-                await self(delivery)  # dead-letters it with the reason
+            except Exception:  # noqa: BLE001 - handled alone, where it is classified (a DLQ)
+                await self(delivery)
         if len(decoded) <= 1:
             for delivery, message in decoded:
                 await self(delivery, message)
@@ -197,7 +264,7 @@ class MessageProcessor:
         for applied in outcomes:
             self._count(applied)
         for delivery, _ in decoded:
-            await delivery.ack()
+            await _ack_committed(delivery)
 
     async def _retry_or_dead_letter(self, delivery: Delivery, exc: BaseException, message: Message[Any] | None) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -215,6 +282,19 @@ class MessageProcessor:
         saga_id = message.correlation_id if message else _guess_saga_id(delivery)
         log.error("message.dead_lettered", reason_class=reason_class, reason=reason, saga_id=saga_id)
         await delivery.dead_letter(delivery.dead_letter_headers(reason_class, reason, self.clock.now(), saga_id))
+
+
+async def _ack_committed(delivery: Delivery) -> None:
+    """Acknowledge a delivery whose effect is committed.
+
+    If the ack fails (the channel dropped), the broker redelivers the message and the
+    inbox skips it: that is not a failure of the message, so it is logged, not
+    retried or dead-lettered.
+    """
+    try:
+        await delivery.ack()
+    except TransientError as exc:
+        log.warning("message.ack_failed_after_commit", error=failure_reason(exc))
 
 
 def _guess_saga_id(delivery: Delivery) -> str | None:

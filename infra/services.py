@@ -98,7 +98,12 @@ OUTBOX_SERVICES = ("orders", "stock", "payments", "ledger", "saga", "ingest", "d
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
-    return RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
+    return RetryPolicy(
+        settings.max_attempts,
+        settings.retry_base_seconds,
+        settings.retry_max_seconds,
+        unavailable_seconds=settings.unavailable_retry_seconds,
+    )
 
 
 def make_processor(

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, le=50, description="Deliveries before the DLQ.")
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_max_seconds: float = Field(default=60.0, gt=0)
+    unavailable_retry_seconds: float = Field(
+        default=120.0, ge=0, le=86_400,
+        description="How long a message waits, unacknowledged, for an unavailable database (a restart) before the ordinary retries.",
+    )
 
     relay_batch_size: int = Field(default=200, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=0.5, gt=0)

@@ -67,7 +67,7 @@ LEDGER_EVENTS = QueueSpec(
     "ledger.events", "ledger", EVENTS, _keys(m.PaymentAuthorized, m.PaymentRefunded)
 )
 ORDERS_EVENTS = QueueSpec(
-    "orders.events", "orders", EVENTS, _keys(m.OrderCompleted, m.OrderCancelled, m.OrderRejected)
+    "orders.events", "orders", EVENTS, _keys(m.OrderCreated, m.OrderCompleted, m.OrderCancelled, m.OrderRejected)
 )
 
 WORK_QUEUES: tuple[QueueSpec, ...] = (

@@ -64,6 +64,13 @@ class Orchestrator:
             await store.insert(transition.state)
             await self._apply(uow, store, transition, None, message)
             return
+        if message.type in self._starters:
+            # One saga per business key: a second start (another producer reusing an
+            # order id, say) must not touch the saga that owns it, nor slip by unseen.
+            raise BusinessRuleError(
+                f"{message.type} for {saga_id!r}, which already has a saga ({state.status.value}): "
+                "one saga per business key"
+            )
         definition = self.definitions[state.definition]
         transition = engine.on_message(definition, state, message.payload, uow.now())
         await self._apply(uow, store, transition, state, message)

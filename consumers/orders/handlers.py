@@ -16,7 +16,7 @@ from consumers.orders import rules
 from consumers.orders.rules import Order, OrderStatus
 from consumers.orders.store import OrderStore
 from consumers.orders.tables import SERVICE
-from contracts import BusinessRuleError, ContractError, Message, OrderLine
+from contracts import BusinessRuleError, ContractError, Message, OrderLine, TransientError
 from contracts.clock import Clock
 from contracts.messages import OrderCancelled, OrderCompleted, OrderCreated, OrderRejected
 from outbox.uow import UnitOfWork
@@ -72,13 +72,7 @@ def _order_created(
 
 
 async def _place(engine: AsyncEngine, clock: Clock, created: OrderCreated, uow_factory: Callable[..., UnitOfWork]) -> None:
-    requested = Order(
-        order_id=created.order_id,
-        customer_id=created.customer_id,
-        status=OrderStatus.PENDING,
-        total=created.total,
-        lines=created.lines,
-    )
+    requested = _pending_order(created)
     async with uow_factory(engine, SERVICE, clock) as uow:
         store = OrderStore(uow.connection)
         existing = await store.get(created.order_id)
@@ -90,6 +84,33 @@ async def _place(engine: AsyncEngine, clock: Clock, created: OrderCreated, uow_f
         await store.insert(requested, uow.now())
         uow.send(created, correlation_id=created.order_id)
         await uow.commit()
+
+
+async def handle_order_created(uow: UnitOfWork, message: Message[OrderCreated]) -> None:
+    """Record an order that entered elsewhere (HTTP ingest, SDK, raw AMQP) as pending.
+
+    `compensa order place` stored it already: the same order again is a no-op. Another
+    order under an existing id is refused; the saga refuses that second start too.
+    """
+    created = message.payload
+    store = OrderStore(uow.connection)
+    requested = _pending_order(created)
+    existing = await store.get(created.order_id)
+    if existing is None:
+        await store.insert(requested, uow.now())
+        return
+    if not rules.same_order(existing, requested):
+        raise BusinessRuleError(f"order {created.order_id} exists with different contents")
+
+
+def _pending_order(created: OrderCreated) -> Order:
+    return Order(
+        order_id=created.order_id,
+        customer_id=created.customer_id,
+        status=OrderStatus.PENDING,
+        total=created.total,
+        lines=created.lines,
+    )
 
 
 async def handle_order_completed(uow: UnitOfWork, message: Message[OrderCompleted]) -> None:
@@ -111,8 +132,9 @@ async def _settle(uow: UnitOfWork, order_id: str, outcome: OrderStatus, reason: 
     store = OrderStore(uow.connection)
     order = await store.get(order_id)
     if order is None:
-        # Dead-letter, so an operator can replay it once the order exists.
-        raise BusinessRuleError(f"order.{outcome.value} for unknown order {order_id}")
+        # Its order.created may still be on the way (a retry, a reordering): retry; past
+        # the attempts it is dead-lettered, and an operator can replay it.
+        raise TransientError(f"order.{outcome.value} for unknown order {order_id}")
     status = rules.next_status(order.status, outcome)
     if status is None:
         if order.status is outcome:
@@ -126,6 +148,7 @@ async def _settle(uow: UnitOfWork, order_id: str, outcome: OrderStatus, reason: 
 
 
 HANDLERS: dict[str, Handler] = {
+    OrderCreated.message_type: handle_order_created,
     OrderCompleted.message_type: handle_order_completed,
     OrderCancelled.message_type: handle_order_cancelled,
     OrderRejected.message_type: handle_order_rejected,

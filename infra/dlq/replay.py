@@ -10,6 +10,7 @@ message (at least once) and a second replay of the same dead letter is skipped.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -92,10 +93,17 @@ def prepare(
     registry: Registry = REGISTRY,
 ) -> Message[Any] | str:
     """The message to send again for this dead letter, or why it cannot be replayed."""
-    if row.body_encoding != "utf-8":
-        return f"cannot replay {UNDECODABLE}: the body is not UTF-8; purge it once handled"
+    body: str | bytes = row.body
+    if row.body_encoding == "base64":
+        # Stored base64 because it is not UTF-8 or holds NUL; the envelope parser reads the raw bytes.
+        try:
+            body = base64.b64decode(row.body, validate=True)
+        except ValueError:
+            return f"cannot replay {UNDECODABLE}: the base64 body does not decode; purge it once handled"
+    elif row.body_encoding != "utf-8":
+        return f"cannot replay {UNDECODABLE}: unknown body encoding {row.body_encoding!r}; purge it once handled"
     try:
-        envelope = parse_envelope(row.body)
+        envelope = parse_envelope(body)
     except ContractError as exc:
         return f"cannot replay {UNDECODABLE}: {exc}; purge it once handled"
     queue = queues.get(row.queue)

@@ -13,6 +13,13 @@ STATUSES = (NEW, REPLAYED, PURGED)
 #: `type` of a dead letter whose body is not a readable envelope.
 UNDECODABLE = "<undecodable>"
 
+#: `reason_class` of a dead letter the database refused as read, stored in a minimal
+#: form instead (raw body in base64, headers as an ASCII repr) so it never blocks others.
+QUARANTINED = "archive_quarantined"
+
+#: What an `Integer` column holds on every backend (PostgreSQL's int4).
+INTEGER_MIN, INTEGER_MAX = -(2**31), 2**31 - 1
+
 dead_letters = Table(
     "dead_letters",
     metadata,
@@ -38,8 +45,8 @@ dead_letters = Table(
     Column("first_failure_at", DateTime(timezone=True), nullable=False),
     Column("last_failure_at", DateTime(timezone=True), nullable=False),
     Column("body", Text, nullable=False),
-    Column("body_encoding", String(8), nullable=False, server_default="utf-8", doc="utf-8 or base64"),
-    Column("headers", Text, nullable=False, doc="every AMQP header, as JSON"),
+    Column("body_encoding", String(8), nullable=False, server_default="utf-8", doc="utf-8, or base64 when the body is not UTF-8 or holds NUL"),
+    Column("headers", Text, nullable=False, doc="every AMQP header, as JSON (plus the originals of changed values, see archive.py)"),
     Column("archived_at", DateTime(timezone=True), nullable=False),
     Column("status", String(16), nullable=False, server_default=NEW),
     Column("replayed_at", DateTime(timezone=True), nullable=True),

@@ -62,7 +62,11 @@ class RabbitDelivery(Delivery):
         )
 
     async def ack(self) -> None:
-        await self._message.ack()
+        try:
+            await self._message.ack()
+        except _PUBLISH_ERRORS as exc:
+            # The channel is gone: the broker will redeliver the message.
+            raise TransientError(f"ack failed: {exc!r}") from exc
 
     async def retry(self, delay_ms: int, expiration_ms: int, headers: Mapping[str, Any]) -> None:
         try:

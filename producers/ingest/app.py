@@ -1,39 +1,46 @@
 """The HTTP front door: POST events, get 202 once they are committed to the ingest outbox.
 
-Every request goes: API key (401) → size (413) → JSON (422) → rate limit (429) →
-Idempotency-Key (replay / 409 / 422) → contracts and permissions (422 / 403) → one
-transaction into the outbox → 202 with the message ids. Redis down means 503: without
-it neither the key nor the limit can be checked, and guessing risks a duplicate.
+Every request goes: API key (401) → Content-Type (415) → size (413) → JSON (422) →
+rate limit (429) → Idempotency-Key (replay / 409 / 422) → contracts and permissions
+(422 / 403) → one saga per business key (409) → one transaction into the outbox → 202 with the message ids. Redis down
+means 503: without it neither the key nor the limit can be checked, and guessing
+risks a duplicate. Hostile input is a 4xx, never a 5xx: the body is parsed by
+`submission.parse_json`, and a request the database refuses fails alone (422).
+
+GET /health is a cheap, unauthenticated readiness check (database and Redis, status
+only, cached for a second); the operators' full report is `compensa health`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, FastAPI, Header, Request, Security
+from fastapi import FastAPI, Header, Request, Security
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import ClientDisconnect
 
 from contracts.clock import Clock
 from contracts.export import json_schemas
 from outbox.tables import tables_for
 from outbox.uow import outbox_row
 from producers.ingest.auth import Producer, ProducerDirectory
+from producers.ingest.business_keys import duplicate_starts, taken_keys
 from producers.ingest.config import IngestConfig
 from producers.ingest.idempotency import Claim, IdempotencyStore, fingerprint, message_ids
-from producers.ingest.writer import OutboxWriter
 from producers.ingest.submission import (
     Accepted,
     BatchIn,
@@ -41,8 +48,11 @@ from producers.ingest.submission import (
     Rejected,
     build_messages,
     field_error,
+    json_media_type,
     parse_events,
+    parse_json,
 )
+from producers.ingest.writer import OutboxWriter, RowsRefused
 
 log = structlog.get_logger("compensa.ingest")
 
@@ -52,9 +62,20 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API 
 _ERRORS = {
     401: {"description": "Missing, unknown or revoked API key."},
     403: {"description": "The key's producer may not publish this event type."},
-    409: {"description": "A request with this Idempotency-Key is still being processed; retry after Retry-After."},
+    409: {
+        "description": "A request with this Idempotency-Key is still being processed (retry after Retry-After), "
+        "or an order.created names an order that already has a saga (one saga per business key)."
+    },
     413: {"description": "Body larger than the request size limit."},
-    422: {"description": "Invalid body (field errors under `detail`), or the Idempotency-Key was used for another body."},
+    415: {"description": "Content-Type is not `application/json` (UTF-8)."},
+    422: {
+        "description": (
+            "Invalid body (field errors under `detail`): not UTF-8 JSON, nested deeper than the limit, an integer "
+            "past 64 bits, NaN, a lone surrogate or NUL in a string, a control character in an identifier, a "
+            "contract violation; or the Idempotency-Key was used for another body."
+        )
+    },
+    428: {"description": "This server requires an Idempotency-Key header."},
     429: {"description": "Rate limit exceeded; retry after Retry-After."},
     503: {"description": "Redis or the database is unavailable; nothing was accepted. Retry after Retry-After."},
 }
@@ -73,6 +94,9 @@ IdempotencyKey = Annotated[
 TraceParent = Annotated[str | None, Header(alias="traceparent", description="W3C trace context, copied into the envelope.")]
 
 
+_READINESS_TIMEOUT_SECONDS = 2.0
+
+
 class _UtcClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -85,8 +109,11 @@ class Refused(Exception):
         self.detail = detail
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"detail": self.detail}, status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII JSON: a detail that quotes the client's text (a lone surrogate, say)
+        # is escaped, never an encoding error on the way out.
+        content = json.dumps({"detail": self.detail}, ensure_ascii=True, default=str)
+        return Response(content, status_code=self.status, headers=self.headers, media_type="application/json")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -96,11 +123,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Routine on the internet: one line, not a traceback. Nobody reads the answer.
+        log.info("ingest.client_disconnected", path=request.url.path, received_bytes=size)
+        raise Refused(400, "client disconnected before the body was complete") from None
     return b"".join(chunks)
 
 
@@ -121,6 +153,9 @@ class Ingest:
         self.config = config
         self.clock = clock
         self.writer = OutboxWriter(engine, tables_for(config.outbox).outbox)
+        #: (valid until, on monotonic time; ready) of the last readiness check, and the one running.
+        self._readiness: tuple[float, bool] | None = None
+        self._readiness_check: asyncio.Task[bool] | None = None
         self.idempotency = IdempotencyStore(
             redis,
             prefix=config.redis_prefix,
@@ -146,13 +181,17 @@ class Ingest:
     async def handle(
         self, request: Request, *, batch: bool, producer: Producer, key: str | None, traceparent: str | None
     ) -> JSONResponse:
+        if not json_media_type(request.headers.get("content-type")):
+            raise Refused(415, "Content-Type must be application/json (UTF-8)")
         if key is None and self.config.require_idempotency_key:
             raise Refused(428, "this server requires an Idempotency-Key header")
         raw = await _read_body(request, self.config.max_request_bytes)
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise Refused(422, [field_error(["body"], f"invalid JSON: {exc}", "json_invalid")]) from None
+            # Everything a field cannot hold is refused here, per request, before the
+            # shared commit: no request can fail its neighbours' INSERT.
+            body = parse_json(raw, max_depth=self.config.max_json_depth)
+        except Rejected as rejected:
+            raise Refused(rejected.status, rejected.detail) from None
         request_hash = fingerprint(request.method, request.url.path, body)
         claim = await self._admit(producer, key, request_hash)
         if claim is not None and claim.outcome == "replay":
@@ -169,6 +208,7 @@ class Ingest:
             messages = build_messages(
                 events, batch=batch, producer=producer, now=now, ids=ids, traceparent=traceparent
             )
+            await self._refuse_second_starts(messages)
             await self._write(messages, now)
             committed = True
         except Rejected as rejected:
@@ -223,11 +263,27 @@ class Ingest:
         except (RedisError, OSError) as exc:
             log.warning("ingest.idempotency_release_failed", producer=producer.name, error=type(exc).__name__)
 
+    async def _refuse_second_starts(self, messages: list[Any]) -> None:
+        """409 for an order.created whose order already has a saga (one saga per business key)."""
+        repeated = duplicate_starts(messages)
+        try:
+            taken = sorted(set(repeated) | await taken_keys(self.engine, messages))
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("ingest.database_failed", error=type(exc).__name__)
+            raise Refused(503, f"database unavailable: {type(exc).__name__}; nothing was accepted", {"Retry-After": "5"}) from None
+        if taken:
+            log.info("ingest.second_start_refused", keys=taken)
+            raise Refused(409, f"already started: {', '.join(taken)} (one saga per business key; nothing was accepted)")
+
     async def _write(self, messages: list[Any], now: datetime) -> None:
         try:
             # One transaction (shared with concurrent requests); an id already in the
             # outbox was accepted before (a retry after a crash) and is skipped.
             await self.writer.write([outbox_row(message, now) for message in messages])
+        except RowsRefused as exc:
+            # Only this request's rows; its neighbours in the shared commit went in.
+            log.warning("ingest.rows_refused", reason=str(exc))
+            raise Refused(422, [field_error(["body"], str(exc), "database_refused")]) from None
         except (SQLAlchemyError, OSError) as exc:
             log.warning("ingest.database_failed", error=type(exc).__name__)
             raise Refused(503, f"database unavailable: {type(exc).__name__}; nothing was accepted", {"Retry-After": "5"}) from None
@@ -241,26 +297,38 @@ class Ingest:
             {"Retry-After": "5"},
         )
 
-    async def health(self) -> tuple[bool, dict[str, Any]]:
-        checks: dict[str, Any] = {}
+    async def ready(self) -> bool:
+        """Whether events can be accepted now: the database and Redis answer.
 
+        One check serves every probe for `health_cache_seconds`, and probes that arrive
+        while it runs wait for it instead of opening connections of their own.
+        """
+        cached = self._readiness
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1]
+        if self._readiness_check is None or self._readiness_check.done():
+            self._readiness_check = asyncio.create_task(self._check_readiness())
+        return await asyncio.shield(self._readiness_check)
+
+    async def _check_readiness(self) -> bool:
         async def database() -> None:
             async with self.engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
 
-        async def redis() -> None:
-            await self.redis.ping()
-
-        for name, probe, consequence in (
-            ("database", database, "events cannot be written to the outbox"),
-            ("redis", redis, "idempotency keys and rate limits cannot be checked, so every POST answers 503"),
-        ):
+        async def probe(check: Callable[[], Any]) -> str | None:
             try:
-                await asyncio.wait_for(probe(), timeout=2.0)
-                checks[name] = {"ok": True}
-            except Exception as exc:  # noqa: BLE001 - a health check reports every failure
-                checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300], "effect": consequence}
-        return all(c["ok"] for c in checks.values()), checks
+                await asyncio.wait_for(check(), timeout=_READINESS_TIMEOUT_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - a failed check is the answer, not an error
+                return f"{type(exc).__name__}: {exc}"[:200]
+            return None
+
+        database_error, redis_error = await asyncio.gather(probe(database), probe(self.redis.ping))
+        ready = database_error is None and redis_error is None
+        if not ready:
+            # The detail goes to the log, not to the unauthenticated caller.
+            log.warning("ingest.not_ready", database=database_error, redis=redis_error)
+        self._readiness = (time.monotonic() + self.config.health_cache_seconds, ready)
+        return ready
 
 
 def create_app(
@@ -270,12 +338,12 @@ def create_app(
     producers: ProducerDirectory,
     config: IngestConfig | None = None,
     clock: Clock | None = None,
-    health_router: APIRouter | None = None,
     lifespan: Any = None,
 ) -> FastAPI:
     """Build the ingest app on an engine, a Redis client and a producer directory.
 
-    With `health_router`, that router serves /health instead of the built-in check.
+    The public port answers only the readiness check at /health. The operators' report (hosts, queues, relay lag, revision) is
+    `compensa health`, or `compensa health --serve` on a private port.
     """
     config = config or IngestConfig()
     ingest = Ingest(engine, redis, producers, config, clock or _UtcClock())
@@ -328,15 +396,20 @@ def create_app(
         """JSON Schema of every message (envelope + payload), keyed `type.vN`."""
         return json_schemas()
 
-    if health_router is not None:
-        app.include_router(health_router)
-    else:
+    @app.get(
+        "/health", tags=["health"],
+        responses={200: {"description": "Ready: `{\"status\": \"ok\"}`."}, 503: {"description": "Not ready: `{\"status\": \"unavailable\"}`."}},
+    )
+    async def health() -> JSONResponse:
+        """Readiness: can events be accepted now (database and Redis answer)? Status only, cached for a second.
 
-        @app.get("/health", tags=["health"])
-        async def health() -> JSONResponse:
-            """Database and Redis reachability; 503 says which is down and what that means."""
-            ok, checks = await ingest.health()
-            return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        Which dependency is down is in the server's log and in `compensa health`.
+        """
+        if await ingest.ready():
+            return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+        return JSONResponse(
+            {"status": "unavailable"}, status_code=503, headers={"Cache-Control": "no-store", "Retry-After": "1"}
+        )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

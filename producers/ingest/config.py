@@ -15,6 +15,8 @@ class IngestConfig:
     rate_limit: int = 600
     rate_window_seconds: float = 60.0
     max_request_bytes: int = 1_048_576
+    #: Deepest nesting of arrays and objects a body may have (an order.created batch needs 6).
+    max_json_depth: int = 32
     max_batch_events: int = 500
     #: How long an API key lookup is cached; a revocation takes effect within this.
     key_cache_seconds: float = 5.0
@@ -23,3 +25,5 @@ class IngestConfig:
     redis_prefix: str = "compensa:ingest:"
     #: The outbox accepted events are written to.
     outbox: str = "ingest"
+    #: How long one readiness check answers GET /health (concurrent probes share it).
+    health_cache_seconds: float = 1.0

@@ -4,19 +4,26 @@ Pure: no I/O. The body is either one event or ``{"events": [...]}``; an event is
 full envelope or the short form ``{type, version?, correlation_id, payload}``. The
 server fills what is missing: ``message_id``, ``occurred_at``, ``producer`` (always
 the authenticated producer) and ``traceparent`` (from the request's header).
+
+`parse_json` is the only way bytes become a body: hostile JSON (nested thousands
+deep, 5,000-digit integers, NaN, lone surrogates, NUL) is a 422 naming the field,
+never an exception further in, and never a row that fails the shared INSERT.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from itertools import accumulate
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from contracts import REGISTRY, Envelope, Message, Payload, Registry
+from contracts import REGISTRY, ContractError, Envelope, Message, Payload, Registry, check_saga_key
 from producers.ingest.auth import Producer
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -72,6 +79,158 @@ def _errors(exc: ValidationError, prefix: Sequence[str | int]) -> list[dict[str,
     return [
         field_error([*prefix, *err["loc"]], err["msg"], err["type"]) for err in exc.errors(include_url=False)
     ]
+
+
+# ---------------------------------------------------------------- bytes to JSON
+
+#: Largest integer a body may hold: PostgreSQL's BIGINT, and far past any amount.
+INT_MAX = 2**63 - 1
+INT_MIN = -(2**63)
+_INT_MAX_CHARS = len(str(INT_MIN))
+
+#: A JSON string, escapes included; an unterminated one runs to the end. Always
+#: matches at a quote without backtracking, so stripping strings is linear.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*\\?(?:"|\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
+_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
+#: What a string can only get from an escape (strict JSON has no raw control
+#: characters, UTF-8 has no surrogates) or a raw DEL: bodies without it skip the walk.
+_SUSPECT = re.compile(rb"\\(?:u(?:00[01][0-9a-fA-F]|007[fF]|[dD][89a-fA-F][0-9a-fA-F]{2})|[bfnrt])|\x7f")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+#: Fields whose values are identifiers (besides every object key): no control characters.
+_IDENTIFIER_FIELDS = frozenset(
+    {"type", "correlation_id", "causation_id", "message_id", "producer", "traceparent", "occurred_at", "sku", "account", "currency"}
+)
+_MAX_ERRORS = 20
+
+
+def json_media_type(content_type: str | None) -> bool:
+    """True for ``application/json`` (or ``application/*+json``), in UTF-8 if a charset is named."""
+    if not content_type:
+        return False
+    media, _, params = content_type.partition(";")
+    kind, _, subtype = media.strip().lower().partition("/")
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        return False
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in `raw`, without parsing it (linear, no recursion).
+
+    Exact for valid JSON; an estimate for the rest, which the parser refuses anyway.
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+class _Unfit:
+    """A number the parser met that no field may hold; found again by the walk, with its path."""
+
+    __slots__ = ("msg", "type")
+
+    def __init__(self, msg: str, type_: str) -> None:
+        self.msg = msg
+        self.type = type_
+
+
+def _parse_int(text: str) -> int | _Unfit:
+    # Checked before int(): Python refuses to convert more than 4,300 digits (ValueError).
+    if len(text) <= _INT_MAX_CHARS:
+        value = int(text)
+        if INT_MIN <= value <= INT_MAX:
+            return value
+    return _Unfit(f"integer out of range: at most 64 bits ({INT_MIN} to {INT_MAX})", "int_out_of_range")
+
+
+def _parse_float(text: str) -> float | _Unfit:
+    value = float(text)
+    return value if math.isfinite(value) else _Unfit("number too large to be finite", "number_not_finite")
+
+
+def _parse_constant(text: str) -> _Unfit:
+    return _Unfit(f"{text} is not a JSON number", "number_not_finite")
+
+
+def _safe_key(key: str) -> str:
+    """A key as it may appear in an error location: lone surrogates escaped."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(key) else key
+
+
+def _text_errors(text: str, identifier: bool) -> Iterator[tuple[str, str]]:
+    if _SURROGATE.search(text):
+        yield "lone surrogate: not valid Unicode text", "string_unicode"
+    elif "\x00" in text:
+        yield "contains NUL (\\u0000), which the database cannot store", "string_nul"
+    elif identifier and _CONTROL.search(text):
+        yield "an identifier may not contain control characters", "string_control_character"
+
+
+def _walk(body: Any) -> list[dict[str, Any]]:
+    """Every unfit number and string in `body`, with its location (iterative: depth is bounded already)."""
+    errors: list[dict[str, Any]] = []
+    stack: list[tuple[Any, list[str | int], bool]] = [(body, ["body"], False)]
+    while stack and len(errors) < _MAX_ERRORS:
+        value, loc, identifier = stack.pop()
+        if isinstance(value, str):
+            errors.extend(field_error(loc, msg, type_) for msg, type_ in _text_errors(value, identifier))
+        elif isinstance(value, _Unfit):
+            errors.append(field_error(loc, value.msg, value.type))
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                at = [*loc, _safe_key(key)]
+                errors.extend(field_error(at, f"key: {msg}", type_) for msg, type_ in _text_errors(key, True))
+                is_identifier = key in _IDENTIFIER_FIELDS or key.endswith(("_id", "_token"))
+                stack.append((item, at, is_identifier))
+        elif isinstance(value, list):
+            stack.extend((item, [*loc, index], identifier) for index, item in reversed(list(enumerate(value))))
+    return errors[:_MAX_ERRORS]
+
+
+def parse_json(raw: bytes, *, max_depth: int) -> Any:
+    """Parse a request body; raise Rejected(422) naming what no field may hold.
+
+    Refused: bytes that are not UTF-8 JSON; nesting deeper than `max_depth` (checked
+    before parsing); integers past 64 bits, NaN and infinities; lone surrogates and NUL
+    in any string or key; control characters in keys and identifier fields.
+    """
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise Rejected(422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")])
+    unfit: list[_Unfit] = []
+
+    def number(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+        def parse_and_note(text: str) -> Any:
+            value = parse(text)
+            if isinstance(value, _Unfit):
+                unfit.append(value)
+            return value
+
+        return parse_and_note
+
+    try:
+        body = json.loads(
+            raw.decode("utf-8"),
+            parse_int=number(_parse_int), parse_float=number(_parse_float), parse_constant=number(_parse_constant),
+        )
+    except UnicodeDecodeError as exc:
+        raise Rejected(422, [field_error(["body"], f"body is not UTF-8: {exc.reason} at byte {exc.start}", "json_invalid")]) from None
+    except RecursionError:
+        raise Rejected(422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")]) from None
+    except ValueError as exc:  # JSONDecodeError
+        raise Rejected(422, [field_error(["body"], f"invalid JSON: {exc}", "json_invalid")]) from None
+    if unfit or _SUSPECT.search(raw):
+        errors = _walk(body)
+        if errors:
+            raise Rejected(422, errors)
+    return body
 
 
 def newest_versions(registry: Registry = REGISTRY) -> dict[str, type[Payload]]:
@@ -167,6 +326,11 @@ def build_messages(
             )
         except ValidationError as exc:
             errors.extend(_errors(exc, at))
+            continue
+        try:
+            check_saga_key(payload, envelope.correlation_id)
+        except ContractError as exc:
+            errors.append(field_error([*at, "correlation_id"], str(exc), "saga_key_mismatch"))
             continue
         messages.append(Message(envelope=envelope, payload=payload))
     if errors:

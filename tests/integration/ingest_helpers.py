@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -163,3 +165,71 @@ def relay_for(engine: AsyncEngine, publisher: Any) -> Any:
     from outbox.relay import Relay
 
     return Relay(engine, "ingest", publisher, clock, batch_size=50)
+
+
+# ---------------------------------------------------------------- hostile JSON (hypothesis)
+
+
+class RawJson(str):
+    """JSON text written as is: numbers json.dumps cannot write, nesting built by hand."""
+
+
+def dump(value: Any) -> str:
+    """JSON text of `value`, with RawJson pieces as they are."""
+    if isinstance(value, RawJson):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {dump(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(dump(v) for v in value) + "]"
+    return json.dumps(value)  # ASCII: lone surrogates and NUL travel as \u escapes
+
+
+WEIRD_CHARS = st.one_of(
+    st.characters(),
+    st.sampled_from(["\x00", "\x1b", "\x7f", "\n", "\ud800", "\udbff", "\udc00", "\udfff", "\u2028", "\ufeff", "\U0001f600", '"', "\\"]),
+)
+WEIRD_TEXT = st.text(WEIRD_CHARS, max_size=12)
+WEIRD_NUMBERS = st.one_of(
+    st.integers(),
+    st.integers(min_value=2**63 - 2, max_value=2**70),
+    st.integers(min_value=-(2**70), max_value=-(2**63) + 2),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=4_290, max_value=6_000).map(lambda n: RawJson("9" * n)),
+    st.sampled_from(["1e999", "-1e999", "NaN", "Infinity", "-Infinity", "-0", "1E400", "0.1e-400"]).map(RawJson),
+    st.integers(min_value=28, max_value=40).map(lambda n: RawJson("[" * n + "]" * n)),
+    st.sampled_from([10_000, 50_000]).map(lambda n: RawJson('{"a":' * n + "0" + "}" * n)),
+)
+WEIRD_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), WEIRD_NUMBERS, WEIRD_TEXT),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(WEIRD_TEXT, children, max_size=4)),
+    max_leaves=16,
+)
+
+
+def _leaf_paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        return [at, *(p for k, v in value.items() for p in _leaf_paths(v, (*at, k)))]
+    if isinstance(value, list):
+        return [at, *(p for i, v in enumerate(value) for p in _leaf_paths(v, (*at, i)))]
+    return [at]
+
+
+_VALID = short_event("o-hyp")
+_PATHS = [p for p in _leaf_paths(_VALID) if p]
+
+
+def _replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replace(value[path[0]], path[1:], new)
+    return copy
+
+
+#: A valid event with one field (anywhere in it) replaced by something hostile, or any JSON at all.
+HOSTILE_EVENTS = st.one_of(
+    st.builds(_replace, st.just(_VALID), st.sampled_from(_PATHS), WEIRD_JSON),
+    st.builds(lambda key, value: {**_VALID, key: value}, WEIRD_TEXT, WEIRD_JSON),
+    WEIRD_JSON,
+)

@@ -12,17 +12,24 @@ import io
 import json
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
 import structlog
-from sqlalchemy import select
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import event, select, text
 
 from contracts import decode
 from infra.logging import configure_logging
 from producers.ingest.tables import ingest_producers
 from tests.integration.ingest_helpers import (  # noqa: F401 - fixtures
+    HOSTILE_EVENTS,
+    OUTBOX,
     add_producer,
+    clock,
+    dump,
     engine,
     make_app,
     make_client,
@@ -123,9 +130,31 @@ async def test_retry_with_the_same_key_gets_the_same_response_and_one_event(make
     assert await outbox_count(engine) == 1
     # The same key from another producer is another request.
     other = make_client(await add_producer("crm"))
-    third = await other.post("/v1/events", json=short_event("o-1"), headers=headers)
+    third = await other.post("/v1/events", json=short_event("o-2"), headers=headers)
     assert third.status_code == 202 and third.json() != first.json()
     assert await outbox_count(engine) == 2
+
+
+async def test_another_producer_cannot_start_an_order_that_has_a_saga(make_client, add_producer, engine):
+    first = await make_client(await add_producer("erp")).post("/v1/events", json=short_event("o-1"))
+    assert first.status_code == 202
+    other = make_client(await add_producer("crm"))
+
+    second = await other.post("/v1/events", json=short_event("o-1"))
+    assert second.status_code == 409 and "o-1" in second.json()["detail"]
+    twice = await other.post("/v1/events:batch", json={"events": [short_event("o-2"), short_event("o-2")]})
+    assert twice.status_code == 409 and "o-2" in twice.json()["detail"]
+    assert await outbox_count(engine) == 1
+
+
+async def test_a_correlation_id_other_than_the_order_id_is_422(make_client, add_producer, engine):
+    client = make_client(await add_producer("erp"))
+    event = short_event("o-1") | {"correlation_id": "someone-elses-saga"}
+    response = await client.post("/v1/events", json=event)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "correlation_id"] and error["type"] == "saga_key_mismatch"
+    assert await outbox_count(engine) == 0
 
 
 async def test_same_key_with_another_body_is_422(make_client, add_producer, engine):
@@ -255,8 +284,8 @@ async def test_body_over_the_size_limit_is_413(make_client, add_producer, engine
     assert await outbox_count(engine) == 0
 
 
-async def test_redis_down_is_503_nothing_accepted_and_health_says_why(make_client, add_producer, engine, redis_server):
-    client = make_client(await add_producer("erp"))
+async def test_redis_down_is_503_nothing_accepted_and_health_is_unavailable(make_client, add_producer, engine, redis_server):
+    client = make_client(await add_producer("erp"), health_cache_seconds=0.0)
     assert (await client.get("/health")).status_code == 200
     redis_server.stop()
     try:
@@ -265,10 +294,8 @@ async def test_redis_down_is_503_nothing_accepted_and_health_says_why(make_clien
             assert response.status_code == 503, response.text
             assert "Redis" in response.json()["detail"] and response.headers["Retry-After"].isdigit()
         health = await client.get("/health")
-        assert health.status_code == 503
-        checks = health.json()["checks"]
-        assert checks["database"]["ok"] is True
-        assert checks["redis"]["ok"] is False and "503" in checks["redis"]["effect"] and checks["redis"]["error"]
+        assert health.status_code == 503 and health.json() == {"status": "unavailable"}
+        assert health.headers["Retry-After"].isdigit()
         assert await outbox_count(engine) == 0
     finally:
         redis_server.start()
@@ -286,7 +313,7 @@ async def test_contracts_and_openapi_are_served(make_client):
     post = openapi["paths"]["/v1/events"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/EventIn"
     assert "EventIn" in openapi["components"]["schemas"] and "BatchIn" in openapi["components"]["schemas"]
-    assert {"202", "401", "403", "409", "413", "422", "429", "503"} <= set(post["responses"])
+    assert {"202", "401", "403", "409", "413", "415", "422", "429", "503"} <= set(post["responses"])
     assert any(p["name"] == "Idempotency-Key" for p in post["parameters"])
     assert (await client.get("/docs")).status_code == 200
 
@@ -312,10 +339,45 @@ async def test_secrets_never_appear_in_logs(make_client, add_producer, engine):
     assert stored and all(secret not in json.dumps(row, default=str) for row in stored)
 
 
-async def test_health_reports_both_dependencies(make_client):
-    response = await make_client().get("/health")
-    assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": {"ok": True}, "redis": {"ok": True}}}
+async def test_health_is_status_only(engine, redis, make_client):
+    """The public port says ready or not; hosts, users, queues and revisions are `compensa health`'s."""
+    from producers.ingest import IngestConfig, ProducerDirectory, create_app
+    from tests.integration.ingest_helpers import clock
+
+    app = create_app(
+        engine=engine, redis=redis, producers=ProducerDirectory(None, []),
+        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:"), clock=clock,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+        response = await client.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.headers["Cache-Control"] == "no-store"
+    text = response.text.lower()
+    for internal in ("127.0.0.1", "postgres", "redis", "queue", "revision", "url", "guest", "checks"):
+        assert internal not in text
+    assert (await make_client().get("/health")).json() == {"status": "ok"}
+
+
+async def test_40_concurrent_health_probes_all_get_200_from_one_check(make_app, engine):
+    app = make_app()
+    checkouts = 0
+
+    def count(*_args: object) -> None:
+        nonlocal checkouts
+        checkouts += 1
+
+    pool = engine.sync_engine.pool
+    event.listen(pool, "checkout", count)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+            responses = await asyncio.gather(*(client.get("/health") for _ in range(40)))
+            # Within the cache's second, further probes reuse the answer.
+            again = await asyncio.gather(*(client.get("/health") for _ in range(40)))
+    finally:
+        event.remove(pool, "checkout", count)
+    assert [r.status_code for r in responses + again] == [200] * 80
+    assert {r.text for r in responses + again} == {'{"status":"ok"}'}
+    assert 1 <= checkouts <= 2, checkouts
 
 
 async def test_writer_commits_a_request_larger_than_one_statement_in_one_transaction(engine):
@@ -350,7 +412,7 @@ async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(e
     key, record = generate_key("erp", ("order.created",), rate_limit=None, now=clock.now())
     app = create_app(
         engine=linked, redis=redis, producers=ProducerDirectory(None, [record]),
-        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:"), clock=clock,
+        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:", health_cache_seconds=0.0), clock=clock,
     )
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest", headers={"X-API-Key": key})
     event = short_event("o-db")
@@ -363,10 +425,7 @@ async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(e
         assert "database unavailable" in response.json()["detail"] and "nothing was accepted" in response.json()["detail"]
         assert response.headers["Retry-After"].isdigit()
         health = await client.get("/health")
-        assert health.status_code == 503
-        checks = health.json()["checks"]
-        assert checks["database"]["ok"] is False and checks["database"]["error"]
-        assert checks["redis"]["ok"] is True
+        assert health.status_code == 503 and health.json() == {"status": "unavailable"}
         assert await outbox_count(engine) == 1
         await link.restore()
         # The refused request left its key free: the retry is accepted once.
@@ -380,3 +439,222 @@ async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(e
         await client.aclose()
         await linked.dispose()
         await link.close()
+
+
+# ---------------------------------------------------------------- hostile input: a precise 4xx, never a 5xx
+
+#: What the API may answer a body it cannot accept (documented in the OpenAPI document).
+REFUSALS = {400, 403, 413, 415, 422}
+
+
+def raw_event(correlation_id: str = '"o-h"', payload: str | None = None, **fields: str) -> bytes:
+    """An order.created in the short form, written by hand so any JSON text can go anywhere."""
+    payload = payload if payload is not None else json.dumps(order_created("o-h"))
+    extra = "".join(f', "{name}": {value}' for name, value in fields.items())
+    return f'{{"type": "order.created", "correlation_id": {correlation_id}, "payload": {payload}{extra}}}'.encode()
+
+
+def with_amount(amount: str) -> str:
+    return json.dumps(order_created("o-h")).replace('"amount": 3000', f'"amount": {amount}')
+
+
+HOSTILE = [
+    # (id, body, content type, status, loc of the first error, its type)
+    ("nested-10k-arrays", b"[" * 10_000 + b"]" * 10_000, "application/json", 422, ["body"], "json_too_deep"),
+    ("nested-100k-arrays", b"[" * 100_000 + b"]" * 100_000, "application/json", 422, ["body"], "json_too_deep"),
+    ("nested-100k-objects", b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "application/json", 422, ["body"], "json_too_deep"),
+    ("nested-in-payload", raw_event(payload='{"x": ' + "[" * 40 + "]" * 40 + "}"), "application/json", 422, ["body"], "json_too_deep"),
+    ("5000-digit-integer", raw_event(payload=with_amount("9" * 5000)), "application/json", 422,
+     ["body", "payload", "total", "amount"], "int_out_of_range"),
+    ("2**64", raw_event(payload=with_amount(str(2**64))), "application/json", 422, ["body", "payload", "total", "amount"], "int_out_of_range"),
+    ("huge-exponent", raw_event(payload=with_amount("1e999")), "application/json", 422, ["body", "payload", "total", "amount"], "number_not_finite"),
+    ("NaN", raw_event(payload=with_amount("NaN")), "application/json", 422, ["body", "payload", "total", "amount"], "number_not_finite"),
+    ("surrogate-correlation-id", raw_event('"o-\\ud800"'), "application/json", 422, ["body", "correlation_id"], "string_unicode"),
+    ("surrogate-in-payload", raw_event(payload=json.dumps(order_created("o-h", customer_id="c-\udfff"))), "application/json", 422,
+     ["body", "payload", "customer_id"], "string_unicode"),
+    ("surrogate-in-key", raw_event(extra='{"\\ud800": 1}'), "application/json", 422, ["body", "extra", "\\ud800"], "string_unicode"),
+    ("surrogate-in-unknown-type", b'{"type": "\\udc00", "correlation_id": "o", "payload": {}}', "application/json", 422,
+     ["body", "type"], "string_unicode"),
+    ("nul-correlation-id", raw_event('"o-\\u0000"'), "application/json", 422, ["body", "correlation_id"], "string_nul"),
+    ("nul-in-free-text", raw_event(payload=json.dumps(order_created("o-h", note="a\x00b"))), "application/json", 422,
+     ["body", "payload", "note"], "string_nul"),
+    ("escape-in-correlation-id", raw_event('"o-\\u001b[31m"'), "application/json", 422, ["body", "correlation_id"], "string_control_character"),
+    ("newline-in-sku", raw_event(payload=json.dumps(order_created("o-h")).replace('"SKU-1"', '"SKU\\n1"')), "application/json", 422,
+     ["body", "payload", "lines", 0, "sku"], "string_control_character"),
+    ("del-in-producer", raw_event(producer='"erp\x7f"'), "application/json", 422, ["body", "producer"], "string_control_character"),
+    ("not-utf-8", raw_event('"o-X"').replace(b"X", b"\xff"), "application/json", 422, ["body"], "json_invalid"),
+    ("utf-16", json.dumps({"type": "order.created"}).encode("utf-16"), "application/json", 422, ["body"], "json_invalid"),
+    ("empty", b"", "application/json", 422, ["body"], "json_invalid"),
+    ("text-plain", raw_event(), "text/plain", 415, None, None),
+    ("form", b"type=order.created", "application/x-www-form-urlencoded", 415, None, None),
+    ("no-content-type", raw_event(), None, 415, None, None),
+    ("latin-1-charset", raw_event(), "application/json; charset=latin-1", 415, None, None),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "loc", "type_"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+async def test_hostile_body_is_a_precise_4xx_and_leaves_nothing(make_client, add_producer, engine, body, content_type, status, loc, type_):
+    client = make_client(await add_producer("erp"))
+    headers = {"Content-Type": content_type} if content_type else {}
+    sends = [("/v1/events", body, loc)]
+    if body.startswith(b'{"type"'):
+        # As the only event of a batch, its errors name the index.
+        batch_loc = loc if loc in (None, ["body"]) else ["body", "events", 0, *loc[1:]]
+        sends.append(("/v1/events:batch", b'{"events": [' + body + b"]}", batch_loc))
+    else:
+        sends.append(("/v1/events:batch", body, loc))
+    for path, sent, expected_loc in sends:
+        response = await client.post(path, content=sent, headers={**headers, "Idempotency-Key": f"k-{uuid.uuid4()}"})
+        assert response.status_code == status, (path, response.status_code, response.text[:500])
+        detail = response.json()["detail"]
+        if type_ is not None:
+            assert detail[0]["type"] == type_ and detail[0]["loc"] == expected_loc, detail
+    assert await outbox_count(engine) == 0
+    # Nothing was left half-done: the producer's next valid event goes in.
+    assert (await client.post("/v1/events", json=short_event("o-after"))).status_code == 202
+
+
+@pytest.fixture
+async def fuzz_client(make_client, add_producer):
+    """One producer without a practical rate limit, shared by every generated example."""
+    return make_client(await add_producer("fuzz", rate_limit=1_000_000))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
+@given(event_=HOSTILE_EVENTS, batch=st.booleans())
+async def test_generated_hostile_bodies_never_get_a_5xx(fuzz_client, event_, batch):
+    body = dump({"events": [event_]} if batch else event_).encode()
+    response = await fuzz_client.post(
+        "/v1/events:batch" if batch else "/v1/events", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code in REFUSALS | {202}, (response.status_code, body[:300], response.text[:300])
+    answer = response.json()
+    if response.status_code == 422:
+        assert all(isinstance(e["loc"], list) and e["loc"][0] == "body" for e in answer["detail"]), answer
+
+
+async def test_a_poisoned_request_among_many_valid_ones_fails_alone(make_app, add_producer, engine):
+    """Two producers post 80 valid events at once with hostile ones in between.
+
+    The edge refuses NUL, lone surrogates and huge integers before the shared commit;
+    a row the database itself refuses (here a CHECK constraint the edge knows nothing
+    of) fails only its own request, with 422: every valid neighbour is committed.
+    """
+    app = make_app()
+    keys = {name: await add_producer(name) for name in ("erp", "crm")}
+    table = OUTBOX.name
+    async with engine.begin() as connection:
+        await connection.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT test_no_poison CHECK (correlation_id NOT LIKE 'poison%')"))
+    poisoned = {
+        "nul": raw_event('"o-\\u0000"'),
+        "surrogate": raw_event('"o-\\udc80"'),
+        "huge-int": raw_event(payload=with_amount("9" * 5000)),
+        "refused-by-the-database": json.dumps(short_event("poison-1")).encode(),
+    }
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+
+            async def post(producer: str, body: bytes, key: str) -> httpx.Response:
+                headers = {"X-API-Key": keys[producer], "Content-Type": "application/json", "Idempotency-Key": key}
+                return await client.post("/v1/events", content=body, headers=headers)
+
+            valid = [(name, f"o-{name}-{n}") for n in range(40) for name in keys]
+            calls = [post(name, json.dumps(short_event(order)).encode(), f"k-{order}") for name, order in valid]
+            for index, (label, body) in enumerate(poisoned.items()):
+                calls.insert(10 + 20 * index, post("erp" if index % 2 else "crm", body, f"k-poison-{label}"))
+            responses = await asyncio.gather(*calls)
+    finally:
+        async with engine.begin() as connection:
+            await connection.execute(text(f"ALTER TABLE {table} DROP CONSTRAINT test_no_poison"))
+    by_key = {r.request.headers["Idempotency-Key"]: r for r in responses}
+    for label in poisoned:
+        refused = by_key[f"k-poison-{label}"]
+        assert refused.status_code == 422, (label, refused.status_code, refused.text)
+    assert by_key["k-poison-refused-by-the-database"].json()["detail"][0]["type"] == "database_refused"
+    accepted = {order: by_key[f"k-{order}"] for _name, order in valid}
+    assert {order: r.status_code for order, r in accepted.items() if r.status_code != 202} == {}
+    rows = await outbox_rows(engine)
+    assert sorted(r.message_id for r in rows) == sorted(r.json()["message_id"] for r in accepted.values())
+    assert {decode(r.body).correlation_id for r in rows} == {order for _name, order in valid}
+
+
+async def test_writer_commits_the_neighbours_of_rows_the_database_refuses(engine):
+    """The backstop behind validation: a refused row fails its own write only; an outage fails all."""
+    from contracts import OrderCancelled, new_message
+    from outbox.uow import outbox_row
+    from producers.ingest.writer import OutboxWriter, RowsRefused
+
+    def rows(order_id: str) -> list[dict[str, Any]]:
+        message = new_message(OrderCancelled(order_id=order_id, reason="x"), correlation_id=order_id, producer="erp")
+        return [outbox_row(message, clock.now())]
+
+    writer = OutboxWriter(engine, OUTBOX)
+    nul, surrogate, too_long = rows("o-nul"), rows("o-surrogate"), rows("o-long")
+    nul[0]["correlation_id"] = "o-\x00"
+    surrogate[0]["correlation_id"] = "o-\udc80"
+    too_long[0]["correlation_id"] = "o" * 65
+    good = [rows(f"o-{n}") for n in range(6)]
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    try:
+        # Gathered: all eight are pending before the first commit starts, so they share it.
+        outcomes = await asyncio.gather(
+            writer.write(good[0]), writer.write(nul), writer.write(good[1]), writer.write(good[2]),
+            writer.write(surrogate), writer.write(good[3]), writer.write(too_long), writer.write(good[4] + good[5]),
+            return_exceptions=True,
+        )
+    finally:
+        configure_logging("INFO", "json")
+    [split] = [json.loads(line) for line in stream.getvalue().splitlines() if "ingest.commit_split" in line]
+    assert split["requests"] == 8
+    failed = [type(o).__name__ if o is not None else None for o in outcomes]
+    assert failed == [None, "RowsRefused", None, None, "RowsRefused", None, "RowsRefused", None]
+    assert "SQLSTATE 22" in str(outcomes[1]) and str(outcomes[4]).isascii()
+    assert sorted(r.message_id for r in await outbox_rows(engine)) == sorted(g[0]["message_id"] for g in good)
+    # Alone in its commit, a refused request fails the same way.
+    with pytest.raises(RowsRefused):
+        await writer.write(nul)
+
+
+async def test_client_disconnect_mid_body_is_one_log_line(make_app, add_producer):
+    app = make_app()
+    key = await add_producer("erp")
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    messages = [
+        {"type": "http.request", "body": b'{"type": "order.created", "corr', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/events", "raw_path": b"/v1/events", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"ingest"), (b"content-type", b"application/json"), (b"x-api-key", key.encode()), (b"content-length", b"500")],
+        "client": ("127.0.0.1", 5000), "server": ("ingest", 80),
+    }
+    try:
+        await app(scope, receive, send)  # raises nothing: an unhandled error is what uvicorn logs with a traceback
+    finally:
+        configure_logging("INFO", "json")
+    lines = [line for line in stream.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 1 and json.loads(lines[0])["event"] == "ingest.client_disconnected", lines
+    assert "Traceback" not in stream.getvalue()
+    assert sent[0]["status"] == 400
+
+
+async def test_hostile_api_keys_are_401(make_client, add_producer, engine):
+    await add_producer("erp")
+    client = make_client()
+    for presented in (b"cpk_" + b"a" * 8000 + b"_x", b"cpk_\xe9\xff_x", b"cpk_%00_x", b"cpk__", b"cpk_a_\xff" * 100, b"\xff" * 64):
+        response = await client.post("/v1/events", json=short_event(), headers=[(b"X-API-Key", presented)])
+        assert response.status_code == 401, (presented[:20], response.status_code)
+        response = await client.post("/v1/events", json=short_event(), headers=[(b"Authorization", b"Bearer " + presented)])
+        assert response.status_code == 401, (presented[:20], response.status_code)
+    assert await outbox_count(engine) == 0

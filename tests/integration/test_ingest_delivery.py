@@ -105,7 +105,7 @@ async def test_api_killed_right_after_202_still_delivers_the_event_once(
     process, base = await api_process()
     headers = {"X-API-Key": key, "Idempotency-Key": "crash-1"}
     async with httpx.AsyncClient(base_url=base) as http:
-        assert "redis" in (await http.get("/health")).json()["checks"]  # whichever /health router is mounted
+        assert (await http.get("/health")).json() == {"status": "ok"}
         response = await http.post("/v1/events", json=ledger_updated("o-crash"), headers=headers)
         process.send_signal(signal.SIGKILL)
     assert response.status_code == 202

@@ -1,19 +1,25 @@
-"""Pure parts of the ingest: API keys, request fingerprints, derived ids, submissions, SDK retries."""
+"""Pure parts of the ingest: API keys, request fingerprints, derived ids, submissions, hostile bodies, SDK retries."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from contracts import ContractError, LedgerUpdated, Posting
+from outbox.uow import outbox_row
 from producers.ingest.auth import ProducerDirectory, check_types, generate_key, split_key
 from producers.ingest.idempotency import fingerprint, message_ids
-from producers.ingest.submission import Rejected, build_messages, parse_events
+from producers.ingest.submission import Rejected, build_messages, json_depth, json_media_type, parse_events, parse_json
 from producers.sdk import IngestClient, IngestUnavailable, InvalidEvent, PermissionDenied, event
+from tests.integration.ingest_helpers import HOSTILE_EVENTS, dump, short_event
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -143,3 +149,122 @@ def test_event_builder_short_form():
     assert event({"a": 1}, type="x.y", version=2, correlation_id="c") == {"type": "x.y", "payload": {"a": 1}, "version": 2, "correlation_id": "c"}
     with pytest.raises(ValueError, match="type="):
         event({"a": 1}, correlation_id="c")
+
+
+# ---------------------------------------------------------------- hostile bodies
+
+
+def refusal(raw: bytes) -> tuple[list[Any], str]:
+    with pytest.raises(Rejected) as refused:
+        parse_json(raw, max_depth=32)
+    assert refused.value.status == 422
+    first = refused.value.detail[0]
+    return first["loc"], first["type"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "loc", "type_"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, ["body"], "json_too_deep"),
+        (b'{"a":' * 33 + b"1" + b"}" * 33, ["body"], "json_too_deep"),
+        (b'{"a": "' + b"[" * 100 + b'"}', None, None),  # brackets in a string are text
+        (rb'{"a": "\\"}', None, None),
+        (b'{"amount": ' + b"9" * 5000 + b"}", ["body", "amount"], "int_out_of_range"),
+        (b'{"x": [0, -9223372036854775809]}', ["body", "x", 1], "int_out_of_range"),
+        (b'{"x": [0, -9223372036854775808, 9223372036854775807]}', None, None),
+        (b'{"x": 1e400}', ["body", "x"], "number_not_finite"),
+        (b'{"x": -Infinity}', ["body", "x"], "number_not_finite"),
+        (rb'{"correlation_id": "\ud800"}', ["body", "correlation_id"], "string_unicode"),
+        (rb'{"note": "\ud83d\ude00"}', None, None),  # a surrogate pair is one character
+        (rb'{"note": "\udc00\ud800"}', ["body", "note"], "string_unicode"),  # reversed: two lone halves
+        (rb'{"\udfff": 1}', ["body", r"\udfff"], "string_unicode"),
+        (rb'{"note": "a\u0000"}', ["body", "note"], "string_nul"),
+        (rb'{"\u0000": 1}', ["body", "\x00"], "string_nul"),
+        (rb'{"correlation_id": "a\tb"}', ["body", "correlation_id"], "string_control_character"),
+        (b'{"order_id": "a\x7f"}', ["body", "order_id"], "string_control_character"),
+        (rb'{"payment_token": "tok\u001b"}', ["body", "payment_token"], "string_control_character"),
+        (rb'{"reason": "line one\nline two\t\u001b"}', None, None),  # free text: only NUL is refused
+        (rb'{"a\nb": 1}', ["body", "a\nb"], "string_control_character"),
+        (rb'{"a": "\\u0000"}', None, None),  # an escaped backslash, then text
+        (b'{"type": "x"', ["body"], "json_invalid"),
+        (b'{"a": "\xff"}', ["body"], "json_invalid"),
+        (b"", ["body"], "json_invalid"),
+    ],
+)
+def test_parse_json_refuses_what_no_field_may_hold_and_names_it(raw, loc, type_):
+    if loc is None:
+        assert parse_json(raw, max_depth=32) == json.loads(raw)
+    else:
+        assert refusal(raw) == (loc, type_)
+
+
+def test_the_depth_limit_counts_levels_of_arrays_and_objects():
+    assert parse_json(b"[" * 32 + b"]" * 32, max_depth=32) is not None
+    assert refusal(b"[" * 33 + b"]" * 33)[1] == "json_too_deep"
+
+
+nested = st.recursive(
+    st.one_of(st.integers(), st.text(st.sampled_from('[]{}"\\ax\n')), st.none()),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(st.sampled_from('[]{}"\\a'), max_size=3), children, max_size=3)),
+    max_leaves=30,
+)
+
+
+def real_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(real_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(real_depth, value), default=0)
+    return 0
+
+
+@given(nested, st.booleans())
+def test_json_depth_is_exact_for_valid_json(value, ascii_only):
+    assert json_depth(json.dumps(value, ensure_ascii=ascii_only).encode()) == real_depth(value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 1_048_576, b"[]" * 524_288, b'\\"' * 349_525, b'"' + b"\\" * 524_287, b'"\\"' * 262_144 + b"\\", b'{"a":' * 209_715],
+    ids=["opening", "pairs", "escaped-quotes", "backslashes", "unterminated", "objects"],
+)
+def test_hostile_megabyte_is_refused_in_linear_time(raw):
+    started = time.perf_counter()
+    with pytest.raises(Rejected):
+        parse_json(raw, max_depth=32)
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    ("content_type", "ok"),
+    [
+        ("application/json", True), ("Application/JSON; charset=UTF-8", True), ('application/json; charset="utf-8"', True),
+        ("application/vnd.compensa+json", True), ("text/plain", False), ("text/json", False), ("", False), (None, False),
+        ("application/json; charset=iso-8859-1", False), ("application/jsonp", False), ("multipart/form-data; boundary=x", False),
+    ],
+)
+def test_only_json_in_utf_8_is_accepted(content_type, ok):
+    assert json_media_type(content_type) is ok
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(HOSTILE_EVENTS, HOSTILE_EVENTS.map(lambda event_: {"events": [event_, short_event("o-2")]})))
+def test_hostile_bodies_become_messages_or_a_rejection_never_an_error(body):
+    """The whole pure path (parse, shape, contracts, outbox row) raises nothing but Rejected."""
+    raw = dump(body).encode()
+    batch = isinstance(body, dict) and "events" in body
+    try:
+        parsed = parse_json(raw, max_depth=32)
+        fingerprint("POST", "/v1/events", parsed)
+        events = parse_events(parsed, batch=batch, max_events=10)
+        messages = build_messages(events, batch=batch, producer=producer(("order.created",)), now=NOW, ids=lambda _i: uuid.uuid4())
+    except Rejected as rejected:
+        assert rejected.status in (403, 422)
+        json.dumps(rejected.detail, ensure_ascii=True)
+        return
+    for message in messages:
+        row = outbox_row(message, NOW)
+        for value in row.values():
+            if isinstance(value, str):
+                assert "\x00" not in value
+                value.encode("utf-8")  # no lone surrogate reaches the database

@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.orders import HANDLERS, SERVICE, OrderStatus, get_order, order_statuses, place_order
 from consumers.orders import rules
-from contracts import BusinessRuleError, ContractError, Money, OrderLine, Payload, new_message
-from contracts.messages import OrderCancelled, OrderCompleted, OrderRejected
+from contracts import BusinessRuleError, ContractError, Money, OrderLine, Payload, TransientError, new_message
+from contracts.messages import OrderCancelled, OrderCompleted, OrderCreated, OrderRejected
 from infra.clock import VirtualClock
 from infra.db import create_engine
 from outbox.tables import metadata, tables_for
@@ -165,6 +165,43 @@ async def test_a_repeated_or_conflicting_outcome_changes_nothing(engine: AsyncEn
     assert order is not None and (order.status, order.reason) == (OrderStatus.CANCELLED, "payment declined")
 
 
-async def test_an_outcome_for_an_unknown_order_is_refused(engine: AsyncEngine, clock: VirtualClock) -> None:
-    with pytest.raises(BusinessRuleError, match="unknown order"):
+async def test_an_outcome_for_an_unknown_order_waits_for_the_order(engine: AsyncEngine, clock: VirtualClock) -> None:
+    # Transient: the order.created that records the order may still be on its way.
+    with pytest.raises(TransientError, match="unknown order"):
         await settle(engine, clock, OrderRejected(order_id="o9", reason="out of stock"))
+
+
+def _created(order_id: str = "o1", lines: list[OrderLine] = LINES) -> OrderCreated:
+    return OrderCreated(
+        order_id=order_id,
+        customer_id="c1",
+        lines=tuple(lines),
+        total=rules.total_of(lines, "EUR"),
+        payment_token="tok_visa",
+    )
+
+
+async def test_an_order_that_entered_elsewhere_is_recorded_pending(engine: AsyncEngine, clock: VirtualClock) -> None:
+    await settle(engine, clock, _created("o7"))
+
+    assert await order_statuses(engine) == {"o7": "pending"}
+    await settle(engine, clock, OrderCompleted(order_id="o7", total=Money(amount=399, currency="EUR")))
+    assert await order_statuses(engine) == {"o7": "completed"}
+
+
+async def test_the_announcement_of_a_placed_order_changes_nothing(engine: AsyncEngine, clock: VirtualClock) -> None:
+    await place(engine, clock)
+    await settle(engine, clock, OrderCompleted(order_id="o1", total=Money(amount=399, currency="EUR")))
+
+    await settle(engine, clock, _created("o1"))
+
+    assert await order_statuses(engine) == {"o1": "completed"}
+
+
+async def test_another_order_under_a_taken_id_is_refused_on_the_broker(engine: AsyncEngine, clock: VirtualClock) -> None:
+    await place(engine, clock)
+
+    with pytest.raises(BusinessRuleError, match="different contents"):
+        await settle(engine, clock, _created("o1", LINES[:1]))
+    order = await get_order(engine, "o1")
+    assert order is not None and order.lines == tuple(LINES)

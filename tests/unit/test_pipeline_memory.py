@@ -4,6 +4,7 @@ import json
 import uuid
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 
 from contracts import BusinessRuleError, TransientError, encode, new_message
@@ -11,7 +12,8 @@ from contracts.messages import ReserveStock, StockLine
 from infra import topology as t
 from infra.clock import VirtualClock
 from infra.db import create_engine
-from infra.pipeline import MessageProcessor, RetryPolicy
+from infra.pipeline import MessageProcessor, RetryPolicy, failure_reason, is_transient, is_unavailable
+from infra.transport.base import Delivery
 from infra.transport.memory import MemoryBroker
 from outbox.ports import OutgoingMessage
 from outbox.relay import Relay
@@ -202,3 +204,114 @@ def test_infrastructure_failures_are_classified_transient_and_bugs_are_not():
     assert is_transient(TransientError("x"))
     assert not is_transient(KeyError("bug"))
     assert not is_transient(BusinessRuleError("no"))
+
+
+class _ServerStartingUp(Exception):
+    """What asyncpg raises while PostgreSQL starts up: SQLSTATE 57P03, "cannot connect now"."""
+
+    sqlstate = "57P03"
+
+
+def _db_unavailable() -> DBAPIError:
+    return DBAPIError("SELECT 1", None, _ServerStartingUp("the database system is starting up"))
+
+
+async def test_a_restarting_database_makes_the_message_wait_not_fail(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    failures = {"left": 3}
+
+    async def flaky(uow, message):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise _db_unavailable()
+        await apply_effect(uow, message)
+
+    await broker.publish_batch([outgoing(reserve())])
+    await processor(engine, clock, flaky)(broker.get("stock.commands"))
+
+    assert await count_effects(engine) == 1
+    assert broker.stats.retried == 0 and broker.dead_letters("stock.commands") == []
+    assert broker.depth("stock.commands") == 0
+
+
+async def test_past_its_patience_an_unavailable_database_takes_the_ordinary_retry_path(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+
+    async def down(uow, message):
+        raise _db_unavailable()
+
+    await broker.publish_batch([outgoing(reserve())])
+    consume = MessageProcessor(
+        engine, "stock", "stock.commands", {"stock.reserve": down}, clock,
+        retry=RetryPolicy(3, 1.0, 8.0, unavailable_seconds=0),
+    )
+    await consume(broker.get("stock.commands"))
+    assert broker.stats.retried == 1 and broker.dead_letters("stock.commands") == []
+
+
+@pytest.mark.parametrize("sqlstate", ["57P01", "57P02", "57P03", "53300", "08006", "08001"])
+def test_server_not_available_now_is_transient(sqlstate):
+    error = type("PgError", (Exception,), {"sqlstate": sqlstate})("down")
+    assert is_unavailable(DBAPIError("SELECT 1", None, error))
+    assert is_transient(DBAPIError("SELECT 1", None, error))
+
+
+def test_a_bad_statement_is_not_transient_and_its_reason_shows_no_values():
+    error = type("PgError", (Exception,), {"sqlstate": "22003"})("value out of range for type integer")
+    exc = DBAPIError("INSERT INTO t VALUES ($1)", ("card-4111111111111111",), error)
+    assert not is_transient(exc)
+    reason = failure_reason(exc)
+    assert "out of range" in reason and "4111" not in reason and "INSERT" not in reason
+
+
+async def test_a_poison_body_in_a_batch_takes_none_of_its_neighbours_with_it(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    good = [reserve(f"o-{n}") for n in range(4)]
+    await broker.publish_batch([outgoing(m) for m in good[:2]])
+    broker.publish_one(OutgoingMessage(
+        message_id="poison", type="stock.reserve", correlation_id="x", exchange="compensa.commands",
+        routing_key="stock.reserve", body=b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+    ))
+    await broker.publish_batch([outgoing(m) for m in good[2:]])
+    consume = processor(engine, clock)
+    await consume.process_batch([broker.get("stock.commands") for _ in range(5)])
+
+    assert await count_effects(engine) == 4
+    [dead] = broker.dead_letters("stock.commands")
+    assert dead.headers[t.H_REASON_CLASS] == "contract" and "nested too deeply" in dead.headers[t.H_REASON]
+    assert broker.depth("stock.commands") == 0 and not broker.unacked
+
+
+class _AckLost(Delivery):
+    """A delivery whose channel dropped after the commit: the ack fails."""
+
+    def __init__(self, inner: Delivery) -> None:
+        self.inner = inner
+        for name in ("queue", "body", "headers", "message_id", "correlation_id", "exchange", "routing_key", "redelivered"):
+            setattr(self, name, getattr(inner, name))
+
+    async def ack(self) -> None:
+        raise TransientError("ack failed: channel closed")
+
+    async def retry(self, delay_ms, expiration_ms, headers) -> None:
+        await self.inner.retry(delay_ms, expiration_ms, headers)
+
+    async def dead_letter(self, headers) -> None:
+        await self.inner.dead_letter(headers)
+
+
+async def test_an_ack_lost_after_commit_is_no_failure_and_the_redelivery_is_skipped(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    await broker.publish_batch([outgoing(reserve())])
+    consume = processor(engine, clock)
+    first = broker.get("stock.commands")
+    await consume(_AckLost(first))
+    assert broker.dead_letters("stock.commands") == [] and broker.stats.retried == 0
+
+    await first.requeue()  # what the broker does with an unacked delivery
+    await consume(broker.get("stock.commands"))
+    assert await count_effects(engine) == 1 and consume.duplicates == 1
