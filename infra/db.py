@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
@@ -67,7 +68,8 @@ async def scratch_database(server_url: str, prefix: str = "compensa_scratch") ->
     """
     url = make_url(server_url)
     name = f"{prefix}_{uuid.uuid4().hex[:8]}".lower()
-    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    # No pool: a server restart in between must not leave DROP DATABASE a dead connection.
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         async with admin.connect() as connection:
             await connection.execute(text(f'CREATE DATABASE "{name}"'))

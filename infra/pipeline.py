@@ -267,7 +267,7 @@ class MessageProcessor:
             await _ack_committed(delivery)
 
     async def _retry_or_dead_letter(self, delivery: Delivery, exc: BaseException, message: Message[Any] | None) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = failure_reason(exc)
         if delivery.attempt >= self.retry.max_attempts:
             await self._dead_letter(
                 delivery, "transient_exhausted", f"gave up after {delivery.attempt} attempts: {reason}", message
