@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -18,6 +19,16 @@ from outbox.tables import ServiceTables, tables_for
 log = structlog.get_logger("compensa.relay")
 
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
+
+
+async def _wait(*events: asyncio.Event, timeout: float) -> None:
+    """Return when any of the events is set, or after timeout seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _to_outgoing(row: Row) -> OutgoingMessage:
@@ -50,6 +61,9 @@ class Relay:
         *,
         batch_size: int = 200,
         poll_seconds: float = 0.5,
+        retry_base_seconds: float = 0.5,
+        retry_max_seconds: float = 10.0,
+        rng: random.Random | None = None,
         retention: timedelta = timedelta(hours=72),
         on_published: Callable[[Sequence[OutgoingMessage]], None] | None = None,
     ) -> None:
@@ -60,6 +74,9 @@ class Relay:
         self.clock = clock
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.rng = rng or random.Random()
         self.retention = retention
         self.on_published = on_published
         self.wakeup = asyncio.Event()
@@ -143,25 +160,44 @@ class Relay:
                 break
         return total
 
+    def retry_delay(self, failures: int) -> float:
+        """Backoff after the n-th failure in a row: exponential, capped, jittered in [d/2, d]."""
+        ceiling = min(self.retry_base_seconds * 2 ** (failures - 1), self.retry_max_seconds)
+        return self.rng.uniform(ceiling / 2, ceiling)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Relay until stopped; wake on a NOTIFY hint, poll as the fallback."""
+        """Relay until stopped; wake on a NOTIFY hint, poll as the fallback.
+
+        After a failed batch the relay waits out its backoff whatever wakes it: during a
+        broker outage every outbox insert still NOTIFYs, and acting on each would retry
+        once per insert. A hint that arrives meanwhile stays set, and so does one that
+        arrives while a batch is being published: the flag is cleared before the claim,
+        so a row committed after the claim's snapshot is never left waiting for the poll.
+        """
         log.info("relay.started", service=self.service)
-        backoff = self.poll_seconds
+        failures = 0
         while not stop.is_set():
+            self.wakeup.clear()
             try:
                 published = await self.relay_once()
-                backoff = self.poll_seconds
             except Exception as exc:  # noqa: BLE001 - the relay must outlive broker/db outages
-                log.warning("relay.batch_failed", service=self.service, error=repr(exc))
-                published = 0
-                backoff = min(backoff * 2, 10.0)
+                failures += 1
+                delay = self.retry_delay(failures)
+                log.warning(
+                    "relay.batch_failed",
+                    service=self.service,
+                    error=repr(exc),
+                    failures=failures,
+                    retry_in=round(delay, 3),
+                )
+                await _wait(stop, timeout=delay)
+                continue
+            if failures:
+                log.info("relay.recovered", service=self.service, failures=failures)
+                failures = 0
             if published:
                 continue
-            self.wakeup.clear()
-            waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waiters, timeout=backoff, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+            await _wait(stop, self.wakeup, timeout=self.poll_seconds)
         # Flush what is left so a graceful stop leaves nothing pending.
         try:
             await self.drain(max_batches=50)
