@@ -349,3 +349,69 @@ class BatchingConsumer:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+
+
+class AdmissionGate:
+    """Let a start message through only while fewer than `limit` sagas are in flight.
+
+    Work already started must not time out because new work arrives: under a burst,
+    the starts wait in their own queue (un-started, visible as its depth) and each
+    admitted saga meets participant queues no longer than the bound allows. The count
+    comes from the database, so several orchestrator processes share one bound; between
+    recounts (every `refresh_seconds`) this process adds its own admissions. A count
+    that fails (database down) admits: the processor then waits for the database.
+    """
+
+    def __init__(
+        self,
+        count_in_flight: Callable[[], Awaitable[int]],
+        limit: int,
+        *,
+        refresh_seconds: float = 0.1,
+        poll_seconds: float = 0.05,
+    ) -> None:
+        self.count_in_flight = count_in_flight
+        self.limit = limit
+        self.refresh_seconds = refresh_seconds
+        self.poll_seconds = poll_seconds
+        self._estimate = 0
+        self._counted_at = -float("inf")
+        self._lock = asyncio.Lock()
+        self._in_progress = 0
+        #: Admissions that had to wait for a saga to finish first.
+        self.waited = 0
+
+    async def admit(self) -> None:
+        async with self._lock:  # one admission at a time keeps the estimate exact here
+            waiting = False
+            while True:
+                if time.monotonic() - self._counted_at >= self.refresh_seconds:
+                    # Admitted starts still being applied are not in the count yet; taken
+                    # before counting, so one that commits meanwhile is counted (twice at worst).
+                    in_progress = self._in_progress
+                    try:
+                        self._estimate = await self.count_in_flight() + in_progress
+                    except Exception as exc:  # noqa: BLE001 - fail open, see the class docstring
+                        log.warning("admission.count_failed", error=failure_reason(exc))
+                        return
+                    self._counted_at = time.monotonic()
+                if self._estimate < self.limit:
+                    self._estimate += 1
+                    self.waited += waiting
+                    return
+                waiting = True
+                await asyncio.sleep(self.poll_seconds)
+                self._counted_at = -float("inf")  # recount: sagas may have finished
+
+    def guard(self, handler: Callable[[Delivery], Awaitable[None]]) -> Callable[[Delivery], Awaitable[None]]:
+        """`handler`, called for each delivery once the gate admits it."""
+
+        async def admitted(delivery: Delivery) -> None:
+            await self.admit()
+            self._in_progress += 1
+            try:
+                await handler(delivery)
+            finally:
+                self._in_progress -= 1
+
+        return admitted

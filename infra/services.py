@@ -20,7 +20,7 @@ import consumers.payments as payments
 import consumers.stock as stock
 from contracts.clock import Clock
 from infra import topology as t
-from infra.pipeline import BatchingConsumer, BatchLock, Handler, MessageProcessor, RetryPolicy
+from infra.pipeline import AdmissionGate, BatchingConsumer, BatchLock, Handler, MessageProcessor, RetryPolicy
 from infra.settings import Settings
 from infra.transport.base import Subscription, Transport
 from outbox.relay import Relay
@@ -28,7 +28,7 @@ from outbox.uow import UnitOfWork, prune
 from sagas import ORDER_SAGA
 from sagas.order_saga import order_saga
 from sagas.orchestrator import Orchestrator
-from sagas.store import SagaStore
+from sagas.store import SagaStore, count_in_flight
 
 log = structlog.get_logger("compensa.runtime")
 tracer = trace.get_tracer("compensa")
@@ -49,6 +49,9 @@ class ServiceSpec:
     #: Takes a batch's locks up front in one order, so batches of two processes queue
     #: instead of deadlocking (serial_batches only orders the batches of one process).
     lock_batch: BatchLock | None = None
+    #: A second queue, of messages that start new work, consumed by the same handlers
+    #: behind an admission gate (`Settings.saga_max_in_flight`).
+    starts: t.QueueSpec | None = None
 
 
 def orchestrator_for(settings: Settings) -> Orchestrator:
@@ -70,7 +73,7 @@ def build_services(settings: Settings, orchestrator: Orchestrator | None = None)
     gateway = payments.RuleBasedGateway(limit=settings.payment_amount_limit)
     ttl = timedelta(seconds=settings.reservation_ttl_seconds)
     return {
-        "saga": ServiceSpec("saga", t.SAGA_EVENTS, orchestrator.handlers),
+        "saga": ServiceSpec("saga", t.SAGA_EVENTS, orchestrator.handlers, starts=t.SAGA_STARTS),
         "stock": ServiceSpec(
             "stock",
             t.STOCK_COMMANDS,
@@ -163,6 +166,8 @@ class Runtime:
     orchestrator: Orchestrator | None = None
     relay_objects: list[Relay] = field(default_factory=list)
     archive: Any = None
+    #: Admits saga starts while fewer than `saga_max_in_flight` sagas run (saga service only).
+    gate: AdmissionGate | None = None
     _subscriptions: list[Subscription] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _batchers: list[BatchingConsumer] = field(default_factory=list)
@@ -192,6 +197,11 @@ class Runtime:
             self._subscriptions.append(
                 await self.transport.consume(spec.queue, handler, self.settings.prefetch)
             )
+            if spec.starts is not None:
+                self.gate = AdmissionGate(self._count_sagas_in_flight, self.settings.saga_max_in_flight)
+                self._subscriptions.append(
+                    await self.transport.consume(spec.starts, self.gate.guard(handler), self.settings.prefetch)
+                )
         if self.relays:
             for name in self._relayed_outboxes():
                 relay = Relay(
@@ -211,6 +221,10 @@ class Runtime:
             self._tasks.append(asyncio.create_task(self._every(5.0, self._expire_reservations), name="reservations"))
         self._tasks.append(asyncio.create_task(self._every(300.0, self._prune), name="prune"))
         log.info("runtime.started", services=list(self.services), relays=self.relays)
+
+    async def _count_sagas_in_flight(self) -> int:
+        async with self.engine.connect() as connection:
+            return await count_in_flight(connection)
 
     def _relayed_outboxes(self) -> list[str]:
         names = [s for s in self.services if s in OUTBOX_SERVICES]

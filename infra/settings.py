@@ -5,11 +5,26 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///.compensa/compensa.db"
+
+
+def derive_management_url(amqp_url: str) -> str:
+    """RabbitMQ's management API beside an AMQP URL: same host and credentials, port 15672.
+
+    `amqps://` gives `https://…:15671/`; no credentials gives RabbitMQ's default guest.
+    """
+    parts = urlsplit(amqp_url)
+    secure = parts.scheme.lower() == "amqps"
+    userinfo = parts.netloc.rpartition("@")[0] or "guest:guest"
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if secure else 'http'}://{userinfo}@{host}:{15671 if secure else 15672}/"
 
 
 class Settings(BaseSettings):
@@ -20,6 +35,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy async URL: sqlite+aiosqlite:///… or postgresql+asyncpg://…",
     )
     amqp_url: str | None = Field(default=None, description="RabbitMQ URL; unset = in-memory transport.")
+    amqp_management_url: str | None = Field(
+        default=None,
+        description="RabbitMQ management API (http://user:password@host:15672/), where `compensa health` reads "
+        "queue statistics; unset = derived from COMPENSA_AMQP_URL (same host and credentials, port 15672).",
+    )
     redis_url: str | None = None
 
     queue_type: Literal["classic", "quorum"] = "classic"
@@ -43,9 +63,18 @@ class Settings(BaseSettings):
     saga_step_deadline_seconds: float = Field(default=30.0, gt=0, description="How long a saga waits for a step's reply.")
     saga_compensation_deadline_seconds: float = Field(default=30.0, gt=0)
     saga_max_compensation_attempts: int = Field(default=5, ge=1, le=100)
+    saga_max_in_flight: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="Sagas running or compensating at once; further starts wait, un-started, in saga.starts.",
+    )
     reservation_ttl_seconds: float = Field(default=900.0, gt=0, description="Stock reservations expire after this.")
     payment_amount_limit: int = Field(default=500_000, ge=0, description="The default gateway declines above this (minor units).")
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
+    health_stuck_seconds: float = Field(
+        default=60.0, gt=0, le=86_400,
+        description="`compensa health`: how long an order may wait for its saga, a saga deadline stay unfired, "
+        "or a queue hold unacknowledged messages without an ack, before it counts as stuck.",
+    )
 
     # HTTP ingest (`compensa api`); see producers/ingest.
     api_host: str = Field(default="127.0.0.1", description="Address `compensa api` listens on.")

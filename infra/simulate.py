@@ -185,6 +185,8 @@ class Simulation:
             processors[spec.queue.name] = make_processor(
                 spec, engine, self.clock, self.settings, handlers=handlers, rng=self.rng, uow_factory=uow_factory
             )
+            if spec.starts is not None:
+                processors[spec.starts.name] = processors[spec.queue.name]
         return processors
 
     def _build_relays(self, engine: Any) -> dict[str, Relay]:
@@ -282,7 +284,7 @@ class Simulation:
             if ready:
                 queue = self.rng.choice(ready)
                 await self._deliver_one(queue, processors)
-                if queue == t.SAGA_EVENTS.name:
+                if queue in (t.SAGA_EVENTS.name, t.SAGA_STARTS.name):
                     # A saga transition may have armed a deadline, due no sooner than this.
                     due_hint = _earliest(due_hint, self.clock.now() + shortest_deadline)
                 continue

@@ -41,12 +41,16 @@ def _keys(*payloads: type[m.Payload]) -> tuple[str, ...]:
     return tuple(p.message_type for p in payloads)
 
 
+#: Events that start a saga. A queue of their own, consumed behind an admission gate
+#: (a bound on sagas in flight): a burst of new orders waits here, un-started, instead
+#: of queueing in front of the replies that sagas already in flight are waiting for.
+SAGA_STARTS = QueueSpec("saga.starts", "saga", EVENTS, _keys(m.OrderCreated))
+#: Replies to the saga's commands and confirmations of its compensations.
 SAGA_EVENTS = QueueSpec(
     "saga.events",
     "saga",
     EVENTS,
     _keys(
-        m.OrderCreated,
         m.StockReserved,
         m.StockReservationFailed,
         m.PaymentAuthorized,
@@ -76,6 +80,7 @@ WORK_QUEUES: tuple[QueueSpec, ...] = (
     PAYMENTS_COMMANDS,
     LEDGER_EVENTS,
     ORDERS_EVENTS,
+    SAGA_STARTS,
 )
 
 
@@ -90,6 +95,11 @@ def queue_named(name: str) -> QueueSpec:
         if queue.name == name:
             return queue
     raise ValueError(f"unknown queue {name!r}; known: {', '.join(q.name for q in WORK_QUEUES)}")
+
+
+#: Bindings earlier versions declared and this one does not want: `topology declare`
+#: removes them (order.created moved from saga.events to saga.starts).
+RETIRED_BINDINGS: tuple[tuple[QueueSpec, str], ...] = ((SAGA_EVENTS, m.OrderCreated.message_type),)
 
 
 def retry_delays_ms(max_attempts: int, base_seconds: float, max_seconds: float) -> list[int]:

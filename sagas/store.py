@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts import ConflictError
@@ -64,6 +64,11 @@ _UPDATE = update(saga_instances).where(
 _RECORD = insert(saga_history)
 _CLEAR_DEADLINE = delete(saga_deadlines).where(saga_deadlines.c.saga_id == bindparam("b_saga_id"))
 _SET_DEADLINE = insert(saga_deadlines)
+_COUNT_IN_FLIGHT = (
+    select(func.count())
+    .select_from(saga_instances)
+    .where(saga_instances.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]))
+)
 
 
 class SagaStore:
@@ -148,3 +153,8 @@ class SagaStore:
             (row.saga_id, Deadline(due_at=_aware(row.due_at), kind=row.kind, step=row.step, attempt=row.attempt))
             for row in rows
         ]
+
+
+async def count_in_flight(connection: AsyncConnection) -> int:
+    """Sagas started and not yet finished (running or compensating)."""
+    return int((await connection.execute(_COUNT_IN_FLIGHT)).scalar_one())

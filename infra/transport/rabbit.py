@@ -180,6 +180,10 @@ class RabbitTransport:
                 work = await channel.declare_queue(queue.name, durable=True, arguments=self._queue_arguments(queue))
                 for key in queue.routing_keys:
                     await work.bind(exchanges[queue.exchange.name], routing_key=key)
+                for retired_queue, key in t.RETIRED_BINDINGS:
+                    if retired_queue == queue:
+                        # Unbinding a binding that does not exist is a no-op in RabbitMQ.
+                        await work.unbind(exchanges[queue.exchange.name], routing_key=key)
                 dlq = await channel.declare_queue(queue.dlq, durable=True, arguments={"x-queue-type": self.queue_type})
                 await dlq.bind(exchanges[t.DLX.name], routing_key=queue.name)
                 for delay_ms in self.retry_delays_ms:
