@@ -85,6 +85,10 @@ def _inbox_table(service: str) -> Table:
         Column("message_id", String(36), primary_key=True),
         Column("message_type", String(64), nullable=False),
         Column("received_at", DateTime(timezone=True), nullable=False),
+        Column(
+            "digest", String(64), nullable=True,
+            doc="sha256 of type, version, correlation id and payload: the same id with other content is refused.",
+        ),
         Index(f"ix_{name}_received_at", "received_at"),
     )
 

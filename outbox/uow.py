@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from contracts import Message, Payload, encode, new_message
+from contracts import ContractError, Message, Payload, encode, new_message
 from contracts.clock import Clock
 from contracts.routing import exchange_for
 from outbox.tables import ServiceTables, tables_for
@@ -40,6 +41,16 @@ def insert_ignoring_duplicates(connection: AsyncConnection, table: Any) -> Any:
     if statement is None:
         statement = _IGNORING_INSERTS[key] = insert_for(connection.dialect.name, table).on_conflict_do_nothing()
     return statement
+
+
+def content_digest(message: Message[Any]) -> str:
+    """What makes two deliveries of one message id the same message (not when or by whom it was sent)."""
+    envelope = message.envelope
+    canonical = json.dumps(
+        [envelope.type, envelope.version, envelope.correlation_id, envelope.payload],
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def outbox_row(
@@ -154,8 +165,13 @@ class UnitOfWork:
         return tuple(self._pending)
 
     async def seen(self, consumer: str, message: Message[Any]) -> bool:
-        """Record the message in the inbox; return True when it was already there."""
+        """Record the message in the inbox; return True when it was already there.
+
+        Raise ContractError when its id was recorded with other content: a producer
+        reused a message id, and skipping it as a duplicate would lose it silently.
+        """
         statement = insert_ignoring_duplicates(self.connection, self.tables.inbox)
+        digest = content_digest(message)
         result = await self.connection.execute(
             statement,
             {
@@ -163,9 +179,23 @@ class UnitOfWork:
                 "message_id": str(message.message_id),
                 "message_type": message.type,
                 "received_at": self.now(),
+                "digest": digest,
             },
         )
-        return result.rowcount == 0
+        if result.rowcount != 0:
+            return False
+        inbox = self.tables.inbox
+        stored = (
+            await self.connection.execute(
+                select(inbox.c.digest).where(inbox.c.consumer == consumer, inbox.c.message_id == str(message.message_id))
+            )
+        ).scalar_one_or_none()
+        if stored is not None and stored != digest:
+            raise ContractError(
+                f"message id {message.message_id} was already processed with other content "
+                "(a reused message id): refused, not skipped"
+            )
+        return True
 
     async def flush_outbox(self) -> None:
         if self._pending:

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from contracts import Message, ReserveStock, StockLine, encode, new_message
+from contracts import ContractError, Message, ReserveStock, StockLine, encode, new_message
 from contracts.routing import COMMANDS_EXCHANGE
 from infra.clock import VirtualClock
 from infra.db import create_engine
@@ -172,6 +172,22 @@ async def test_inbox_seen_is_false_the_first_time_and_true_after_that(
 
     [row] = await inbox_rows(engine)
     assert (row.consumer, row.message_id, row.message_type) == ("stock", str(message.message_id), "stock.reserve")
+
+
+async def test_a_message_id_reused_with_other_content_is_refused_not_skipped(
+    engine: AsyncEngine, clock: VirtualClock
+) -> None:
+    first = incoming("order-1")
+    async with UnitOfWork(engine, SERVICE, clock, incoming=first) as uow:
+        assert await uow.seen("stock", first) is False
+        await uow.commit()
+    resent = new_message(reserve("order-1"), correlation_id="order-1", producer="other", message_id=first.message_id)
+    reused = new_message(reserve("order-2"), correlation_id="order-2", producer="saga", message_id=first.message_id)
+
+    async with UnitOfWork(engine, SERVICE, clock, incoming=resent) as uow:
+        assert await uow.seen("stock", resent) is True  # same content, sent again: a duplicate
+        with pytest.raises(ContractError, match="already processed with other content"):
+            await uow.seen("stock", reused)
 
 
 async def test_inbox_keeps_messages_apart_per_consumer(engine: AsyncEngine, clock: VirtualClock) -> None:
