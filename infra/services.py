@@ -173,7 +173,8 @@ class Runtime:
     _batchers: list[BatchingConsumer] = field(default_factory=list)
 
     async def start(self) -> None:
-        await self.transport.declare_topology()
+        if self.settings.declare_topology:
+            await self.transport.declare_topology()
         self.orchestrator = self.orchestrator or orchestrator_for(self.settings)
         specs = build_services(self.settings, self.orchestrator)
         for name in self.services:

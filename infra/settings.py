@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = None
 
+    declare_topology: bool = Field(
+        default=True,
+        description="Declare exchanges and queues when a service starts; off for least-privilege users (the admin runs `compensa topology declare`).",
+    )
     queue_type: Literal["classic", "quorum"] = "classic"
     prefetch: int = Field(default=32, ge=1, le=10_000)
     consumer_batch_size: int = Field(default=50, ge=1, le=1_000, description="Deliveries applied in one transaction when they arrive together (1 = one at a time).")
