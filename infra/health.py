@@ -1,8 +1,18 @@
-"""Health: database, broker, redis (when configured), relay lag, dead letters.
+"""Health: database, broker, queues, redis (when configured), relay lag, sagas, dead letters.
 
 `check_health(settings)` runs every check at once, each bounded by a timeout, and
-returns a JSON-able report whose `ok` is false when a dependency is unreachable,
-the schema is behind, the topology is missing or the relay lags too far behind.
+returns a JSON-able report with a `status`:
+
+- `unhealthy` when a dependency is unreachable, the schema is behind, the topology is
+  missing, the relay lags too far behind, a work queue is wedged (unacknowledged
+  messages and no ack over the observation window, or ready messages and no consumer
+  over it), an order waits for its saga longer than the bound, or a saga deadline is
+  overdue by more than the bound (no sweeper runs);
+- `degraded` when nothing is known to be wrong but something could not be observed:
+  the broker's management API (queue statistics) did not answer;
+- `healthy` otherwise. `ok` is true only when healthy: a check that could not look
+  never counts as a pass.
+
 Dead letters never make the service unhealthy (they are the operator's work, not
 an outage); they are counted and reported as warnings.
 
@@ -14,28 +24,52 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import exists, func, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from alembic.script import ScriptDirectory
+from consumers.orders.tables import orders_orders
+from contracts.messages import OrderCreated
 from infra import topology as t
 from infra.dlq.query import open_counts
 from infra.schema import alembic_config
 from infra.services import OUTBOX_SERVICES
-from infra.settings import Settings, get_settings
+from infra.settings import Settings, derive_management_url, get_settings
+from outbox.tables import tables_for
 from outbox.uow import pending_summary
+from sagas.tables import saga_deadlines, saga_instances
 
 #: Default: a pending outbox row older than this means the relay is not keeping up.
 MAX_RELAY_LAG_SECONDS = 60.0
 CHECK_TIMEOUT_SECONDS = 5.0
+#: How many of the oldest stuck orders / overdue sagas a report names.
+SHOWN = 5
+#: The management plugin keeps queue samples at 5 s granularity for about ten minutes
+#: (its default `basic` retention policy); a longer observation window has no data.
+MAX_WEDGE_WINDOW_SECONDS = 600.0
+#: Outboxes whose `order.created` starts a saga, and the queues the saga service reads it from.
+SAGA_START_OUTBOXES = ("orders", "ingest")
+SAGA_START_QUEUES = tuple(
+    q.name for q in t.WORK_QUEUES if q.service == "saga" and OrderCreated.message_type in q.routing_keys
+)
+#: How far back sent `order.created` rows are matched against sagas, at least (the
+#: scan is bounded; older orders that reached the orders service stay visible as
+#: pending orders without a saga).
+SAGA_START_LOOKBACK = timedelta(hours=1)
+MANAGEMENT_FIX = (
+    "enable RabbitMQ's rabbitmq_management plugin and set COMPENSA_AMQP_MANAGEMENT_URL "
+    "(http://user:password@host:15672/; the user needs the monitoring or management tag)"
+)
 
 
 def _safe(url: str) -> str:
@@ -50,7 +84,16 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text_}" if text_ else type(exc).__name__
 
 
-async def _timed(check: Callable[[], Awaitable[dict[str, Any]]], timeout: float, fix: str) -> dict[str, Any]:
+def _printable(value: str, limit: int = 64) -> str:
+    """A stored identifier as one line of text: control characters replaced, bounded."""
+    shown = "".join(c if c.isprintable() else "\ufffd" for c in value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+async def _timed(
+    check: Callable[[], Awaitable[dict[str, Any]]], timeout: float, fix: str, *, unavailable: str | None = None
+) -> dict[str, Any]:
+    """Run one check within `timeout`; with `unavailable`, a failure means "could not look" (degraded)."""
     started = time.perf_counter()
     try:
         result = await asyncio.wait_for(check(), timeout)
@@ -58,11 +101,15 @@ async def _timed(check: Callable[[], Awaitable[dict[str, Any]]], timeout: float,
         result = {"ok": False, "error": f"no answer within {timeout:.0f}s", "fix": fix}
     except Exception as exc:  # noqa: BLE001 - a failing check is reported, not raised
         result = {"ok": False, "error": _error(exc), "fix": fix}
+    else:
+        unavailable = None  # the check ran: its own verdict stands
+    if unavailable:
+        result = {**result, "unavailable": True, "error": f"{unavailable}: {result['error']}"}
     result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return result
 
 
-async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: float) -> dict[str, Any]:
+async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: float, stuck_seconds: float) -> dict[str, Any]:
     async with engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
         revision = await connection.run_sync(_current_revision)
@@ -87,7 +134,106 @@ async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: floa
         relay["fix"] = "start or scale `compensa relay` (or `compensa run`), and check the broker"
     async with engine.connect() as connection:
         archived = await open_counts(connection)
-    return {"database": database, "relay": relay, "archived": archived}
+        saga_starts = await _saga_starts(connection, now, stuck_seconds)
+        deadlines = await _overdue_deadlines(connection, now, stuck_seconds)
+    return {"database": database, "relay": relay, "archived": archived, "saga_starts": saga_starts, "deadlines": deadlines}
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything compensa stores is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _age(now: datetime, moment: datetime) -> float:
+    return round((now - _aware(moment)).total_seconds(), 3)
+
+
+async def _saga_starts(connection: AsyncConnection, now: datetime, bound: float) -> dict[str, Any]:
+    """Orders that entered more than `bound` seconds ago and have no saga.
+
+    Two ways in: a pending row in `orders_orders` (placed, or consumed from an upstream
+    `order.created`), and an `order.created` the orders or ingest outbox has sent (the
+    saga service may have lost it while the orders service never saw it either).
+    """
+    cutoff = now - timedelta(seconds=bound)
+    orders = orders_orders.c
+    pending = select(orders.order_id, orders.created_at).where(
+        orders.status == "pending",
+        orders.created_at < cutoff,
+        ~exists().where(saga_instances.c.saga_id == orders.order_id),
+    )
+    pending_count = (await connection.execute(select(func.count()).select_from(pending.subquery()))).scalar_one()
+    oldest_pending = (await connection.execute(pending.order_by(orders.created_at, orders.order_id).limit(SHOWN))).all()
+
+    since = cutoff - max(SAGA_START_LOOKBACK, timedelta(seconds=10 * bound))
+    sent: dict[str, int] = {}
+    oldest_sent: list[tuple[str, datetime, str]] = []
+    for service in SAGA_START_OUTBOXES:
+        outbox = tables_for(service).outbox.c
+        orphans = (
+            select(outbox.correlation_id, func.min(outbox.sent_at).label("sent_at"))
+            .where(
+                outbox.type == OrderCreated.message_type,
+                outbox.sent_at.is_not(None),
+                outbox.sent_at < cutoff,
+                outbox.sent_at >= since,
+                ~exists().where(saga_instances.c.saga_id == outbox.correlation_id),
+            )
+            .group_by(outbox.correlation_id)
+        )
+        sent[service] = (await connection.execute(select(func.count()).select_from(orphans.subquery()))).scalar_one()
+        rows = (await connection.execute(orphans.order_by(func.min(outbox.sent_at), outbox.correlation_id).limit(SHOWN))).all()
+        oldest_sent += [(row.correlation_id, row.sent_at, service) for row in rows]
+    oldest_sent = sorted(oldest_sent, key=lambda r: (_aware(r[1]), r[0]))[:SHOWN]
+
+    report: dict[str, Any] = {
+        "ok": pending_count == 0 and not any(sent.values()),
+        "limit_seconds": bound,
+        "pending_orders_without_saga": {
+            "count": pending_count,
+            "oldest": [{"order_id": row.order_id, "age_seconds": _age(now, row.created_at)} for row in oldest_pending],
+        },
+        "sent_order_created_without_saga": {
+            "count": sum(sent.values()),
+            "by_outbox": sent,
+            "oldest": [{"correlation_id": cid, "sent_seconds_ago": _age(now, at), "outbox": service} for cid, at, service in oldest_sent],
+        },
+    }
+    if not report["ok"]:
+        problems = []
+        if pending_count:
+            ids = ", ".join(_printable(row.order_id) for row in oldest_pending)
+            problems.append(f"{pending_count} pending orders have no saga after {bound:g}s (oldest: {ids})")
+        if any(sent.values()):
+            ids = ", ".join(_printable(cid) for cid, _, _ in oldest_sent)
+            problems.append(f"{sum(sent.values())} order.created sent more than {bound:g}s ago started no saga (oldest: {ids})")
+        report["error"] = "; ".join(problems)
+        queues = ", ".join(SAGA_START_QUEUES)
+        report["fix"] = (
+            f"check that the saga service runs (`compensa run --service saga`) and consumes {queues} "
+            f"(see the queues check, and `compensa dlq list --queue {SAGA_START_QUEUES[0]}` for starts it refused)"
+        )
+    return report
+
+
+async def _overdue_deadlines(connection: AsyncConnection, now: datetime, bound: float) -> dict[str, Any]:
+    """Saga deadlines overdue by more than `bound` seconds: the sweeper is not running."""
+    d = saga_deadlines.c
+    overdue = d.due_at < now - timedelta(seconds=bound)
+    count = (await connection.execute(select(func.count()).where(overdue))).scalar_one()
+    oldest = (await connection.execute(select(d.saga_id, d.due_at, d.kind, d.step).where(overdue).order_by(d.due_at, d.saga_id).limit(SHOWN))).all()
+    report: dict[str, Any] = {
+        "ok": count == 0,
+        "limit_seconds": bound,
+        "overdue": count,
+        "max_overdue_seconds": _age(now, oldest[0].due_at) if oldest else 0.0,
+        "oldest": [{"saga_id": row.saga_id, "overdue_seconds": _age(now, row.due_at), "kind": row.kind, "step": row.step} for row in oldest],
+    }
+    if count:
+        ids = ", ".join(_printable(row.saga_id) for row in oldest)
+        report["error"] = f"{count} saga deadlines overdue by more than {bound:g}s, up to {report['max_overdue_seconds']:.0f}s (oldest: {ids})"
+        report["fix"] = "run the deadline sweeper: it runs with the saga service (`compensa run --service saga`)"
+    return report
 
 
 def _current_revision(sync_connection: Any) -> str | None:
@@ -127,6 +273,143 @@ async def _broker(settings: Settings) -> dict[str, Any]:
     return result
 
 
+def _vhost(amqp_url: str) -> str:
+    """The virtual host of an AMQP URL, as RabbitMQ names it (`/` when the path is empty)."""
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def _management_endpoint(url: str) -> tuple[str, tuple[str, str], str]:
+    """Base URL without credentials, basic-auth pair, and the URL as shown (password hidden)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"COMPENSA_AMQP_MANAGEMENT_URL must be http(s)://user:password@host:port/, not {parts.scheme or '?'}://…")
+    user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    hostport = f"{host}:{parts.port}" if parts.port else host
+    base = f"{parts.scheme}://{hostport}{parts.path.rstrip('/')}"
+    return base, (user, password), f"{parts.scheme}://{quote(user, safe='')}:***@{hostport}{parts.path or '/'}"
+
+
+def _samples(details: Any, since_ms: float) -> list[float] | None:
+    """Sample values of a management `*_details` object at or after `since_ms`, or None without samples."""
+    if not isinstance(details, dict) or not isinstance(details.get("samples"), list) or not details["samples"]:
+        return None
+    points = [(s["timestamp"], s["sample"]) for s in details["samples"] if isinstance(s, dict) and "timestamp" in s and "sample" in s]
+    if not points or min(ts for ts, _ in points) > since_ms:
+        return None  # the broker holds no sample that old: the window is not covered
+    return [value for ts, value in points if ts >= since_ms]
+
+
+def _queue_view(queue: dict[str, Any], window: float, *, work: bool) -> dict[str, Any]:
+    """One queue's counts and rates, and whether it is wedged over `window` seconds.
+
+    Wedged: unacknowledged messages in every length sample of the window and the
+    cumulative ack counter flat over it; or ready messages in every sample of the
+    window and no consumer now. Samples are the broker's own history, so one request
+    observes the whole window; a window the broker has no history for is not judged.
+    """
+    stats = queue.get("message_stats") or {}
+    view: dict[str, Any] = {
+        "ready": int(queue.get("messages_ready") or 0),
+        "unacked": int(queue.get("messages_unacknowledged") or 0),
+        "consumers": int(queue.get("consumers") or 0),
+        "ack_rate": (stats.get("ack_details") or {}).get("rate", 0.0),
+        "deliver_rate": (stats.get("deliver_get_details") or {}).get("rate", 0.0),
+        "idle_since": queue.get("idle_since"),
+        "wedged": False,
+    }
+    newest = [s["timestamp"] for key in ("messages_unacknowledged_details", "messages_ready_details")
+              for s in (queue.get(key) or {}).get("samples") or [] if isinstance(s, dict) and "timestamp" in s]
+    since_ms = (max(newest) if newest else 0) - window * 1000
+    if view["unacked"]:
+        unacked = _samples(queue.get("messages_unacknowledged_details"), since_ms)
+        if "ack_details" in stats:
+            acks = _samples(stats["ack_details"], since_ms)
+        else:  # rates are collected (message_stats present) and this queue never saw an ack
+            acks = [0] if stats else None
+        if unacked is None or acks is None:
+            view["unknown"] = "no sample history for this window yet"
+        elif min(unacked) > 0 and max([*acks, stats.get("ack", 0)]) == min(acks):
+            view["wedged"] = True
+            view["reason"] = f"{view['unacked']} unacknowledged, no ack for {window:g}s"
+    if not view["wedged"] and view["ready"] and not view["consumers"] and work:
+        ready = _samples(queue.get("messages_ready_details"), since_ms)
+        if ready is None:
+            view["unknown"] = "no sample history for this window yet"
+        elif min(ready) > 0:
+            view["wedged"] = True
+            view["reason"] = f"{view['ready']} ready, no consumer for {window:g}s"
+    return view
+
+
+async def _queue_stats(settings: Settings, window: float) -> dict[str, Any]:
+    """Per work queue and DLQ: ready, unacked, consumers, rates; wedged queues are unhealthy."""
+    if not settings.amqp_url:
+        return {"ok": True, "kind": "in-memory", "note": "COMPENSA_AMQP_URL unset: in-process broker, nothing to check"}
+    import httpx
+
+    url = settings.amqp_management_url or derive_management_url(settings.amqp_url)
+    base, auth, shown = _management_endpoint(url)
+    vhost = _vhost(settings.amqp_url)
+    window = min(window, MAX_WEDGE_WINDOW_SECONDS)
+    step = max(1, math.ceil(window / 12))
+    age = math.ceil(window) + 2 * step  # the window plus the samples' lag behind now
+    params = {"lengths_age": age, "lengths_incr": step, "msg_rates_age": age, "msg_rates_incr": step}
+    # httpx logs every request URL at INFO; the credentials travel as a header, not in the URL.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    async with httpx.AsyncClient(auth=auth, timeout=CHECK_TIMEOUT_SECONDS) as client:
+        response = await client.get(f"{base}/api/queues/{quote(vhost, safe='')}", params=params)
+    if response.status_code in (401, 403):
+        raise PermissionError(f"{response.status_code} from {shown}: the user may not read queue statistics of vhost {vhost!r}")
+    if response.status_code == 404:
+        raise LookupError(f"404 from {shown}: no vhost {vhost!r} (or not a RabbitMQ management API)")
+    response.raise_for_status()
+    answer = response.json()
+    if not isinstance(answer, list):
+        raise TypeError(f"{shown} answered {type(answer).__name__}, not a list of queues")
+    listed = {q.get("name"): q for q in answer if isinstance(q, dict)}
+    queues: dict[str, Any] = {}
+    dlqs: dict[str, Any] = {}
+    unknown: list[str] = []
+    for spec in t.WORK_QUEUES:
+        for name, work in ((spec.name, True), (spec.dlq, False)):
+            if name not in listed:
+                # Missing from the broker too: the broker check says so. Present there and
+                # not here: this API may be another broker's; either way, nothing observed.
+                unknown.append(name)
+                continue
+            view = _queue_view(listed[name], window, work=work)
+            (queues if work else dlqs)[name] = view
+            if view.get("unknown") and (work or view["unacked"]):
+                unknown.append(name)
+    wedged = {name: v["reason"] for name, v in queues.items() if v["wedged"]}
+    result: dict[str, Any] = {
+        "ok": not wedged and not unknown,
+        "kind": "rabbitmq",
+        "management_url": shown,
+        "vhost": vhost,
+        "window_seconds": window,
+        "queues": queues,
+        "dlqs": dlqs,
+        "wedged": sorted(wedged),
+    }
+    if wedged:
+        result["error"] = "wedged: " + "; ".join(f"{name}: {reason}" for name, reason in sorted(wedged.items()))
+        result["fix"] = (
+            "a consumer holds messages without acknowledging them, or none is consuming: "
+            "restart that service (`compensa run --service …`) and look at its log"
+        )
+    elif unknown:
+        result["unavailable"] = True
+        result["error"] = f"broker queue stats unavailable: no statistics covering {window:g}s for {', '.join(unknown)}"
+        result["fix"] = (
+            "wait for the management plugin to collect statistics; check that COMPENSA_AMQP_MANAGEMENT_URL "
+            "is the broker of COMPENSA_AMQP_URL and that management.rates_mode is not none"
+        )
+    return result
+
+
 async def _redis(settings: Settings) -> dict[str, Any]:
     if not settings.redis_url:
         return {"ok": True, "configured": False}
@@ -145,18 +428,25 @@ async def check_health(
     *,
     engine: AsyncEngine | None = None,
     max_relay_lag_seconds: float = MAX_RELAY_LAG_SECONDS,
+    stuck_seconds: float | None = None,
     timeout: float = CHECK_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
-    """Check every dependency at once; return the report (`ok` false when unhealthy)."""
+    """Check every dependency at once; return the report (`ok` true only when healthy).
+
+    `stuck_seconds` (default `settings.health_stuck_seconds`) bounds how long an order
+    may wait for its saga, a deadline stay unfired, and a queue go without acks.
+    """
     from infra.db import create_engine
 
+    stuck = settings.health_stuck_seconds if stuck_seconds is None else stuck_seconds
     own_engine = engine is None
     engine = engine or create_engine(settings.database_url)
     try:
         db_fix = "check COMPENSA_DATABASE_URL and that the database server runs"
-        db, broker, redis_ = await asyncio.gather(
-            _timed(lambda: _database(engine, settings, max_relay_lag_seconds), timeout, db_fix),
+        db, broker, queues, redis_ = await asyncio.gather(
+            _timed(lambda: _database(engine, settings, max_relay_lag_seconds, stuck), timeout, db_fix),
             _timed(lambda: _broker(settings), timeout, "check COMPENSA_AMQP_URL and that RabbitMQ runs"),
+            _timed(lambda: _queue_stats(settings, stuck), timeout, MANAGEMENT_FIX, unavailable="broker queue stats unavailable"),
             _timed(lambda: _redis(settings), timeout, "check COMPENSA_REDIS_URL and that Redis runs"),
         )
     finally:
@@ -166,13 +456,18 @@ async def check_health(
     if "database" in db:
         checks["database"] = db["database"]
         checks["database"]["latency_ms"] = db["latency_ms"]
-        if "relay" in db:
-            checks["relay"] = db["relay"]
+        for name in ("relay", "saga_starts", "deadlines"):
+            if name in db:
+                checks[name] = db[name]
     else:
         checks["database"] = db
     checks["broker"] = broker
+    checks["queues"] = queues
     checks["redis"] = redis_
     broker_dlq = {q.name: broker.get("queues", {}).get(q.dlq) for q in t.WORK_QUEUES}
+    for q in t.WORK_QUEUES:  # the management API also counts what the archive holds unacknowledged
+        if (seen := queues.get("dlqs", {}).get(q.dlq)) is not None:
+            broker_dlq[q.name] = seen["ready"] + seen["unacked"]
     archived = db.get("archived", {})
     checks["dead_letters"] = {
         "ok": True,
@@ -188,8 +483,27 @@ async def check_health(
     open_ = sum(archived.values())
     if open_:
         warnings.append(f"{open_} archived dead letters to deal with: `compensa dlq list --status new`")
-    ok = all(check.get("ok", False) for check in checks.values())
-    return {"ok": ok, "status": "healthy" if ok else "unhealthy", "checked_at": datetime.now(UTC).isoformat(), "checks": checks, "warnings": warnings}
+    starts = checks.get("saga_starts", {})
+    if not starts.get("ok", True):
+        waiting = {name: queues.get("queues", {}).get(name) for name in SAGA_START_QUEUES}
+        waiting = {name: v["ready"] + v["unacked"] for name, v in waiting.items() if v and v["ready"] + v["unacked"]}
+        if waiting:  # not lost, perhaps: still queued (a slow or gated saga service)
+            starts["queued_starts"] = waiting
+            starts["error"] += f"; saga start messages still queued: {waiting}"
+    held = {name: v["unacked"] for name, v in queues.get("dlqs", {}).items() if v["wedged"]}
+    if held:
+        warnings.append(
+            f"dead letters held unacknowledged with no ack for {queues['window_seconds']:g}s: {held}; "
+            "the archive (`compensa run --service dlq`) is not committing: can it reach the database?"
+        )
+    failed = [name for name, check in checks.items() if not check.get("ok", False)]
+    if not failed:
+        status = "healthy"
+    elif all(checks[name].get("unavailable") for name in failed):
+        status = "degraded"
+    else:
+        status = "unhealthy"
+    return {"ok": status == "healthy", "status": status, "checked_at": datetime.now(UTC).isoformat(), "checks": checks, "warnings": warnings}
 
 
 router = APIRouter()

@@ -36,7 +36,8 @@ class Delivery(abc.ABC):
     def attempt(self) -> int:
         """1 for the first delivery, n for the n-th after retries through delay queues."""
         try:
-            return max(1, int(self.headers.get(t.H_ATTEMPT, 1)))
+            # Bounded: a forged header must not overflow what the archive stores.
+            return min(max(1, int(self.headers.get(t.H_ATTEMPT, 1))), 2**31 - 1)
         except (TypeError, ValueError):
             return 1
 

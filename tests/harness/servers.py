@@ -4,10 +4,14 @@ Integration tests run against real servers, never mocks of them. Each service re
 in this order:
 
 1. a URL from the environment: ``COMPENSA_TEST_DATABASE_URL`` (postgresql+asyncpg://...),
-   ``COMPENSA_TEST_AMQP_URL``, ``COMPENSA_TEST_REDIS_URL``;
+   ``COMPENSA_TEST_AMQP_URL`` (with ``COMPENSA_TEST_AMQP_MANAGEMENT_URL`` for its management
+   API; derived from the AMQP URL, port 15672, when unset), ``COMPENSA_TEST_REDIS_URL``;
 2. a Docker container via testcontainers, when a Docker daemon answers;
 3. the machine's own binaries (Debian packages, installed when missing), started by the
    harness on free TCP ports in a temporary directory and stopped when the session ends.
+
+RabbitMQ always comes with its management plugin (``Server.management_url``): `compensa
+health` reads queue statistics through its HTTP API.
 
 Use :func:`local_servers` as a context manager, or run ``python -m tests.harness.servers``
 to keep a set of servers running for a shell session or a benchmark.
@@ -37,6 +41,8 @@ from pathlib import Path
 
 import aio_pika
 
+from infra.settings import derive_management_url
+
 log = logging.getLogger(__name__)
 
 POSTGRES, RABBITMQ, REDIS = "postgres", "rabbitmq", "redis"
@@ -52,13 +58,24 @@ APP_ENV_URLS = {
     RABBITMQ: "COMPENSA_AMQP_URL",
     REDIS: "COMPENSA_REDIS_URL",
 }
+#: RabbitMQ's management API (HTTP), for the tests and for the application.
+MANAGEMENT_ENV_URL = "COMPENSA_TEST_AMQP_MANAGEMENT_URL"
+APP_MANAGEMENT_ENV_URL = "COMPENSA_AMQP_MANAGEMENT_URL"
 DEBIAN_PACKAGES = {POSTGRES: "postgresql", RABBITMQ: "rabbitmq-server", REDIS: "redis-server"}
-DOCKER_IMAGES = {POSTGRES: "postgres:15-alpine", RABBITMQ: "rabbitmq:3.13-alpine", REDIS: "redis:7-alpine"}
+DOCKER_IMAGES = {POSTGRES: "postgres:15-alpine", RABBITMQ: "rabbitmq:3.13-management-alpine", REDIS: "redis:7-alpine"}
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+#: Queue statistics every second, kept at one-second granularity, instead of every 5 s:
+#: `compensa health` judges a queue wedged from them, and the tests wait for that.
+RABBITMQ_STATS_CONF = (
+    "collect_statistics_interval = 1000\n"
+    "management.sample_retention_policies.global.minute = 1\n"
+    "management.sample_retention_policies.basic.minute = 1\n"
+    "management.sample_retention_policies.detailed.10 = 1\n"
+)
 
 
 class HarnessError(RuntimeError):
@@ -171,6 +188,22 @@ def _amqp_ready(url: str) -> bool:
     except Exception:
         return False
     return True
+
+
+def _management_ready(url: str) -> bool:
+    """The management API answers an authenticated request (it starts after AMQP)."""
+    from urllib.parse import unquote, urlsplit
+
+    import httpx
+
+    parts = urlsplit(url)
+    auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
+    try:
+        # Credentials as a header: httpx logs request URLs.
+        answer = httpx.get(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/api/overview", auth=auth, timeout=2)
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 200
 
 
 def _terminate_group(proc: subprocess.Popen[bytes], what: str, timeout: float = STOP_TIMEOUT) -> None:
@@ -289,6 +322,8 @@ class Server:
         self.name = name
         self.origin = origin
         self.url = url
+        #: RabbitMQ only: its management API, ``http://user:password@host:port/``.
+        self.management_url = ""
         self.startup_seconds = 0.0
 
     @property
@@ -498,8 +533,9 @@ class LocalRabbitMQ(LocalServer):
 
     As root the wrapper switches to the rabbitmq user and drops the environment that
     points the node at private ports and directories. The node gets its own HOME (Erlang
-    cookie), its own epmd on a free port, and listens on 127.0.0.1 only. No plugins:
-    the tests need AMQP alone, and the broker starts faster without them.
+    cookie), its own epmd on a free port, and listens on 127.0.0.1 only. One plugin,
+    rabbitmq_management, on a free port of its own: `compensa health` reads queue statistics
+    from it (it costs about two seconds of start-up).
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -508,6 +544,8 @@ class LocalRabbitMQ(LocalServer):
         self._epmd_port = free_port()
         self.nodename = f"compensa-test-{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self._management_port = free_port()
+        self.management_url = f"http://guest:guest@127.0.0.1:{self._management_port}/"
         self._log = self.dir / "log" / "rabbit.log"
         self._console = self.dir / "console.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -522,9 +560,13 @@ class LocalRabbitMQ(LocalServer):
         cookie.write_text("".join(secrets.choice(string.ascii_uppercase) for _ in range(20)))
         cookie.chmod(0o400)
         config = self.dir / "rabbitmq.conf"
-        config.write_text(f"loopback_users = none\nlisteners.tcp.default = 127.0.0.1:{self.port}\n")
+        config.write_text(
+            f"loopback_users = none\nlisteners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self._management_port}\n"
+            + RABBITMQ_STATS_CONF
+        )
         plugins = self.dir / "enabled_plugins"
-        plugins.write_text("[].\n")
+        plugins.write_text("[rabbitmq_management].\n")
         env_file = self.dir / "rabbitmq-env.conf"
         env_file.write_text("")
         self._env = {
@@ -578,7 +620,7 @@ class LocalRabbitMQ(LocalServer):
         self._running = True
         proc = self._proc
         _wait_for(
-            lambda: _port_open(self.port) and _amqp_ready(self.url),
+            lambda: _port_open(self.port) and _amqp_ready(self.url) and _management_ready(self.management_url),
             what=f"RabbitMQ node {self.nodename}",
             alive=lambda: proc.poll() is None,
             logs=[self._console, self._log],
@@ -653,18 +695,34 @@ def _from_docker(name: str) -> Server | None:
             # RabbitMqContainer probes readiness with pika, which the project does not use.
             from testcontainers.core.container import DockerContainer
 
-            container = DockerContainer(DOCKER_IMAGES[RABBITMQ]).with_exposed_ports(5672)
+            conf = Path(tempfile.mkdtemp(prefix="compensa-rabbitmq-")) / "90-compensa-stats.conf"
+            conf.write_text(RABBITMQ_STATS_CONF)
+            conf.parent.chmod(0o755)
+            conf.chmod(0o644)
+            container = (
+                DockerContainer(DOCKER_IMAGES[RABBITMQ])
+                .with_exposed_ports(5672, 15672)
+                .with_volume_mapping(str(conf), "/etc/rabbitmq/conf.d/90-compensa-stats.conf", "ro")
+            )
             container.start()
             host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
             url = f"amqp://guest:guest@{host}:{port}/"
-            _wait_for(lambda: _amqp_ready(url), what="RabbitMQ container", interval=0.5)
+            management_url = f"http://guest:guest@{host}:{container.get_exposed_port(15672)}/"
+            _wait_for(
+                lambda: _amqp_ready(url) and _management_ready(management_url),
+                what="RabbitMQ container",
+                interval=0.5,
+            )
     except Exception as error:
         log.warning("%s: Docker failed (%s); falling back to local binaries", name, error)
         if container is not None:
             with contextlib.suppress(Exception):
                 container.stop()
         return None
-    return DockerServer(name, container, url)
+    server = DockerServer(name, container, url)
+    if name == RABBITMQ:
+        server.management_url = management_url
+    return server
 
 
 # --------------------------------------------------------------------------- session
@@ -707,11 +765,19 @@ class Servers:
     def redis_url(self) -> str:
         return self.redis.url
 
+    @property
+    def amqp_management_url(self) -> str:
+        """RabbitMQ's management API, ``http://user:password@host:port/``."""
+        return self.rabbitmq.management_url
+
     def exports(self) -> str:
         """Shell lines exporting the URLs for the test suite and for the application."""
         lines = []
         for table in (ENV_URLS, APP_ENV_URLS):
             lines += [f"export {table[name]}='{server.url}'" for name, server in sorted(self.by_name.items())]
+        if RABBITMQ in self.by_name:
+            management = self.by_name[RABBITMQ].management_url
+            lines += [f"export {MANAGEMENT_ENV_URL}='{management}'", f"export {APP_MANAGEMENT_ENV_URL}='{management}'"]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -730,6 +796,8 @@ def _start_service(name: str, workdir: Path, docker: bool) -> Server:
     server: Server | None = None
     if url := os.environ.get(ENV_URLS[name]):
         server = Server(name, "env", url)
+        if name == RABBITMQ:
+            server.management_url = os.environ.get(MANAGEMENT_ENV_URL) or derive_management_url(url)
     elif docker:
         server = _from_docker(name)
     if server is None:
