@@ -7,15 +7,28 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from contracts import CompensaError
-from infra.cli_ops import bench_replay, dlq_app, health, saga_cancel, saga_retry
+from infra.cli_ops import (
+    bench_replay,
+    cell,
+    clip,
+    detail_table,
+    dlq_app,
+    health,
+    one_line_table,
+    saga_cancel,
+    saga_retry,
+    visible,
+)
 
 app = typer.Typer(
     name="compensa",
@@ -56,16 +69,26 @@ def fail(message: str) -> None:
 
 def _explain(exc: BaseException) -> str | None:
     """Turn infrastructure failures into a sentence that says what failed and how to fix it."""
-    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import DBAPIError
+
+    from infra.cli_ops import explain_database_error
 
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, CliError | CompensaError | ValueError):
         return text
-    if isinstance(exc, OperationalError | DBAPIError):
-        return f"database unreachable or failing ({text}); check COMPENSA_DATABASE_URL and that the server runs"
+    if isinstance(exc, DBAPIError):
+        # Only a failure to connect is "unreachable"; a refused statement says what was refused.
+        return explain_database_error(exc)
     if isinstance(exc, ConnectionError | OSError | TimeoutError):
         return f"cannot reach a server ({text}); check COMPENSA_AMQP_URL / COMPENSA_DATABASE_URL / COMPENSA_REDIS_URL"
     return None
+
+
+def print_error(explained: str) -> None:
+    """One `error:` line on stderr; the message may quote stored data or input, so it is never markup."""
+    from infra.logging import redact
+
+    err.print(Text.assemble(("error:", "red"), " ", visible(redact(explained))), highlight=False)
 
 
 def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
@@ -88,9 +111,7 @@ def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
             explained = _explain(exc)
             if explained is None:
                 raise
-            from infra.logging import redact
-
-            err.print(f"[red]error:[/red] {redact(explained)}", markup=True, highlight=False)
+            print_error(explained)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -174,7 +195,6 @@ def simulate(
     if amqp_url is not None:
         if database_url is None:
             raise typer.BadParameter("the real stack needs --database-url as well", param_hint="--amqp-url")
-        from infra.logging import redact
         from infra.realstack import REAL_FAULTS, real_stack_faults, run_real_stack
 
         _kept, ignored = real_stack_faults(rates)
@@ -192,7 +212,7 @@ def simulate(
             explained = _explain(exc)
             if explained is None:
                 raise
-            err.print(f"[red]error:[/red] {redact(explained)}", highlight=False)
+            print_error(explained)
             raise typer.Exit(1) from None
     else:
         from infra.simulate import SimulationOptions, run_simulation
@@ -232,7 +252,7 @@ async def db_upgrade(revision: str = "head") -> None:
     engine = _engine()
     try:
         await upgrade(engine, revision)
-        console.print(f"database at revision {await current_revision(engine)}")
+        console.print(cell(f"database at revision {await current_revision(engine)}"))
     finally:
         await engine.dispose()
 
@@ -249,7 +269,8 @@ async def topology_declare() -> None:
     finally:
         await transport.close()
     for queue in t.WORK_QUEUES:
-        console.print(f"{queue.name:<20} ← {queue.exchange.name} [{', '.join(queue.routing_keys)}]  dlq {queue.dlq}", highlight=False)
+        # Not markup: `[stock.reserve, …]` would be read as a style tag and vanish.
+        console.print(f"{queue.name:<20} ← {queue.exchange.name} [{', '.join(queue.routing_keys)}]  dlq {queue.dlq}", highlight=False, markup=False)
 
 
 @contracts_app.command("export")
@@ -384,7 +405,7 @@ async def order_place(
         placed = await place_order(engine, SystemClock(), order_id=order_id, customer_id=customer, lines=lines, currency=currency, payment_token=token)
     finally:
         await engine.dispose()
-    console.print(f"order {placed} placed")
+    console.print(cell(f"order {placed} placed"))
 
 
 @stock_app.command("set")
@@ -401,7 +422,7 @@ async def stock_set(
         await seed_stock(engine, {sku: on_hand})
     finally:
         await engine.dispose()
-    console.print(f"{sku}: {on_hand} on hand", highlight=False)
+    console.print(cell(f"{sku}: {on_hand} on hand"))
 
 
 @stock_app.command("list")
@@ -420,7 +441,7 @@ async def stock_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
         return
     table = Table("sku", "on hand", "reserved")
     for sku, (on_hand, reserved) in sorted(levels.items()):
-        table.add_row(sku, str(on_hand), str(reserved))
+        table.add_row(cell(sku), str(on_hand), str(reserved))
     console.print(table)
 
 
@@ -441,7 +462,7 @@ async def saga_list(
     from sagas.tables import saga_instances as s
 
     if status is not None and status not in {x.value for x in SagaStatus}:
-        fail(f"unknown status {status!r}; choose from {', '.join(x.value for x in SagaStatus)}")
+        fail(f"unknown status {clip(status)}; choose from {', '.join(x.value for x in SagaStatus)}")
     engine = _engine()
     try:
         query = select(s.c.saga_id, s.c.status, s.c.step, s.c.reason, s.c.started_at, s.c.updated_at).order_by(s.c.updated_at.desc()).limit(limit)
@@ -455,10 +476,12 @@ async def saga_list(
     if as_json:
         _print_json(rows)
         return
-    table = Table("saga", "status", "step", "reason", "started", "updated")
-    for r in rows:
-        table.add_row(r["saga_id"], r["status"], str(r["step"]), r["reason"] or "", str(r["started_at"]), str(r["updated_at"]))
-    console.print(table)
+    # Saga ids are never cut (`saga show` needs them whole); the other columns shrink to fit.
+    console.print(one_line_table(
+        ["saga", "status", "step", "reason", "started (UTC)", "updated (UTC)"],
+        [[r["saga_id"], r["status"], r["step"], " ".join((r["reason"] or "").split()), _utc(r["started_at"]), _utc(r["updated_at"])] for r in rows],
+        width=console.width, keep=("saga",), hide=("step", "started (UTC)", "updated (UTC)"),
+    ))
 
 
 @saga_app.command("show")
@@ -479,34 +502,54 @@ async def saga_show(
         async with engine.connect() as connection:
             saga = (await connection.execute(select(s).where(s.c.saga_id == saga_id))).one_or_none()
             if saga is None:
-                fail(f"no saga {saga_id!r}; `compensa saga list` shows the known ones")
+                fail(f"no saga {clip(saga_id)}; `compensa saga list` shows the known ones")
             history = [dict(r._mapping) for r in (await connection.execute(select(h).where(h.c.saga_id == saga_id).order_by(h.c.version))).all()]
     finally:
         await engine.dispose()
     for entry in history:
-        entry["sent"] = json.loads(entry["sent"])
+        try:
+            entry["sent"] = json.loads(entry["sent"])
+        except (ValueError, RecursionError):
+            pass  # an old or damaged row: shown as stored
     if as_json:
         _print_json({"saga": dict(saga._mapping), "history": history})
         return
     if mermaid:
-        console.print(_mermaid(saga_id, history), highlight=False, markup=False)
+        sys.stdout.write(_mermaid(saga_id, history) + "\n")  # a document: never wrapped to the terminal's width
         return
-    console.print(f"saga {saga_id}: [bold]{saga.status}[/bold] (version {saga.version}) {saga.reason or ''}")
-    table = Table("v", "at", "trigger", "message", "causation", "from → to", "sent", "note")
+    # Stored values are shown as Text: never parsed as markup, invisible characters escaped.
+    console.print(Text.assemble(f"saga {visible(saga_id)}: ", (visible(saga.status), "bold"), f" (version {saga.version}) {visible(saga.reason or '')}"))
+    table = detail_table("v", "at (UTC)", "trigger", "message", "causation", "from → to", "sent", "note")
     for e in history:
-        table.add_row(str(e["version"]), str(e["at"]), e["trigger"], (e["message_id"] or "-")[:8], (e["causation_id"] or "-")[:8], f"{e['from_status'] or '-'} → {e['to_status']}", ", ".join(x["type"] for x in e["sent"]) or "-", e["note"])
+        table.add_row(
+            cell(e["version"]), _utc(e["at"]), cell(e["trigger"]), cell((e["message_id"] or "-")[:8]), cell((e["causation_id"] or "-")[:8]),
+            cell(f"{e['from_status'] or '-'} → {e['to_status']}"), cell(", ".join(_sent_types(e["sent"])) or "-"), cell(e["note"]),
+        )
     console.print(table)
+
+
+def _sent_types(sent: Any) -> list[str]:
+    """Types of the messages a transition sent (its `sent` column, parsed when it parses)."""
+    if not isinstance(sent, list):
+        return [str(sent)]
+    return [str(x.get("type")) if isinstance(x, dict) else str(x) for x in sent]
+
+
+def _utc(moment: Any) -> str:
+    from infra.dlq.query import aware
+
+    return aware(moment).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 
 def _mermaid(saga_id: str, history: list[dict[str, Any]]) -> str:
     participant_of = {"stock": "Stock", "payment": "Payments", "order": "Orders", "deadline": "Clock", "operator": "Operator"}
-    lines = ["sequenceDiagram", "    participant Saga as Saga " + saga_id]
+    lines = ["sequenceDiagram", "    participant Saga as Saga " + visible(saga_id)]
     for entry in history:
         source = participant_of.get(entry["trigger"].split(".")[0].split(":")[0], "Broker")
-        lines.append(f"    {source}->>Saga: {entry['trigger']} ({entry['from_status'] or 'new'} → {entry['to_status']})")
-        for sent in entry["sent"]:
-            target = participant_of.get(sent["type"].split(".")[0], "Broker")
-            lines.append(f"    Saga->>{target}: {sent['type']}")
+        lines.append(visible(f"    {source}->>Saga: {entry['trigger']} ({entry['from_status'] or 'new'} → {entry['to_status']})"))
+        for kind in _sent_types(entry["sent"]):
+            target = participant_of.get(kind.split(".")[0], "Broker")
+            lines.append(f"    Saga->>{target}: {visible(kind)}")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ import typer
 from rich.table import Table
 
 from infra.cli import _engine, _print_json, app, bench_app, command, console, err, fail
+from infra.cli_ops import cell, clip
 from infra.settings import Settings, get_settings
 
 producers_app = typer.Typer(help="API keys of upstream producers (HTTP ingest).", no_args_is_help=True)
@@ -150,11 +151,10 @@ async def producers_add(
         finally:
             await engine.dispose()
         where = "the database"
-    err.print(
-        f"producer {record.name!r} key {record.key_id} may publish {', '.join(record.allowed_types)}; stored hashed in {where}.\n"
-        "The key below is shown once: store it in the producer's secret store now.",
-        highlight=False,
-    )
+    err.print(cell(
+        f"producer {record.name!r} key {record.key_id} may publish {', '.join(record.allowed_types)}; stored hashed in {where}."
+    ))
+    err.print("The key below is shown once: store it in the producer's secret store now.", highlight=False, markup=False)
     sys.stdout.write(key + "\n")
 
 
@@ -184,11 +184,12 @@ async def producers_list(as_json: Annotated[bool, typer.Option("--json")] = Fals
         _print_json(rows)
         return
     table = Table("producer", "key id", "types", "rate limit", "created", "state", "source")
+    table.columns[1].no_wrap, table.columns[1].overflow = True, "fold"  # `producers revoke` needs the whole key id
     for row in rows:
         state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
         table.add_row(
-            row["name"], row["key_id"], ", ".join(row["types"]), str(row["rate_limit"] or "default"),
-            str(row["created_at"] or ""), state, row["source"],
+            cell(row["name"]), cell(row["key_id"]), cell(", ".join(row["types"])), str(row["rate_limit"] or "default"),
+            cell(row["created_at"] or ""), cell(state), cell(row["source"]),
         )
     console.print(table)
 
@@ -208,8 +209,8 @@ async def producers_revoke(
     finally:
         await engine.dispose()
     if count == 0:
-        fail(f"no active key with id or producer name {name_or_key_id!r} (`compensa producers list`; keys in a keys file are removed by editing it)")
-    console.print(f"revoked {count} key(s) of {name_or_key_id!r}")
+        fail(f"no active key with id or producer name {clip(name_or_key_id)} (`compensa producers list`; keys in a keys file are removed by editing it)")
+    console.print(cell(f"revoked {count} key(s) of {name_or_key_id!r}"))
 
 
 # ---------------------------------------------------------------- benchmark

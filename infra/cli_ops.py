@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
 from rich.table import Table
+from rich.text import Text
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -53,7 +56,7 @@ def _confirm(action: str, *, declined: str) -> None:
     """Ask on a terminal before `action`; without one, refuse and name --yes."""
     if not sys.stdin.isatty():
         fail(f"would {action}; confirm with --yes")
-    if not typer.confirm(f"{action}?", default=False, err=True):
+    if not typer.confirm(f"{visible(action)}?", default=False, err=True):
         err.print(declined)
         raise typer.Exit(1)
 
@@ -62,54 +65,226 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# ---------------------------------------------------------------- showing stored values
+#
+# Whatever the database or a message holds reaches the terminal only through these:
+# never as Rich markup (a stored `[/]` would crash the print, `[bold]` would restyle it)
+# and never with its control characters raw (an ESC would drive the operator's terminal).
+
+
+def visible(value: Any) -> str:
+    """`value` as text with every control or invisible character written as its escape (`\\x1b`)."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def cell(value: Any) -> Text:
+    """A stored value as a table cell or printable: visible, never parsed as markup."""
+    return Text(visible(value))
+
+
+def clip(text: str, width: int = 40) -> str:
+    """Operator input quoted in an error message: repr-escaped, and cut to about `width`."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= width else quoted[: width - 2] + "…" + quoted[-1]
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code > 0xFFFF:
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def json_view(value: Any) -> Text:
+    """Indented, highlighted JSON whose invisible characters are JSON escapes (still valid JSON)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    text = "".join(ch if ch.isprintable() or ch == "\n" else _json_escape(ch) for ch in text)
+    return JSONHighlighter()(Text(text))
+
+
+def _fill(wants: list[int], budget: int) -> list[int]:
+    """Widths no wider than `wants` summing to at most `budget`: the widest are capped first."""
+    if sum(wants) <= budget:
+        return list(wants)
+    low, high = 0, max(wants)
+    while low < high:
+        cap = (low + high + 1) // 2
+        if sum(min(w, cap) for w in wants) <= budget:
+            low = cap
+        else:
+            high = cap - 1
+    widths = [min(w, low) for w in wants]
+    spare = budget - sum(widths)
+    for index, want in enumerate(wants):
+        if spare <= 0:
+            break
+        if want > widths[index]:
+            widths[index] += 1
+            spare -= 1
+    return widths
+
+
+def detail_table(*headers: str, title: str | None = None) -> Table:
+    """A table for a detail view: cells wrap, and a word too long for its column folds, never cut."""
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    return table
+
+
+#: The narrowest a shrunk column may get before an optional column is hidden to make room.
+_NARROWEST = 8
+
+
+def one_line_table(
+    headers: list[str],
+    rows: list[list[Any]],
+    *,
+    width: int,
+    keep: tuple[str, ...] = (),
+    hide: tuple[str, ...] = (),
+    title: str | None = None,
+) -> Table:
+    """A table of stored values, one line per row, fitted to `width` terminal columns.
+
+    The `keep` columns (ids an operator copies into the next command) are never cut:
+    they get their full width and the other columns shrink, ellipsized, widest first.
+    When that would leave a column narrower than 8 cells, the `hide` columns are left
+    out, in that order, and the caption names them. Only when the kept columns alone
+    cannot fit do they fold onto further lines (whole, never cut).
+    """
+    cells = [[visible(value) for value in row] for row in rows]
+    natural = [max([cell_len(header), *(cell_len(row[i]) for row in cells)]) for i, header in enumerate(headers)]
+    shown = list(range(len(headers)))
+
+    def room(columns: list[int]) -> int:
+        # A default table spends 3 cells per column (padding, rule) and one for the right edge.
+        return max(width - 3 * len(columns) - 1, len(columns))
+
+    hidden: list[str] = []
+    for name in hide:
+        need = sum(natural[i] if headers[i] in keep else min(natural[i], _NARROWEST) for i in shown)
+        if need <= room(shown):
+            break
+        shown.remove(headers.index(name))
+        hidden.append(name)
+    kept = [i for i in shown if headers[i] in keep]
+    others = [i for i in shown if headers[i] not in keep]
+    available = room(shown)
+    widths = list(natural)
+    fold = sum(natural[i] for i in kept) + len(others) > available  # every other column keeps at least its "…"
+    if fold:
+        for i, w in zip(kept, _fill([natural[i] for i in kept], max(available - len(others), len(kept))), strict=True):
+            widths[i] = max(w, 1)
+        budget = len(others)
+    else:
+        budget = available - sum(natural[i] for i in kept)
+    for i, w in zip(others, _fill([natural[i] for i in others], budget), strict=True):
+        widths[i] = max(w, 1)
+    caption = Text(f"not shown at {width} columns: {', '.join(hidden)} (--json shows all)", style="dim") if hidden else None
+    table = Table(title=Text(visible(title)) if title is not None else None, caption=caption)
+    for i in shown:
+        if i in kept:
+            table.add_column(headers[i], width=widths[i], no_wrap=not fold, overflow="fold")
+        else:
+            table.add_column(headers[i], width=widths[i], no_wrap=True, overflow="ellipsis")
+    for row in cells:
+        table.add_row(*(Text(row[i]) for i in shown))
+    return table
+
+
 # ---------------------------------------------------------------- parsing
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)")
+#: What might be a duration (numbers with or without units): said to be a bad duration, not a bad time.
+_DURATION_LIKE = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:ms|[smhdw])?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: The longest duration accepted anywhere (a filter, a retention): beyond it a time is out of range.
+MAX_DURATION = timedelta(days=36525)
+#: Dead letters one command may name by id (ranges included): one replay batch at most.
+MAX_IDS = 10_000
+#: Dead-letter ids are BIGINT on every backend.
+MAX_ID = 2**63 - 1
 
 
 def parse_duration(text: str, option: str = "duration") -> timedelta:
-    """`90s`, `10m`, `2h`, `1d`, `1h30m` (or plain seconds) as a timedelta."""
+    """`90s`, `10m`, `2h`, `1d`, `1h30m` (or plain seconds) as a timedelta, at most 100 years."""
     value = text.strip().lower().replace(" ", "")
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        return timedelta(seconds=float(value))
-    if value and _DURATION.sub("", value) == "":
-        return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(value)))
-    fail(f"{option}: bad duration {text!r}; use e.g. 30s, 10m, 2h, 1d or 1h30m")
-    raise AssertionError("unreachable")
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", value):
+        seconds = float(value)
+    elif value and _DURATION.sub("", value) == "":
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(value))
+    else:
+        fail(f"{option}: bad duration {clip(text)}; use e.g. 30s, 10m, 2h, 1d or 1h30m")
+        raise AssertionError("unreachable")
+    # float() of 400 digits is inf, which no timedelta holds: bound before converting.
+    if not seconds <= MAX_DURATION.total_seconds():
+        fail(f"{option}: duration {clip(text)} is longer than 100 years; give at most 36525d")
+    return timedelta(seconds=seconds)
 
 
 def parse_time(text: str, option: str, now: datetime) -> datetime:
-    """An ISO 8601 time (UTC when no offset is given) or a duration ago (`2h` = two hours ago)."""
+    """An ISO 8601 time, YYYY-MM-DD first (UTC when no offset is given), or a duration ago (`2h`)."""
     value = text.strip()
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
-    except ValueError:
-        if value and re.fullmatch(r"(\d+(\.\d+)?(ms|s|m|h|d|w)?)+", value.lower()):
-            return now - parse_duration(value, option)
-        fail(f"{option}: expected an ISO 8601 time (2026-01-31T10:00:00Z) or a duration ago (30m, 2h, 1d), got {text!r}")
-        raise AssertionError("unreachable") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    expected = f"{option}: expected an ISO 8601 time (2026-01-31T10:00:00Z) or a duration ago (30m, 2h, 1d), got {clip(text)}"
+    if re.match(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        try:
+            moment = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+        except ValueError:
+            fail(expected)
+            raise AssertionError("unreachable") from None
+        try:
+            return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+        except OverflowError:
+            fail(f"{option}: {clip(text)} is out of range once converted to UTC")
+            raise AssertionError("unreachable") from None
+    # A linear check (no nested quantifiers: `(\d+…)+` backtracks exponentially on `1111…x`).
+    if value and _DURATION_LIKE.sub("", value.lower()) == "":
+        if re.fullmatch(r"[0-9.]+", value):
+            # Bare digits could be seconds or a basic-format date (20260131): neither is guessed.
+            fail(f"{option}: {clip(text)} has no unit; give a duration ago with one (90s, 30m, 2h) or an ISO time (2026-01-31)")
+        return now - parse_duration(value, option)
+    fail(expected)
+    raise AssertionError("unreachable")
+
+
+def _dead_letter_id(text: str) -> int | None:
+    """A dead-letter id, or None when `text` is not one (ASCII digits, within BIGINT)."""
+    if not re.fullmatch(r"[0-9]{1,19}", text):
+        return None
+    number = int(text)
+    return number if number <= MAX_ID else None
 
 
 def parse_ids(values: list[str]) -> tuple[int, ...]:
-    """Dead-letter ids from arguments (`12`, `12,13`, `20-25`)."""
+    """Dead-letter ids from arguments (`12`, `12,13`, `20-25`), at most MAX_IDS in all."""
     ids: list[int] = []
     for value in values:
         for part in value.split(","):
             part = part.strip()
             if not part:
                 continue
-            if re.fullmatch(r"\d+", part):
-                ids.append(int(part))
-            elif re.fullmatch(r"\d+-\d+", part):
-                low, high = (int(x) for x in part.split("-"))
-                if high < low or high - low > 1_000_000:
-                    fail(f"bad id range {part!r}")
-                ids.extend(range(low, high + 1))
-            else:
-                fail(f"bad dead-letter id {part!r}: ids are numbers (12, 12,13 or 20-25); `compensa dlq list` shows them")
+            low_text, dash, high_text = part.partition("-")
+            low = _dead_letter_id(low_text)
+            high = _dead_letter_id(high_text) if dash else low
+            if low is None or high is None:
+                if re.fullmatch(r"[0-9]+(-[0-9]+)?", part):
+                    fail(f"bad dead-letter id {clip(part)}: ids are numbers from 0 to {MAX_ID}")
+                fail(f"bad dead-letter id {clip(part)}: ids are numbers (12, 12,13 or 20-25); `compensa dlq list` shows them")
+                raise AssertionError("unreachable")
+            if high < low:
+                fail(f"bad id range {clip(part)}: the first id is the lower one (20-25)")
+            if high - low + 1 > MAX_IDS or len(ids) + high - low + 1 > MAX_IDS:
+                fail(
+                    f"too many dead-letter ids ({part} makes more than {MAX_IDS:,}): replay or purge at most {MAX_IDS:,} "
+                    "ids per command, in parts (1-10000, 10001-20000, …), or select them with a filter (--queue, --since, --all)"
+                )
+            ids.extend(range(low, high + 1))
     return tuple(dict.fromkeys(ids))
 
 
@@ -132,11 +307,54 @@ def saga_age_filters(query: Any, *, older_than: str | None, stuck_for: str | Non
 # ---------------------------------------------------------------- database access
 
 
+#: SQLSTATEs of a failure to connect or to stay connected: connection exceptions (08),
+#: authorization (28), shutdown / cannot connect now (57P), too many connections, no such database.
+_CONNECTION_SQLSTATES = ("08", "28", "57P", "53300", "3D000")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether the database could not be reached (as opposed to refusing one statement)."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(exc, DBAPIError):
+        return isinstance(exc, OSError | TimeoutError)
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    sqlstate = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    if sqlstate:
+        return sqlstate.startswith(_CONNECTION_SQLSTATES)
+    if isinstance(orig, OSError | TimeoutError) or isinstance(getattr(orig, "__cause__", None), OSError | TimeoutError):
+        return True
+    return "unable to open database file" in str(orig)  # SQLite: a path it cannot open or create
+
+
+def database_error_text(exc: BaseException) -> str:
+    """The driver's message, first line only, without asyncpg's `<class '…'>` wrapping."""
+    from sqlalchemy.exc import DBAPIError
+
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(orig).strip().splitlines()
+    text = lines[0] if lines else type(orig).__name__
+    return re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>: ", r"\1: ", text)
+
+
+def explain_database_error(exc: BaseException, where: str | None = None) -> str:
+    """One line for a failed database call: missing tables, unreachable, or the error itself."""
+    text = database_error_text(exc)
+    at = f" at {where}" if where else ""
+    if "no such table" in text or ("relation" in text and "does not exist" in text):
+        return f"the database{at} has no compensa tables yet ({text}); run `compensa db upgrade`"
+    if is_connection_failure(exc):
+        return f"cannot reach the database{at} ({text}); check COMPENSA_DATABASE_URL and that the server runs"
+    return f"the database{at} refused the query: {text}"
+
+
 @contextlib.asynccontextmanager
 async def _database() -> AsyncIterator[Any]:
-    """An engine on COMPENSA_DATABASE_URL; a missing table becomes an `upgrade` hint."""
+    """An engine on COMPENSA_DATABASE_URL; a failing database becomes one line that says why."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import DBAPIError
 
     from infra.db import create_engine
     from infra.settings import get_settings
@@ -146,15 +364,8 @@ async def _database() -> AsyncIterator[Any]:
     where = make_url(url).render_as_string(hide_password=True)
     try:
         yield engine
-    except DBAPIError as exc:
-        text = str(exc.orig if exc.orig is not None else exc).strip().splitlines()[0]
-        if "no such table" in text or ("relation" in text and "does not exist" in text):
-            fail(f"the database at {where} has no compensa tables yet ({text}); run `compensa db upgrade`")
-        if exc.connection_invalidated or isinstance(exc, OperationalError):
-            fail(f"database at {where} unreachable or failing ({text}); check COMPENSA_DATABASE_URL and that the server runs")
-        raise
-    except (OSError, TimeoutError) as exc:
-        fail(f"cannot reach the database at {where} ({exc or type(exc).__name__}); check COMPENSA_DATABASE_URL and that the server runs")
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        fail(explain_database_error(exc, where))
     finally:
         await engine.dispose()
 
@@ -178,14 +389,17 @@ def _filter(
     now = datetime.now(UTC)
     known_queues = [q.name for q in t.WORK_QUEUES]
     if queue is not None and queue not in known_queues:
-        fail(f"--queue: unknown queue {queue!r}; choose from {', '.join(known_queues)}")
+        fail(f"--queue: unknown queue {clip(queue)}; choose from {', '.join(known_queues)}")
     known_types = [*REGISTRY.types(), UNDECODABLE]
     if type_ is not None and type_ not in known_types:
-        fail(f"--type: unknown message type {type_!r}; choose from {', '.join(known_types)}")
+        fail(f"--type: unknown message type {clip(type_)}; choose from {', '.join(known_types)}")
     if status is not None and status not in STATUSES:
-        fail(f"--status: unknown status {status!r}; choose from {', '.join(STATUSES)}")
+        fail(f"--status: unknown status {clip(status)}; choose from {', '.join(STATUSES)}")
     if reason_class is not None and not reason_class.strip():
         fail("--reason-class: empty; `compensa dlq list --group` shows the reason classes")
+    for option, value in (("--reason-class", reason_class), ("--saga", saga)):
+        if value is not None and len(value) > 64:
+            fail(f"{option}: {clip(value)} is longer than 64 characters, the most the archive stores")
     return DeadLetterFilter(
         ids=ids,
         queue=queue,
@@ -212,17 +426,6 @@ def _short(value: Any, width: int) -> str:
     text = "" if value is None else str(value)
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _one_line_rows(table: Table) -> Table:
-    """One line per row: every column keeps its width, the last (a reason) is cut to fit."""
-    table.expand = True
-    for column in table.columns:
-        column.no_wrap = True
-        column.overflow = "ellipsis"
-    table.columns[-1].ratio = 1
-    table.columns[-1].min_width = 24
-    return table
 
 
 def _when(moment: datetime | None, *, short: bool = False) -> str:
@@ -260,22 +463,27 @@ async def dlq_list(
         if as_json:
             _print_json(groups)
             return
-        table = _one_line_rows(Table("queue", "reason class", "count", "sagas", "first failure", "last failure", "example reason", title=f"failure groups ({where.describe()})"))
-        for g in groups:
-            table.add_row(g["queue"], g["reason_class"], str(g["count"]), str(g["sagas"]), _when(g["first_failure_at"], short=True), _when(g["last_failure_at"], short=True), _short(g["example_reason"], 200))
-        console.print(table)
+        console.print(one_line_table(
+            ["queue", "reason class", "count", "sagas", "first failure", "last failure", "example reason"],
+            [[g["queue"], g["reason_class"], g["count"], g["sagas"], _when(g["first_failure_at"], short=True),
+              _when(g["last_failure_at"], short=True), _short(g["example_reason"], 200)] for g in groups],
+            width=console.width, keep=("queue", "reason class"), hide=("sagas", "first failure", "last failure"),
+            title=f"failure groups ({where.describe()})",
+        ))
         if not groups:
             console.print("no dead letters match", highlight=False)
         return
     if as_json:
         _print_json({"total": total, "dead_letters": rows})
         return
-    table = _one_line_rows(Table("id", "failed (UTC)", "queue", "type", "saga", "reason class", "att", "status", "reason"))
-    for r in rows:
-        table.add_row(str(r["id"]), _when(r["last_failure_at"], short=True), r["queue"], r["type"], r["saga_id"] or "-", r["reason_class"], str(r["attempts"]), r["status"], _short(r["reason"], 200))
-    console.print(table)
+    console.print(one_line_table(
+        ["id", "failed (UTC)", "queue", "type", "saga", "reason class", "att", "status", "reason"],
+        [[r["id"], _when(r["last_failure_at"], short=True), r["queue"], r["type"], r["saga_id"] or "-", r["reason_class"],
+          r["attempts"], r["status"], _short(r["reason"], 200)] for r in rows],
+        width=console.width, keep=("id", "saga"), hide=("att", "status", "failed (UTC)", "queue", "type", "reason class"),
+    ))
     shown = f"{len(rows)} of {total}" if total > len(rows) else str(total)
-    console.print(f"{shown} dead letters ({where.describe()}); `compensa dlq show ID` for one in full", highlight=False)
+    console.print(cell(f"{shown} dead letters ({where.describe()}); `compensa dlq show ID` for one in full"))
 
 
 async def _saga_summary(connection: Any, saga_id: str | None, transitions: int = 5) -> dict[str, Any] | None:
@@ -305,14 +513,13 @@ async def dlq_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one dead letter: reason, headers, payload, and where its saga stands."""
-    from rich.json import JSON
-
     from infra.dlq.query import get_dead_letter
     from infra.dlq.tables import UNDECODABLE
 
-    if not re.fullmatch(r"\s*\d+\s*", dead_letter_id):
-        fail(f"bad dead-letter id {dead_letter_id!r}: ids are numbers; `compensa dlq list` shows them")
-    number = int(dead_letter_id)
+    number = _dead_letter_id(dead_letter_id.strip())
+    if number is None:
+        fail(f"bad dead-letter id {clip(dead_letter_id)}: ids are numbers from 0 to {MAX_ID}; `compensa dlq list` shows them")
+        raise AssertionError("unreachable")
     async with _database() as engine, engine.connect() as connection:
         letter = await get_dead_letter(connection, number)
         if letter is None:
@@ -321,43 +528,49 @@ async def dlq_show(
     if as_json:
         _print_json({"dead_letter": letter, "saga": saga})
         return
+    # Everything below comes from the archive: printed as Text (never markup), invisible characters escaped.
     version = f" v{letter['version']}" if letter["version"] else ""
-    console.print(f"[bold]dead letter {letter['id']}[/bold]  status {letter['status']}", highlight=False)
+    console.print(Text.assemble((f"dead letter {letter['id']}", "bold"), f"  status {visible(letter['status'])}"))
     facts = Table.grid(padding=(0, 2))
-    facts.add_row("queue", f"{letter['queue']}  (archived from {letter['dlq']})")
-    facts.add_row("message", f"{letter['type']}{version}  id {letter['message_id'] or '-'}")
-    facts.add_row("saga", letter["saga_id"] or "-")
-    facts.add_row("reason", f"{letter['reason_class']}: {letter['reason']}")
-    facts.add_row("attempts", str(letter["attempts"]))
+    facts.add_row("queue", cell(f"{letter['queue']}  (archived from {letter['dlq']})"))
+    facts.add_row("message", cell(f"{letter['type']}{version}  id {letter['message_id'] or '-'}"))
+    facts.add_row("saga", cell(letter["saga_id"] or "-"))
+    facts.add_row("reason", cell(f"{letter['reason_class']}: {letter['reason']}"))
+    facts.add_row("attempts", cell(letter["attempts"]))
     facts.add_row("failed", f"first {_when(letter['first_failure_at'])}, last {_when(letter['last_failure_at'])} (UTC)")
-    facts.add_row("original", f"exchange {letter['original_exchange'] or '(default)'}, routing key {letter['original_routing_key']}")
+    facts.add_row("original", cell(f"exchange {letter['original_exchange'] or '(default)'}, routing key {letter['original_routing_key']}"))
     facts.add_row("archived", _when(letter["archived_at"]))
     if letter["replay_count"]:
-        facts.add_row("replayed", f"{letter['replay_count']}×, last {_when(letter['replayed_at'])}" + (f", patch {json.dumps(letter['replay_patch'])}" if letter["replay_patch"] else ""))
+        patch = f", patch {json.dumps(letter['replay_patch'])}" if letter["replay_patch"] else ""
+        facts.add_row("replayed", cell(f"{letter['replay_count']}×, last {_when(letter['replayed_at'])}{patch}"))
     if letter["purged_at"]:
         facts.add_row("purged", _when(letter["purged_at"]))
     console.print(facts, highlight=False)
-    headers = Table("header", "value", title="headers")
+    headers = detail_table("header", "value", title="headers")
     for name, value in sorted(letter["headers"].items()):
-        headers.add_row(name, _short(json.dumps(value) if not isinstance(value, str) else value, 100))
+        headers.add_row(cell(name), cell(_short(json.dumps(value) if not isinstance(value, str) else value, 100)))
     console.print(headers)
     body = letter["body"]
     if letter["body_form"] == "json":
         payload = body.get("payload", body) if isinstance(body, dict) else body
         console.print("[bold]payload[/bold]" if isinstance(body, dict) and "payload" in body else "[bold]body[/bold]")
-        console.print(JSON(json.dumps(payload, default=str)))
+        console.print(json_view(payload))
     else:
-        console.print(f"[bold]body[/bold] ({letter['body_form']})")
-        console.print(_short(body, 2000), markup=False, highlight=False)
+        console.print(Text.assemble(("body", "bold"), f" ({visible(letter['body_form'])})"))
+        console.print(cell(_short(body, 2000)))
     if saga is None:
         console.print("saga: none (the message names no saga)")
     elif saga["status"] is None:
-        console.print(f"saga {saga['saga_id']}: {saga['note']}", highlight=False)
+        console.print(cell(f"saga {saga['saga_id']}: {saga['note']}"))
     else:
-        console.print(f"saga {saga['saga_id']}: [bold]{saga['status']}[/bold] (version {saga['version']}) {saga['reason'] or ''}", highlight=False)
-        transitions = Table("v", "at (UTC)", "trigger", "from → to", "note", title="last transitions")
+        console.print(Text.assemble(
+            f"saga {visible(saga['saga_id'])}: ", (visible(saga["status"]), "bold"),
+            f" (version {saga['version']}) {visible(saga['reason'] or '')}",
+        ))
+        transitions = detail_table("v", "at (UTC)", "trigger", "from → to", "note", title="last transitions")
         for e in saga["last_transitions"]:
-            transitions.add_row(str(e["version"]), _when(e["at"] if e["at"].tzinfo else e["at"].replace(tzinfo=UTC)), e["trigger"], f"{e['from_status'] or '-'} → {e['to_status']}", _short(e["note"], 60))
+            at = _when(e["at"] if e["at"].tzinfo else e["at"].replace(tzinfo=UTC))
+            transitions.add_row(cell(e["version"]), at, cell(e["trigger"]), cell(f"{e['from_status'] or '-'} → {e['to_status']}"), cell(_short(e["note"], 60)))
         console.print(transitions)
     if letter["status"] == "new" and letter["type"] == UNDECODABLE:
         console.print(f"this body cannot be replayed; once handled: compensa dlq purge {letter['id']}", highlight=False)
@@ -368,19 +581,71 @@ async def dlq_show(
 # ---------------------------------------------------------------- dlq replay / purge
 
 
+#: Bounds of an --edit merge patch: a patch of one payload is small and shallow.
+MAX_PATCH_BYTES = 1 << 20
+MAX_PATCH_DEPTH = 32
+
+
+def _strict_int(digits: str) -> int:
+    # Checked before int(): Python refuses more than 4300 digits, and no payload field holds more than 64 bits.
+    if len(digits.lstrip("-")) > 19 or not -(2**63) <= int(digits) < 2**63:
+        raise ValueError(f"the integer {clip(digits)} does not fit in 64 bits")
+    return int(digits)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {clip(text)} is out of range")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {clip(key)} appears twice in one object")
+        result[key] = value
+    return result
+
+
 def _parse_patch(edit: str | None) -> dict[str, Any] | None:
+    """The --edit merge patch (inline JSON or @file), bounded in size, depth and numbers."""
     if edit is None:
         return None
     text = edit
     if edit.startswith("@"):
+        path = Path(edit[1:])
         try:
-            text = Path(edit[1:]).read_text()
+            with path.open("rb") as file:
+                raw = file.read(MAX_PATCH_BYTES + 1)
         except OSError as exc:
-            fail(f"--edit: cannot read {edit[1:]}: {exc.strerror}")
+            fail(f"--edit: cannot read {clip(str(path), 80)}: {exc.strerror or exc}")
+        if len(raw) > MAX_PATCH_BYTES:
+            fail(f"--edit: {clip(str(path), 80)} is larger than {MAX_PATCH_BYTES:,} bytes; a merge patch of one payload is small")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            fail(f"--edit: {clip(str(path), 80)} is not UTF-8 (byte {exc.start})")
+    elif len(edit) > MAX_PATCH_BYTES:
+        fail(f"--edit: longer than {MAX_PATCH_BYTES:,} characters; a merge patch of one payload is small")
+    from infra.dlq.query import json_depth
+
+    depth = json_depth(text)
+    if depth > MAX_PATCH_DEPTH:
+        fail(f"--edit: JSON nested {depth:,} levels deep; a merge patch may nest at most {MAX_PATCH_DEPTH}")
     try:
-        patch = json.loads(text)
+        patch = json.loads(
+            text, parse_int=_strict_int, parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
+        )
     except json.JSONDecodeError as exc:
         fail(f"--edit: not valid JSON ({exc}); give a JSON merge patch of the payload, e.g. '{{\"lines\": [{{\"sku\": \"A\", \"quantity\": 1}}]}}'")
+    except (ValueError, RecursionError) as exc:
+        fail(f"--edit: {exc}")
     if not isinstance(patch, dict):
         fail("--edit: a merge patch of the payload must be a JSON object")
     return patch
@@ -466,16 +731,16 @@ def _print_replay(summary: Any, selected: int) -> None:
     console.print(f"{verb} {summary.replayed}, skipped {summary.skipped}, refused {summary.refused}" + (" — dry run, nothing written" if summary.dry_run else ""), highlight=False)
     shown = [o for o in summary.outcomes if o.action in ("skipped", "refused")] if selected > 20 else summary.outcomes
     if shown:
-        table = Table("id", "outcome", "queue", "type", "detail")
+        table = detail_table("id", "outcome", "queue", "type", "detail")
         for o in shown[:50]:
-            table.add_row(str(o.id), o.action, o.queue or "-", o.type or "-", o.detail)
+            table.add_row(cell(o.id), cell(o.action), cell(o.queue or "-"), cell(o.type or "-"), cell(o.detail))
         console.print(table)
         if len(shown) > 50:
             console.print(f"… and {len(shown) - 50} more (use --json for all)", highlight=False)
     patched = next((o for o in summary.outcomes if o.payload is not None), None)
     if patched is not None:
         console.print(f"edited payload of dead letter {patched.id}:", highlight=False)
-        console.print_json(json.dumps(patched.payload, default=str))
+        console.print(json_view(patched.payload))
     if summary.replayed and not summary.dry_run:
         console.print("queued in the dlq outbox; a running relay (`compensa run` or `compensa relay`) delivers them", highlight=False)
 
@@ -513,7 +778,7 @@ async def dlq_purge(
     if as_json:
         _print_json({"purged": purged, "ids": selected})
         return
-    console.print(f"purged {purged} dead letters ({where.describe()}); they stay in the archive with status purged", highlight=False)
+    console.print(cell(f"purged {purged} dead letters ({where.describe()}); they stay in the archive with status purged"))
 
 
 @dlq_app.command("prune")
@@ -612,11 +877,10 @@ async def _saga_action(
     if as_json:
         _print_json(result)
         return
-    console.print(
+    console.print(cell(
         f"saga {saga_id}: {was} → {result['status']}; "
-        + (f"{sent_verb} {', '.join(sent)} (a running relay delivers them)" if sent else transition.note),
-        highlight=False,
-    )
+        + (f"{sent_verb} {', '.join(sent)} (a running relay delivers them)" if sent else transition.note)
+    ))
 
 
 # ---------------------------------------------------------------- health
@@ -653,6 +917,8 @@ async def health(
 
 
 def _print_health(report: dict[str, Any]) -> None:
+    from rich.markup import escape
+
     table = Table("check", "ok", "detail")
     for name, check in report["checks"].items():
         if not check.get("ok"):
@@ -661,20 +927,34 @@ def _print_health(report: dict[str, Any]) -> None:
             detail = f"{check.get('url')} at revision {check.get('revision')} ({check.get('latency_ms')} ms)"
         elif name == "broker":
             detail = check.get("note") or f"{check.get('url')} ({check.get('latency_ms')} ms), topology declared"
+        elif name == "queues":
+            detail = check.get("note") or "; ".join(
+                f"{q} {v['ready']} ready/{v['unacked']} unacked/{v['consumers']} consumers" for q, v in check["queues"].items()
+            )
         elif name == "redis":
             detail = f"{check.get('url')} ({check.get('latency_ms')} ms)" if check.get("configured") else "not configured (COMPENSA_REDIS_URL unset)"
         elif name == "relay":
             detail = f"{check['pending']} pending, oldest {check['max_lag_seconds']:.1f}s (limit {check['limit_seconds']:.0f}s)"
+        elif name == "saga_starts":
+            detail = f"every order older than {check['limit_seconds']:g}s has its saga"
+        elif name == "deadlines":
+            detail = f"none overdue by more than {check['limit_seconds']:g}s"
         elif name == "dead_letters":
             waiting = {q: v["waiting_in_dlq"] for q, v in check["queues"].items() if v["waiting_in_dlq"]}
             archived = {q: v["archived_new"] for q, v in check["queues"].items() if v["archived_new"]}
             detail = f"in DLQs {waiting or 0}; archived, status new {archived or 0}"
         else:
             detail = ""
-        table.add_row(name, "[green]yes[/green]" if check.get("ok") else "[red]NO[/red]", detail)
+        if check.get("ok"):
+            mark = "[green]yes[/green]"
+        elif check.get("unavailable"):
+            mark = "[yellow]unknown[/yellow]"
+        else:
+            mark = "[red]NO[/red]"
+        table.add_row(name, mark, escape(str(detail)))
     console.print(table, highlight=False)
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     console.print(f"[bold]{report['status']}[/bold]")
 
 

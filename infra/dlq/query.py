@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from infra.dlq.tables import NEW, PURGED, REPLAYED, STATUSES, dead_letters
 
 dl = dead_letters
+
+#: Ids per statement when a query names dead letters one by one: each is a bind parameter,
+#: and PostgreSQL (asyncpg) takes at most 32,767 of them, SQLite 32,766.
+IDS_PER_STATEMENT = 5_000
 
 #: Columns of a listing (everything but body and headers).
 SUMMARY_COLUMNS = (
@@ -69,12 +74,28 @@ class DeadLetterFilter:
 
     def describe(self) -> str:
         parts = [f"{name}={value}" for name, value in (
-            ("ids", ",".join(map(str, self.ids)) if self.ids else None), ("queue", self.queue), ("type", self.type),
+            ("ids", _id_ranges(self.ids) if self.ids else None), ("queue", self.queue), ("type", self.type),
             ("reason_class", self.reason_class), ("saga", self.saga_id),
             ("since", self.since.isoformat() if self.since else None),
             ("until", self.until.isoformat() if self.until else None), ("status", self.status),
         ) if value]
         return " ".join(parts) or "everything"
+
+
+def _id_ranges(ids: Sequence[int], shown: int = 8) -> str:
+    """`1-3,7,9-12`: ids as runs, the first `shown` runs only."""
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and runs[-1][1] + 1 == i:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:shown])
+    return text + (f",… ({len(set(ids)):,} ids)" if len(runs) > shown else "")
+
+
+def _batches(ids: Sequence[int]) -> list[Sequence[int]]:
+    return [ids[start:start + IDS_PER_STATEMENT] for start in range(0, len(ids), IDS_PER_STATEMENT)]
 
 
 def aware(moment: datetime | None) -> datetime | None:
@@ -128,15 +149,56 @@ async def failure_groups(connection: AsyncConnection, where: DeadLetterFilter) -
     return [_summary(row) for row in (await connection.execute(query)).all()]
 
 
+#: Deepest nesting of a stored body shown as JSON; a deeper one (no envelope nests so) is shown as text.
+MAX_JSON_DEPTH = 64
+_JSON_SPECIAL = re.compile(r'["\\\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in `text` (brackets inside strings do not count); linear."""
+    depth = deepest = 0
+    in_string = False
+    escaped_at = -1
+    for match in _JSON_SPECIAL.finditer(text):
+        at, char = match.start(), match.group()
+        if at == escaped_at:
+            continue
+        if in_string:
+            if char == "\\":
+                escaped_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _stored_json(text: str) -> tuple[Any, bool]:
+    """`text` parsed, and True; or `text` itself and False when it is not JSON a terminal can show.
+
+    Whatever arrived is archived: the depth is bounded before parsing (json and Rich recurse),
+    and numbers beyond Python's digit limit are a ValueError, not a crash.
+    """
+    if json_depth(text) > MAX_JSON_DEPTH:
+        return text, False
+    try:
+        return json.loads(text), True
+    except (ValueError, RecursionError):
+        return text, False
+
+
 def decoded_body(row: Any) -> tuple[Any, str]:
     """The body as JSON when it parses, else as text (or base64 for binary); and its form."""
     if row.body_encoding == "base64":
         raw = base64.b64decode(row.body)
         return row.body, f"base64 ({len(raw)} bytes, not UTF-8)"
-    try:
-        return json.loads(row.body), "json"
-    except json.JSONDecodeError:
-        return row.body, "text"
+    body, parsed = _stored_json(row.body)
+    return (body, "json") if parsed else (body, "text")
 
 
 async def get_dead_letter(connection: AsyncConnection, dead_letter_id: int) -> dict[str, Any] | None:
@@ -145,25 +207,37 @@ async def get_dead_letter(connection: AsyncConnection, dead_letter_id: int) -> d
     if row is None:
         return None
     data = _summary(row)
-    data["headers"] = json.loads(row.headers)
+    headers, parsed = _stored_json(row.headers)
+    # An old or damaged row: its headers shown as stored, under one name.
+    data["headers"] = headers if parsed and isinstance(headers, dict) else {"(stored headers)": row.headers}
     data["body"], data["body_form"] = decoded_body(row)
-    data["replay_patch"] = json.loads(row.replay_patch) if row.replay_patch else None
+    data["replay_patch"] = _stored_json(row.replay_patch)[0] if row.replay_patch else None
     data.pop("dedup_key", None)
     return data
 
 
 async def missing_ids(connection: AsyncConnection, ids: Sequence[int]) -> list[int]:
-    found = set((await connection.execute(select(dl.c.id).where(dl.c.id.in_(ids)))).scalars())
+    """Those of `ids` no dead letter has, in the given order."""
+    found: set[int] = set()
+    for batch in _batches(ids):
+        found.update((await connection.execute(select(dl.c.id).where(dl.c.id.in_(batch)))).scalars())
     return [i for i in ids if i not in found]
 
 
 async def purge(engine: AsyncEngine, where: DeadLetterFilter, now: datetime) -> int:
-    """Mark matching dead letters purged (kept in the table, out of the way); return how many."""
+    """Mark matching dead letters purged (kept in the table, out of the way); return how many.
+
+    Ids beyond IDS_PER_STATEMENT are purged in several statements, all in one transaction.
+    """
+    filters = [replace(where, ids=tuple(batch)) for batch in _batches(where.ids)] if where.ids else [where]
+    purged = 0
     async with engine.begin() as connection:
-        result = await connection.execute(
-            where.apply(update(dl)).where(dl.c.status != PURGED).values(status=PURGED, purged_at=now)
-        )
-    return int(result.rowcount)
+        for part in filters:
+            result = await connection.execute(
+                part.apply(update(dl)).where(dl.c.status != PURGED).values(status=PURGED, purged_at=now)
+            )
+            purged += int(result.rowcount)
+    return purged
 
 
 async def prune(engine: AsyncEngine, older_than: datetime) -> dict[str, int]:

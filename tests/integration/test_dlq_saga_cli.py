@@ -17,15 +17,30 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from contracts import Money, OrderCreated, OrderLine, PaymentDeclined, ReserveStock, StockLine, StockReleased, StockReserved, new_message
+from contracts import (
+    Money,
+    OrderCreated,
+    OrderLine,
+    PaymentDeclined,
+    ReserveStock,
+    StockLine,
+    StockReleased,
+    StockReserved,
+    encode,
+    new_message,
+)
 from contracts.clock import Clock
 from contracts.messages import Payload
 from infra import topology as t
+from infra.cli_ops import explain_database_error, is_connection_failure, visible
 from infra.clock import SystemClock, VirtualClock
 from infra.dlq.archive import start_archive
+from infra.dlq.query import DeadLetterFilter, missing_ids
+from infra.dlq.query import purge as purge_dead_letters
 from infra.dlq.tables import dead_letters
 from infra.health import check_health, health_app
 from infra.services import orchestrator_for, sweep_deadlines
@@ -35,7 +50,18 @@ from outbox.relay import Relay
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
 from sagas.tables import saga_deadlines, saga_history, saga_instances
-from tests.integration.dlq_support import COMPENSA, archived, assert_one_line_error, compensa, publish_dead_letter, purge, stack_env
+from tests.harness.servers import Servers
+from tests.integration.dlq_support import (
+    COMPENSA,
+    Run,
+    archived,
+    assert_one_line_error,
+    compensa,
+    dead_letter_headers,
+    publish_dead_letter,
+    purge,
+    stack_env,
+)
 from tests.support import eventually
 
 pytestmark = pytest.mark.integration
@@ -202,22 +228,29 @@ async def test_dlq_show_and_list_tell_where_the_saga_of_a_dead_letter_stands(
 
 
 async def test_health_reports_a_lagging_relay_then_healthy_and_so_does_get_health(
-    sagas: dict[str, str], pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_url: str, env: dict[str, str],
+    sagas: dict[str, str], pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_url: str, env: dict[str, str], servers: Servers,
 ) -> None:
-    settings = Settings(database_url=env["COMPENSA_DATABASE_URL"], amqp_url=amqp_url)
+    management_url = servers.amqp_management_url
+    env = {**env, "COMPENSA_AMQP_MANAGEMENT_URL": management_url}
+    settings = Settings(database_url=env["COMPENSA_DATABASE_URL"], amqp_url=amqp_url, amqp_management_url=management_url, redis_url=None)
     lagging = await compensa(env, "health", "--json")  # the sagas' commands were never relayed; some are 30 days old
     assert lagging.returncode == 1
     report = lagging.json()
+    assert report["status"] == "unhealthy"
     assert report["checks"]["database"]["ok"] and report["checks"]["broker"]["ok"]
     assert not report["checks"]["relay"]["ok"] and "compensa relay" in report["checks"]["relay"]["fix"]
     assert report["checks"]["relay"]["outboxes"]["saga"]["pending"] > 0
+    # stuck-1 waits since 2 h for a reply whose deadline no sweeper fired.
+    assert not report["checks"]["deadlines"]["ok"] and [d["saga_id"] for d in report["checks"]["deadlines"]["oldest"]] == ["stuck-1"]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=health_app(settings)), base_url="http://test") as client:
         response = await client.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "unhealthy"
 
+    await sweep_deadlines(pg_engine, SystemClock(), orchestrator=ORCHESTRATOR)  # the sweeper runs: stuck-1 compensates
     relay = Relay(pg_engine, "saga", rabbit, SystemClock())
     await relay.drain()
-    await purge(rabbit.connection, t.STOCK_COMMANDS.name, t.PAYMENTS_COMMANDS.name, t.ORDERS_EVENTS.name)
+    # Nothing consumes here: ready messages with no consumer would be a wedged queue.
+    await purge(rabbit.connection, *(q.name for q in t.WORK_QUEUES))
     healthy = await compensa(env, "health")
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "healthy" in healthy.stdout and "unhealthy" not in healthy.stdout
@@ -225,11 +258,11 @@ async def test_health_reports_a_lagging_relay_then_healthy_and_so_does_get_healt
         response = await client.get("/health")
     assert response.status_code == 200
     body = response.json()
-    assert body["ok"] and set(body["checks"]) == {"database", "relay", "broker", "redis", "dead_letters"}
+    assert body["ok"] and set(body["checks"]) == {"database", "relay", "broker", "queues", "saga_starts", "deadlines", "redis", "dead_letters"}
     assert set(body["checks"]["dead_letters"]["queues"]) == {q.name for q in t.WORK_QUEUES}
 
     broken = await check_health(Settings(database_url=env["COMPENSA_DATABASE_URL"], amqp_url="amqp://guest:guest@127.0.0.1:1/"))
-    assert not broken["ok"] and broken["checks"]["database"]["ok"]
+    assert not broken["ok"] and broken["status"] == "unhealthy" and broken["checks"]["database"]["ok"]
     assert "COMPENSA_AMQP_URL" in broken["checks"]["broker"]["fix"]
 
 
@@ -255,3 +288,119 @@ async def test_health_serve_answers_get_health_over_http(sagas: dict[str, str], 
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 15)
+
+
+# ---------------------------------------------------------------- stored data in an 80-column terminal
+
+NASTY = ("[/]", "[bold red]x", "\x1b[31mred")
+
+
+def rendered(run: Run) -> str:
+    """Exit 0, no traceback, no raw control character, no table line wider than 80 columns."""
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stdout + run.stderr and "MarkupError" not in run.stdout + run.stderr
+    assert not [ch for ch in run.stdout + run.stderr if not ch.isprintable() and ch != "\n"], run.stdout
+    assert all(len(line) <= 80 for line in run.stdout.splitlines() if line[:1] in "┏┃┡│└"), run.stdout
+    return run.stdout
+
+
+def column(stdout: str, header: str) -> list[str]:
+    lines = stdout.splitlines()
+    headers = [h.strip() for h in next(line for line in lines if line.startswith("┃")).split("┃")[1:-1]]
+    return [line.split("│")[headers.index(header) + 1].strip() for line in lines if line.startswith("│")]
+
+
+async def test_stored_markup_and_escapes_render_at_80_columns_with_every_id_whole(
+    sagas: dict[str, str], pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel,
+    amqp_url: str, env: dict[str, str],
+) -> None:
+    """`[/]`, `[bold red]x` and `\\x1b[31m` in saga ids, reasons and types: as the archive keeps them, and in old rows."""
+    narrow = {**env, "COLUMNS": "80"}
+    async with pg_engine.begin() as connection:
+        await connection.execute(delete(dead_letters))
+    await purge(rabbit.connection, *(q.dlq for q in t.WORK_QUEUES))
+    # Sagas: two driven through the orchestrator (the contracts allow markup), one old row with an escape.
+    for saga_id in NASTY[:2]:
+        await drive(pg_engine, SystemClock(), saga_id, until_declined(saga_id))
+    async with pg_engine.begin() as connection:
+        await connection.execute(insert(saga_instances).values(
+            saga_id=NASTY[2], definition="order", status="running", step=0, data="{}", done_steps="[]", pending_compensations="[]",
+            compensation_attempts=0, reason="[bold red]stuck\x1b[2J", version=1, started_at=NOW, updated_at=NOW,
+        ))
+        await connection.execute(insert(saga_history).values(
+            saga_id=NASTY[2], version=1, at=NOW, trigger="order.created\x1b[0m", message_id=None, causation_id=None,
+            from_status=None, to_status="running", step=None, note="[/]", sent="[]",
+        ))
+    # Dead letters: what arrived, archived as is (a saga header with an escape, a reason with markup) ...
+    for saga_id in NASTY:
+        message = new_message(ReserveStock(order_id="[bold red]x", lines=(StockLine(sku="sku-[/]", quantity=1),)),
+                              correlation_id="[bold red]x", producer="saga")
+        headers = dead_letter_headers(t.STOCK_COMMANDS, message.type, reason=f"RuntimeError: [bold red]disk\x1b[31m full [/] {saga_id}")
+        headers[t.H_SAGA_ID] = saga_id
+        await amqp_channel.default_exchange.publish(
+            aio_pika.Message(encode(message.envelope), headers=headers, message_id=str(message.message_id), type=message.type,
+                             content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=t.STOCK_COMMANDS.dlq,
+        )
+    transport = RabbitTransport(amqp_url)
+    await transport.connect()
+    handler, subscriptions = await start_archive(transport, pg_engine, SystemClock(), prefetch=10)
+    try:
+        await eventually(lambda: handler.archived == 3, timeout=10)
+    finally:
+        for subscription in subscriptions:
+            await subscription.stop(5)
+        await transport.close()
+    # ... and an old row whose type and reason class hold markup and escapes.
+    async with pg_engine.begin() as connection:
+        await connection.execute(insert(dead_letters).values(
+            dedup_key="old-row", queue="stock.commands", dlq="stock.commands.dlq", message_id="[/]", type="stock.reserve[/]\x1b[31m",
+            version=1, saga_id="[/]", reason_class="handler_error[bold]", reason="[/]\x1b[2J", attempts=1, original_exchange="",
+            original_routing_key="stock.reserve", first_failure_at=NOW, last_failure_at=NOW, body="{[/]", body_encoding="utf-8",
+            headers="{}", archived_at=NOW, status="new",
+        ))
+    stored = {row.id: row.saga_id for row in await archived(pg_engine)}
+    assert sorted(stored.values()) == sorted([*NASTY, "[/]"])
+
+    listed = rendered(await compensa(narrow, "dlq", "list"))
+    assert sorted(int(i) for i in column(listed, "id")) == sorted(stored)  # the ids `dlq show` needs, every one, whole
+    assert sorted(column(listed, "saga")) == sorted(visible(s) for s in stored.values())
+    rendered(await compensa(narrow, "dlq", "list", "--group"))
+    for dead_letter_id, saga_id in stored.items():
+        shown = rendered(await compensa(narrow, "dlq", "show", str(dead_letter_id)))
+        assert f"dead letter {dead_letter_id}" in shown and f"saga      {visible(saga_id)}" in shown
+    old = rendered(await compensa(narrow, "dlq", "show", str(max(stored))))
+    assert "stock.reserve[/]\\x1b[31m v1" in old and "handler_error[bold]: [/]\\x1b[2J" in old and "{[/]" in old
+    archived_from_queue = rendered(await compensa(narrow, "dlq", "show", str(min(stored))))
+    assert "RuntimeError: [bold red]disk\\x1b[31m full [/] [/]" in " ".join(archived_from_queue.split())
+
+    sagas_listed = rendered(await compensa(narrow, "saga", "list"))
+    assert sorted(column(sagas_listed, "saga")) == sorted(visible(s) for s in [*NASTY, "comp-1", "failed-1", "stuck-1"])
+    for saga_id in NASTY:
+        shown = rendered(await compensa(narrow, "saga", "show", saga_id))
+        assert shown.startswith(f"saga {visible(saga_id)}: ")
+        assert "…" not in shown  # the history wraps and folds to 80 columns, cutting nothing
+        mermaid = rendered(await compensa(narrow, "saga", "show", saga_id, "--mermaid"))
+        assert f"participant Saga as Saga {visible(saga_id)}" in mermaid
+    assert "[bold red]stuck\\x1b[2J" in " ".join(rendered(await compensa(narrow, "saga", "show", NASTY[2])).split())
+
+
+async def test_huge_values_and_refused_queries_are_one_line_errors_on_postgresql(pg_engine: AsyncEngine, env: dict[str, str]) -> None:
+    assert_one_line_error(await compensa(env, "dlq", "replay", "1-40000"), "too many dead-letter ids (1-40000", "at most 10,000")
+    assert_one_line_error(await compensa(env, "dlq", "show", "99999999999999999999"), "bad dead-letter id")
+    assert_one_line_error(await compensa(env, "saga", "list", "--older-than", "99999999999d"), "--older-than:", "longer than 100 years")
+    assert_one_line_error(await compensa(env, "dlq", "list", "--since", "9" * 400 + "s"), "--since:", "longer than 100 years")
+    assert_one_line_error(await compensa(env, "dlq", "list", "--until", "0001-01-01T00:00:00+05:00"), "--until:", "out of range")
+    # asyncpg refuses a statement with more than 32,767 bind parameters: a refused query, not an unreachable database.
+    with pytest.raises(DBAPIError) as refused:
+        async with pg_engine.connect() as connection:
+            await connection.execute(select(dead_letters.c.id).where(dead_letters.c.id.in_(list(range(40_000)))))
+    assert not is_connection_failure(refused.value)
+    explained = explain_database_error(refused.value)
+    assert explained.startswith("the database refused the query: ") and explained.endswith("the number of query arguments cannot exceed 32767")
+    # The queries that name dead letters one by one batch them instead.
+    many = tuple(range(1, 40_001))
+    async with pg_engine.connect() as connection:
+        assert len(await missing_ids(connection, many)) <= 40_000
+    # (status purged: nothing matches, so the other tests' rows stay as they are; the statements run all the same)
+    assert await purge_dead_letters(pg_engine, DeadLetterFilter(ids=many, status="purged"), NOW) == 0

@@ -2,7 +2,17 @@
 
 import json
 
-from tests.unit.test_cli_ops import cli, env, one_line_error  # noqa: F401 - fixtures and helpers
+from tests.unit.test_cli_ops import (  # noqa: F401 - fixtures and helpers
+    NASTY_IDS,
+    assert_rendered,
+    cli,
+    env,
+    migrated,
+    narrow,
+    one_line_error,
+    store_rows,
+    table_cells,
+)
 
 
 def test_operator_can_set_stock_place_an_order_and_see_it_pending(env, tmp_path):  # noqa: F811
@@ -31,3 +41,54 @@ def test_contracts_export_writes_every_schema_and_asyncapi(env, tmp_path):  # no
     assert cli("contracts", "export", "--out", str(out)).exit_code == 0
     assert len(list((out / "schemas").glob("*.json"))) == 18
     assert json.loads((out / "asyncapi.json").read_text())["asyncapi"] == "3.0.0"
+
+
+def test_saga_list_and_show_print_stored_markup_and_escapes_as_text_with_whole_ids_at_80_columns(migrated, narrow, monkeypatch):  # noqa: F811
+    import infra.cli
+    from infra.cli_ops import visible
+
+    long_id = "ord-" + "0123456789" * 6  # 64 characters, the longest saga id
+    store_rows(sagas=(*NASTY_IDS, long_id))
+
+    listed = assert_rendered(cli("saga", "list"), narrow)
+    assert sorted(table_cells(listed, "saga")) == sorted(visible(s) for s in (*NASTY_IDS, long_id))
+    assert "not shown at 80 columns: step, started (UTC)" in " ".join(listed.split())
+    for saga_id in (*NASTY_IDS, long_id):
+        shown = assert_rendered(cli("saga", "show", saga_id))
+        words = " ".join(shown.split())  # the heading wraps at 80 columns, between words
+        assert words.startswith(f"saga {visible(saga_id)}: running (version 1) held by [bold]{visible(saga_id)} ┏━")
+        assert "…" not in shown  # the history table wraps and folds to 80 columns, cutting nothing
+        mermaid = assert_rendered(cli("saga", "show", saga_id, "--mermaid"))
+        assert f"participant Saga as Saga {visible(saga_id)}" in mermaid and "Saga->>Stock: stock.reserve[/]" in mermaid
+        assert json.loads(cli("saga", "show", saga_id, "--json").stdout)["saga"]["saga_id"] == saga_id
+    assert_rendered(cli("saga", "list", "--status", "running", "--stuck-for", "1s"), narrow)
+    monkeypatch.setattr(infra.cli.console, "_width", 200)
+    history = assert_rendered(cli("saga", "show", NASTY_IDS[0]))
+    assert table_cells(history, "sent") == ["stock.reserve[/]"] and table_cells(history, "note") == ["note [/] \\x1b[2J"]
+
+
+def test_input_echoed_back_is_never_markup(migrated):  # noqa: F811
+    set_stock = assert_rendered(cli("stock", "set", "[/]\x1b[31m", "3"))
+    assert set_stock == "[/]\\x1b[31m: 3 on hand\n"
+    assert "[/]\\x1b[31m" in assert_rendered(cli("stock", "list"))
+    one_line_error(cli("saga", "show", "[/]"), "no saga '[/]'")
+    one_line_error(cli("saga", "list", "--status", "[bold]"), "unknown status '[bold]'")
+    one_line_error(cli("run", "--service", "[/]"), "unknown service(s) [/]")
+    declared = cli("topology", "declare")  # the in-memory broker: `[routing keys]` are text, not a style tag
+    assert declared.exit_code == 0 and "[stock.reserve, stock.commit, stock.release]" in " ".join(declared.stdout.split())
+
+
+def test_saga_list_refuses_huge_durations_in_one_line(migrated):  # noqa: F811
+    one_line_error(cli("saga", "list", "--older-than", "99999999999d"), "--older-than: duration '99999999999d' is longer than 100 years")
+    one_line_error(cli("saga", "list", "--stuck-for", "1" * 400), "--stuck-for: duration", "longer than 100 years")
+
+
+def test_a_refused_saga_query_is_not_reported_as_an_unreachable_database(migrated):  # noqa: F811
+    import sqlite3
+
+    from infra.settings import get_settings
+
+    with sqlite3.connect(get_settings().database_url.split("///", 1)[1]) as connection:
+        connection.execute("ALTER TABLE saga_instances RENAME COLUMN reason TO reason_renamed")
+    line = one_line_error(cli("saga", "list"), "refused the query", "no such column")
+    assert "unreachable" not in line and "cannot reach" not in line

@@ -329,3 +329,328 @@ def test_purge_without_a_terminal_needs_yes(migrated: None) -> None:
     assert [d["status"] for d in listed["dead_letters"]] == ["new"]
     done = cli("dlq", "purge", "--queue", "stock.commands", "--yes", "--json")
     assert done.exit_code == 0 and json.loads(done.stdout)["purged"] == 1
+
+
+# ---------------------------------------------------------------- stored data in a terminal
+#
+# The archive keeps whatever arrived and old rows predate the contracts' identifier rules:
+# markup (`[/]`, `[bold red]x`) and escapes (`\x1b[31m`) in ids, types and reasons must
+# print as text, at 80 columns, with every id whole.
+
+#: Ids an operator copies from a listing into the next command, with what breaks terminals.
+NASTY_IDS = ("[/]", "[bold red]x", "\x1b[31mred", "3f2a9c1e-8d4b-4e6a-9b1c-2d3e4f5a6b7c")
+
+
+def store_rows(*, sagas: tuple[str, ...] = (), letters: tuple[str, ...] = ()) -> dict[str, int]:
+    """Insert saga rows (with one transition each) and dead letters as stored, unvalidated; dead-letter id per saga id."""
+    from sqlalchemy import insert
+
+    from infra.db import create_engine
+    from infra.dlq.tables import dead_letters
+    from sagas.tables import saga_history, saga_instances
+
+    async def insert_all() -> dict[str, int]:
+        engine = create_engine(get_settings().database_url)
+        ids = {}
+        try:
+            async with engine.begin() as connection:
+                for saga_id in sagas:
+                    await connection.execute(insert(saga_instances).values(
+                        saga_id=saga_id, definition="order", status="running", step=0, data="{}", done_steps="[]",
+                        pending_compensations="[]", compensation_attempts=0, reason=f"held by [bold]{saga_id}", version=1,
+                        started_at=NOW, updated_at=NOW,
+                    ))
+                    await connection.execute(insert(saga_history).values(
+                        saga_id=saga_id, version=1, at=NOW, trigger="order.created", message_id="m-[/]", causation_id=None,
+                        from_status=None, to_status="running", step=None, note="note [/] \x1b[2J",
+                        sent=json.dumps([{"type": "stock.reserve[/]", "message_id": "m-2"}]),
+                    ))
+                for n, saga_id in enumerate(letters):
+                    result = await connection.execute(insert(dead_letters).values(
+                        dedup_key=uuid.uuid4().hex, queue="stock.commands", dlq="stock.commands.dlq", message_id=f"m-{n}[/]",
+                        type=f"stock.reserve[/]\x1b[31m{n}", version=1, saga_id=saga_id, reason_class=f"handler_error[bold]{n}",
+                        reason=f"RuntimeError: [/] disk [bold red]full\x1b[31m {'x' * 120}", attempts=2,
+                        original_exchange="compensa.commands[/]", original_routing_key="stock.reserve\x1b[0m",
+                        first_failure_at=NOW, last_failure_at=NOW, body=json.dumps({"payload": {"order_id": saga_id, "note": "[/]\x9b"}}),
+                        body_encoding="utf-8", headers=json.dumps({"x-[/]": "v[bold]\x1b[31m"}), archived_at=NOW, status="new",
+                    ).returning(dead_letters.c.id))
+                    ids[saga_id] = result.scalar_one()
+        finally:
+            await engine.dispose()
+        return ids
+
+    get_settings.cache_clear()
+    return asyncio.run(insert_all())
+
+
+@pytest.fixture
+def narrow(monkeypatch: pytest.MonkeyPatch) -> int:
+    """An 80-column terminal for both consoles (COLUMNS is read once when a console is built)."""
+    import infra.cli
+    import infra.cli_ops
+
+    monkeypatch.setenv("COLUMNS", "80")
+    for console in (infra.cli.console, infra.cli_ops.console):
+        monkeypatch.setattr(console, "_width", 80)
+    return 80
+
+
+def assert_rendered(result: Any, width: int | None = None) -> str:
+    """Exit 0, no traceback, no raw control character, and (when given) no line wider than `width`."""
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "MarkupError" not in output
+    assert not [ch for ch in output if not ch.isprintable() and ch != "\n"], output
+    if width is not None:
+        table_lines = [line for line in result.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+        assert table_lines and all(len(line) <= width for line in table_lines), result.stdout
+    return result.stdout
+
+
+def table_cells(stdout: str, header: str) -> list[str]:
+    """The cells of one column of a Rich table, one per row (rows are one line each)."""
+    lines = stdout.splitlines()
+    headers = [h.strip() for h in next(line for line in lines if line.startswith("┃")).split("┃")[1:-1]]
+    column = headers.index(header)
+    return [line.split("│")[column + 1].strip() for line in lines if line.startswith("│")]
+
+
+def test_visible_escapes_control_and_invisible_characters_only() -> None:
+    from infra.cli_ops import visible
+
+    assert visible("[/] [bold red]x ünï €") == "[/] [bold red]x ünï €"
+    assert visible("\x1b[31mred\x1b[0m") == "\\x1b[31mred\\x1b[0m"
+    assert visible("a\nb\tc\x00d\x7f\x9b\u202e\u2028") == "a\\nb\\tc\\x00d\\x7f\\x9b\\u202e\\u2028"
+    assert visible(None) == "" and visible(12) == "12"
+
+
+def test_dlq_list_and_show_print_stored_markup_and_escapes_as_text_at_80_columns(migrated: None, narrow: int) -> None:
+    from infra.cli_ops import visible
+
+    ids = store_rows(letters=NASTY_IDS)
+
+    listed = assert_rendered(cli("dlq", "list"), narrow)
+    assert sorted(int(i) for i in table_cells(listed, "id")) == sorted(ids.values())  # the id column is there, whole
+    assert sorted(table_cells(listed, "saga")) == sorted(visible(s) for s in NASTY_IDS)  # and every saga id
+    grouped = assert_rendered(cli("dlq", "list", "--group", "--reason-class", "handler_error[bold]0"), narrow)
+    assert "handler_error[bold]0" in grouped and "failure groups (reason_class=handler_error[bold]0)" in grouped
+    for saga_id, dead_letter_id in ids.items():
+        shown = assert_rendered(cli("dlq", "show", str(dead_letter_id)))
+        assert f"dead letter {dead_letter_id}" in shown and visible(saga_id) in shown
+        assert "RuntimeError: [/] disk [bold red]full\\x1b[31m" in shown and "x-[/]" in shown and "v[bold]\\x1b[31m" in shown
+        assert '"note": "[/]\\u009b"' in shown  # the payload stays valid JSON, its escapes JSON escapes
+        assert json.loads(cli("dlq", "show", str(dead_letter_id), "--json").stdout)["dead_letter"]["saga_id"] == saga_id
+
+
+def test_dlq_list_keeps_ids_whole_and_hides_optional_columns_when_narrow(
+    migrated: None, narrow: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import infra.cli_ops
+
+    long_id = "ord-" + "0123456789" * 6  # 64 characters, the longest saga id
+    ids = store_rows(letters=("ord-1", long_id))
+
+    listed = assert_rendered(cli("dlq", "list"), narrow)
+    assert sorted(int(i) for i in table_cells(listed, "id")) == sorted(ids.values())
+    assert sorted(table_cells(listed, "saga")) == sorted(["ord-1", long_id])  # each on its row, unbroken
+    assert "not shown at 80 columns: att, status, failed (UTC), queue, type, reason class (--json shows all)" in listed
+    monkeypatch.setattr(infra.cli_ops.console, "_width", 200)
+    wide = assert_rendered(cli("dlq", "list"), 200)
+    assert table_cells(wide, "queue") == ["stock.commands"] * 2 and "not shown" not in wide
+    assert table_cells(wide, "type") == ["stock.reserve[/]\\x1b[31m1", "stock.reserve[/]\\x1b[31m0"]
+    assert all(cell.startswith("RuntimeError: [/] disk") and cell.endswith("…") for cell in table_cells(wide, "reason"))
+
+
+def test_one_line_table_folds_ids_only_when_they_alone_do_not_fit() -> None:
+    from rich.console import Console
+
+    from infra.cli_ops import one_line_table
+
+    saga_id = "s" * 64
+    for width in (200, 80, 40):
+        console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115 - closed with the console
+        console.print(one_line_table(["id", "saga", "reason"], [[7, saga_id, "x" * 300]], width=width, keep=("id", "saga")))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= width
+        whole = "".join(line.split("│")[2].strip() for line in text.splitlines() if line.startswith("│"))
+        assert whole == saga_id, (width, text)  # whole: on one line, or folded over several at 40 columns
+        console.file.close()
+
+
+# ---------------------------------------------------------------- strict edges: durations, times, ids, edits
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "1" * 400 + "s", "36526d", "5300w", "1" * 400])
+def test_durations_beyond_100_years_are_refused(text: str) -> None:
+    with pytest.raises(CliError, match="--older-than: duration .* is longer than 100 years"):
+        parse_duration(text, "--older-than")
+
+
+def test_times_out_of_range_or_ambiguous_are_refused_and_nothing_backtracks() -> None:
+    import time
+
+    with pytest.raises(CliError, match="--until: '0001-01-01T00:00:00\\+05:00' is out of range once converted to UTC"):
+        parse_time("0001-01-01T00:00:00+05:00", "--until", NOW)
+    with pytest.raises(CliError, match="has no unit"):
+        parse_time("20260131", "--since", NOW)
+    with pytest.raises(CliError, match="longer than 100 years"):
+        parse_time("1" * 400 + "d", "--since", NOW)
+    started = time.monotonic()
+    with pytest.raises(CliError, match="expected an ISO 8601 time"):
+        parse_time("1" * 5000 + "x", "--since", NOW)  # `(\d+(…)?)+` took 2 s at 24 digits, doubling with each
+    assert time.monotonic() - started < 1
+
+
+def test_id_ranges_are_bounded() -> None:
+    assert len(parse_ids(["1-10000"])) == 10_000
+    with pytest.raises(CliError, match="too many dead-letter ids .*at most 10,000"):
+        parse_ids(["1-40000"])
+    with pytest.raises(CliError, match="too many dead-letter ids"):
+        parse_ids(["1-6000", "6001-12000"])
+    with pytest.raises(CliError, match="ids are numbers from 0 to 9223372036854775807"):
+        parse_ids(["99999999999999999999"])
+    with pytest.raises(CliError, match="bad dead-letter id"):
+        parse_ids(["١٢"])  # Arabic-Indic digits are digits to Python's \d, not to an id
+
+
+def test_huge_durations_ids_and_deep_edits_are_one_line_errors(migrated: None, tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a":' * 10_000 + "1" + "}" * 10_000)
+    big = tmp_path / "big.json"
+    big.write_text('{"a": "' + "x" * (1 << 20) + '"}')
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"sku": "\xe9"}')
+
+    one_line_error(cli("saga", "list", "--older-than", "99999999999d"), "--older-than: duration '99999999999d' is longer than 100 years")
+    one_line_error(cli("saga", "list", "--stuck-for", "9" * 400 + "h"), "--stuck-for: duration", "longer than 100 years")
+    one_line_error(cli("dlq", "list", "--since", "4" * 400), "--since:", "has no unit")
+    one_line_error(cli("dlq", "list", "--since", "4" * 400 + "s"), "--since: duration", "longer than 100 years")
+    one_line_error(cli("dlq", "list", "--until", "9999-12-31T23:59:59-01:00"), "--until:", "out of range")
+    one_line_error(cli("dlq", "prune", "--older-than", "99999999999d", "--yes"), "--older-than:", "longer than 100 years")
+    one_line_error(cli("dlq", "replay", "1-40000"), "too many dead-letter ids (1-40000", "at most 10,000")
+    one_line_error(cli("dlq", "purge", "1-40000", "--yes"), "too many dead-letter ids")
+    one_line_error(cli("dlq", "show", "99999999999999999999"), "bad dead-letter id", "from 0 to 9223372036854775807")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", f"@{deep}"), "--edit: JSON nested 10,000 levels deep", "at most 32")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", "[" * 5000 + "]" * 5000), "--edit: JSON nested 5,000 levels deep")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": ' + "7" * 5000 + "}"), "--edit: the integer", "does not fit in 64 bits")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": 1e999}'), "--edit: the number '1e999' is out of range")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": NaN}'), "--edit: NaN is not JSON")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": 1, "a": 2}'), "--edit: the key 'a' appears twice")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", f"@{big}"), "--edit:", "larger than 1,048,576 bytes")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", f"@{latin}"), "--edit:", "is not UTF-8")
+    one_line_error(cli("dlq", "replay", "--all", "--edit", f"@{tmp_path}"), "--edit: cannot read")
+    ok = cli("dlq", "replay", "--all", "--dry-run", "--edit", '{"lines": [{"sku": "B", "quantity": 5}], "a": {"b": [1, "[/]"]}}')
+    assert ok.exit_code == 0, ok.stderr
+
+
+def test_user_input_quoted_in_an_error_is_never_markup(migrated: None) -> None:
+    one_line_error(cli("dlq", "list", "--queue", "[/]"), "--queue: unknown queue '[/]'")
+    one_line_error(cli("dlq", "list", "--type", "[bold]\x1b[31m"), "--type: unknown message type '[bold]\\x1b[31m'")
+    one_line_error(cli("dlq", "list", "--saga", "s" * 65), "--saga:", "longer than 64 characters")
+    one_line_error(cli("saga", "retry", "[/]"), "no saga '[/]'")
+    line = one_line_error(cli("dlq", "list", "--queue", "q" * 10_000), "--queue: unknown queue 'qqq")
+    assert len(line) < 400
+
+
+# ---------------------------------------------------------------- database errors: only a failed connection is "unreachable"
+
+
+def test_database_errors_are_classified_precisely() -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    from infra.cli_ops import explain_database_error, is_connection_failure
+
+    class AsyncpgError(Exception):
+        def __init__(self, message: str, sqlstate: str | None) -> None:
+            super().__init__(message)
+            self.sqlstate = sqlstate
+
+    too_many = InterfaceError("SELECT …", {}, AsyncpgError("<class 'asyncpg.exceptions._base.InterfaceError'>: the number of query arguments cannot exceed 32767", None))
+    assert not is_connection_failure(too_many)
+    assert explain_database_error(too_many, "postgresql+asyncpg://ops:***@db/compensa") == (
+        "the database at postgresql+asyncpg://ops:***@db/compensa refused the query: InterfaceError: the number of query arguments cannot exceed 32767"
+    )
+    variables = OperationalError("SELECT …", {}, sqlite3.OperationalError("too many SQL variables"))
+    assert explain_database_error(variables) == "the database refused the query: too many SQL variables"
+    locked = OperationalError("UPDATE …", {}, sqlite3.OperationalError("database is locked"))
+    assert not is_connection_failure(locked)
+    assert is_connection_failure(OperationalError("connect", {}, sqlite3.OperationalError("unable to open database file")))
+    for sqlstate in ("08006", "57P01", "53300", "28P01", "3D000"):
+        assert is_connection_failure(DBAPIError("SELECT 1", {}, AsyncpgError("down", sqlstate)))
+    for sqlstate in ("22003", "42703", "40001", "57014"):
+        assert not is_connection_failure(DBAPIError("SELECT 1", {}, AsyncpgError("refused", sqlstate)))
+    dropped = DBAPIError("SELECT 1", {}, AsyncpgError("connection is closed", None), connection_invalidated=True)
+    assert "cannot reach the database" in explain_database_error(dropped)
+    assert is_connection_failure(ConnectionRefusedError(111, "Connect call failed")) and not is_connection_failure(ValueError("x"))
+    missing = OperationalError("SELECT …", {}, sqlite3.OperationalError("no such table: dead_letters"))
+    assert "run `compensa db upgrade`" in explain_database_error(missing)
+
+
+def test_a_refused_query_is_not_reported_as_an_unreachable_database(migrated: None) -> None:
+    import sqlite3
+
+    path = get_settings().database_url.split("///", 1)[1]
+    with sqlite3.connect(path) as connection:
+        connection.execute("ALTER TABLE dead_letters RENAME COLUMN reason TO reason_renamed")
+    line = one_line_error(cli("dlq", "list"), "refused the query", "no such column")
+    assert "cannot reach" not in line and "unreachable" not in line
+
+
+def test_ids_beyond_the_bind_parameter_limit_are_queried_in_batches(migrated: None) -> None:
+    from infra.db import create_engine
+    from infra.dlq.query import DeadLetterFilter, missing_ids, purge
+
+    ids = store_rows(letters=("ord-1", "ord-2"))
+    many = tuple(range(1, 40_001))  # SQLite takes at most 32,766 bind parameters, PostgreSQL 32,767
+
+    async def run() -> tuple[list[int], int]:
+        engine = create_engine(get_settings().database_url)
+        try:
+            async with engine.connect() as connection:
+                missing = await missing_ids(connection, many)
+            return missing, await purge(engine, DeadLetterFilter(ids=many), NOW)
+        finally:
+            await engine.dispose()
+
+    missing, purged = asyncio.run(run())
+    assert len(missing) == 40_000 - 2 and not set(ids.values()) & set(missing)
+    assert purged == 2
+    assert DeadLetterFilter(ids=many).describe() == "ids=1-40000"
+    assert DeadLetterFilter(ids=(1, 2, 3, 7, 9, 10)).describe() == "ids=1-3,7,9-10"
+
+
+def test_dlq_show_of_a_deep_or_huge_or_damaged_stored_body_shows_it_as_text(migrated: None) -> None:
+    from sqlalchemy import update
+
+    from infra.db import create_engine
+    from infra.dlq.tables import dead_letters
+
+    ids = store_rows(letters=("deep", "digits", "headers"))
+    bodies = {
+        "deep": '{"payload": ' + "[" * 5_000 + "]" * 5_000 + "}",  # json and Rich recurse: shown as text, not parsed
+        "digits": '{"payload": {"amount": ' + "9" * 5_000 + "}}",  # beyond Python's 4,300-digit limit
+        "headers": '{"payload": {"order_id": "headers"}}',
+    }
+
+    async def damage() -> None:
+        engine = create_engine(get_settings().database_url)
+        try:
+            async with engine.begin() as connection:
+                for saga_id, body in bodies.items():
+                    await connection.execute(update(dead_letters).where(dead_letters.c.id == ids[saga_id]).values(body=body))
+                await connection.execute(update(dead_letters).where(dead_letters.c.id == ids["headers"]).values(headers="[1, 2"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(damage())
+    for saga_id in bodies:
+        shown = assert_rendered(cli("dlq", "show", str(ids[saga_id])))
+        assert f"dead letter {ids[saga_id]}" in shown
+        document = json.loads(assert_rendered(cli("dlq", "show", str(ids[saga_id]), "--json")))
+        assert document["dead_letter"]["saga_id"] == saga_id
+    assert "body (text)" in assert_rendered(cli("dlq", "show", str(ids["deep"])))
+    assert "body (text)" in assert_rendered(cli("dlq", "show", str(ids["digits"])))
+    damaged = json.loads(cli("dlq", "show", str(ids["headers"]), "--json").stdout)["dead_letter"]
+    assert damaged["headers"] == {"(stored headers)": "[1, 2"} and damaged["body_form"] == "json"
