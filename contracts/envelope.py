@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from contracts.errors import ContractError
 from contracts.messages import COMMANDS, EVENTS, Identifier, Payload, StrictInt
@@ -22,6 +23,16 @@ TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 P = TypeVar("P", bound=Payload)
 
 
+_RFC3339_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]")
+
+
+def _time_as_text(value: Any) -> Any:
+    """An RFC 3339 string (or a datetime built in code), never a number read as epoch seconds."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339_DATE.match(value)):
+        return value
+    raise ValueError("must be an RFC 3339 date-time string with an offset")
+
+
 class Envelope(BaseModel):
     """Metadata plus the raw payload; the JSON body of every AMQP message."""
 
@@ -30,7 +41,7 @@ class Envelope(BaseModel):
     message_id: uuid.UUID
     type: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
     version: StrictInt = Field(ge=1, le=10_000)
-    occurred_at: AwareDatetime
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_time_as_text)]
     correlation_id: Identifier = Field(description="Saga id = the business key (order id).")
     causation_id: uuid.UUID | None = None
     producer: Identifier

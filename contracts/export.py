@@ -34,6 +34,49 @@ def json_schemas(registry: Registry = REGISTRY) -> dict[str, dict[str, Any]]:
     return {schema_name(model): message_schema(model) for model in registry}
 
 
+def payload_schemas(
+    registry: Registry = REGISTRY, *, kind: str | None = None, ref_prefix: str = "#/$defs/"
+) -> dict[str, dict[str, Any]]:
+    """The JSON Schemas of the payloads alone, for a document's shared definitions.
+
+    A payload is keyed by its `schema_name` (``order.created.v1``), a model it uses by
+    its class name (``Money``); references point to `ref_prefix` + key, so
+    ``"#/components/schemas/"`` makes them OpenAPI components. `kind` keeps only events
+    or only commands.
+    """
+    schemas: dict[str, dict[str, Any]] = {}
+    for model in registry:
+        if kind is not None and model.kind != kind:
+            continue
+        schema = _closed_keys(model.model_json_schema(ref_template=ref_prefix + "{model}"))
+        for name, definition in schema.pop("$defs", {}).items():
+            if schemas.setdefault(name, definition) != definition:
+                raise ValueError(f"two different models are named {name!r}")
+        schemas[schema_name(model)] = schema
+    return schemas
+
+
+def _closed_keys(schema: Any) -> Any:
+    """Say in `propertyNames` what a mapping's keys must match, as the model enforces.
+
+    Pydantic writes ``dict[Identifier, int]`` as ``patternProperties``, which leaves a key
+    outside the pattern free in JSON Schema while the model refuses it; a generator
+    working from the schema would produce such keys.
+    """
+    if isinstance(schema, list):
+        return [_closed_keys(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: _closed_keys(value) for key, value in schema.items()}
+    patterns = schema.get("patternProperties")
+    if isinstance(patterns, dict) and len(patterns) == 1 and "additionalProperties" not in schema and "properties" not in schema:
+        [(pattern, values)] = patterns.items()
+        del schema["patternProperties"]
+        schema["propertyNames"] = {**schema.get("propertyNames", {}), "pattern": pattern}
+        schema["additionalProperties"] = values
+    return schema
+
+
 def asyncapi(
     queues: Iterable[tuple[str, str, Iterable[str]]],
     registry: Registry = REGISTRY,

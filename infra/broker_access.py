@@ -135,11 +135,11 @@ async def apply(management_url: str, grants: Sequence[Grant], passwords: Mapping
     """Create or update each user and set its permissions through the management API."""
     import httpx
 
-    from urllib.parse import urlsplit
+    from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(management_url)
     base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{parts.path.rstrip('/')}"
-    auth = (parts.username or "guest", parts.password or "guest")
+    auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
     v = quote(vhost, safe="")
     async with httpx.AsyncClient(base_url=base, auth=auth, timeout=10) as client:
         for grant in grants:

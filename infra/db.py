@@ -81,6 +81,3 @@ async def scratch_database(server_url: str, prefix: str = "compensa_scratch") ->
         finally:
             await admin.dispose()
 
-
-def is_postgres(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "postgresql"

@@ -33,21 +33,20 @@ from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import exists, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from alembic.script import ScriptDirectory
-from consumers.orders.tables import orders_orders
 from contracts.messages import OrderCreated
 from infra import topology as t
+from infra.bootstrap import OUTBOX_SERVICES
 from infra.dlq.query import open_counts
+from infra.saga_starts import orders_without_saga
 from infra.schema import alembic_config
-from infra.services import OUTBOX_SERVICES
 from infra.settings import Settings, derive_management_url, get_settings
-from outbox.tables import tables_for
 from outbox.uow import pending_summary
-from sagas.tables import saga_deadlines, saga_instances
+from sagas.tables import saga_deadlines
 
 #: Default: a pending outbox row older than this means the relay is not keeping up.
 MAX_RELAY_LAG_SECONDS = 60.0
@@ -57,15 +56,10 @@ SHOWN = 5
 #: The management plugin keeps queue samples at 5 s granularity for about ten minutes
 #: (its default `basic` retention policy); a longer observation window has no data.
 MAX_WEDGE_WINDOW_SECONDS = 600.0
-#: Outboxes whose `order.created` starts a saga, and the queues the saga service reads it from.
-SAGA_START_OUTBOXES = ("orders", "ingest")
+#: The queues the saga service reads `order.created` from.
 SAGA_START_QUEUES = tuple(
     q.name for q in t.WORK_QUEUES if q.service == "saga" and OrderCreated.message_type in q.routing_keys
 )
-#: How far back sent `order.created` rows are matched against sagas, at least (the
-#: scan is bounded; older orders that reached the orders service stay visible as
-#: pending orders without a saga).
-SAGA_START_LOOKBACK = timedelta(hours=1)
 MANAGEMENT_FIX = (
     "enable RabbitMQ's rabbitmq_management plugin and set COMPENSA_AMQP_MANAGEMENT_URL "
     "(http://user:password@host:15672/; the user needs the monitoring or management tag)"
@@ -139,59 +133,23 @@ async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: floa
     return {"database": database, "relay": relay, "archived": archived, "saga_starts": saga_starts, "deadlines": deadlines}
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything compensa stores is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _age(now: datetime, moment: datetime) -> float:
-    return round((now - _aware(moment)).total_seconds(), 3)
+    return round((now - moment).total_seconds(), 3)
 
 
 async def _saga_starts(connection: AsyncConnection, now: datetime, bound: float) -> dict[str, Any]:
-    """Orders that entered more than `bound` seconds ago and have no saga.
-
-    Two ways in: a pending row in `orders_orders` (placed, or consumed from an upstream
-    `order.created`), and an `order.created` the orders or ingest outbox has sent (the
-    saga service may have lost it while the orders service never saw it either).
-    """
-    cutoff = now - timedelta(seconds=bound)
-    orders = orders_orders.c
-    pending = select(orders.order_id, orders.created_at).where(
-        orders.status == "pending",
-        orders.created_at < cutoff,
-        ~exists().where(saga_instances.c.saga_id == orders.order_id),
-    )
-    pending_count = (await connection.execute(select(func.count()).select_from(pending.subquery()))).scalar_one()
-    oldest_pending = (await connection.execute(pending.order_by(orders.created_at, orders.order_id).limit(SHOWN))).all()
-
-    since = cutoff - max(SAGA_START_LOOKBACK, timedelta(seconds=10 * bound))
-    sent: dict[str, int] = {}
-    oldest_sent: list[tuple[str, datetime, str]] = []
-    for service in SAGA_START_OUTBOXES:
-        outbox = tables_for(service).outbox.c
-        orphans = (
-            select(outbox.correlation_id, func.min(outbox.sent_at).label("sent_at"))
-            .where(
-                outbox.type == OrderCreated.message_type,
-                outbox.sent_at.is_not(None),
-                outbox.sent_at < cutoff,
-                outbox.sent_at >= since,
-                ~exists().where(saga_instances.c.saga_id == outbox.correlation_id),
-            )
-            .group_by(outbox.correlation_id)
-        )
-        sent[service] = (await connection.execute(select(func.count()).select_from(orphans.subquery()))).scalar_one()
-        rows = (await connection.execute(orphans.order_by(func.min(outbox.sent_at), outbox.correlation_id).limit(SHOWN))).all()
-        oldest_sent += [(row.correlation_id, row.sent_at, service) for row in rows]
-    oldest_sent = sorted(oldest_sent, key=lambda r: (_aware(r[1]), r[0]))[:SHOWN]
+    """Orders that entered more than `bound` seconds ago and have no saga (`infra/saga_starts.py`)."""
+    found = await orders_without_saga(connection, now, timedelta(seconds=bound), SHOWN)
+    pending_count, sent = found.pending_count, found.sent_by_outbox
+    oldest_pending = found.pending
+    oldest_sent = [(u.order_id, u.entered_at, u.source) for u in found.sent]
 
     report: dict[str, Any] = {
         "ok": pending_count == 0 and not any(sent.values()),
         "limit_seconds": bound,
         "pending_orders_without_saga": {
             "count": pending_count,
-            "oldest": [{"order_id": row.order_id, "age_seconds": _age(now, row.created_at)} for row in oldest_pending],
+            "oldest": [{"order_id": u.order_id, "age_seconds": _age(now, u.entered_at)} for u in oldest_pending],
         },
         "sent_order_created_without_saga": {
             "count": sum(sent.values()),
@@ -202,7 +160,7 @@ async def _saga_starts(connection: AsyncConnection, now: datetime, bound: float)
     if not report["ok"]:
         problems = []
         if pending_count:
-            ids = ", ".join(_printable(row.order_id) for row in oldest_pending)
+            ids = ", ".join(_printable(u.order_id) for u in oldest_pending)
             problems.append(f"{pending_count} pending orders have no saga after {bound:g}s (oldest: {ids})")
         if any(sent.values()):
             ids = ", ".join(_printable(cid) for cid, _, _ in oldest_sent)

@@ -21,12 +21,11 @@ from contracts import BusinessRuleError, ContractError, Message, TransientError,
 from contracts.clock import Clock
 from infra.transport.base import Delivery
 from outbox.tracing import context_from
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 
 log = structlog.get_logger("compensa.consumer")
 tracer = trace.get_tracer("compensa")
 
-Handler = Callable[[UnitOfWork, Message[Any]], Awaitable[None]]
 #: Runs first in a batch's transaction with all its messages (to take locks in one order).
 BatchLock = Callable[[UnitOfWork, Sequence[Message[Any]]], Awaitable[None]]
 

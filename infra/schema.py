@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.types import TypeDecorator
 
 # Importing the table modules registers every table on the shared metadata.
 import consumers.ledger.tables  # noqa: F401
@@ -22,6 +24,16 @@ from sagas.tables import metadata as saga_metadata
 all_metadata = [metadata, saga_metadata]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def render_item(kind: str, item: Any, autogen_context: Any) -> str | Literal[False]:
+    """Autogenerate writes our column types (`UtcDateTime`) as the type they store as.
+
+    A migration then reads `sa.DateTime(timezone=True)` and imports nothing of ours.
+    """
+    if kind == "type" and isinstance(item, TypeDecorator):
+        return f"sa.{item.impl!r}"
+    return False
 
 
 def alembic_config() -> Config:

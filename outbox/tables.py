@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -23,6 +22,8 @@ from sqlalchemy import (
     insert,
     text,
 )
+
+from contracts.columns import UtcDateTime
 
 metadata = MetaData()
 
@@ -62,8 +63,8 @@ def _outbox_table(service: str) -> Table:
         Column("routing_key", String(128), nullable=False),
         Column("body", Text, nullable=False),
         Column("headers", Text, nullable=False, server_default="{}"),
-        Column("created_at", DateTime(timezone=True), nullable=False),
-        Column("sent_at", DateTime(timezone=True), nullable=True),
+        Column("created_at", UtcDateTime(), nullable=False),
+        Column("sent_at", UtcDateTime(), nullable=True),
         Index(
             f"ix_{name}_pending",
             "id",
@@ -84,7 +85,7 @@ def _inbox_table(service: str) -> Table:
         Column("consumer", String(64), primary_key=True),
         Column("message_id", String(36), primary_key=True),
         Column("message_type", String(64), nullable=False),
-        Column("received_at", DateTime(timezone=True), nullable=False),
+        Column("received_at", UtcDateTime(), nullable=False),
         Column(
             "digest", String(64), nullable=True,
             doc="sha256 of type, version, correlation id and payload: the same id with other content is refused.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -214,6 +214,10 @@ class UnitOfWork:
         self.committed = True
 
 
+#: What a consumer runs for a message: change rows and stage messages on the unit of work.
+Handler = Callable[[UnitOfWork, Message[Any]], Awaitable[None]]
+
+
 async def prune(engine: AsyncEngine, service: str, *, now: datetime, outbox_age: timedelta, inbox_age: timedelta) -> tuple[int, int]:
     """Delete sent outbox rows and inbox rows older than their retention."""
     tables = tables_for(service)
@@ -241,10 +245,6 @@ async def pending_summary(engine: AsyncEngine, service: str, now: datetime) -> d
             )
         ).one()
     count, oldest = row
-    if oldest is not None and oldest.tzinfo is None:
-        from datetime import UTC
-
-        oldest = oldest.replace(tzinfo=UTC)
     return {
         "service": service,
         "pending": int(count),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -31,6 +31,16 @@ class SagaUnitOfWork(Protocol):
     def now(self) -> datetime: ...
 
     def send(self, payload: Payload, *, correlation_id: str | None = None) -> Message[Any]: ...
+
+
+class SagaTransaction(SagaUnitOfWork, Protocol):
+    """A unit of work the orchestrator opens and commits itself (the deadline sweep)."""
+
+    async def __aenter__(self) -> SagaTransaction: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    async def commit(self) -> None: ...
 
 
 class Orchestrator:
@@ -92,6 +102,20 @@ class Orchestrator:
             return transition
         await self._apply(uow, store, transition, state, None)
         return transition
+
+    async def sweep_deadlines(self, begin: Callable[[], SagaTransaction], limit: int = 100) -> int:
+        """Fire up to `limit` due deadlines in one transaction opened by `begin()`; return how many fired.
+
+        The deadlines are claimed with SKIP LOCKED, so several sweepers share the work.
+        """
+        with tracer.start_as_current_span("saga.sweep_deadlines"):
+            async with begin() as uow:
+                due = await SagaStore(uow.connection).due_deadlines(uow.now(), limit)
+                for saga_id, deadline in due:
+                    with structlog.contextvars.bound_contextvars(saga_id=saga_id):
+                        await self.fire_deadline(uow, saga_id, deadline)
+                await uow.commit()
+        return len(due)
 
     async def retry_compensation(self, uow: SagaUnitOfWork, saga_id: str) -> Transition:
         store = SagaStore(uow.connection)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -13,11 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from contracts import ConflictError
 from sagas.state import Deadline, SagaState, SagaStatus
 from sagas.tables import saga_deadlines, saga_history, saga_instances
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything compensa stores is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def state_from_row(row: Any) -> SagaState:
@@ -32,8 +27,8 @@ def state_from_row(row: Any) -> SagaState:
         compensation_attempts=row.compensation_attempts,
         reason=row.reason,
         version=row.version,
-        started_at=_aware(row.started_at),
-        updated_at=_aware(row.updated_at),
+        started_at=row.started_at,
+        updated_at=row.updated_at,
     )
 
 
@@ -150,7 +145,7 @@ class SagaStore:
             )
         ).all()
         return [
-            (row.saga_id, Deadline(due_at=_aware(row.due_at), kind=row.kind, step=row.step, attempt=row.attempt))
+            (row.saga_id, Deadline(due_at=row.due_at, kind=row.kind, step=row.step, attempt=row.attempt))
             for row in rows
         ]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
+
+from contracts.columns import UtcDateTime
 
 metadata = MetaData()
 
@@ -21,8 +23,8 @@ saga_instances = Table(
     Column("compensation_attempts", Integer, nullable=False),
     Column("reason", Text, nullable=True),
     Column("version", Integer, nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
     Index("ix_saga_instances_status_updated", "status", "updated_at"),
 )
 
@@ -32,7 +34,7 @@ saga_history = Table(
     Column("id", _Id, primary_key=True, autoincrement=True),
     Column("saga_id", String(64), nullable=False),
     Column("version", Integer, nullable=False),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
     Column("trigger", String(96), nullable=False),
     Column("message_id", String(36), nullable=True),
     Column("causation_id", String(36), nullable=True),
@@ -48,7 +50,7 @@ saga_deadlines = Table(
     "saga_deadlines",
     metadata,
     Column("saga_id", String(64), primary_key=True),
-    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("due_at", UtcDateTime(), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("step", String(64), nullable=False),
     Column("attempt", Integer, nullable=False),

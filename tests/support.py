@@ -1,11 +1,28 @@
-"""Small helpers shared by tests."""
+"""Helpers every ring of tests shares (each ring keeps its own in its `support.py`).
+
+- ``eventually``: wait for a condition, never for a fixed time;
+- ``CuttableLink``: a TCP link to a real server that a test can cut and restore;
+- ``COMPENSA``, ``compensa(env, *args)``, ``assert_one_line_error``: the console script,
+  run as an operator would;
+- ``order_created``, ``short_event``, ``ledger_updated``, ``HOSTILE_EVENTS``, ``dump``:
+  ingest request bodies, valid and hostile.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import shutil
+import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hypothesis import strategies as st
+
+from contracts import Money, OrderCreated, OrderLine
 
 T = TypeVar("T")
 
@@ -102,3 +119,146 @@ class CuttableLink:
 
         await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
         self._writers.difference_update((client_writer, server_writer))
+
+
+# ------------------------------------------------------------------ the console script
+
+#: The console script next to the interpreter running the tests (the project's venv).
+COMPENSA = shutil.which("compensa", path=str(Path(sys.executable).parent)) or "compensa"
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    @property
+    def error_lines(self) -> list[str]:
+        return self.stderr.strip().splitlines()
+
+
+async def compensa(env: dict[str, str], *args: str, timeout: float = 60) -> Run:
+    """Run `compensa *args` without blocking the event loop (consumers in the test keep running)."""
+    process = await asyncio.create_subprocess_exec(
+        COMPENSA, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return Run(process.returncode, stdout.decode(), stderr.decode())
+
+
+def assert_one_line_error(run: Run, *fragments: str) -> str:
+    """Exit 1, one `error:` line on stderr naming every fragment, no traceback anywhere."""
+    assert run.returncode == 1, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stdout + run.stderr
+    assert len(run.error_lines) == 1 and run.error_lines[0].startswith("error: "), run.stderr
+    for fragment in fragments:
+        assert fragment in run.error_lines[0], (fragment, run.error_lines[0])
+    return run.error_lines[0]
+
+
+# ------------------------------------------------------------------ ingest request bodies
+
+
+def order_created(order_id: str = "o-1", amount: int = 3000, **overrides: Any) -> dict[str, Any]:
+    """The JSON payload of a valid order.created."""
+    payload = OrderCreated(
+        order_id=order_id, customer_id="c-1", lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=amount // 2),),
+        total=Money(amount=amount, currency="EUR"), payment_token="tok_ok_1",
+    ).model_dump(mode="json")
+    payload.update(overrides)
+    return payload
+
+
+def short_event(order_id: str = "o-1", **overrides: Any) -> dict[str, Any]:
+    return {"type": "order.created", "correlation_id": order_id, "payload": order_created(order_id), **overrides}
+
+
+def ledger_updated(order_id: str = "o-1") -> dict[str, Any]:
+    """A valid ledger.updated event in the short form. No work queue binds this type, so
+    what these tests publish reaches only the test's own queue."""
+    return {
+        "type": "ledger.updated",
+        "correlation_id": order_id,
+        "payload": {
+            "order_id": order_id,
+            "transaction_id": f"capture:{order_id}",
+            "postings": [
+                {"account": "cash:EUR", "debit": 100, "credit": 0},
+                {"account": "sales:EUR", "debit": 0, "credit": 100},
+            ],
+            "balances": {"cash:EUR": 100},
+        },
+    }
+
+
+# ---------------------------------------------------------------- hostile JSON (hypothesis)
+
+
+class RawJson(str):
+    """JSON text written as is: numbers json.dumps cannot write, nesting built by hand."""
+
+
+def dump(value: Any) -> str:
+    """JSON text of `value`, with RawJson pieces as they are."""
+    if isinstance(value, RawJson):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {dump(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(dump(v) for v in value) + "]"
+    return json.dumps(value)  # ASCII: lone surrogates and NUL travel as \u escapes
+
+
+WEIRD_CHARS = st.one_of(
+    st.characters(),
+    st.sampled_from(["\x00", "\x1b", "\x7f", "\n", "\ud800", "\udbff", "\udc00", "\udfff", "\u2028", "\ufeff", "\U0001f600", '"', "\\"]),
+)
+WEIRD_TEXT = st.text(WEIRD_CHARS, max_size=12)
+WEIRD_NUMBERS = st.one_of(
+    st.integers(),
+    st.integers(min_value=2**63 - 2, max_value=2**70),
+    st.integers(min_value=-(2**70), max_value=-(2**63) + 2),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=4_290, max_value=6_000).map(lambda n: RawJson("9" * n)),
+    st.sampled_from(["1e999", "-1e999", "NaN", "Infinity", "-Infinity", "-0", "1E400", "0.1e-400"]).map(RawJson),
+    st.integers(min_value=28, max_value=40).map(lambda n: RawJson("[" * n + "]" * n)),
+    st.sampled_from([10_000, 50_000]).map(lambda n: RawJson('{"a":' * n + "0" + "}" * n)),
+)
+WEIRD_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), WEIRD_NUMBERS, WEIRD_TEXT),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(WEIRD_TEXT, children, max_size=4)),
+    max_leaves=16,
+)
+
+
+def _leaf_paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        return [at, *(p for k, v in value.items() for p in _leaf_paths(v, (*at, k)))]
+    if isinstance(value, list):
+        return [at, *(p for i, v in enumerate(value) for p in _leaf_paths(v, (*at, i)))]
+    return [at]
+
+
+_VALID = short_event("o-hyp")
+_PATHS = [p for p in _leaf_paths(_VALID) if p]
+
+
+def _replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replace(value[path[0]], path[1:], new)
+    return copy
+
+
+#: A valid event with one field (anywhere in it) replaced by something hostile, or any JSON at all.
+HOSTILE_EVENTS = st.one_of(
+    st.builds(_replace, st.just(_VALID), st.sampled_from(_PATHS), WEIRD_JSON),
+    st.builds(lambda key, value: {**_VALID, key: value}, WEIRD_TEXT, WEIRD_JSON),
+    WEIRD_JSON,
+)

@@ -7,13 +7,12 @@ from typing import Any
 
 import structlog
 
-from consumers.common import Handler
 from consumers.ledger import rules
 from consumers.ledger.rules import Kind
 from consumers.ledger.store import LedgerStore
 from contracts import Message, Money
 from contracts.messages import LedgerUpdated, PaymentAuthorized, PaymentRefunded
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 
 log = structlog.get_logger("compensa.ledger")
 

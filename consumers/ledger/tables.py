@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, ForeignKey, Index, String, Table
+from sqlalchemy import BigInteger, CheckConstraint, Column, ForeignKey, Index, String, Table
 
+from contracts.columns import UtcDateTime
 from outbox.tables import Id, metadata
 
 SERVICE = "ledger"
@@ -14,7 +15,7 @@ ledger_transactions = Table(
     Column("transaction_id", String(96), primary_key=True, doc="<kind>:<order_id>, one per fact"),
     Column("order_id", String(64), nullable=False),
     Column("kind", String(16), nullable=False, doc="capture|refund"),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
     Index("ix_ledger_transactions_order", "order_id"),
 )
 

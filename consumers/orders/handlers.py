@@ -11,7 +11,6 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers.common import Handler
 from consumers.orders import rules
 from consumers.orders.rules import Order, OrderStatus
 from consumers.orders.store import OrderStore
@@ -19,7 +18,7 @@ from consumers.orders.tables import SERVICE
 from contracts import BusinessRuleError, ContractError, Message, OrderLine, TransientError
 from contracts.clock import Clock
 from contracts.messages import OrderCancelled, OrderCompleted, OrderCreated, OrderRejected
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 
 log = structlog.get_logger("compensa.orders")
 tracer = trace.get_tracer("compensa")

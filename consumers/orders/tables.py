@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, Table, Text
+from sqlalchemy import JSON, BigInteger, Column, Index, String, Table, Text
 
+from contracts.columns import UtcDateTime
 from outbox.tables import metadata
 
 SERVICE = "orders"
@@ -18,8 +19,8 @@ orders_orders = Table(
     Column("currency", String(3), nullable=False),
     Column("lines", JSON, nullable=False, doc="[{sku, quantity, unit_price}, ...]"),
     Column("reason", Text, nullable=True, doc="Why the order was cancelled or rejected."),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
     Index("ix_orders_orders_status", "status"),
     Index("ix_orders_orders_customer", "customer_id"),
 )

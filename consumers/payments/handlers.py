@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from consumers.common import Handler
 from consumers.payments import rules
 from consumers.payments.gateway import PaymentGateway, RuleBasedGateway
 from consumers.payments.store import PaymentStore
 from contracts import Message
 from contracts.messages import ChargePayment, RefundPayment
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 
 
 async def handle_charge_payment(uow: UnitOfWork, message: Message[ChargePayment], *, gateway: PaymentGateway) -> None:

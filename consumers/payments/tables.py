@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, String, Table, Text
+from sqlalchemy import BigInteger, CheckConstraint, Column, String, Table, Text
 
+from contracts.columns import UtcDateTime
 from outbox.tables import metadata
 
 SERVICE = "payments"
@@ -18,7 +19,7 @@ payments_charges = Table(
     Column("currency", String(3), nullable=False),
     Column("refunded_amount", BigInteger, nullable=False, server_default="0"),
     Column("reason", Text, nullable=True, doc="Why the gateway declined."),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
     CheckConstraint("refunded_amount >= 0 AND refunded_amount <= amount", name="ck_payments_charges_refund"),
 )

@@ -10,14 +10,13 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers.common import Handler
 from consumers.stock import rules
 from consumers.stock.store import StockStore
 from consumers.stock.tables import SERVICE
 from contracts import Message
 from contracts.clock import Clock
 from contracts.messages import CommitStock, ReleaseStock, ReserveStock
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 
 log = structlog.get_logger("compensa.stock")
 

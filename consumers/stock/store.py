@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from consumers.common import aware, dialect_insert
+from consumers.common import dialect_insert
 from consumers.stock.rules import (
     Decision,
     Level,
@@ -27,7 +27,7 @@ def _reservation(row: Row[Any]) -> Reservation:
         order_id=row.order_id,
         status=ReservationStatus(row.status),
         lines=tuple(StockLine.model_validate(line) for line in row.lines),
-        expires_at=aware(row.expires_at) if row.expires_at else None,
+        expires_at=row.expires_at,
         reason=row.reason,
     )
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, CheckConstraint, Column, DateTime, Index, String, Table, Text
+from sqlalchemy import JSON, BigInteger, CheckConstraint, Column, Index, String, Table, Text
 
+from contracts.columns import UtcDateTime
 from outbox.tables import metadata
 
 SERVICE = "stock"
@@ -27,8 +28,8 @@ stock_reservations = Table(
     Column("status", String(16), nullable=False, doc="reserved|committed|released|voided|failed"),
     Column("lines", JSON, nullable=False, doc="[{sku, quantity}, ...] as requested"),
     Column("reason", Text, nullable=True, doc="Why a reserve failed."),
-    Column("expires_at", DateTime(timezone=True), nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", UtcDateTime(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
     Index("ix_stock_reservations_status_expires", "status", "expires_at"),
 )

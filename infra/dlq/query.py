@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, delete, func, select, update
@@ -98,21 +98,6 @@ def _batches(ids: Sequence[int]) -> list[Sequence[int]]:
     return [ids[start:start + IDS_PER_STATEMENT] for start in range(0, len(ids), IDS_PER_STATEMENT)]
 
 
-def aware(moment: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything compensa stores is UTC.
-    if moment is None or moment.tzinfo:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
-def _summary(row: Any) -> dict[str, Any]:
-    data = dict(row._mapping)
-    for key in ("last_failure_at", "archived_at", "first_failure_at", "replayed_at", "purged_at"):
-        if key in data:
-            data[key] = aware(data[key])
-    return data
-
-
 async def list_dead_letters(
     connection: AsyncConnection, where: DeadLetterFilter, *, limit: int | None = 100
 ) -> list[dict[str, Any]]:
@@ -120,7 +105,7 @@ async def list_dead_letters(
     query = where.apply(select(*SUMMARY_COLUMNS)).order_by(dl.c.last_failure_at.desc(), dl.c.id.desc())
     if limit is not None:
         query = query.limit(limit)
-    return [_summary(row) for row in (await connection.execute(query)).all()]
+    return [dict(row._mapping) for row in (await connection.execute(query)).all()]
 
 
 async def count_dead_letters(connection: AsyncConnection, where: DeadLetterFilter) -> int:
@@ -146,7 +131,7 @@ async def failure_groups(connection: AsyncConnection, where: DeadLetterFilter) -
             func.max(dl.c.reason).label("example_reason"),
         ).select_from(dl)
     ).group_by(dl.c.queue, dl.c.reason_class).order_by(func.count().desc(), dl.c.queue, dl.c.reason_class)
-    return [_summary(row) for row in (await connection.execute(query)).all()]
+    return [dict(row._mapping) for row in (await connection.execute(query)).all()]
 
 
 #: Deepest nesting of a stored body shown as JSON; a deeper one (no envelope nests so) is shown as text.
@@ -206,7 +191,7 @@ async def get_dead_letter(connection: AsyncConnection, dead_letter_id: int) -> d
     row = (await connection.execute(select(dl).where(dl.c.id == dead_letter_id))).one_or_none()
     if row is None:
         return None
-    data = _summary(row)
+    data = dict(row._mapping)
     headers, parsed = _stored_json(row.headers)
     # An old or damaged row: its headers shown as stored, under one name.
     data["headers"] = headers if parsed and isinstance(headers, dict) else {"(stored headers)": row.headers}

@@ -14,7 +14,7 @@ import base64
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import select, update
@@ -122,7 +122,7 @@ def prepare(
 def _iso(moment: datetime | None) -> str:
     if moment is None:
         return "?"
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat(timespec="seconds")
+    return moment.isoformat(timespec="seconds")
 
 
 def _chunks(ids: Sequence[int], size: int) -> Iterator[Sequence[int]]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Index, Integer, String, Table, Text, text
+from sqlalchemy import Column, Index, Integer, String, Table, Text, text
 
+from contracts.columns import UtcDateTime
 from outbox.tables import Id, metadata
 
 #: Status of a dead letter: still to be dealt with, sent back to its queue, or set aside.
@@ -42,17 +43,17 @@ dead_letters = Table(
     Column("attempts", Integer, nullable=False),
     Column("original_exchange", String(255), nullable=False),
     Column("original_routing_key", String(255), nullable=False),
-    Column("first_failure_at", DateTime(timezone=True), nullable=False),
-    Column("last_failure_at", DateTime(timezone=True), nullable=False),
+    Column("first_failure_at", UtcDateTime(), nullable=False),
+    Column("last_failure_at", UtcDateTime(), nullable=False),
     Column("body", Text, nullable=False),
     Column("body_encoding", String(8), nullable=False, server_default="utf-8", doc="utf-8, or base64 when the body is not UTF-8 or holds NUL"),
     Column("headers", Text, nullable=False, doc="every AMQP header, as JSON (plus the originals of changed values, see archive.py)"),
-    Column("archived_at", DateTime(timezone=True), nullable=False),
+    Column("archived_at", UtcDateTime(), nullable=False),
     Column("status", String(16), nullable=False, server_default=NEW),
-    Column("replayed_at", DateTime(timezone=True), nullable=True),
+    Column("replayed_at", UtcDateTime(), nullable=True),
     Column("replay_count", Integer, nullable=False, server_default=text("0")),
     Column("replay_patch", Text, nullable=True, doc="the JSON merge patch applied by the last replay"),
-    Column("purged_at", DateTime(timezone=True), nullable=True),
+    Column("purged_at", UtcDateTime(), nullable=True),
     Index("ix_dead_letters_status_failure", "status", "last_failure_at"),
     Index("ix_dead_letters_queue_reason", "queue", "reason_class"),
     Index("ix_dead_letters_saga", "saga_id"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from infra.schema import all_metadata
+from infra.schema import all_metadata, render_item
 
 config = context.config
 
@@ -18,6 +18,7 @@ def run_migrations_online() -> None:
         target_metadata=all_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        render_item=render_item,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -55,8 +55,10 @@ class BrokerStats:
 
 
 class MemoryDelivery(Delivery):
-    def __init__(self, broker: MemoryBroker, queue: QueueSpec, stored: StoredMessage) -> None:
+    def __init__(self, broker: MemoryBroker, queue: QueueSpec, stored: StoredMessage, *, ack_lost: bool = False) -> None:
         self._broker = broker
+        #: The acknowledgement never reaches the broker (see MemoryBroker.lose_ack).
+        self._ack_lost = ack_lost
         self._stored = stored
         self.queue = queue
         self.body = stored.body
@@ -69,6 +71,9 @@ class MemoryDelivery(Delivery):
         self.settled = False
 
     async def ack(self) -> None:
+        if self._ack_lost:
+            await self.requeue()
+            return
         self._settle()
         self._broker.stats.acked += 1
         if self.message_id:
@@ -214,6 +219,11 @@ class MemoryBroker:
             original.routing_key, original.correlation_id, redelivered=True,
         )
         self.queues[delivery.queue.name].append(copy)
+
+    def lose_ack(self, delivery: MemoryDelivery) -> MemoryDelivery:
+        """The same delivery, but its acknowledgement is lost on the way (or the consumer
+        crashed after its commit): settling it gives the message back, redelivered."""
+        return MemoryDelivery(self, delivery.queue, delivery._stored, ack_lost=True)
 
     def hold(self, delivery: MemoryDelivery, seconds: float) -> None:
         """Keep a delivery in transit for a while; it reaches its queue again later."""

@@ -43,12 +43,13 @@ from producers.ingest.config import IngestConfig
 from producers.ingest.idempotency import Claim, IdempotencyStore, fingerprint, message_ids
 from producers.ingest.submission import (
     Accepted,
-    BatchIn,
-    EventIn,
-    Rejected,
+    Health,
+    Refusal,
+    SubmissionRejected,
     build_messages,
     field_error,
     json_media_type,
+    openapi_components,
     parse_events,
     parse_json,
 )
@@ -59,25 +60,29 @@ log = structlog.get_logger("compensa.ingest")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The producer's API key.")
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`.")
 
-_ERRORS = {
-    401: {"description": "Missing, unknown or revoked API key."},
-    403: {"description": "The key's producer may not publish this event type."},
-    409: {
-        "description": "A request with this Idempotency-Key is still being processed (retry after Retry-After), "
+_REFUSALS: dict[int, str] = {
+    400: "The client disconnected before the body was complete (nobody reads this answer).",
+    401: "Missing, unknown or revoked API key.",
+    403: "The key's producer may not publish this event type.",
+    409: (
+        "A request with this Idempotency-Key is still being processed (retry after Retry-After), "
         "or an order.created names an order that already has a saga (one saga per business key)."
-    },
-    413: {"description": "Body larger than the request size limit."},
-    415: {"description": "Content-Type is not `application/json` (UTF-8)."},
-    422: {
-        "description": (
-            "Invalid body (field errors under `detail`): not UTF-8 JSON, nested deeper than the limit, an integer "
-            "past 64 bits, NaN, a lone surrogate or NUL in a string, a control character in an identifier, a "
-            "contract violation; or the Idempotency-Key was used for another body."
-        )
-    },
-    428: {"description": "This server requires an Idempotency-Key header."},
-    429: {"description": "Rate limit exceeded; retry after Retry-After."},
-    503: {"description": "Redis or the database is unavailable; nothing was accepted. Retry after Retry-After."},
+    ),
+    413: "Body larger than the request size limit.",
+    415: "Content-Type is not `application/json` (UTF-8).",
+    422: (
+        "Invalid body (field errors under `detail`): not UTF-8 JSON, nested deeper than the limit, an integer "
+        "past 64 bits, NaN, a lone surrogate or NUL in a string, a control character in an identifier, a "
+        "contract violation, a rule across fields (see the body's description), an invalid header; or the "
+        "Idempotency-Key was used for another body."
+    ),
+    428: "This server requires an Idempotency-Key header.",
+    429: "Rate limit exceeded; retry after Retry-After.",
+    503: "Redis or the database is unavailable; nothing was accepted. Retry after Retry-After.",
+}
+#: Every refusal has the same body: `{"detail": "why"}` or `{"detail": [field errors]}`.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Refusal, "description": description} for status, description in _REFUSALS.items()
 }
 
 
@@ -190,7 +195,7 @@ class Ingest:
             # Everything a field cannot hold is refused here, per request, before the
             # shared commit: no request can fail its neighbours' INSERT.
             body = parse_json(raw, max_depth=self.config.max_json_depth)
-        except Rejected as rejected:
+        except SubmissionRejected as rejected:
             raise Refused(rejected.status, rejected.detail) from None
         request_hash = fingerprint(request.method, request.url.path, body)
         claim = await self._admit(producer, key, request_hash)
@@ -211,7 +216,7 @@ class Ingest:
             await self._refuse_second_starts(messages)
             await self._write(messages, now)
             committed = True
-        except Rejected as rejected:
+        except SubmissionRejected as rejected:
             raise Refused(rejected.status, rejected.detail) from None
         finally:
             if key is not None and claim is not None and not committed:
@@ -331,6 +336,21 @@ class Ingest:
         return ready
 
 
+def _optional_not_null(document: dict[str, Any]) -> None:
+    """Describe an optional parameter as absent, not null: a header has no null.
+
+    FastAPI writes `str | None` as ``anyOf: [string, null]``; a client (or a test
+    generator) reading that may send the null as an empty header, which is refused.
+    """
+    for operation in (op for path in document.get("paths", {}).values() for op in path.values()):
+        for parameter in operation.get("parameters", []):
+            schema = parameter.get("schema", {})
+            branches = [b for b in schema.get("anyOf", []) if b != {"type": "null"}]
+            if not parameter.get("required") and len(branches) == 1 and len(schema["anyOf"]) == 2:
+                rest = {key: value for key, value in schema.items() if key != "anyOf"}
+                parameter["schema"] = {**branches[0], **rest}
+
+
 def create_app(
     *,
     engine: AsyncEngine,
@@ -398,7 +418,10 @@ def create_app(
 
     @app.get(
         "/health", tags=["health"],
-        responses={200: {"description": "Ready: `{\"status\": \"ok\"}`."}, 503: {"description": "Not ready: `{\"status\": \"unavailable\"}`."}},
+        responses={
+            200: {"model": Health, "description": "Ready: `{\"status\": \"ok\"}`."},
+            503: {"model": Health, "description": "Not ready: `{\"status\": \"unavailable\"}`."},
+        },
     )
     async def health() -> JSONResponse:
         """Readiness: can events be accepted now (database and Redis answer)? Status only, cached for a second.
@@ -414,11 +437,11 @@ def create_app(
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _optional_not_null(schema)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (EventIn, BatchIn):
-                document = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(document.pop("$defs", {}))
-                components[model.__name__] = document
+            for name, component in openapi_components(max_batch_events=config.max_batch_events).items():
+                if components.setdefault(name, component) != component:
+                    raise ValueError(f"two OpenAPI components are named {name!r}")
             app.openapi_schema = schema
         return app.openapi_schema
 

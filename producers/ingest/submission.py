@@ -12,6 +12,7 @@ never an exception further in, and never a row that fails the shared INSERT.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -19,14 +20,32 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from itertools import accumulate
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from contracts import REGISTRY, ContractError, Envelope, Message, Payload, Registry, check_saga_key
+from contracts.envelope import TRACEPARENT_PATTERN
+from contracts.export import payload_schemas, schema_name
+from contracts.messages import Identifier, StrictInt
 from producers.ingest.auth import Producer
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_RFC3339 = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$")
+
+
+def _rfc3339_text(value: Any) -> Any:
+    # Pydantic would also read 0 or "1700000000" as a time (Unix seconds): coercion.
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise PydanticCustomError(
+            "datetime_type", "Input should be an RFC 3339 date-time with an offset, e.g. 2026-01-02T03:04:05Z"
+        )
+    return value
+
+
+#: A time as the document says it (`format: date-time`): RFC 3339 text, offset included.
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 
 class EventIn(BaseModel):
@@ -35,16 +54,18 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid", title="Event")
 
     type: str = Field(min_length=1, max_length=64, examples=["order.created"])
-    version: int | None = Field(default=None, ge=1, description="Contract version; default: the newest.")
-    correlation_id: str = Field(min_length=1, max_length=64, description="Saga id = order id.")
+    version: StrictInt | None = Field(default=None, ge=1, description="Contract version; default: the newest.")
+    correlation_id: Identifier = Field(description="Saga id = the order id: must equal `payload.order_id`.")
     payload: dict[str, Any] = Field(description="Validated against the contract of type + version (see /v1/contracts).")
     message_id: uuid.UUID | None = Field(
         default=None, description="Default: derived from the Idempotency-Key, else random. An id already accepted is not accepted twice."
     )
-    occurred_at: AwareDatetime | None = Field(default=None, description="Default: when the server accepted it.")
+    occurred_at: Rfc3339 | None = Field(default=None, description="Default: when the server accepted it.")
     causation_id: uuid.UUID | None = None
-    producer: str | None = Field(default=None, max_length=64, description="If given, must be the API key's producer.")
-    traceparent: str | None = Field(default=None, max_length=55)
+    producer: Identifier | None = Field(default=None, description="If given, must be the API key's producer.")
+    traceparent: str | None = Field(
+        default=None, max_length=55, pattern=TRACEPARENT_PATTERN, description="W3C trace context; default: the header's."
+    )
 
 
 class BatchIn(BaseModel):
@@ -62,8 +83,33 @@ class Accepted(BaseModel):
     message_id: uuid.UUID | None = Field(default=None, description="The single event's id (POST /v1/events).")
 
 
-class Rejected(Exception):
-    """The submission cannot be accepted: 422 with field errors, or 403."""
+class FieldError(BaseModel):
+    """What is wrong with one field, and where (``["body", "payload", "total"]``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Refusal(BaseModel):
+    """Why nothing was accepted: a sentence, or the field errors (422)."""
+
+    detail: str | list[FieldError]
+
+
+class Health(BaseModel):
+    """Whether events can be accepted now."""
+
+    status: Literal["ok", "unavailable"]
+
+
+class SubmissionRejected(Exception):
+    """The submission cannot be accepted: 422 with field errors, or 403.
+
+    Not the SDK's `producers.sdk.Rejected`, which is what a client sees of such an answer.
+    """
 
     def __init__(self, status: int, detail: Any) -> None:
         super().__init__(detail)
@@ -195,7 +241,7 @@ def _walk(body: Any) -> list[dict[str, Any]]:
 
 
 def parse_json(raw: bytes, *, max_depth: int) -> Any:
-    """Parse a request body; raise Rejected(422) naming what no field may hold.
+    """Parse a request body; raise SubmissionRejected(422) naming what no field may hold.
 
     Refused: bytes that are not UTF-8 JSON; nesting deeper than `max_depth` (checked
     before parsing); integers past 64 bits, NaN and infinities; lone surrogates and NUL
@@ -203,7 +249,7 @@ def parse_json(raw: bytes, *, max_depth: int) -> Any:
     """
     depth = json_depth(raw)
     if depth > max_depth:
-        raise Rejected(422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")])
+        raise SubmissionRejected(422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")])
     unfit: list[_Unfit] = []
 
     def number(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -221,15 +267,15 @@ def parse_json(raw: bytes, *, max_depth: int) -> Any:
             parse_int=number(_parse_int), parse_float=number(_parse_float), parse_constant=number(_parse_constant),
         )
     except UnicodeDecodeError as exc:
-        raise Rejected(422, [field_error(["body"], f"body is not UTF-8: {exc.reason} at byte {exc.start}", "json_invalid")]) from None
+        raise SubmissionRejected(422, [field_error(["body"], f"body is not UTF-8: {exc.reason} at byte {exc.start}", "json_invalid")]) from None
     except RecursionError:
-        raise Rejected(422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")]) from None
+        raise SubmissionRejected(422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")]) from None
     except ValueError as exc:  # JSONDecodeError
-        raise Rejected(422, [field_error(["body"], f"invalid JSON: {exc}", "json_invalid")]) from None
+        raise SubmissionRejected(422, [field_error(["body"], f"invalid JSON: {exc}", "json_invalid")]) from None
     if unfit or _SUSPECT.search(raw):
         errors = _walk(body)
         if errors:
-            raise Rejected(422, errors)
+            raise SubmissionRejected(422, errors)
     return body
 
 
@@ -245,16 +291,16 @@ _NEWEST = newest_versions()
 
 
 def parse_events(body: Any, *, batch: bool, max_events: int) -> list[EventIn]:
-    """Check the body's shape; raise Rejected(422) naming each bad field."""
+    """Check the body's shape; raise SubmissionRejected(422) naming each bad field."""
     try:
         if batch:
             events = BatchIn.model_validate(body).events
         else:
             events = [EventIn.model_validate(body)]
     except ValidationError as exc:
-        raise Rejected(422, _errors(exc, ["body"])) from None
+        raise SubmissionRejected(422, _errors(exc, ["body"])) from None
     if len(events) > max_events:
-        raise Rejected(422, [field_error(["body", "events"], f"at most {max_events} events per batch", "too_long")])
+        raise SubmissionRejected(422, [field_error(["body", "events"], f"at most {max_events} events per batch", "too_long")])
     return events
 
 
@@ -270,8 +316,9 @@ def build_messages(
 ) -> list[Message[Payload]]:
     """Validate every event against its contract and wrap it in an envelope.
 
-    Raise Rejected(422) with every field error of every event, or Rejected(403) when the
-    producer may not publish one of the types; nothing is accepted unless all pass.
+    Raise SubmissionRejected(422) with every field error of every event, or
+    SubmissionRejected(403) when the producer may not publish one of the types; nothing is
+    accepted unless all pass.
     """
     if traceparent is not None and not _TRACEPARENT.match(traceparent):
         traceparent = None
@@ -301,7 +348,7 @@ def build_messages(
         models.append(model)
     if forbidden:
         allowed = ", ".join(sorted(producer.allowed_types)) or "none"
-        raise Rejected(403, f"producer {producer.name!r} may not publish {', '.join(sorted(set(forbidden)))} (allowed: {allowed})")
+        raise SubmissionRejected(403, f"producer {producer.name!r} may not publish {', '.join(sorted(set(forbidden)))} (allowed: {allowed})")
     messages: list[Message[Payload]] = []
     for index, (event, model) in enumerate(zip(events, models, strict=True)):
         if model is None:
@@ -334,5 +381,61 @@ def build_messages(
             continue
         messages.append(Message(envelope=envelope, payload=payload))
     if errors:
-        raise Rejected(422, errors)
+        raise SubmissionRejected(422, errors)
     return messages
+
+
+# ---------------------------------------------------------------- the OpenAPI description
+
+#: What the server checks across fields, which JSON Schema cannot say.
+_CROSS_FIELD_RULES = (
+    "Checked by the server, not by this schema: `correlation_id` equals `payload.order_id`; an order.created's "
+    "`total.amount` is the sum of its lines; a ledger.updated's postings balance; `producer`, if given, is the API "
+    "key's producer; the key's producer may publish the type (else 403)."
+)
+
+
+def openapi_components(*, max_batch_events: int, registry: Registry = REGISTRY) -> dict[str, dict[str, Any]]:
+    """The request bodies as the OpenAPI document shows them, keyed by component name.
+
+    `EventIn` is a `oneOf`, discriminated by `type`, over every event in the registry;
+    each variant's `payload` refers to that event's payload schema from the contracts.
+    Documentation only: `parse_events` and `build_messages` decide what is accepted.
+    """
+    ref = "#/components/schemas/"
+    components = payload_schemas(registry, kind="event", ref_prefix=ref)
+    base = EventIn.model_json_schema(ref_template=ref + "{model}")
+    versions: dict[str, list[type[Payload]]] = {}
+    for model in registry:
+        if model.kind == "event":
+            versions.setdefault(model.message_type, []).append(model)
+    mapping: dict[str, str] = {}
+    for type_, models in sorted(versions.items()):
+        models.sort(key=lambda m: m.message_version)
+        variant = copy.deepcopy(base)
+        variant["title"] = f"{type_} event"
+        variant["description"] = f"One {type_} event: the short form or a full envelope."
+        properties = variant["properties"]
+        properties["type"] = {"const": type_, "type": "string", "title": "Type"}
+        properties["version"] = {
+            "anyOf": [{"enum": [m.message_version for m in models], "type": "integer"}, {"type": "null"}],
+            "default": None,
+            "title": "Version",
+            "description": properties["version"]["description"],
+        }
+        refs = [{"$ref": ref + schema_name(m)} for m in models]
+        properties["payload"] = refs[0] if len(refs) == 1 else {"oneOf": refs}
+        name = f"EventIn.{type_}"
+        components[name] = variant
+        mapping[type_] = ref + name
+    components["EventIn"] = {
+        "title": base["title"],
+        "description": f"{base['description']} {_CROSS_FIELD_RULES}",
+        "oneOf": [{"$ref": target} for target in mapping.values()],
+        "discriminator": {"propertyName": "type", "mapping": mapping},
+    }
+    batch = BatchIn.model_json_schema(ref_template=ref + "{model}")
+    batch.pop("$defs", None)
+    batch["properties"]["events"]["maxItems"] = max_batch_events
+    components["BatchIn"] = batch
+    return components

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Index, Integer, String, Table, Text
+from sqlalchemy import Column, Index, Integer, String, Table, Text
 
+from contracts.columns import UtcDateTime
 from outbox.tables import metadata
 
 ingest_producers = Table(
@@ -15,7 +16,7 @@ ingest_producers = Table(
     Column("key_hash", String(64), nullable=False, comment="hex HMAC-SHA256(salt, secret); the secret is never stored."),
     Column("allowed_types", Text, nullable=False, comment="JSON list of event types this key may publish."),
     Column("rate_limit", Integer, nullable=True, comment="Requests per window; NULL = the default."),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("revoked_at", UtcDateTime(), nullable=True),
     Index("ix_ingest_producers_name", "name"),
 )

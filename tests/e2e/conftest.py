@@ -1,5 +1,7 @@
 """Fixtures for end-to-end saga tests: whole sagas through the real relay and consumers.
 
+What they build (``Stack``, ``Process``) and the tests' helpers are in support.py.
+
 - ``stack``: per test module, a fresh PostgreSQL database migrated to head and emptied
   RabbitMQ queues (every work queue, its delay queues and its dead-letter queue).
 - ``services``: ``await services("saga", "stock", settings=...)`` starts an in-process
@@ -12,92 +14,28 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from infra import topology as t
+from infra.bootstrap import MESSAGE_SERVICES
 from infra.clock import SystemClock
 from infra.db import create_engine, scratch_database
 from infra.logging import configure_logging
+from infra.runtime import Runtime
 from infra.schema import upgrade
-from infra.services import SERVICES, Runtime
 from infra.settings import Settings
 from infra.transport.base import Transport
 from infra.transport.factory import transport_from_settings
+from tests.e2e.support import METRICS, Process, Stack, StartServices, all_queue_names
+from tests.support import COMPENSA
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The console script next to the interpreter running the tests (the project's venv).
-COMPENSA = str(Path(sys.executable).with_name("compensa"))
-
-#: Short timings so a saga, a retry or a deadline takes well under a second or two.
-FAST: dict[str, Any] = {
-    "max_attempts": 5,
-    "retry_base_seconds": 0.05,
-    "retry_max_seconds": 1.0,
-    "relay_poll_seconds": 0.05,
-    "deadline_sweep_seconds": 0.1,
-    "saga_step_deadline_seconds": 5.0,
-    "saga_compensation_deadline_seconds": 2.0,
-    "shutdown_grace_seconds": 10.0,
-    "log_level": "WARNING",
-}
-
-#: Metrics tests record for the terminal summary (e.g. the load test's sagas/s).
-METRICS: dict[str, str] = {}
-
-
-@dataclass
-class Stack:
-    """The module's database and broker, and settings pointing at them."""
-
-    database_url: str
-    amqp_url: str
-    engine: AsyncEngine
-    channel: aio_pika.abc.AbstractChannel
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    def settings(self, **overrides: Any) -> Settings:
-        """Settings for in-process services: FAST timings, then `overrides`."""
-        return Settings(database_url=self.database_url, amqp_url=self.amqp_url, **{**FAST, **overrides})
-
-    def env(self, **overrides: Any) -> dict[str, str]:
-        """The environment for a `compensa` process with the same settings."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COMPENSA_")}
-        env["COMPENSA_DATABASE_URL"] = self.database_url
-        env["COMPENSA_AMQP_URL"] = self.amqp_url
-        for name, value in {**FAST, **overrides}.items():
-            env[f"COMPENSA_{name.upper()}"] = str(value)
-        return env
-
-    async def queue_depth(self, name: str) -> int:
-        """Ready messages in a queue, as the broker counts them."""
-        queue = await self.channel.declare_queue(name, passive=True)
-        return queue.declaration_result.message_count
-
-    async def consumer_count(self, name: str) -> int:
-        queue = await self.channel.declare_queue(name, passive=True)
-        return queue.declaration_result.consumer_count
-
-
-def retry_delays(settings: Settings) -> list[int]:
-    return t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
-
-
-def all_queue_names(settings: Settings) -> list[str]:
-    """Delay queues first (they feed their work queue), then work queues and DLQs."""
-    names = [q.delay_queue(ms) for q in t.WORK_QUEUES for ms in retry_delays(settings)]
-    names += [q.name for q in t.WORK_QUEUES] + [q.dlq for q in t.WORK_QUEUES]
-    return names
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -133,9 +71,6 @@ async def stack(database_url: str, amqp_url: str, request: pytest.FixtureRequest
             await engine.dispose()
 
 
-StartServices = Callable[..., Awaitable[Runtime]]
-
-
 @pytest.fixture
 async def services(stack: Stack) -> AsyncIterator[StartServices]:
     """``await services(*names, settings=None, wrap=None)``: start an in-process runtime.
@@ -153,7 +88,7 @@ async def services(stack: Stack) -> AsyncIterator[StartServices]:
         settings = settings or stack.settings()
         rabbit = await transport_from_settings(settings)
         transport = wrap(rabbit) if wrap else rabbit
-        runtime = Runtime(stack.engine, transport, SystemClock(), settings, list(names or SERVICES))
+        runtime = Runtime(stack.engine, transport, SystemClock(), settings, names or MESSAGE_SERVICES)
         started.append((runtime, rabbit))
         await runtime.start()
         return runtime
@@ -162,20 +97,6 @@ async def services(stack: Stack) -> AsyncIterator[StartServices]:
     for runtime, rabbit in reversed(started):
         await runtime.stop()
         await rabbit.close()
-
-
-@dataclass
-class Process:
-    """A `compensa` OS process this test started, with its log file."""
-
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 @pytest.fixture

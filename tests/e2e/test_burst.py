@@ -18,8 +18,17 @@ from sqlalchemy import select
 from consumers.stock import seed_stock
 from sagas.store import count_in_flight
 from sagas.tables import saga_instances
-from tests.e2e.conftest import METRICS, Stack, StartServices
-from tests.e2e.helpers import assert_sound, place_all, planned, unique, wait_terminal, workload
+from tests.e2e.support import (
+    METRICS,
+    Stack,
+    StartServices,
+    assert_sound,
+    place_all,
+    planned,
+    unique,
+    wait_terminal,
+    workload,
+)
 
 pytestmark = pytest.mark.e2e
 

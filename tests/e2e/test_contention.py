@@ -11,11 +11,10 @@ from consumers.ledger import trial_balance
 from consumers.stock import seed_stock, stock_levels
 from contracts import Message, Money, ReserveStock, StockLine, new_message
 from contracts.messages import PaymentAuthorized
-from infra.services import Runtime
+from infra.runtime import Runtime
 from outbox.ports import OutgoingMessage
 from outbox.uow import outbox_row
-from tests.e2e.conftest import Stack, StartServices
-from tests.e2e.helpers import unique
+from tests.e2e.support import Stack, StartServices, unique
 from tests.support import eventually
 
 pytestmark = pytest.mark.e2e

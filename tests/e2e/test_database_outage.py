@@ -13,8 +13,17 @@ import asyncio
 import pytest
 
 from consumers.stock import seed_stock
-from tests.e2e.conftest import Stack, StartServices
-from tests.e2e.helpers import assert_sound, place_all, planned, saga_statuses, unique, wait_terminal, workload
+from tests.e2e.support import (
+    Stack,
+    StartServices,
+    assert_sound,
+    place_all,
+    planned,
+    saga_statuses,
+    unique,
+    wait_terminal,
+    workload,
+)
 from tests.harness.servers import Servers
 from tests.support import eventually
 

@@ -8,8 +8,10 @@ from consumers.ledger import cash_by_order
 from consumers.orders import get_order
 from consumers.payments import charges, net_captured
 from consumers.stock import reservation_statuses, seed_stock, stock_levels
-from tests.e2e.conftest import METRICS, Stack, StartServices
-from tests.e2e.helpers import (
+from tests.e2e.support import (
+    METRICS,
+    Stack,
+    StartServices,
     assert_sound,
     ledger_kinds,
     place,

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from consumers.stock import seed_stock
 from contracts import MAX_MESSAGE_BYTES
 from infra import topology as t
+from infra.bootstrap import MESSAGE_SERVICES
 from infra.clock import SystemClock
-from infra.services import SERVICES, Runtime
+from infra.runtime import Runtime
 from infra.transport.factory import transport_from_settings
-from tests.e2e.conftest import Stack
-from tests.e2e.helpers import place, planned, unique, wait_terminal
+from tests.e2e.support import Stack, place, planned, unique, wait_terminal
 from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
@@ -81,7 +81,7 @@ def poison_corpus() -> dict[str, tuple[bytes, dict[str, Any]]]:
 async def running(stack: Stack):  # type: ignore[no-untyped-def]
     """Every service, for the whole module (hypothesis runs many examples in one test)."""
     transport = await transport_from_settings(stack.settings())
-    runtime = Runtime(stack.engine, transport, SystemClock(), stack.settings(), list(SERVICES))
+    runtime = Runtime(stack.engine, transport, SystemClock(), stack.settings(), MESSAGE_SERVICES)
     await runtime.start()
     yield runtime
     await runtime.stop()

@@ -26,8 +26,7 @@ from infra import topology as t
 from infra.clock import SystemClock
 from producers.ingest import IngestConfig, ProducerDirectory, create_app
 from producers.ingest.auth import ProducerStore, generate_key
-from tests.e2e.conftest import Stack, StartServices
-from tests.e2e.helpers import saga_row, saga_triggers, unique, wait_terminal
+from tests.e2e.support import Stack, StartServices, saga_row, saga_triggers, unique, wait_terminal
 from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
@@ -111,8 +110,8 @@ async def test_another_producer_cannot_refund_or_release_a_completed_order(
         )
 
     async def saga_refused_both() -> list[aio_pika.abc.AbstractIncomingMessage]:
-        assert (await stack.queue_depth(t.SAGA_EVENTS.dlq)) == 2
-        return await dead_letters(stack, t.SAGA_EVENTS.dlq)
+        assert (await stack.queue_depth(t.SAGA_STARTS.dlq)) == 2
+        return await dead_letters(stack, t.SAGA_STARTS.dlq)
 
     refused = await eventually(saga_refused_both, timeout=15, message="both raw starts dead-lettered by the saga")
     reasons = {m.headers[t.H_REASON_CLASS]: str(m.headers[t.H_REASON]) for m in refused}

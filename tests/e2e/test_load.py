@@ -12,8 +12,7 @@ from consumers.orders import order_statuses
 from consumers.payments import net_captured
 from consumers.stock import seed_stock
 from sagas.simulation.workload import WorkloadSpec, generate
-from tests.e2e.conftest import METRICS, Stack, StartServices
-from tests.e2e.helpers import assert_sound, place_all, saga_row, wait_terminal
+from tests.e2e.support import METRICS, Stack, StartServices, assert_sound, place_all, saga_row, wait_terminal
 
 pytestmark = pytest.mark.e2e
 

@@ -7,10 +7,19 @@ import pytest
 from consumers.orders import get_order
 from consumers.payments import charges
 from consumers.stock import reservation_statuses, seed_stock, stock_levels
-from tests.e2e.conftest import Stack, StartServices
-from tests.e2e.helpers import assert_sound, place, planned, saga_row, saga_triggers, unique, wait_terminal, workload
-from tests.integration.dlq_support import assert_one_line_error, compensa
-from tests.support import eventually
+from tests.e2e.support import (
+    Stack,
+    StartServices,
+    assert_sound,
+    place,
+    planned,
+    saga_row,
+    saga_triggers,
+    unique,
+    wait_terminal,
+    workload,
+)
+from tests.support import assert_one_line_error, compensa, eventually
 
 pytestmark = pytest.mark.e2e
 

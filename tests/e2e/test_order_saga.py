@@ -10,9 +10,10 @@ from consumers.ledger import cash_by_order, trial_balance
 from consumers.orders import get_order
 from consumers.payments import charges, net_captured, payment_id_for
 from consumers.stock import reservation_statuses, seed_stock, stock_levels
-from tests.e2e.conftest import COMPENSA, Stack, StartServices
-from tests.e2e.helpers import (
+from tests.e2e.support import (
     DoubledReordered,
+    Stack,
+    StartServices,
     assert_sound,
     ledger_kinds,
     place,
@@ -23,6 +24,7 @@ from tests.e2e.helpers import (
     wait_terminal,
     workload,
 )
+from tests.support import COMPENSA
 
 pytestmark = pytest.mark.e2e
 

@@ -10,13 +10,24 @@ import pytest
 
 from consumers.stock import seed_stock
 from infra import topology as t
+from infra.bootstrap import OUTBOX_SERVICES
 from infra.clock import SystemClock
-from infra.services import OUTBOX_SERVICES
 from outbox.uow import pending_summary
 from sagas.simulation.invariants import TERMINAL_STATUSES
 from sagas.simulation.workload import PlannedOrder
-from tests.e2e.conftest import METRICS, Process, Stack, StartServices
-from tests.e2e.helpers import assert_sound, place_all, planned, saga_statuses, unique, wait_terminal, workload
+from tests.e2e.support import (
+    METRICS,
+    Process,
+    Stack,
+    StartServices,
+    assert_sound,
+    place_all,
+    planned,
+    saga_statuses,
+    unique,
+    wait_terminal,
+    workload,
+)
 from tests.support import eventually
 
 pytestmark = pytest.mark.e2e

@@ -1,5 +1,5 @@
 """Real-server test harness: PostgreSQL, RabbitMQ and Redis for integration tests.
 
-The API lives in :mod:`tests.harness.servers`; it is not re-exported here so that
-``python -m tests.harness.servers`` runs without a double-import warning.
+The API lives in the :mod:`tests.harness.servers` package; ``python -m
+tests.harness.servers`` keeps a set of servers running for a shell session.
 """

@@ -1,6 +1,8 @@
 """Fixtures for integration tests against the real PostgreSQL and RabbitMQ.
 
 - ``pg_engine``: a fresh Postgres database per test module, migrated to head.
+- ``engine``: ``pg_engine`` with the test participant's ``effects`` table (support.py);
+  modules with other needs (ingest, health, the outbox contract) define their own.
 - ``rabbit``: a RabbitTransport with the topology declared (fast retry delays) and the
   stock queues purged, so each test starts from empty queues.
 - ``amqp_channel``: a raw aio-pika confirm channel, for publishing what compensa would
@@ -26,6 +28,7 @@ from infra.telemetry import configure_tracing
 from infra.topology import STOCK_COMMANDS, retry_delays_ms
 from infra.transport.base import DeliveryHandler
 from infra.transport.rabbit import RabbitSubscription, RabbitTransport
+from tests.integration.support import effects_metadata
 
 #: Small delays so a message retried to exhaustion takes well under a second.
 RETRY_POLICY = RetryPolicy(max_attempts=4, base_seconds=0.05, max_seconds=1.0)
@@ -51,6 +54,14 @@ async def pg_engine(database_url: str, request: pytest.FixtureRequest) -> AsyncI
             yield engine
         finally:
             await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
+    """The module's database with the test participant's ``effects`` table."""
+    async with pg_engine.begin() as connection:
+        await connection.run_sync(effects_metadata.create_all)
+    return pg_engine
 
 
 async def purge_stock_queues(transport: RabbitTransport) -> None:

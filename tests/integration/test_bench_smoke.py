@@ -8,7 +8,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from infra import bench
+from infra.bench.limits import raw_broker_rate, raw_pipelined_rate
+from infra.bench.relay import outbox_rate, relay_memory
+from infra.bench.saga import saga_rate
+from infra.bench.simulate import real_stack_rate
 from infra.db import scratch_database
 
 pytestmark = pytest.mark.integration
@@ -19,25 +22,25 @@ def url_of(engine: AsyncEngine) -> str:
 
 
 async def test_relay_benchmarks_move_every_message(pg_engine: AsyncEngine, amqp_url: str) -> None:
-    raw = await bench.raw_broker_rate(amqp_url, 200)
+    raw = await raw_broker_rate(amqp_url, 200)
     assert raw["publish_confirm_per_s"] > 0 and raw["consume_ack_per_s"] > 0
-    assert await bench.raw_pipelined_rate(amqp_url, 200) > 0
+    assert await raw_pipelined_rate(amqp_url, 200) > 0
     for batch in (1, 50):
-        outbox = await bench.outbox_rate(url_of(pg_engine), amqp_url, 300, writers=5, batch=batch)
+        outbox = await outbox_rate(url_of(pg_engine), amqp_url, 300, writers=5, batch=batch)
         assert outbox["end_to_end_per_s"] > 0
-    relayed = await bench.outbox_rate(url_of(pg_engine), amqp_url, 300, precommitted=True)
+    relayed = await outbox_rate(url_of(pg_engine), amqp_url, 300, precommitted=True)
     assert relayed["end_to_end_per_s"] > 0
-    memory = await bench.relay_memory(url_of(pg_engine), amqp_url, 1_000)
+    memory = await relay_memory(url_of(pg_engine), amqp_url, 1_000)
     assert memory["messages"] == 1_000 and memory["rss_max_mb"] > 0
 
 
 async def test_saga_benchmark_completes_sagas_in_process(pg_engine: AsyncEngine, amqp_url: str) -> None:
-    result = await bench.saga_rate(url_of(pg_engine), amqp_url, inflight=2, seconds=2.0)
+    result = await saga_rate(url_of(pg_engine), amqp_url, inflight=2, seconds=2.0)
     assert result["completed"] >= 2 and result["p50_ms"] > 0
 
 
 async def test_dbos_peer_runs_the_saga_on_a_scratch_database(pg_engine: AsyncEngine) -> None:
-    from infra.peer_dbos import dbos_saga_rate
+    from infra.bench.peer_dbos import dbos_saga_rate
 
     async with scratch_database(url_of(pg_engine)) as scratch_url:
         [result] = await dbos_saga_rate(scratch_url, [2], 2.0)
@@ -45,6 +48,6 @@ async def test_dbos_peer_runs_the_saga_on_a_scratch_database(pg_engine: AsyncEng
 
 
 async def test_real_stack_rate_runs_the_workload_with_every_invariant(pg_engine: AsyncEngine, amqp_url: str) -> None:
-    result = await bench.real_stack_rate(url_of(pg_engine), amqp_url, 8)
+    result = await real_stack_rate(url_of(pg_engine), amqp_url, 8)
     assert result["sagas"] == 8 and result["invariants_ok"] == 1.0
     assert sum(result["outcomes"].values()) == 8

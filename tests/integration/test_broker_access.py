@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aio_pika
 import aiormq
@@ -15,6 +19,7 @@ from yarl import URL
 
 from infra import topology as t
 from infra.broker_access import apply, compensa_grants, definitions, upstream_grant
+from infra.cli.broker import password_variable
 from infra.transport.rabbit import RabbitTransport
 
 pytestmark = pytest.mark.integration
@@ -109,3 +114,26 @@ def test_the_definitions_document_holds_every_user_with_a_hashed_password() -> N
     assert PASSWORD not in json.dumps(document)
     [relay] = [p for p in document["permissions"] if p["user"] == "compensa-relay"]
     assert (relay["read"], relay["configure"]) == ("^$", "^$")
+
+
+async def test_compensa_broker_grant_applies_the_users_from_password_variables(servers, amqp_url: str, users: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """The command line end to end: the same users (same passwords as the fixture), plus an upstream one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPENSA_")}
+    env |= {password_variable(g.user): PASSWORD for g in compensa_grants()}
+    env |= {"COMPENSA_BROKER_PASSWORD_ERP_CLI": PASSWORD, "COMPENSA_AMQP_URL": amqp_url}
+    compensa = str(Path(sys.executable).with_name("compensa"))
+    command = [compensa, "broker", "grant", "--management-url", servers.rabbitmq.management_url, "--upstream", "erp-cli:order.created"]
+    done = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"granted {len(compensa_grants()) + 1} users" in " ".join(done.stdout.split())
+    erp = str(URL(amqp_url).with_user("erp-cli").with_password(PASSWORD))
+    await publish(erp, t.EVENTS.name, "order.created")
+    with pytest.raises(REFUSED):
+        await publish(erp, t.EVENTS.name, "payment.authorized")
+    await publish(users["compensa-relay"], t.COMMANDS.name, "stock.reserve")  # the fixture's users still work
+
+    del env["COMPENSA_BROKER_PASSWORD_SAGA"]
+    refused = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "error: no password for 1 broker user(s): set COMPENSA_BROKER_PASSWORD_SAGA (compensa-saga)"
+    ]

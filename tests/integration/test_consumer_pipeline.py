@@ -26,7 +26,7 @@ from pamqp import commands as amqp
 from pamqp import exceptions as amqp_exceptions
 from pamqp import frame as amqp_frame
 from pamqp import header as amqp_header
-from sqlalchemy import Column, Integer, MetaData, String, Table, delete, func, insert, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import (
@@ -50,6 +50,7 @@ from infra.transport.rabbit import RabbitTransport
 from outbox.ports import OutgoingMessage
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
+from tests.integration.support import applied_rows, effects, record_reservation
 from tests.support import eventually
 
 pytestmark = pytest.mark.integration
@@ -57,25 +58,8 @@ pytestmark = pytest.mark.integration
 SERVICE = CONSUMER = "stock"
 clock = SystemClock()
 
-effects_metadata = MetaData()
-#: The test participant's business table: one row per applied reservation.
-effects = Table(
-    "test_effects",
-    effects_metadata,
-    Column("position", Integer, primary_key=True, autoincrement=True),
-    Column("message_id", String(36), nullable=False),
-    Column("order_id", String(64), nullable=False),
-)
-
 #: The delivery being processed, for handlers that want to see its headers.
 delivery_in_process: ContextVar[Delivery] = ContextVar("delivery_in_process")
-
-
-@pytest.fixture(scope="module")
-async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
-    async with pg_engine.begin() as connection:
-        await connection.run_sync(effects_metadata.create_all)
-    return pg_engine
 
 
 @pytest.fixture(autouse=True)
@@ -86,13 +70,6 @@ async def empty_tables(engine: AsyncEngine) -> None:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def apply_reservation(uow: UnitOfWork, message: Message[ReserveStock]) -> None:
-    """The test participant's handler: record that the reservation took effect."""
-    await uow.connection.execute(
-        insert(effects).values(message_id=str(message.message_id), order_id=message.payload.order_id)
-    )
 
 
 def processor_for(engine: AsyncEngine, handler: Any, retry: RetryPolicy) -> MessageProcessor:
@@ -128,9 +105,7 @@ def outgoing(message: Message[Any]) -> OutgoingMessage:
 
 
 async def applied_ids(engine: AsyncEngine) -> list[str]:
-    async with engine.connect() as connection:
-        rows = await connection.execute(select(effects.c.message_id).order_by(effects.c.position))
-        return list(rows.scalars())
+    return [row.message_id for row in await applied_rows(engine)]
 
 
 async def inbox_count(engine: AsyncEngine) -> int:
@@ -254,7 +229,7 @@ class FlakyParticipant:
         self.call_times.append(time.monotonic())
         if self.calls[message.message_id] <= self.failures:
             raise TransientError("could not obtain lock on row in relation stock_levels")
-        await apply_reservation(uow, message)
+        await record_reservation(uow, message)
         self.succeeded_on = delivery_in_process.get()
 
 
@@ -292,7 +267,7 @@ async def test_malformed_messages_are_dead_lettered_with_their_defect_while_good
         "unhandled-type": (encode(unhandled.envelope), str(unhandled.message_id), "no handler for 'stock.commit'"),
     }
     good = [reservation(f"order-good-{n}") for n in range(4)]
-    processor = processor_for(engine, apply_reservation, retry_policy)
+    processor = processor_for(engine, record_reservation, retry_policy)
     await consume(processor, prefetch=5)
 
     async def publish_good(message: Message[ReserveStock]) -> None:
@@ -424,7 +399,7 @@ async def test_a_permanent_handler_failure_is_dead_lettered_at_once(
     async def refuse(uow: UnitOfWork, message: Message[ReserveStock]) -> None:
         nonlocal calls
         calls += 1
-        await apply_reservation(uow, message)  # rolled back with the failure
+        await record_reservation(uow, message)  # rolled back with the failure
         raise error
 
     processor = processor_for(engine, refuse, retry_policy)
@@ -454,7 +429,7 @@ async def test_two_consumers_of_one_queue_apply_each_effect_exactly_once(
         if n % 4 == 0:  # the copy right behind the original: likely on the other consumer
             publishes.append(outgoing(message))
     duplicates = len(publishes) - len(messages)
-    processors = [processor_for(engine, apply_reservation, retry_policy) for _ in range(2)]
+    processors = [processor_for(engine, record_reservation, retry_policy) for _ in range(2)]
     for processor in processors:
         await consume(processor, prefetch=10)
 
@@ -493,7 +468,7 @@ async def test_batched_consumer_applies_each_once_and_isolates_a_poison_message(
     async def refuse_poison(uow: UnitOfWork, message: Message[ReserveStock]) -> None:
         if message.payload.order_id == "batch-poison":
             raise BusinessRuleError("sku-1 is discontinued for batch-poison")
-        await apply_reservation(uow, message)
+        await record_reservation(uow, message)
 
     processor = processor_for(engine, refuse_poison, retry_policy)
     batching = BatchingConsumer(processor, max_batch=25, workers=2)

@@ -41,8 +41,8 @@ from infra.topology import STOCK_COMMANDS
 from infra.transport.memory import MemoryDelivery, StoredMessage
 from infra.transport.rabbit import RabbitTransport
 from outbox.tables import tables_for
-from tests.integration.dlq_support import COMPENSA, archived, publish_dead_letter, purge, stack_env
-from tests.support import eventually
+from tests.integration.support import archived, publish_dead_letter, purge, stack_env
+from tests.support import COMPENSA, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, delete, func, insert, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import Message, PaymentAuthorized, ReserveStock, StockLine, encode, new_message
@@ -32,31 +32,12 @@ from outbox.ports import OutgoingMessage
 from outbox.relay import Relay
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
-from tests.integration.dlq_support import archived, assert_one_line_error, compensa, publish_dead_letter, purge, stack_env
-from tests.support import eventually
+from tests.integration.support import applied_rows, archived, effects, publish_dead_letter, purge, record_reservation, stack_env
+from tests.support import assert_one_line_error, compensa, eventually
 
 pytestmark = pytest.mark.integration
 
 clock = SystemClock()
-
-effects_metadata = MetaData()
-#: The test participant's business table: one row per applied reservation.
-effects = Table(
-    "dlq_test_effects",
-    effects_metadata,
-    Column("position", Integer, primary_key=True, autoincrement=True),
-    Column("message_id", String(36), nullable=False),
-    Column("order_id", String(64), nullable=False),
-    Column("quantity", Integer, nullable=False),
-)
-
-
-@pytest.fixture(scope="module")
-async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
-    async with pg_engine.begin() as connection:
-        await connection.run_sync(effects_metadata.create_all)
-    return pg_engine
-
 
 @pytest.fixture(autouse=True)
 async def empty(engine: AsyncEngine, rabbit: RabbitTransport) -> None:
@@ -75,12 +56,7 @@ class Participant:
     async def reserve(self, uow: UnitOfWork, message: Message[ReserveStock]) -> None:
         if self.broken:
             raise RuntimeError(f"bug: cannot reserve {message.payload.order_id}")
-        await uow.connection.execute(
-            insert(effects).values(
-                message_id=str(message.message_id), order_id=message.payload.order_id,
-                quantity=sum(line.quantity for line in message.payload.lines),
-            )
-        )
+        await record_reservation(uow, message)
 
 
 @pytest.fixture
@@ -126,9 +102,8 @@ async def send(rabbit: RabbitTransport, *messages: Message[Any]) -> None:
 
 
 async def applied(engine: AsyncEngine) -> list[tuple[str, int]]:
-    async with engine.connect() as connection:
-        rows = await connection.execute(select(effects.c.order_id, effects.c.quantity).order_by(effects.c.position))
-        return [tuple(r) for r in rows.all()]
+    """(order id, quantity) of each applied reservation, in order."""
+    return [(row.order_id, row.quantity) for row in await applied_rows(engine)]
 
 
 async def outbox_count(engine: AsyncEngine) -> int:

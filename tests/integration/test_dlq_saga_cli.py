@@ -36,14 +36,14 @@ from contracts import (
 from contracts.clock import Clock
 from contracts.messages import Payload
 from infra import topology as t
-from infra.cli_ops import explain_database_error, is_connection_failure, visible
+from infra.bootstrap import orchestrator_for
+from infra.cli.common import explain_database_error, is_connection_failure, visible
 from infra.clock import SystemClock, VirtualClock
 from infra.dlq.archive import start_archive
 from infra.dlq.query import DeadLetterFilter, missing_ids
 from infra.dlq.query import purge as purge_dead_letters
 from infra.dlq.tables import dead_letters
 from infra.health import check_health, health_app
-from infra.services import orchestrator_for, sweep_deadlines
 from infra.settings import Settings
 from infra.transport.rabbit import RabbitTransport
 from outbox.relay import Relay
@@ -51,18 +51,8 @@ from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
 from sagas.tables import saga_deadlines, saga_history, saga_instances
 from tests.harness.servers import Servers
-from tests.integration.dlq_support import (
-    COMPENSA,
-    Run,
-    archived,
-    assert_one_line_error,
-    compensa,
-    dead_letter_headers,
-    publish_dead_letter,
-    purge,
-    stack_env,
-)
-from tests.support import eventually
+from tests.integration.support import archived, dead_letter_headers, publish_dead_letter, purge, stack_env
+from tests.support import COMPENSA, Run, assert_one_line_error, compensa, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +90,7 @@ async def sagas(pg_engine: AsyncEngine) -> dict[str, str]:
     await drive(engine, old, "failed-1", until_declined("failed-1"))
     for _ in range(20):  # the release is never confirmed: resend until the budget runs out
         old.advance(31)
-        await sweep_deadlines(engine, old, orchestrator=ORCHESTRATOR)
+        await ORCHESTRATOR.sweep_deadlines(lambda: UnitOfWork(engine, "saga", old))
     await drive(engine, VirtualClock(NOW - timedelta(hours=2)), "stuck-1", [order("stuck-1")])
     async with engine.connect() as connection:
         statuses = dict((await connection.execute(select(saga_instances.c.saga_id, saga_instances.c.status))).all())
@@ -246,7 +236,7 @@ async def test_health_reports_a_lagging_relay_then_healthy_and_so_does_get_healt
         response = await client.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "unhealthy"
 
-    await sweep_deadlines(pg_engine, SystemClock(), orchestrator=ORCHESTRATOR)  # the sweeper runs: stuck-1 compensates
+    await ORCHESTRATOR.sweep_deadlines(lambda: UnitOfWork(pg_engine, "saga", SystemClock()))  # the sweeper runs: stuck-1 compensates
     relay = Relay(pg_engine, "saga", rabbit, SystemClock())
     await relay.drain()
     # Nothing consumes here: ready messages with no consumer would be a wedged queue.

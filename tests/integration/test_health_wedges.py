@@ -28,17 +28,17 @@ from consumers.orders.handlers import place_order
 from consumers.orders.tables import orders_orders
 from contracts import Money, OrderCreated, OrderLine, new_message
 from infra import topology as t
+from infra.bootstrap import orchestrator_for
 from infra.clock import SystemClock, VirtualClock
 from infra.health import check_health
-from infra.services import orchestrator_for, sweep_deadlines
 from infra.settings import Settings, derive_management_url
 from infra.transport.rabbit import RabbitTransport
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
 from sagas.tables import saga_deadlines, saga_history, saga_instances
 from tests.harness.servers import Servers, free_port
-from tests.integration.dlq_support import compensa, stack_env
-from tests.support import eventually
+from tests.integration.support import stack_env
+from tests.support import compensa, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -349,5 +349,5 @@ async def test_overdue_saga_deadlines_mean_no_sweeper_runs(settings: Settings, e
     assert [d["saga_id"] for d in deadlines["oldest"]] == [saga_id]
     assert saga_id in deadlines["error"] and "sweeper" in deadlines["fix"]
 
-    await sweep_deadlines(engine, SystemClock(), orchestrator=ORCHESTRATOR)  # what a running sweeper does
+    await ORCHESTRATOR.sweep_deadlines(lambda: UnitOfWork(engine, "saga", SystemClock()))  # what a running sweeper does
     assert (await check_health(settings, engine=engine))["checks"]["deadlines"]["ok"]

@@ -24,21 +24,18 @@ from sqlalchemy import event, select, text
 from contracts import decode
 from infra.logging import configure_logging
 from producers.ingest.tables import ingest_producers
-from tests.integration.ingest_helpers import (  # noqa: F401 - fixtures
-    HOSTILE_EVENTS,
+from tests.integration.support import (  # noqa: F401 - fixtures
     OUTBOX,
     add_producer,
     clock,
-    dump,
     engine,
     make_app,
     make_client,
-    order_created,
     outbox_count,
     outbox_rows,
     redis,
-    short_event,
 )
+from tests.support import HOSTILE_EVENTS, dump, order_created, short_event
 
 pytestmark = pytest.mark.integration
 
@@ -342,7 +339,7 @@ async def test_secrets_never_appear_in_logs(make_client, add_producer, engine):
 async def test_health_is_status_only(engine, redis, make_client):
     """The public port says ready or not; hosts, users, queues and revisions are `compensa health`'s."""
     from producers.ingest import IngestConfig, ProducerDirectory, create_app
-    from tests.integration.ingest_helpers import clock
+    from tests.integration.support import clock
 
     app = create_app(
         engine=engine, redis=redis, producers=ProducerDirectory(None, []),
@@ -385,7 +382,7 @@ async def test_writer_commits_a_request_larger_than_one_statement_in_one_transac
     from contracts import OrderCancelled, new_message
     from outbox.uow import outbox_row
     from producers.ingest.writer import OutboxWriter
-    from tests.integration.ingest_helpers import OUTBOX, clock
+    from tests.integration.support import OUTBOX, clock
 
     writer = OutboxWriter(engine, OUTBOX, max_rows=2)
     rows = [
@@ -402,7 +399,7 @@ async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(e
 
     from infra.db import create_engine
     from producers.ingest import IngestConfig, ProducerDirectory, create_app, generate_key
-    from tests.integration.ingest_helpers import clock
+    from tests.integration.support import clock
     from tests.support import CuttableLink
 
     url = make_url(engine.url.render_as_string(hide_password=False))

@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from producers.ingest.tables import ingest_producers
-from tests.integration.ingest_helpers import engine, make_app, make_client, redis, short_event  # noqa: F401 - fixtures
+from tests.integration.support import engine, make_app, make_client, redis  # noqa: F401 - fixtures
+from tests.support import COMPENSA, short_event
 
 pytestmark = pytest.mark.integration
-
-COMPENSA = str(Path(sys.executable).with_name("compensa"))
 
 
 def compensa(engine: AsyncEngine, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

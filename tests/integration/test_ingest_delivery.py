@@ -21,19 +21,18 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import decode
-from tests.integration.ingest_helpers import (  # noqa: F401 - fixtures
+from tests.integration.support import (  # noqa: F401 - fixtures
     add_producer,
     engine,
-    make_app,
     ledger_queue,
-    ledger_updated,
+    make_app,
     make_client,
     outbox_rows,
     rabbit_publisher,
     redis,
     relay_for,
 )
-from tests.support import eventually
+from tests.support import eventually, ledger_updated
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,10 @@ from producers.sdk import (
     PermissionDenied,
     publish,
 )
-from tests.integration.ingest_helpers import (  # noqa: F401 - fixtures
+from tests.integration.support import (  # noqa: F401 - fixtures
     add_producer,
     engine,
     ledger_queue,
-    ledger_updated,
     make_app,
     make_client,
     outbox_count,
@@ -38,7 +37,7 @@ from tests.integration.ingest_helpers import (  # noqa: F401 - fixtures
     redis,
     relay_for,
 )
-from tests.support import eventually
+from tests.support import eventually, ledger_updated
 
 pytestmark = pytest.mark.integration
 

@@ -90,11 +90,6 @@ async def send_and_commit(engine: AsyncEngine, clock: VirtualClock, *order_ids: 
     return sent
 
 
-def as_utc(moment: datetime) -> datetime:
-    """SQLite hands timestamps back naive; they were written as UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 # ------------------------------------------------------------------ writing
 
 
@@ -111,7 +106,7 @@ async def test_committed_send_writes_one_pending_row_holding_the_exact_message(
     assert row.routing_key == "stock.reserve"
     assert row.body == encode(message.envelope).decode()
     assert json.loads(row.headers) == {}
-    assert as_utc(row.created_at) == START
+    assert row.created_at == START and row.created_at.tzinfo is UTC  # aware UTC on SQLite too
     assert row.sent_at is None
     assert message.envelope.producer == SERVICE
     assert message.envelope.traceparent is None
@@ -287,7 +282,7 @@ async def test_relay_publishes_pending_rows_in_commit_order_and_marks_them_sent(
     assert [m.message_id for m in delivered] == [str(m.message_id) for m in committed]
     assert [m.body for m in delivered] == [encode(m.envelope) for m in committed]
     rows = await outbox_rows(engine)
-    assert all(as_utc(row.sent_at) == clock.now() for row in rows)
+    assert all(row.sent_at == clock.now() and row.sent_at.tzinfo is UTC for row in rows)
     assert await relay.relay_once() == 0
     assert broker.stats.published == len(committed)
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, delete, func, insert, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -34,6 +34,7 @@ from outbox.relay import Relay
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork, pending_summary
 from tests.harness.servers import Server, Servers
+from tests.integration.support import applied_rows, effects, record_reservation
 from tests.support import CuttableLink, eventually
 
 pytestmark = pytest.mark.integration
@@ -41,18 +42,6 @@ pytestmark = pytest.mark.integration
 PRODUCER = "saga"  # the orchestrator sends stock commands through its own outbox
 CONSUMER = "stock"
 clock = SystemClock()
-
-effects_metadata = MetaData()
-#: The test participant's only business table: one row per applied reservation, in order.
-effects = Table(
-    "test_effects",
-    effects_metadata,
-    Column("position", Integer, primary_key=True, autoincrement=True),
-    Column("message_id", String(36), nullable=False),
-    Column("order_id", String(64), nullable=False),
-    Column("seq", Integer, nullable=False),
-)
-
 
 @pytest.fixture(scope="module")
 async def pg_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
@@ -83,13 +72,6 @@ async def pg_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         await as_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="module")
-async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
-    async with pg_engine.begin() as connection:
-        await connection.run_sync(effects_metadata.create_all)
-    return pg_engine
-
-
 @pytest.fixture(autouse=True)
 async def empty_tables(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
@@ -103,19 +85,8 @@ def reserve(order_id: str, seq: int = 1) -> ReserveStock:
     return ReserveStock(order_id=order_id, lines=(StockLine(sku="sku-1", quantity=seq),))
 
 
-async def apply_reservation(uow: UnitOfWork, message: Message[ReserveStock]) -> None:
-    """The test participant's handler: record that the reservation took effect."""
-    await uow.connection.execute(
-        insert(effects).values(
-            message_id=str(message.message_id),
-            order_id=message.payload.order_id,
-            seq=message.payload.lines[0].quantity,
-        )
-    )
-
-
 def stock_processor(engine: AsyncEngine) -> MessageProcessor:
-    return MessageProcessor(engine, CONSUMER, CONSUMER, {"stock.reserve": apply_reservation}, clock)
+    return MessageProcessor(engine, CONSUMER, CONSUMER, {"stock.reserve": record_reservation}, clock)
 
 
 async def commit(engine: AsyncEngine, plan: Sequence[tuple[str, int]]) -> list[Message[ReserveStock]]:
@@ -128,11 +99,6 @@ async def commit(engine: AsyncEngine, plan: Sequence[tuple[str, int]]) -> list[M
 
 async def pending(engine: AsyncEngine) -> int:
     return (await pending_summary(engine, PRODUCER, clock.now()))["pending"]
-
-
-async def applied(engine: AsyncEngine) -> list:
-    async with engine.connect() as connection:
-        return (await connection.execute(select(effects).order_by(effects.c.position))).all()
 
 
 async def inbox_count(engine: AsyncEngine) -> int:
@@ -237,7 +203,7 @@ async def test_relay_killed_between_confirm_and_mark_republishes_and_the_effect_
 
     await eventually(lambda: processor.processed + processor.duplicates == 2)
     assert (processor.processed, processor.duplicates) == (1, 1)
-    assert [row.message_id for row in await applied(engine)] == [str(message.message_id)]
+    assert [row.message_id for row in await applied_rows(engine)] == [str(message.message_id)]
     assert await inbox_count(engine) == 1
 
 
@@ -262,7 +228,7 @@ async def test_relay_task_cancelled_mid_batch_leaves_rows_pending_and_each_effec
 
     await eventually(lambda: processor.processed + processor.duplicates == 6)
     assert (processor.processed, processor.duplicates) == (4, 2)
-    rows = await applied(engine)
+    rows = await applied_rows(engine)
     assert sorted(row.message_id for row in rows) == sorted(str(m.message_id) for m in messages)
 
 
@@ -348,7 +314,7 @@ async def test_two_relays_on_one_outbox_publish_every_message_in_commit_order_pe
     assert set(published) == {str(m.message_id) for m in committed}
     assert all(relay.published_total > 0 for relay in relays), "both relays took part"
     await eventually(lambda: processor.processed == len(committed), timeout=30)
-    rows = await applied(engine)
+    rows = await applied_rows(engine)
     assert len(rows) == len({row.message_id for row in rows}) == len(committed)
     seq_of = {str(m.message_id): (m.payload.order_id, m.payload.lines[0].quantity) for m in committed}
     for saga in sagas:

@@ -19,7 +19,7 @@ from consumers.stock import rules as stock_rules
 from consumers.stock.store import StockStore
 from contracts import Message
 from contracts.messages import PaymentAuthorized, PaymentRefunded, ReleaseStock
-from infra.simulate import SimulationOptions, SimulationResult, run_simulation
+from infra.simulation.driver import SimulationOptions, SimulationResult, run_simulation
 from outbox.ports import OutgoingMessage, Publisher
 from outbox.uow import UnitOfWork
 from sagas.orchestrator import Orchestrator

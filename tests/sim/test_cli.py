@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,7 @@ import pytest
 from sagas.simulation.faults import FaultRates
 from sagas.simulation.report import html_page, terminal_summary, to_document
 from tests.sim.support import InboxSwitchedOff, ledger_trusting_the_inbox, simulate
-
-COMPENSA = shutil.which("compensa", path=str(Path(sys.executable).parent)) or "compensa"
+from tests.support import COMPENSA
 
 
 def compensa(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

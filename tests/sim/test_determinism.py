@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.simulate import SimulationResult
+from infra.simulation.driver import SimulationResult
 from sagas.simulation.faults import profile
 from sagas.simulation.report import dumps, to_document, without_wall
 from tests.sim.support import simulate
@@ -47,8 +47,8 @@ def test_document_keeps_wall_time_apart(first: SimulationResult) -> None:
 
 def test_statement_runner_changes_nothing_but_speed(first: SimulationResult, monkeypatch: pytest.MonkeyPatch) -> None:
     """The simulator's direct statement runner and SQLAlchemy's own path give the same run."""
-    import infra.simulate
-    from infra.sqlite_direct import create_direct_sqlite_engine
+    import infra.simulation.driver
+    from infra.simulation.sqlite_facade import create_direct_sqlite_engine
 
     engines = []
 
@@ -57,7 +57,7 @@ def test_statement_runner_changes_nothing_but_speed(first: SimulationResult, mon
         engines.append(engine)
         return engine
 
-    monkeypatch.setattr(infra.simulate, "create_direct_sqlite_engine", engine_without_runner)
+    monkeypatch.setattr(infra.simulation.driver, "create_direct_sqlite_engine", engine_without_runner)
     through_sqlalchemy = simulate(seed=11, sagas=SAGAS, faults=profile("chaos"))
 
     assert engines and engines[0].runner is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.simulate import SimulationOptions, run_simulation
+from infra.simulation.driver import SimulationOptions, run_simulation
 from sagas.simulation.faults import profile
 from sagas.simulation.report import dumps, to_document, without_wall
 from sagas.simulation.workload import WorkloadSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.simulate import SimulationResult
+from infra.simulation.driver import SimulationResult
 from sagas.simulation.faults import RATE_NAMES, FaultRates
 from tests.sim.support import simulate
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.db import scratch_database
-from infra.realstack import (
+from infra.simulation.realstack import (
     RUN_QUEUES,
     RealStackError,
     real_stack_faults,

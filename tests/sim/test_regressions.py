@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from infra.simulate import SimulationOptions, run_simulation
+from infra.simulation.driver import SimulationOptions, run_simulation
 from sagas.simulation.faults import profile
 from sagas.simulation.regressions import load_regressions, save_regression
 from sagas.simulation.workload import WorkloadSpec

@@ -44,8 +44,8 @@ def test_contracts_export_writes_every_schema_and_asyncapi(env, tmp_path):  # no
 
 
 def test_saga_list_and_show_print_stored_markup_and_escapes_as_text_with_whole_ids_at_80_columns(migrated, narrow, monkeypatch):  # noqa: F811
-    import infra.cli
-    from infra.cli_ops import visible
+    import infra.cli.common
+    from infra.cli.common import visible
 
     long_id = "ord-" + "0123456789" * 6  # 64 characters, the longest saga id
     store_rows(sagas=(*NASTY_IDS, long_id))
@@ -62,7 +62,7 @@ def test_saga_list_and_show_print_stored_markup_and_escapes_as_text_with_whole_i
         assert f"participant Saga as Saga {visible(saga_id)}" in mermaid and "Saga->>Stock: stock.reserve[/]" in mermaid
         assert json.loads(cli("saga", "show", saga_id, "--json").stdout)["saga"]["saga_id"] == saga_id
     assert_rendered(cli("saga", "list", "--status", "running", "--stuck-for", "1s"), narrow)
-    monkeypatch.setattr(infra.cli.console, "_width", 200)
+    monkeypatch.setattr(infra.cli.common.console, "_width", 200)
     history = assert_rendered(cli("saga", "show", NASTY_IDS[0]))
     assert table_cells(history, "sent") == ["stock.reserve[/]"] and table_cells(history, "note") == ["note [/] \\x1b[2J"]
 
@@ -92,3 +92,60 @@ def test_a_refused_saga_query_is_not_reported_as_an_unreachable_database(migrate
         connection.execute("ALTER TABLE saga_instances RENAME COLUMN reason TO reason_renamed")
     line = one_line_error(cli("saga", "list"), "refused the query", "no such column")
     assert "unreachable" not in line and "cannot reach" not in line
+
+
+def test_saga_list_stuck_for_also_shows_orders_that_never_got_a_saga(migrated, narrow, monkeypatch):  # noqa: F811
+    import asyncio
+
+    import infra.cli.common
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert, update
+
+    from consumers.orders.tables import orders_orders
+    from contracts import Money, OrderCreated, OrderLine, new_message
+    from infra.db import create_engine
+    from infra.settings import get_settings
+    from outbox.tables import tables_for
+    from outbox.uow import outbox_row
+
+    long_id = "ord-" + "0123456789" * 6  # 64 characters: shown whole
+    for order_id in (long_id, "o-started"):
+        placed = cli("order", "place", "--order-id", order_id, "--customer", "c", "--line", "SKU-1:1:100", "--token", "tok_ok")
+        assert placed.exit_code == 0, placed.stderr
+    store_rows(sagas=("o-started",))
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+
+    async def age_them() -> None:
+        engine = create_engine(get_settings().database_url)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(update(orders_orders).values(created_at=an_hour_ago))
+                # The order placed here also left its order.created; it is one order, listed once.
+                await connection.execute(update(tables_for("orders").outbox).values(sent_at=an_hour_ago))
+                event = OrderCreated(
+                    order_id="o-ingest", customer_id="c", lines=(OrderLine(sku="SKU-1", quantity=1, unit_price=100),),
+                    total=Money(amount=100, currency="EUR"), payment_token="tok_ok",
+                )
+                row = outbox_row(new_message(event, correlation_id="o-ingest", producer="erp"), an_hour_ago)
+                await connection.execute(insert(tables_for("ingest").outbox).values(**row, sent_at=an_hour_ago))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(age_them())
+
+    rows = json.loads(cli("saga", "list", "--stuck-for", "5m", "--json").stdout)
+    unstarted = {r["saga_id"]: r for r in rows if r["status"] == "no saga"}
+    assert set(unstarted) == {long_id, "o-ingest"}  # o-started has its saga
+    assert unstarted[long_id]["reason"] == "pending order, no saga after 300s"
+    assert unstarted["o-ingest"]["reason"] == "order.created sent from the ingest outbox, no saga after 300s"
+    listed = assert_rendered(cli("saga", "list", "--stuck-for", "5m"), narrow)
+    assert sorted(table_cells(listed, "saga")) == sorted(["o-started", long_id, "o-ingest"])
+    assert "orders with no saga after 300s: 1 pending, 2 order.created sent" in " ".join(listed.split())
+    monkeypatch.setattr(infra.cli.common.console, "_width", 200)
+    wide = assert_rendered(cli("saga", "list", "--stuck-for", "5m"), 200)
+    assert sorted(table_cells(wide, "status")) == ["no saga", "no saga", "running"]
+    # Not past the bound, or not asked for: no order without a saga is listed.
+    for args in (("--stuck-for", "2h"), ("--status", "running", "--stuck-for", "5m"), ()):
+        rows = json.loads(cli("saga", "list", *args, "--json").stdout)
+        assert "no saga" not in {r["status"] for r in rows}, args

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from contracts import ReserveStock, StockLine, encode, new_message
 from infra import topology as t
-from infra.cli import CliError, app
-from infra.cli_ops import parse_duration, parse_ids, parse_time
+from infra.cli.common import CliError, parse_duration, parse_ids, parse_time
+from infra.cli.main import app
 from infra.dlq.archive import dead_letter_row
 from infra.dlq.replay import merge_patch, prepare
 from infra.dlq.tables import UNDECODABLE
@@ -386,11 +386,10 @@ def store_rows(*, sagas: tuple[str, ...] = (), letters: tuple[str, ...] = ()) ->
 @pytest.fixture
 def narrow(monkeypatch: pytest.MonkeyPatch) -> int:
     """An 80-column terminal for both consoles (COLUMNS is read once when a console is built)."""
-    import infra.cli
-    import infra.cli_ops
+    import infra.cli.common
 
     monkeypatch.setenv("COLUMNS", "80")
-    for console in (infra.cli.console, infra.cli_ops.console):
+    for console in (infra.cli.common.console, infra.cli.common.unwrapped):
         monkeypatch.setattr(console, "_width", 80)
     return 80
 
@@ -416,7 +415,7 @@ def table_cells(stdout: str, header: str) -> list[str]:
 
 
 def test_visible_escapes_control_and_invisible_characters_only() -> None:
-    from infra.cli_ops import visible
+    from infra.cli.common import visible
 
     assert visible("[/] [bold red]x ünï €") == "[/] [bold red]x ünï €"
     assert visible("\x1b[31mred\x1b[0m") == "\\x1b[31mred\\x1b[0m"
@@ -425,7 +424,7 @@ def test_visible_escapes_control_and_invisible_characters_only() -> None:
 
 
 def test_dlq_list_and_show_print_stored_markup_and_escapes_as_text_at_80_columns(migrated: None, narrow: int) -> None:
-    from infra.cli_ops import visible
+    from infra.cli.common import visible
 
     ids = store_rows(letters=NASTY_IDS)
 
@@ -445,7 +444,7 @@ def test_dlq_list_and_show_print_stored_markup_and_escapes_as_text_at_80_columns
 def test_dlq_list_keeps_ids_whole_and_hides_optional_columns_when_narrow(
     migrated: None, narrow: int, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import infra.cli_ops
+    import infra.cli.common
 
     long_id = "ord-" + "0123456789" * 6  # 64 characters, the longest saga id
     ids = store_rows(letters=("ord-1", long_id))
@@ -454,7 +453,7 @@ def test_dlq_list_keeps_ids_whole_and_hides_optional_columns_when_narrow(
     assert sorted(int(i) for i in table_cells(listed, "id")) == sorted(ids.values())
     assert sorted(table_cells(listed, "saga")) == sorted(["ord-1", long_id])  # each on its row, unbroken
     assert "not shown at 80 columns: att, status, failed (UTC), queue, type, reason class (--json shows all)" in listed
-    monkeypatch.setattr(infra.cli_ops.console, "_width", 200)
+    monkeypatch.setattr(infra.cli.common.unwrapped, "_width", 200)
     wide = assert_rendered(cli("dlq", "list"), 200)
     assert table_cells(wide, "queue") == ["stock.commands"] * 2 and "not shown" not in wide
     assert table_cells(wide, "type") == ["stock.reserve[/]\\x1b[31m1", "stock.reserve[/]\\x1b[31m0"]
@@ -464,7 +463,7 @@ def test_dlq_list_keeps_ids_whole_and_hides_optional_columns_when_narrow(
 def test_one_line_table_folds_ids_only_when_they_alone_do_not_fit() -> None:
     from rich.console import Console
 
-    from infra.cli_ops import one_line_table
+    from infra.cli.common import one_line_table
 
     saga_id = "s" * 64
     for width in (200, 80, 40):
@@ -560,7 +559,7 @@ def test_database_errors_are_classified_precisely() -> None:
 
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-    from infra.cli_ops import explain_database_error, is_connection_failure
+    from infra.cli.common import explain_database_error, is_connection_failure
 
     class AsyncpgError(Exception):
         def __init__(self, message: str, sqlstate: str | None) -> None:

@@ -61,6 +61,8 @@ HOSTILE = {
     % str(uuid.uuid4()).encode(),
     "correlation id of another order": dumps(envelope(correlation_id="o-2")),
     "malformed traceparent": dumps(envelope(traceparent="00-zz")),
+    "occurred_at as epoch seconds": dumps(envelope(occurred_at=0)),
+    "occurred_at as a digit string": dumps(envelope(occurred_at="1700000000")),
     "type with markup": dumps(envelope(type="[/]stock.reserve")),
 }
 

@@ -17,9 +17,9 @@ from contracts import ContractError, LedgerUpdated, Posting
 from outbox.uow import outbox_row
 from producers.ingest.auth import ProducerDirectory, check_types, generate_key, split_key
 from producers.ingest.idempotency import fingerprint, message_ids
-from producers.ingest.submission import Rejected, build_messages, json_depth, json_media_type, parse_events, parse_json
+from producers.ingest.submission import SubmissionRejected, build_messages, json_depth, json_media_type, parse_events, parse_json
 from producers.sdk import IngestClient, IngestUnavailable, InvalidEvent, PermissionDenied, event
-from tests.integration.ingest_helpers import HOSTILE_EVENTS, dump, short_event
+from tests.support import HOSTILE_EVENTS, dump, short_event
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -93,14 +93,14 @@ def test_forbidden_types_win_over_payload_errors_and_batches_name_the_index():
         {"type": "order.created", "correlation_id": "o-1", "payload": {}},
     ]}
     events = parse_events(body, batch=True, max_events=10)
-    with pytest.raises(Rejected) as forbidden:
+    with pytest.raises(SubmissionRejected) as forbidden:
         build_messages(events, batch=True, producer=producer(), now=NOW, ids=lambda _i: uuid.uuid4())
     assert forbidden.value.status == 403
-    with pytest.raises(Rejected) as invalid:
+    with pytest.raises(SubmissionRejected) as invalid:
         build_messages(events[:1], batch=True, producer=producer(), now=NOW, ids=lambda _i: uuid.uuid4())
     assert invalid.value.status == 422
     assert ["body", "events", 0, "payload", "transaction_id"] in [e["loc"] for e in invalid.value.detail]
-    with pytest.raises(Rejected) as too_many:
+    with pytest.raises(SubmissionRejected) as too_many:
         parse_events({"events": body["events"] * 3}, batch=True, max_events=5)
     assert too_many.value.detail[0]["loc"] == ["body", "events"]
 
@@ -155,7 +155,7 @@ def test_event_builder_short_form():
 
 
 def refusal(raw: bytes) -> tuple[list[Any], str]:
-    with pytest.raises(Rejected) as refused:
+    with pytest.raises(SubmissionRejected) as refused:
         parse_json(raw, max_depth=32)
     assert refused.value.status == 422
     first = refused.value.detail[0]
@@ -230,7 +230,7 @@ def test_json_depth_is_exact_for_valid_json(value, ascii_only):
 )
 def test_hostile_megabyte_is_refused_in_linear_time(raw):
     started = time.perf_counter()
-    with pytest.raises(Rejected):
+    with pytest.raises(SubmissionRejected):
         parse_json(raw, max_depth=32)
     assert time.perf_counter() - started < 2.0
 
@@ -250,7 +250,7 @@ def test_only_json_in_utf_8_is_accepted(content_type, ok):
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(HOSTILE_EVENTS, HOSTILE_EVENTS.map(lambda event_: {"events": [event_, short_event("o-2")]})))
 def test_hostile_bodies_become_messages_or_a_rejection_never_an_error(body):
-    """The whole pure path (parse, shape, contracts, outbox row) raises nothing but Rejected."""
+    """The whole pure path (parse, shape, contracts, outbox row) raises nothing but SubmissionRejected."""
     raw = dump(body).encode()
     batch = isinstance(body, dict) and "events" in body
     try:
@@ -258,7 +258,7 @@ def test_hostile_bodies_become_messages_or_a_rejection_never_an_error(body):
         fingerprint("POST", "/v1/events", parsed)
         events = parse_events(parsed, batch=batch, max_events=10)
         messages = build_messages(events, batch=batch, producer=producer(("order.created",)), now=NOW, ids=lambda _i: uuid.uuid4())
-    except Rejected as rejected:
+    except SubmissionRejected as rejected:
         assert rejected.status in (403, 422)
         json.dumps(rejected.detail, ensure_ascii=True)
         return
@@ -268,3 +268,81 @@ def test_hostile_bodies_become_messages_or_a_rejection_never_an_error(body):
             if isinstance(value, str):
                 assert "\x00" not in value
                 value.encode("utf-8")  # no lone surrogate reaches the database
+
+
+# ---------------------------------------------------------------- the OpenAPI document
+
+
+def openapi_document(**config: Any) -> dict[str, Any]:
+    """The document the app serves (building the app opens no connection)."""
+    from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from producers.ingest import IngestConfig, create_app
+
+    app = create_app(
+        engine=create_async_engine("sqlite+aiosqlite://"), redis=Redis(), producers=ProducerDirectory(), config=IngestConfig(**config)
+    )
+    return app.openapi()
+
+
+def test_the_openapi_document_gives_every_event_its_payload_schema():
+    from openapi_spec_validator import validate
+
+    from contracts import EVENTS, REGISTRY
+    from contracts.export import payload_schemas
+
+    document = openapi_document(max_batch_events=7)
+    validate(document)
+    schemas = document["components"]["schemas"]
+    ref = "#/components/schemas/"
+    event_in = schemas["EventIn"]
+    types = {model.message_type for model in EVENTS}
+    assert event_in["discriminator"]["propertyName"] == "type"
+    assert set(event_in["discriminator"]["mapping"]) == types  # events only: a command is a 422
+    assert [variant["$ref"] for variant in event_in["oneOf"]] == [ref + f"EventIn.{t}" for t in sorted(types)]
+    assert "correlation_id` equals `payload.order_id" in event_in["description"]
+    for model in EVENTS:
+        variant = schemas[f"EventIn.{model.message_type}"]
+        assert variant["properties"]["type"]["const"] == model.message_type
+        assert variant["properties"]["payload"] == {"$ref": ref + f"{model.message_type}.v{model.message_version}"}
+        assert set(variant["required"]) == {"type", "correlation_id", "payload"} and variant["additionalProperties"] is False
+    for name, schema in payload_schemas(REGISTRY, kind="event", ref_prefix=ref).items():
+        assert schemas[name] == schema
+    assert not any(name.startswith(("stock.reserve.", "payment.charge.")) for name in schemas)
+    batch = schemas["BatchIn"]["properties"]["events"]
+    assert batch["items"] == {"$ref": ref + "EventIn"} and (batch["minItems"], batch["maxItems"]) == (1, 7)
+    # A mapping's keys carry the pattern the model enforces.
+    assert schemas["ledger.updated.v1"]["properties"]["balances"]["propertyNames"]["pattern"] == "^[^\\x00-\\x1f\\x7f]+$"
+
+
+def test_every_documented_answer_has_a_json_schema():
+    document = openapi_document()
+    for path in ("/v1/events", "/v1/events:batch"):
+        operation = document["paths"][path]["post"]
+        assert set(operation["responses"]) == {"202", "400", "401", "403", "409", "413", "415", "422", "428", "429", "503"}
+        for status, answer in operation["responses"].items():
+            assert answer["content"]["application/json"]["schema"]["$ref"], status
+        # An absent header is not a null one.
+        assert all("anyOf" not in parameter["schema"] for parameter in operation["parameters"])
+    for status in ("200", "503"):
+        assert document["paths"]["/health"]["get"]["responses"][status]["content"]["application/json"]["schema"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("version", 1, True), ("version", "1", False), ("version", True, False), ("version", 1.0, False),
+        ("occurred_at", "2026-01-02T03:04:05Z", True), ("occurred_at", "2026-01-02T03:04:05.123+02:00", True),
+        ("occurred_at", 0, False), ("occurred_at", "1700000000", False), ("occurred_at", "2026-01-02T03:04:05", False),
+        ("occurred_at", "2026-01-02 03:04:05Z", False), ("occurred_at", "2026-01-02", False),
+    ],
+)
+def test_event_fields_are_taken_as_documented_without_coercion(field, value, accepted):
+    body = {"type": "ledger.updated", "correlation_id": "o-1", "payload": ledger().model_dump(mode="json"), field: value}
+    try:
+        parse_events(body, batch=False, max_events=10)
+    except SubmissionRejected as rejected:
+        assert not accepted and rejected.detail[0]["loc"] == ["body", field]
+    else:
+        assert accepted

@@ -14,8 +14,8 @@ it); the benchmark says when it is missing.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from consumers.payments.gateway import Authorization, RuleBasedGateway
 from contracts import Money
-from infra.bench import _pct  # the same percentile as compensa's side of the bench
+from infra.bench.common import closed_loop  # the same loop and percentile as compensa's side of the bench
 
 SKUS = [f"PEER-{i}" for i in range(20)]
 
@@ -198,34 +198,29 @@ async def dbos_saga_rate(database_url: str, inflights: Sequence[int], seconds: f
         return [await _closed_loop(order_saga, inflight, seconds) for inflight in inflights]
     finally:
         DBOS.destroy(destroy_registry=True)  # a no-op when DBOS never started
+        # DBOS made its own pool the loop's default executor and has just shut it down:
+        # give the loop a working one back, or asyncio.to_thread fails from now on.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor())
         await engine.dispose()
 
 
 async def _closed_loop(order_saga: Any, inflight: int, seconds: float) -> dict[str, float]:
     from dbos import DBOS
 
-    latencies: list[float] = []
     outcomes: dict[str, int] = {}
-    deadline = time.perf_counter() + seconds
 
-    async def client(n: int) -> None:
-        while time.perf_counter() < deadline:
-            order_id = f"peer-{uuid.uuid4().hex[:12]}"
-            lines = [(SKUS[(n + i) % len(SKUS)], 1 + i) for i in range(2)]
-            started = time.perf_counter()
-            handle = await DBOS.start_workflow_async(order_saga, order_id, lines, 4_999, "tok_visa")
-            outcome = await handle.get_result()
-            latencies.append((time.perf_counter() - started) * 1000)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    async def one(client: int, _n: int) -> None:
+        order_id = f"peer-{uuid.uuid4().hex[:12]}"
+        lines = [(SKUS[(client + i) % len(SKUS)], 1 + i) for i in range(2)]
+        handle = await DBOS.start_workflow_async(order_saga, order_id, lines, 4_999, "tok_visa")
+        outcome = await handle.get_result()
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client(n) for n in range(inflight)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
+    result = await closed_loop(inflight, seconds, one)
     return {
         "inflight": inflight,
         "completed": outcomes.get("completed", 0),
-        "sagas_per_s": len(latencies) / elapsed,
-        "p50_ms": _pct(latencies, 50),
-        "p99_ms": _pct(latencies, 99),
+        "sagas_per_s": result["per_s"],
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
     }

@@ -5,7 +5,8 @@ Runtime (every service, the relays, the deadline sweeper) with short saga deadli
 The faults a real deployment can suffer are injected around it: declines (part of
 the workload), duplicate publishes and relay crashes after the broker confirmed (a
 wrapper round the relays' publisher) and transient participant errors (a wrapper round
-the stock and payments handlers). When every saga is terminal and nothing is left in
+the stock and payments handlers), both from faults.py and handed to `bootstrap()`, the
+simulator's injector and wrappers. When every saga is terminal and nothing is left in
 flight, the runtime stops gracefully and the simulator's invariants are checked over
 the services' tables, the work queues (passive declares) and the dead-letter queues.
 
@@ -29,31 +30,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import consumers.orders as orders
 import consumers.stock as stock
 from consumers.orders.tables import orders_orders
-from contracts import CompensaError, TransientError
+from contracts import CompensaError
 from infra import topology as t
+from infra.bootstrap import MESSAGE_SERVICES, OUTBOX_SERVICES, bootstrap
 from infra.clock import SystemClock
 from infra.db import create_engine
-from infra.pipeline import BatchingConsumer, Handler, MessageProcessor
+from infra.runtime import Runtime
 from infra.schema import upgrade
-from infra.services import OUTBOX_SERVICES, SERVICES, Runtime
 from infra.settings import Settings
-from infra.simulate import (
-    FAULTY_SERVICES,
-    SimulationOptions,
-    SimulationResult,
-    dead_letter_record,
-    outbox_sent_ids,
-    read_outcomes,
-)
-from infra.snapshot import read_snapshot
+from infra.simulation.driver import SimulationOptions, SimulationResult
+from infra.simulation.faults import FaultInjector
+from infra.simulation.readback import Observed, dead_letter_record, read_back
 from infra.topology import QueueSpec, retry_delays_ms
 from infra.transport.base import Delivery, DeliveryHandler, Subscription
 from infra.transport.rabbit import RabbitTransport
 from outbox.ports import OutgoingMessage
 from outbox.tables import tables_for
-from outbox.uow import UnitOfWork
 from sagas.simulation.faults import RATE_NAMES, FaultRates
-from sagas.simulation.invariants import TERMINAL_STATUSES, Snapshot, check
+from sagas.simulation.invariants import TERMINAL_STATUSES
 from sagas.simulation.workload import Workload, WorkloadSpec, generate
 from sagas.tables import saga_instances
 
@@ -67,10 +61,6 @@ DEAD_LETTER_PEEK_LIMIT = 1000
 
 class RealStackError(CompensaError):
     """The servers are not in a state a run can start from."""
-
-
-class RelayCrash(Exception):
-    """Injected: the relay died after the broker confirmed, before it marked the rows sent."""
 
 
 def real_stack_faults(rates: FaultRates) -> tuple[FaultRates, list[str]]:
@@ -98,27 +88,47 @@ class Traffic:
 _BOUND = {(q.exchange.name, key) for q in t.WORK_QUEUES for key in q.routing_keys}
 
 
-class FaultyTransport:
-    """The runtime's RabbitMQ transport, with faults injected and traffic counted.
+class CountedDelivery(Delivery):
+    """A delivery whose settlement is counted in the run's traffic on the way through."""
 
-    Publishing may send a message twice (a broker or network duplicate) or raise after
-    the broker confirmed (the relay dies before marking rows sent). Consuming wraps the
-    participants' handlers so they fail transiently at the configured rate.
+    def __init__(self, inner: Delivery, traffic: Traffic) -> None:
+        self._inner = inner
+        self._traffic = traffic
+        self.queue = inner.queue
+        self.body = inner.body
+        self.headers = inner.headers
+        self.message_id = inner.message_id
+        self.correlation_id = inner.correlation_id
+        self.exchange = inner.exchange
+        self.routing_key = inner.routing_key
+        self.redelivered = inner.redelivered
+
+    async def ack(self) -> None:
+        self._traffic.acked += 1
+        await self._inner.ack()
+
+    # A retry or a dead letter acknowledges the delivery once its copy is confirmed.
+    async def retry(self, delay_ms: int, expiration_ms: int, headers: Mapping[str, Any]) -> None:
+        self._traffic.retried += 1
+        await self._inner.retry(delay_ms, expiration_ms, headers)
+        self._traffic.acked += 1
+
+    async def dead_letter(self, headers: Mapping[str, Any]) -> None:
+        self._traffic.dead_lettered += 1
+        await self._inner.dead_letter(headers)
+        self._traffic.acked += 1
+
+
+class CountingTransport:
+    """The runtime's RabbitMQ transport, counting the traffic it carries.
+
+    The faults are not here: they are wired into the services by `bootstrap`
+    (infra/simulation/faults.py), so the publishes counted include injected duplicates.
     """
 
-    def __init__(self, inner: RabbitTransport, faults: FaultRates, rng: random.Random) -> None:
+    def __init__(self, inner: RabbitTransport) -> None:
         self.inner = inner
-        self.faults = faults
-        self.rng = rng
-        self.injected: Counter[str] = Counter()
         self.traffic = Traffic()
-
-    def _chance(self, fault: str) -> bool:
-        rate = getattr(self.faults, fault)
-        hit = rate > 0 and self.rng.random() < rate
-        if hit:
-            self.injected[fault] += 1
-        return hit
 
     async def declare_topology(self) -> None:
         await self.inner.declare_topology()
@@ -127,57 +137,22 @@ class FaultyTransport:
         await self.inner.close()
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
-        batch: list[OutgoingMessage] = []
-        for message in messages:
-            batch.append(message)
-            if self._chance("duplicate"):
-                # Right behind the original, so each saga's order is kept.
-                batch.append(message)
-        await self.inner.publish_batch(batch)
-        self.traffic.published += len(batch)
+        await self.inner.publish_batch(messages)
+        self.traffic.published += len(messages)
         for message in messages:
             self.traffic.published_ids.add(message.message_id)
             if (message.exchange, message.routing_key) not in _BOUND:
                 self.traffic.unrouted_ids.add(message.message_id)
-        if self._chance("relay_crash"):
-            raise RelayCrash("injected: relay died after the broker confirmed")
-
-    def _faulty(self, handler: Handler) -> Handler:
-        async def handle(uow: UnitOfWork, message: Any) -> None:
-            if self._chance("transient_error"):
-                raise TransientError("injected transient participant error")
-            await handler(uow, message)
-
-        return handle
 
     async def consume(self, queue: QueueSpec, handler: DeliveryHandler, prefetch: int) -> Subscription:
-        # The runtime hands either a processor or a batching consumer around one.
-        processor = handler.processor if isinstance(handler, BatchingConsumer) else handler
-        if isinstance(processor, MessageProcessor) and processor.service in FAULTY_SERVICES:
-            processor.handlers = {k: self._faulty(v) for k, v in processor.handlers.items()}
         traffic = self.traffic
 
         async def counted(delivery: Delivery) -> None:
             traffic.delivered += 1
             traffic.redelivered += bool(delivery.redelivered)
             traffic.in_flight += 1
-            ack, retry, dead_letter = delivery.ack, delivery.retry, delivery.dead_letter
-
-            async def counted_ack() -> None:
-                traffic.acked += 1
-                await ack()
-
-            async def counted_retry(delay_ms: int, expiration_ms: int, headers: Mapping[str, Any]) -> None:
-                traffic.retried += 1
-                await retry(delay_ms, expiration_ms, headers)
-
-            async def counted_dead_letter(headers: Mapping[str, Any]) -> None:
-                traffic.dead_lettered += 1
-                await dead_letter(headers)
-
-            delivery.ack, delivery.retry, delivery.dead_letter = counted_ack, counted_retry, counted_dead_letter  # type: ignore[method-assign]
             try:
-                await handler(delivery)
+                await handler(CountedDelivery(delivery, traffic))
             finally:
                 traffic.in_flight -= 1
 
@@ -294,7 +269,7 @@ async def _pending_outbox(engine: AsyncEngine) -> int:
 
 async def _wait_until_quiet(
     engine: AsyncEngine,
-    faulty: FaultyTransport,
+    counting: CountingTransport,
     order_ids: Sequence[str],
     deadline: float,
     on_progress: Callable[[int, int], None] | None,
@@ -308,28 +283,19 @@ async def _wait_until_quiet(
             on_progress(terminal, len(order_ids))
         quiet = (
             terminal == len(order_ids)
-            and faulty.traffic.in_flight == 0
+            and counting.traffic.in_flight == 0
             and await _pending_outbox(engine) == 0
-            and all(ready == 0 for ready, _ in (await _queue_state(faulty.inner, RUN_QUEUES)).values())
+            and all(ready == 0 for ready, _ in (await _queue_state(counting.inner, RUN_QUEUES)).values())
         )
         if quiet:
             # Quiet twice, with no delivery in between: nothing was merely between hops.
-            if quiet_before == faulty.traffic.delivered:
+            if quiet_before == counting.traffic.delivered:
                 return True
-            quiet_before = faulty.traffic.delivered
+            quiet_before = counting.traffic.delivered
         else:
             quiet_before = None
         await asyncio.sleep(0.2)
     return False
-
-
-async def _inbox_ids(engine: AsyncEngine) -> set[str]:
-    consumed: set[str] = set()
-    async with engine.connect() as connection:
-        for service in SERVICES:
-            inbox = tables_for(service).inbox
-            consumed.update(str(row.message_id) for row in await connection.execute(select(inbox.c.message_id)))
-    return consumed
 
 
 async def _dead_letters(transport: RabbitTransport, ours: set[str]) -> list[dict[str, str]]:
@@ -377,20 +343,23 @@ async def run_real_stack(
     order_ids = [planned.order_id for planned in workload.orders]
     engine = create_engine(database_url)
     inner = real_stack_transport(amqp_url, settings.queue_type)
-    faulty = FaultyTransport(inner, rates, rng)
+    counting = CountingTransport(inner)
+    # Duplicates at publish time: a real broker cannot be told to redeliver.
+    faults = FaultInjector(rates, rng, duplicate_publishes=True)
+    registry = bootstrap(settings, wrap_handlers=faults.wrap_handlers, wrap_publisher=faults.publisher)
     runtime: Runtime | None = None
     try:
         await upgrade(engine)
         await inner.declare_topology()
         await _require_fresh(engine, inner)
         await stock.seed_stock(engine, workload.stock)
-        runtime = Runtime(engine, faulty, SystemClock(), settings, list(SERVICES))
+        runtime = Runtime(engine, counting, SystemClock(), settings, MESSAGE_SERVICES, registry=registry)
         await runtime.start()
         first_order = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await _place_orders(engine, workload, arrival_scale)
-        quiet = await _wait_until_quiet(engine, faulty, order_ids, deadline, on_progress)
+        quiet = await _wait_until_quiet(engine, counting, order_ids, deadline, on_progress)
         run_seconds = time.perf_counter() - first_order
         await runtime.stop()
         processors = runtime.processors
@@ -398,18 +367,21 @@ async def run_real_stack(
         if not quiet:
             log.warning("realstack.timed_out", timeout=timeout)
         left = {name: ready for name, (ready, _) in (await _queue_state(inner, RUN_QUEUES)).items() if ready}
-        dead_letters = await _dead_letters(inner, faulty.traffic.published_ids)
-        snapshot = await read_snapshot(engine, workload, broker=None)
-        snapshot = _with_traffic(snapshot, faulty.traffic, await _inbox_ids(engine), dead_letters, sum(left.values()))
-        snapshot.marked_sent_ids = await outbox_sent_ids(engine)
-        violations = check(snapshot)
-        durations, outcomes, history = await read_outcomes(engine, violations)
+        dead_letters = await _dead_letters(inner, counting.traffic.published_ids)
+        observed = Observed(
+            published_ids=counting.traffic.published_ids,
+            dead_lettered={record["message_id"]: record["reason"] for record in dead_letters},
+            unrouted_ids=counting.traffic.unrouted_ids,
+            messages_left=sum(left.values()),
+        )
+        # Consumed: what the services' inboxes hold (consumed_ids left unset).
+        found = await read_back(engine, workload, observed)
     finally:
         if runtime is not None:
             await runtime.stop()
         await inner.close()
         await engine.dispose()
-    traffic = faulty.traffic
+    traffic = counting.traffic
     counters = {
         "published": traffic.published,
         "delivered": traffic.delivered,
@@ -425,15 +397,15 @@ async def run_real_stack(
     return SimulationResult(
         options=SimulationOptions(seed=seed, workload=spec, faults=rates, database_url=database_url),
         workload=workload,
-        snapshot=snapshot,
-        violations=violations,
-        faults_injected=faulty.injected,
+        snapshot=found.snapshot,
+        violations=found.violations,
+        faults_injected=faults.injected,
         counters=counters,
-        durations=durations,
-        outcomes=outcomes,
+        durations=found.durations,
+        outcomes=found.outcomes,
         virtual_seconds=round(run_seconds, 3),
         wall_seconds=time.perf_counter() - started,
-        history=history,
+        history=found.history,
         dead_letters=[{k: v for k, v in record.items() if k != "message_id"} for record in dead_letters],
         stack="real",
         extra={
@@ -445,16 +417,3 @@ async def run_real_stack(
         },
     )
 
-
-def _with_traffic(
-    snapshot: Snapshot, traffic: Traffic, consumed: set[str], dead_letters: list[dict[str, str]], left: int
-) -> Snapshot:
-    """Fill in what the tables cannot tell: what was published, consumed, dead-lettered, left."""
-    return replace(
-        snapshot,
-        published_ids=set(traffic.published_ids),
-        consumed_ids=consumed,
-        dead_lettered={record["message_id"]: record["reason"] for record in dead_letters},
-        unrouted_ids=set(traffic.unrouted_ids),
-        messages_left_in_queues=left,
-    )

@@ -4,7 +4,6 @@ and a virtual clock, with seeded faults; then an invariant check and a report.""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import tempfile
 import time
@@ -22,30 +21,29 @@ from sqlalchemy.engine import make_url
 
 import consumers.orders as orders
 import consumers.stock as stock
-from contracts import BusinessRuleError, TransientError
-from contracts.envelope import parse_envelope
 from infra import topology as t
+from infra.bootstrap import Registry, bootstrap
 from infra.clock import VirtualClock
 from infra.db import create_engine
 from infra.pipeline import Handler, MessageProcessor
 from infra.schema import upgrade
-from infra.services import ORCHESTRATOR, build_services, make_processor, sweep_deadlines
 from infra.settings import Settings
-from infra.sqlite_direct import create_direct_sqlite_engine
+from infra.simulation.faults import FaultInjector, RelayCrash
+from infra.simulation.readback import Observed, dead_letter_record, read_back
+from infra.simulation.sqlite_facade import create_direct_sqlite_engine
 from infra.transport.memory import MemoryBroker
-from outbox.ports import OutgoingMessage, Publisher
+from outbox.ports import Publisher
 from outbox.relay import Relay
 from outbox.uow import UnitOfWork
+from sagas.orchestrator import SERVICE as SAGA_SERVICE
 from sagas.orchestrator import Orchestrator
 from sagas.simulation.faults import FaultRates
-from sagas.simulation.invariants import Snapshot, Violation, check
+from sagas.simulation.invariants import Snapshot, Violation
 from sagas.simulation.workload import Workload, WorkloadSpec, generate
 from sagas.tables import saga_deadlines
 
 log = structlog.get_logger("compensa.simulate")
 
-#: Participants whose handlers the fault injector may break (the saga copes with them).
-FAULTY_SERVICES = ("stock", "payments")
 OUTCOME_TYPES = frozenset({"order.completed", "order.cancelled", "order.rejected"})
 
 
@@ -66,10 +64,6 @@ def _earliest(a: Any, b: Any) -> Any:
     return min(a, b)
 
 
-class RelayCrash(Exception):
-    """The relay process died after the broker confirmed, before the outbox was marked."""
-
-
 @dataclass
 class SimulationOptions:
     seed: int = 1
@@ -81,8 +75,9 @@ class SimulationOptions:
     max_attempts: int = 5
     # Seams for running deliberately broken variants, to prove the checker catches them.
     # The CLI never sets these; the defaults are the product as deployed.
-    #: The saga definitions, for the saga service and the deadline sweeper alike.
-    orchestrator: Orchestrator = ORCHESTRATOR
+    #: The saga definitions, for the saga service and the deadline sweeper alike
+    #: (None: the order saga with the default timings).
+    orchestrator: Orchestrator | None = None
     #: The unit of work every service commits through (a subclass may break the inbox).
     unit_of_work: type[UnitOfWork] = UnitOfWork
     #: service -> message type -> handler replacing the production one.
@@ -128,14 +123,33 @@ class Simulation:
         self.settings = Settings.model_construct(
             max_attempts=options.max_attempts, retry_base_seconds=0.5, retry_max_seconds=8.0
         )
-        self.faults = options.faults
-        self.injected: Counter[str] = Counter()
+        self.faults = FaultInjector(options.faults, self.rng)
+        self.registry = self._bootstrap()
         self.on_progress = on_progress
         self.finished: set[str] = set()
         self.dirty_outboxes: set[str] = set()
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
 
     # ------------------------------------------------------------ wiring
+
+    def _bootstrap(self) -> Registry:
+        """The product's services, with the run's seams and faults wired in as they are built."""
+        overrides = self.options.handler_overrides
+        relay_publisher = self.options.relay_publisher
+
+        def wrap_handlers(service: str, handlers: Mapping[str, Handler]) -> Mapping[str, Handler]:
+            return self.faults.wrap_handlers(service, {**handlers, **overrides.get(service, {})})
+
+        def wrap_publisher(inner: Publisher) -> Publisher:
+            publisher = self.faults.publisher(inner)
+            return relay_publisher(publisher) if relay_publisher is not None else publisher
+
+        return bootstrap(
+            self.settings,
+            orchestrator=self.options.orchestrator,
+            wrap_handlers=wrap_handlers,
+            wrap_publisher=wrap_publisher,
+        )
 
     def _uow_factory(self) -> Callable[..., UnitOfWork]:
         simulation = self
@@ -156,59 +170,30 @@ class Simulation:
     def _next_message_id(self) -> uuid.UUID:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
 
-    def _chance(self, fault: str) -> bool:
-        rate = getattr(self.faults, fault)
-        if rate <= 0:
-            return False
-        hit = self.rng.random() < rate
-        if hit:
-            self.injected[fault] += 1
-        return hit
-
-    def _faulty(self, handler: Handler) -> Handler:
-        async def handle(uow: UnitOfWork, message: Any) -> None:
-            if self._chance("transient_error"):
-                raise TransientError("injected transient participant error")
-            if self._chance("permanent_error"):
-                raise BusinessRuleError("injected permanent participant error")
-            await handler(uow, message)
-
-        return handle
-
     def _build_processors(self, engine: Any) -> dict[str, MessageProcessor]:
+        """One processor per queue; a service's start queue shares its processor."""
         uow_factory = self._uow_factory()
         processors = {}
-        for name, spec in build_services(self.settings, self.options.orchestrator).items():
-            handlers = {**spec.handlers(), **self.options.handler_overrides.get(name, {})}
-            if name in FAULTY_SERVICES:
-                handlers = {k: self._faulty(v) for k, v in handlers.items()}
-            processors[spec.queue.name] = make_processor(
-                spec, engine, self.clock, self.settings, handlers=handlers, rng=self.rng, uow_factory=uow_factory
+        for name, service in self.registry.services.items():
+            processors[service.queue.name] = self.registry.processor(
+                name, engine, self.clock, rng=self.rng, uow_factory=uow_factory
             )
-            if spec.starts is not None:
-                processors[spec.starts.name] = processors[spec.queue.name]
+            if service.starts is not None:
+                processors[service.starts.name] = processors[service.queue.name]
         return processors
 
     def _build_relays(self, engine: Any) -> dict[str, Relay]:
         simulation = self
-
-        class CrashingPublisher:
-            async def publish_batch(self, messages: list[OutgoingMessage]) -> None:
-                await simulation.broker.publish_batch(messages)
-                if simulation._chance("relay_crash"):
-                    raise RelayCrash()
 
         def note_outcomes(batch: Any) -> None:
             for message in batch:
                 if message.type in OUTCOME_TYPES and message.correlation_id not in simulation.finished:
                     simulation.finished.add(message.correlation_id)
 
-        publisher: Publisher = CrashingPublisher()
-        if self.options.relay_publisher is not None:
-            publisher = self.options.relay_publisher(publisher)
+        publisher = self.registry.publisher(self.broker)
         return {
             name: Relay(engine, name, publisher, self.clock, batch_size=500, on_published=note_outcomes)
-            for name in ("orders", "stock", "payments", "ledger", "saga")
+            for name in self.registry.services
         }
 
     # ------------------------------------------------------------ run
@@ -223,9 +208,7 @@ class Simulation:
             processors = self._build_processors(engine)
             relays = self._build_relays(engine)
             await self._loop(engine, workload, processors, relays)
-            snapshot = await build_snapshot(engine, workload, self.broker)
-            violations = check(snapshot)
-            result = await self._result(engine, workload, snapshot, violations, processors, started)
+            result = await self._result(engine, workload, processors, started)
         finally:
             await engine.dispose()
             if self._tempdir is not None:
@@ -233,7 +216,7 @@ class Simulation:
         return result
 
     def _engine(self) -> Any:
-        """SQLite runs inline (see infra.sqlite_direct); another database through its async driver."""
+        """SQLite runs inline (see sqlite_facade.py); another database through its async driver."""
         url = self.options.database_url
         if url is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="compensa-sim-")
@@ -252,7 +235,12 @@ class Simulation:
         uow_factory = self._uow_factory()
         total = len(arrivals)
         due_hint = None
-        shortest_deadline = min_deadline(self.options.orchestrator)
+        orchestrator = self.registry.orchestrator
+        shortest_deadline = min_deadline(orchestrator)
+
+        def begin_sweep() -> UnitOfWork:
+            return uow_factory(engine, SAGA_SERVICE, self.clock)
+
         while True:
             now = self.clock.now()
             while next_arrival < total and origin + timedelta(seconds=arrivals[next_arrival].at_seconds) <= now:
@@ -271,7 +259,7 @@ class Simulation:
             await self._relay(relays)
             self.broker.release_due()
             if due_hint is not None and now >= due_hint:
-                await sweep_deadlines(engine, self.clock, orchestrator=self.options.orchestrator, uow_factory=uow_factory)
+                await orchestrator.sweep_deadlines(begin_sweep)
                 # Deadlines the sweep armed are committed, so the table knows them all.
                 due_hint = await self._earliest_deadline(engine, origin)
             if now >= next_expiry_sweep:
@@ -319,36 +307,44 @@ class Simulation:
                 self.dirty_outboxes.add(service)
 
     async def _deliver_one(self, queue: str, processors: Mapping[str, MessageProcessor]) -> None:
+        chance = self.faults.chance
         depth = self.broker.depth(queue)
-        index = self.rng.randrange(depth) if depth > 1 and self._chance("reorder") else 0
+        index = self.rng.randrange(depth) if depth > 1 and chance("reorder") else 0
         delivery = self.broker.get(queue, index)
         assert delivery is not None
         self.clock.advance(self.rng.uniform(*self.options.service_time))
-        if self._chance("delay"):
-            self.broker.hold(delivery, self.rng.uniform(0.01, self.faults.max_delay_seconds))
+        if chance("delay"):
+            self.broker.hold(delivery, self.rng.uniform(0.01, self.options.faults.max_delay_seconds))
             return
-        if queue in (t.STOCK_COMMANDS.name, t.PAYMENTS_COMMANDS.name) and self._chance("silence"):
-            self.broker.hold(delivery, self.faults.silence_seconds)
+        if queue in (t.STOCK_COMMANDS.name, t.PAYMENTS_COMMANDS.name) and chance("silence"):
+            self.broker.hold(delivery, self.options.faults.silence_seconds)
             return
-        if self._chance("duplicate"):
+        if chance("duplicate"):
             self.broker.duplicate(delivery)
-        if self._chance("lost_ack") or self._chance("consumer_crash"):
+        if chance("lost_ack") or chance("consumer_crash"):
             # The effect commits, the ack never arrives: the broker redelivers.
-            delivery.ack = delivery.requeue  # type: ignore[method-assign]
+            delivery = self.broker.lose_ack(delivery)
         await processors[queue](delivery)
         if not delivery.settled:
             await delivery.requeue()
 
     # ------------------------------------------------------------ results
 
-    async def _result(self, engine: Any, workload: Workload, snapshot: Snapshot, violations: list[Violation], processors: Mapping[str, MessageProcessor], started: float) -> SimulationResult:
-        durations, outcomes, history = await read_outcomes(engine, violations)
+    async def _result(self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], started: float) -> SimulationResult:
+        stats = self.broker.stats
+        observed = Observed(
+            published_ids=stats.published_ids,
+            consumed_ids=stats.settled_ids,
+            dead_lettered=stats.dead_letter_reasons,
+            unrouted_ids=stats.unrouted_ids,
+            messages_left=self.broker.work_depth(),
+        )
+        found = await read_back(engine, workload, observed)
         dead_letters = [
             dead_letter_record(spec.name, stored.body, stored.headers)
             for spec in t.WORK_QUEUES
             for stored in self.broker.dead_letters(spec.name)
         ]
-        stats = self.broker.stats
         counters = {
             "published": stats.published,
             "delivered": stats.delivered,
@@ -363,99 +359,17 @@ class Simulation:
         return SimulationResult(
             options=self.options,
             workload=workload,
-            snapshot=snapshot,
-            violations=violations,
-            faults_injected=self.injected,
+            snapshot=found.snapshot,
+            violations=found.violations,
+            faults_injected=self.faults.injected,
             counters=counters,
-            durations=durations,
-            outcomes=outcomes,
+            durations=found.durations,
+            outcomes=found.outcomes,
             virtual_seconds=round((self.clock.now() - VirtualClock().now()).total_seconds(), 6),
             wall_seconds=time.perf_counter() - started,
-            history=history,
+            history=found.history,
             dead_letters=dead_letters,
         )
-
-
-async def read_outcomes(
-    engine: Any, violations: list[Violation]
-) -> tuple[dict[str, float], dict[str, int], dict[str, list[dict[str, Any]]]]:
-    """Per saga: duration and outcome; the history of the slowest and of every violating saga."""
-    from sagas.tables import saga_history, saga_instances
-
-    async with engine.connect() as connection:
-        sagas = (await connection.execute(select(saga_instances.c.saga_id, saga_instances.c.status, saga_instances.c.started_at, saga_instances.c.updated_at))).all()
-        durations = {}
-        outcomes: Counter[str] = Counter()
-        for row in sagas:
-            outcomes[row.status] += 1
-            durations[row.saga_id] = round((row.updated_at - row.started_at).total_seconds(), 6)
-        wanted = set(v.saga_id for v in violations if v.saga_id)
-        if durations:
-            wanted.add(max(sorted(durations), key=lambda k: durations[k]))
-        history: dict[str, list[dict[str, Any]]] = {}
-        if wanted:
-            rows = (
-                await connection.execute(
-                    select(saga_history).where(saga_history.c.saga_id.in_(sorted(wanted))).order_by(saga_history.c.saga_id, saga_history.c.version)
-                )
-            ).all()
-            origin = min(r.started_at for r in sagas)
-            for r in rows:
-                history.setdefault(r.saga_id, []).append(
-                    {
-                        "version": r.version,
-                        "at_seconds": round((r.at - origin).total_seconds(), 6),
-                        "trigger": r.trigger,
-                        "from": r.from_status,
-                        "to": r.to_status,
-                        "step": r.step,
-                        "note": r.note,
-                        "sent": [s["type"] for s in json.loads(r.sent)],
-                    }
-                )
-    return durations, dict(sorted(outcomes.items())), history
-
-
-def dead_letter_record(queue: str, body: bytes, headers: Mapping[str, Any]) -> dict[str, str]:
-    """One dead letter as the report lists it."""
-    return {
-        "queue": queue,
-        "type": _type_of(body),
-        "saga_id": str(headers.get(t.H_SAGA_ID, "")),
-        "reason_class": str(headers.get(t.H_REASON_CLASS, "")),
-        "reason": str(headers.get(t.H_REASON, "")),
-        "attempts": str(headers.get(t.H_ATTEMPT, "")),
-    }
-
-
-def _type_of(body: bytes) -> str:
-    try:
-        return parse_envelope(body).type
-    except Exception:  # noqa: BLE001 - only used to label a dead letter
-        return "<undecodable>"
-
-
-async def build_snapshot(engine: Any, workload: Workload, broker: MemoryBroker | None) -> Snapshot:
-    from infra.snapshot import read_snapshot
-
-    snapshot = await read_snapshot(engine, workload, broker)
-    if broker is not None:
-        snapshot.marked_sent_ids = await outbox_sent_ids(engine)
-    return snapshot
-
-
-async def outbox_sent_ids(engine: Any) -> set[str]:
-    """Message ids of every outbox row marked sent, across the services."""
-    from infra.services import OUTBOX_SERVICES
-    from outbox.tables import tables_for
-
-    sent: set[str] = set()
-    async with engine.connect() as connection:
-        for service in OUTBOX_SERVICES:
-            outbox = tables_for(service).outbox
-            rows = await connection.execute(select(outbox.c.message_id).where(outbox.c.sent_at.is_not(None)))
-            sent.update(str(row.message_id) for row in rows)
-    return sent
 
 
 def run_simulation(options: SimulationOptions, on_progress: Callable[[int, int], None] | None = None) -> SimulationResult:

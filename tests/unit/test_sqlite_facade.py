@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
-from infra.sqlite_direct import create_direct_sqlite_engine
+from infra.simulation.sqlite_facade import create_direct_sqlite_engine
 
 metadata = MetaData()
 notes = Table("notes", metadata, Column("id", Integer, primary_key=True), Column("text", String, nullable=False))

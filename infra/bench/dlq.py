@@ -19,8 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import delete, func, select
 
 from contracts import encode, new_message
-from contracts.messages import LedgerUpdated, Posting
+from contracts.messages import LedgerUpdated
 from infra import topology as t
+from infra.bench.common import bench_saga, ledger_event
 from infra.clock import SystemClock
 from infra.db import create_engine
 from infra.dlq.archive import DeadLetterArchive
@@ -34,15 +35,6 @@ from outbox.tables import tables_for
 
 BENCH_QUEUE = t.QueueSpec("bench.replay", "ledger", t.EVENTS, (LedgerUpdated.message_type,))
 BENCH_DLQ = t.QueueSpec(BENCH_QUEUE.dlq, "dlq", t.DLX, (BENCH_QUEUE.name,))
-
-
-def _event(n: int) -> LedgerUpdated:
-    return LedgerUpdated(
-        order_id=f"bench-{n}",
-        transaction_id=f"capture:bench-{n}",
-        postings=(Posting(account="cash:EUR", debit=100, credit=0), Posting(account="sales:EUR", debit=0, credit=100)),
-        balances={"cash:EUR": 100},
-    )
 
 
 def _progress(console: Console | None, label: str) -> Progress:
@@ -78,7 +70,7 @@ async def replay_rate(database_url: str, amqp_url: str, messages: int, *, batch_
         now = clock.now().isoformat()
         publishes = []
         for n in range(messages):
-            message = new_message(_event(n), correlation_id=f"bench-{n % 500}", producer="bench", message_id=uuid.uuid4())
+            message = new_message(ledger_event(n), correlation_id=bench_saga(n), producer="bench", message_id=uuid.uuid4())
             headers = {
                 t.H_REASON_CLASS: "handler_error", t.H_REASON: "RuntimeError: bench", t.H_ATTEMPT: 1,
                 t.H_ORIGINAL_EXCHANGE: t.EVENTS.name, t.H_ORIGINAL_ROUTING_KEY: message.type,

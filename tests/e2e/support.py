@@ -1,11 +1,28 @@
-"""Helpers for end-to-end saga tests: placing orders, reading outcomes, checking invariants."""
+"""Helpers for end-to-end saga tests: the module's stack, placing orders, reading outcomes.
+
+- ``Stack``: the module's database and broker, settings and `compensa` environments for
+  them, queue depths; ``FAST`` timings; ``METRICS`` for the terminal summary;
+- ``Process``: a `compensa run` OS process a test started, with its log;
+- orders: ``unique``, ``planned``, ``workload``, ``place``, ``place_all``;
+- outcomes: ``saga_statuses``, ``saga_row``, ``saga_triggers``, ``wait_terminal``,
+  ``ledger_kinds``, ``messages_left``, ``assert_sound`` (every invariant holds);
+- ``DoubledReordered``: a transport whose publishes arrive twice and out of order.
+
+The fixtures that build these (``stack``, ``services``, ``processes``) are in conftest.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import aio_pika
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -14,13 +31,92 @@ from consumers.orders import place_order
 from contracts import OrderLine
 from infra import topology as t
 from infra.clock import SystemClock
-from infra.snapshot import read_snapshot
+from infra.runtime import Runtime
+from infra.settings import Settings
+from infra.simulation.readback import read_snapshot
 from outbox.ports import OutgoingMessage
 from sagas.simulation.invariants import TERMINAL_STATUSES, Snapshot, Violation, check
 from sagas.simulation.workload import PlannedOrder, Workload, WorkloadSpec
 from sagas.tables import saga_history, saga_instances
-from tests.e2e.conftest import Stack, all_queue_names
 from tests.support import eventually
+
+#: Short timings so a saga, a retry or a deadline takes well under a second or two.
+FAST: dict[str, Any] = {
+    "max_attempts": 5,
+    "retry_base_seconds": 0.05,
+    "retry_max_seconds": 1.0,
+    "relay_poll_seconds": 0.05,
+    "deadline_sweep_seconds": 0.1,
+    "saga_step_deadline_seconds": 5.0,
+    "saga_compensation_deadline_seconds": 2.0,
+    "shutdown_grace_seconds": 10.0,
+    "log_level": "WARNING",
+}
+
+#: Metrics tests record for the terminal summary (e.g. the load test's sagas/s).
+METRICS: dict[str, str] = {}
+
+
+@dataclass
+class Stack:
+    """The module's database and broker, and settings pointing at them."""
+
+    database_url: str
+    amqp_url: str
+    engine: AsyncEngine
+    channel: aio_pika.abc.AbstractChannel
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings for in-process services: FAST timings, then `overrides`."""
+        return Settings(database_url=self.database_url, amqp_url=self.amqp_url, **{**FAST, **overrides})
+
+    def env(self, **overrides: Any) -> dict[str, str]:
+        """The environment for a `compensa` process with the same settings."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COMPENSA_")}
+        env["COMPENSA_DATABASE_URL"] = self.database_url
+        env["COMPENSA_AMQP_URL"] = self.amqp_url
+        for name, value in {**FAST, **overrides}.items():
+            env[f"COMPENSA_{name.upper()}"] = str(value)
+        return env
+
+    async def queue_depth(self, name: str) -> int:
+        """Ready messages in a queue, as the broker counts them."""
+        queue = await self.channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count
+
+    async def consumer_count(self, name: str) -> int:
+        queue = await self.channel.declare_queue(name, passive=True)
+        return queue.declaration_result.consumer_count
+
+
+def retry_delays(settings: Settings) -> list[int]:
+    return t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
+
+
+def all_queue_names(settings: Settings) -> list[str]:
+    """Delay queues first (they feed their work queue), then work queues and DLQs."""
+    names = [q.delay_queue(ms) for q in t.WORK_QUEUES for ms in retry_delays(settings)]
+    names += [q.name for q in t.WORK_QUEUES] + [q.dlq for q in t.WORK_QUEUES]
+    return names
+
+
+StartServices = Callable[..., Awaitable[Runtime]]
+
+
+@dataclass
+class Process:
+    """A `compensa` OS process this test started, with its log file."""
+
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
 
 CURRENCY = "EUR"
 
@@ -110,18 +206,6 @@ async def ledger_kinds(stack: Stack, order_id: str) -> list[str]:
         return sorted((await c.execute(query)).scalars())
 
 
-class BrokerView:
-    """What `read_snapshot` asks of a broker: messages left in work and delay queues."""
-
-    stats = None
-
-    def __init__(self, left: int) -> None:
-        self.left = left
-
-    def work_depth(self) -> int:
-        return self.left
-
-
 async def messages_left(stack: Stack) -> dict[str, int]:
     """Ready messages per non-empty compensa queue (work, delay and dead-letter)."""
     depths = {name: await stack.queue_depth(name) for name in all_queue_names(stack.settings())}
@@ -137,7 +221,7 @@ async def assert_sound(stack: Stack, load: Workload, timeout: float = 20.0) -> S
 
     async def sound() -> Snapshot:
         left = await messages_left(stack)
-        snapshot = await read_snapshot(stack.engine, load, BrokerView(sum(left.values())))
+        snapshot = await read_snapshot(stack.engine, load, messages_left=sum(left.values()))
         violations: list[Violation] = check(snapshot)
         dead = {name: n for name, n in left.items() if name.endswith(".dlq")}
         problems = [f"{v.invariant} [{v.saga_id}]: {v.detail}" for v in violations]

@@ -20,7 +20,7 @@ result type processing, and replaces only that machinery: it runs the compiled S
 the sqlite3 cursor and hands back a `Result` with the same rows. Statements it does not
 cover (Python-side column defaults, RETURNING with executemany, schema translation)
 take SQLAlchemy's own path. It uses SQLAlchemy 2.1 internals, hence the pinned minor
-version; tests/unit/test_sqlite_direct.py runs every statement shape both ways.
+version; tests/unit/test_sqlite_facade.py runs every statement shape both ways.
 """
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+"""The saga end to end: completed sagas/s and latency from `order.created` committed to
+`order.completed` committed, in one process or with the services in separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+
+from contracts.messages import OrderLine
+from infra import topology as t
+from infra.bench.common import closed_loop, percentile
+from infra.bootstrap import bootstrap
+from infra.clock import SystemClock
+from infra.db import create_engine
+from infra.runtime import Runtime
+from infra.schema import upgrade
+from infra.settings import Settings
+from infra.transport.rabbit import RabbitTransport
+from outbox.uow import UnitOfWork
+
+#: How `bench saga --processes` splits the services over OS processes (GIL: one core each).
+PROCESS_LAYOUT: tuple[tuple[str, ...], ...] = (
+    ("run", "--service", "saga", "--no-relay"),
+    ("run", "--service", "stock", "--service", "payments", "--service", "ledger", "--service", "orders", "--no-relay"),
+    ("relay",),
+)
+
+
+async def _start_processes(database_url: str, amqp_url: str) -> list[Any]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    compensa = str(Path(sys.executable).with_name("compensa"))
+    env = {
+        **os.environ,
+        "COMPENSA_DATABASE_URL": database_url,
+        "COMPENSA_AMQP_URL": amqp_url,
+        "COMPENSA_LOG_LEVEL": "WARNING",
+        "COMPENSA_RELAY_POLL_SECONDS": "0.05",
+        "COMPENSA_PREFETCH": "64",
+    }
+    return [subprocess.Popen([compensa, *args], env=env) for args in PROCESS_LAYOUT]
+
+
+async def _stop_processes(processes: list[Any]) -> None:
+    import signal
+
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.perf_counter() + 30
+    for process in processes:
+        while process.poll() is None and time.perf_counter() < deadline:
+            await asyncio.sleep(0.1)
+        if process.poll() is None:
+            process.kill()
+
+
+async def saga_rate(
+    database_url: str, amqp_url: str, inflight: int, seconds: float, *, processes: bool = False
+) -> dict[str, float]:
+    """Closed loop: `inflight` clients each place an order and wait for its completion.
+
+    In-process (one Runtime with every service) or, with `processes`, the services
+    spread over OS processes as in PROCESS_LAYOUT; completion is then observed on a
+    queue of the bench's own bound to `order.completed`.
+    """
+    from sqlalchemy import select
+
+    from consumers.orders import place_order
+    from consumers.orders.tables import orders_orders
+    from consumers.stock import seed_stock
+    from sagas.tables import saga_instances
+
+    settings = Settings(
+        database_url=database_url, amqp_url=amqp_url, relay_poll_seconds=0.05, deadline_sweep_seconds=1.0, prefetch=64
+    )
+    engine = create_engine(database_url, pool_size=30)
+    transport = RabbitTransport(amqp_url, retry_delays_ms=t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds))
+    await transport.connect()
+    clock = SystemClock()
+    waiting: dict[str, asyncio.Future[None]] = {}
+
+    def completed(order_id: str) -> None:
+        future = waiting.get(order_id)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    runtime = None
+    children: list[Any] = []
+    try:
+        await upgrade(engine)
+        await transport.declare_topology()
+        await seed_stock(engine, {f"BENCH-{i}": 10_000_000 for i in range(20)})
+        if processes:
+            channel = await transport.connection.channel()
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind(t.EVENTS.name, routing_key="order.completed")
+
+            async def on_completed_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                await message.ack()
+                completed(message.correlation_id or "")
+
+            await queue.consume(on_completed_message)
+            children = await _start_processes(database_url, amqp_url)
+        else:
+            def observe_completions(service: str, handlers: Mapping[str, Any]) -> Mapping[str, Any]:
+                # Handed to the composition root: the orders service's own handler, then the bench's note.
+                if service != "orders":
+                    return handlers
+                completed_handler = handlers["order.completed"]
+
+                async def on_completed(uow: UnitOfWork, message: Any) -> None:
+                    await completed_handler(uow, message)
+                    completed(message.correlation_id)
+
+                return {**handlers, "order.completed": on_completed}
+
+            registry = bootstrap(settings, wrap_handlers=observe_completions)
+            runtime = Runtime(engine, transport, clock, settings, ["saga", "stock", "payments", "ledger", "orders"], registry=registry)
+            await runtime.start()
+        placed: list[str] = []
+        run_id = uuid.uuid4().hex[:6]
+
+        async def one_saga(order_id: str, c: int, n: int) -> None:
+            waiting[order_id] = asyncio.get_running_loop().create_future()
+            await place_order(
+                engine, clock, order_id=order_id, customer_id=f"c{c}",
+                lines=[OrderLine(sku=f"BENCH-{(c + n) % 20}", quantity=1, unit_price=1000)],
+                currency="EUR", payment_token=f"tok_ok_{c}",
+            )
+            await asyncio.wait_for(waiting[order_id], timeout=60)
+
+        # Warm up: the services (or processes) are consuming once one saga went through.
+        await one_saga(f"b{run_id}-warmup", 0, 0)
+
+        async def client(c: int, n: int) -> None:
+            order_id = f"b{run_id}-{inflight}-{c}-{n}"
+            await one_saga(order_id, c, n + 1)
+            placed.append(order_id)
+
+        # The loop's own latencies include placing the order; the figures below are the
+        # database's: order committed to saga completed.
+        started = time.perf_counter()
+        await closed_loop(inflight, seconds, client)
+        elapsed = time.perf_counter() - started
+        async with engine.connect() as c:
+            rows = (
+                await c.execute(
+                    select(orders_orders.c.created_at, saga_instances.c.updated_at)
+                    .join(saga_instances, saga_instances.c.saga_id == orders_orders.c.order_id)
+                    .where(orders_orders.c.order_id.in_(placed), saga_instances.c.status == "completed")
+                )
+            ).all()
+        latencies = sorted((done - created).total_seconds() * 1000 for created, done in rows)
+        return {
+            "inflight": inflight,
+            "completed": len(rows),
+            "sagas_per_s": len(rows) / elapsed,
+            "p50_ms": percentile(latencies, 50),
+            "p99_ms": percentile(latencies, 99),
+        }
+    finally:
+        if runtime is not None:
+            await runtime.stop()
+        await _stop_processes(children)
+        await transport.close()
+        await engine.dispose()

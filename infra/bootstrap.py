@@ -1,0 +1,199 @@
+"""The composition root: wire every service from the settings it is given.
+
+``bootstrap(settings)`` returns a `Registry`: per consuming service its queues, its
+handlers and how they are batched and admitted. Importing this module reads nothing
+from the environment; entry points read the settings and call it. Faults are wired in
+here too, never patched in later: `wrap_handlers` and `wrap_publisher` decide what the
+registry hands out (see infra/simulation/faults.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import consumers.ledger as ledger
+import consumers.orders as orders
+import consumers.payments as payments
+import consumers.stock as stock
+from contracts.clock import Clock
+from infra import topology as t
+from infra.pipeline import BatchLock, Handler, MessageProcessor, RetryPolicy
+from infra.settings import Settings
+from outbox.ports import Publisher
+from outbox.tables import SERVICES as OUTBOX_TABLES
+from outbox.uow import UnitOfWork
+from sagas.orchestrator import Orchestrator
+from sagas.order_saga import order_saga
+
+#: Replaces a service's handlers (service name, handlers by message type) when it is built.
+WrapHandlers = Callable[[str, Mapping[str, Handler]], Mapping[str, Handler]]
+#: Replaces the publisher the relays hand their batches to.
+WrapPublisher = Callable[[Publisher], Publisher]
+
+
+@dataclass(frozen=True)
+class _Wiring:
+    """How one consuming service is put together; its name is its queue's."""
+
+    queue: t.QueueSpec
+    handlers: Callable[[Settings, Orchestrator], Mapping[str, Handler]]
+    #: One batch in flight per process: its handlers lock rows that many messages share
+    #: (stock's SKU counters, the ledger's balances) in per-message order, so two batches
+    #: at once take them in different orders and deadlock (measured: hundreds of
+    #: deadlocks, each stalling a second, with 8 hot SKUs and 4 workers).
+    serial_batches: bool = False
+    #: Takes a batch's locks up front in one order, so batches of two processes queue
+    #: instead of deadlocking (serial_batches only orders the batches of one process).
+    lock_batch: BatchLock | None = None
+    #: A second queue, of messages that start new work, consumed by the same handlers
+    #: behind an admission gate (`Settings.saga_max_in_flight`).
+    starts: t.QueueSpec | None = None
+
+
+def _stock_handlers(settings: Settings, _orchestrator: Orchestrator) -> Mapping[str, Handler]:
+    return stock.make_handlers(reservation_ttl=timedelta(seconds=settings.reservation_ttl_seconds))
+
+
+def _payments_handlers(settings: Settings, _orchestrator: Orchestrator) -> Mapping[str, Handler]:
+    return payments.make_handlers(payments.RuleBasedGateway(limit=settings.payment_amount_limit))
+
+
+#: Every consuming service, in the order they are listed and started.
+_WIRING: tuple[_Wiring, ...] = (
+    _Wiring(t.SAGA_EVENTS, lambda _settings, orchestrator: orchestrator.handlers(), starts=t.SAGA_STARTS),
+    _Wiring(t.STOCK_COMMANDS, _stock_handlers, serial_batches=True, lock_batch=stock.lock_batch),
+    _Wiring(t.PAYMENTS_COMMANDS, _payments_handlers),
+    _Wiring(t.LEDGER_EVENTS, lambda _s, _o: ledger.HANDLERS, serial_batches=True, lock_batch=ledger.lock_batch),
+    _Wiring(t.ORDERS_EVENTS, lambda _s, _o: orders.HANDLERS),
+)
+
+#: The services that consume one work queue each through the consumer pipeline.
+MESSAGE_SERVICES: tuple[str, ...] = tuple(wiring.queue.service for wiring in _WIRING)
+#: The dead-letter archive (infra/dlq): it reads every `<queue>.dlq`, not one work queue.
+ARCHIVE_SERVICE: str = t.DEAD_LETTER_QUEUES[0].service
+#: What `compensa run` starts by default: every message service and the archive.
+RUNNABLE_SERVICES: tuple[str, ...] = (*MESSAGE_SERVICES, ARCHIVE_SERVICE)
+#: Services whose outboxes a relay drains; `ingest` carries events accepted over HTTP.
+OUTBOX_SERVICES: tuple[str, ...] = OUTBOX_TABLES
+
+
+def outboxes_of(services: Sequence[str]) -> tuple[str, ...]:
+    """The outboxes a process running `services` owns: theirs, or every one when it runs them all."""
+    if set(services) >= set(MESSAGE_SERVICES):
+        return OUTBOX_SERVICES
+    return tuple(name for name in services if name in OUTBOX_SERVICES)
+
+
+def orchestrator_for(settings: Settings) -> Orchestrator:
+    """The orchestrator with the saga timings the settings ask for."""
+    return Orchestrator(
+        [
+            order_saga(
+                step_deadline=timedelta(seconds=settings.saga_step_deadline_seconds),
+                compensation_deadline=timedelta(seconds=settings.saga_compensation_deadline_seconds),
+                max_compensation_attempts=settings.saga_max_compensation_attempts,
+            )
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Service:
+    """One consuming service as built: its queues, its handlers, how deliveries reach them."""
+
+    name: str
+    queue: t.QueueSpec
+    handlers: Mapping[str, Handler]
+    #: Deliveries applied in one transaction when they arrive together (1: one at a time).
+    batch_size: int
+    #: Batches in flight at once in one process.
+    workers: int
+    lock_batch: BatchLock | None = None
+    #: The queue of messages that start new work, and how many may be in flight at once.
+    starts: t.QueueSpec | None = None
+    max_in_flight: int | None = None
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The wired system: what `bootstrap` returns and entry points run."""
+
+    settings: Settings
+    orchestrator: Orchestrator
+    services: Mapping[str, Service]
+    wrap_publisher: WrapPublisher | None = None
+
+    @property
+    def retry(self) -> RetryPolicy:
+        settings = self.settings
+        return RetryPolicy(
+            settings.max_attempts,
+            settings.retry_base_seconds,
+            settings.retry_max_seconds,
+            unavailable_seconds=settings.unavailable_retry_seconds,
+        )
+
+    def processor(
+        self,
+        name: str,
+        engine: AsyncEngine,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+        uow_factory: Callable[..., UnitOfWork] = UnitOfWork,
+    ) -> MessageProcessor:
+        """The consumer pipeline for service `name`, over its handlers."""
+        service = self.services[name]
+        return MessageProcessor(
+            engine,
+            service.name,
+            service.queue.name,
+            service.handlers,
+            clock,
+            retry=self.retry,
+            rng=rng,
+            uow_factory=uow_factory,
+            lock_batch=service.lock_batch,
+        )
+
+    def publisher(self, transport: Publisher) -> Publisher:
+        """What the relays publish through: the transport, wrapped if a hook asked for it."""
+        return self.wrap_publisher(transport) if self.wrap_publisher is not None else transport
+
+
+def bootstrap(
+    settings: Settings,
+    *,
+    orchestrator: Orchestrator | None = None,
+    wrap_handlers: WrapHandlers | None = None,
+    wrap_publisher: WrapPublisher | None = None,
+) -> Registry:
+    """Build every consuming service from `settings`.
+
+    `orchestrator` replaces the order saga the settings time; `wrap_handlers` gets each
+    service's handlers as they are built and returns the ones it will run;
+    `wrap_publisher` wraps the publisher the relays are given.
+    """
+    orchestrator = orchestrator or orchestrator_for(settings)
+    services = {}
+    for wiring in _WIRING:
+        name = wiring.queue.service
+        handlers = wiring.handlers(settings, orchestrator)
+        if wrap_handlers is not None:
+            handlers = wrap_handlers(name, handlers)
+        services[name] = Service(
+            name,
+            wiring.queue,
+            dict(handlers),
+            batch_size=settings.consumer_batch_size,
+            workers=1 if wiring.serial_batches else settings.consumer_workers,
+            lock_batch=wiring.lock_batch,
+            starts=wiring.starts,
+            max_in_flight=settings.saga_max_in_flight if wiring.starts is not None else None,
+        )
+    return Registry(settings, orchestrator, services, wrap_publisher)

@@ -1,0 +1,5 @@
+"""`python -m infra.cli …`, the same as the `compensa` console script."""
+
+from infra.cli.main import main
+
+main()

@@ -1,0 +1,35 @@
+"""`compensa api`: serve the HTTP ingest API (the app is built by `infra/api.py`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from infra.cli.common import err
+from infra.settings import get_settings
+
+
+def api(
+    host: Annotated[str | None, typer.Option(help="Listen address (default COMPENSA_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default COMPENSA_API_PORT).")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="uvicorn's per-request log line.")] = False,
+) -> None:
+    """Serve the HTTP ingest API (POST /v1/events, /v1/events:batch; docs at /docs)."""
+    import uvicorn
+
+    settings = get_settings()
+    if not settings.redis_url:
+        err.print("[red]error:[/red] the ingest API needs Redis: set COMPENSA_REDIS_URL", highlight=False)
+        raise typer.Exit(1)
+    uvicorn.run(
+        "infra.api:app_from_environment",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        access_log=access_log,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+    )

@@ -1,0 +1,423 @@
+"""What every command group shares; the leaf of the CLI tree (it imports no other CLI module).
+
+- consoles and errors: `console`, `unwrapped`, `err`, `CliError`/`fail`, `print_error`;
+- `command`, the wrapper that runs an async command body and prints known failures as
+  one line instead of a traceback;
+- openers: `open_engine`, `open_transport`, `database` (an engine whose failures say why);
+- output: `print_json`, and the safe rendering of stored values (`visible`, `cell`,
+  `clip`, `json_view`, `detail_table`, `one_line_table`, `when`);
+- input: `confirm`, and the parsers of durations, times and dead-letter ids;
+- shared options (`JsonOpt`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.cells import cell_len
+from rich.console import Console
+from rich.highlighter import JSONHighlighter
+from rich.table import Table
+from rich.text import Text
+
+from contracts import CompensaError
+
+#: Output of the core commands (schema, stock, orders, sagas, producers, benchmarks).
+console = Console()
+#: Output of the operator commands (dlq, saga retry/cancel, health, bench replay): a line
+#: that quotes stored values is never broken by Rich (the terminal may still wrap it).
+unwrapped = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+# ---------------------------------------------------------------- errors
+
+
+class CliError(Exception):
+    """A failure the user can fix; printed as one line, exit code 1."""
+
+
+def fail(message: str) -> None:
+    raise CliError(message)
+
+
+def explain(exc: BaseException) -> str | None:
+    """Turn infrastructure failures into a sentence that says what failed and how to fix it."""
+    from sqlalchemy.exc import DBAPIError
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, CliError | CompensaError | ValueError):
+        return text
+    if isinstance(exc, DBAPIError):
+        # Only a failure to connect is "unreachable"; a refused statement says what was refused.
+        return explain_database_error(exc)
+    if isinstance(exc, ConnectionError | OSError | TimeoutError):
+        return f"cannot reach a server ({text}); check COMPENSA_AMQP_URL / COMPENSA_DATABASE_URL / COMPENSA_REDIS_URL"
+    return None
+
+
+def print_error(explained: str) -> None:
+    """One `error:` line on stderr; the message may quote stored data or input, so it is never markup."""
+    from infra.logging import redact
+
+    err.print(Text.assemble(("error:", "red"), " ", visible(redact(explained))), highlight=False)
+
+
+def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Run an async command body; print known failures as one line instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from infra.logging import configure_logging
+        from infra.settings import get_settings
+
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            explained = explain(exc)
+            if explained is None:
+                raise
+            print_error(explained)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- database and broker
+
+
+#: SQLSTATEs of a failure to connect or to stay connected: connection exceptions (08),
+#: authorization (28), shutdown / cannot connect now (57P), too many connections, no such database.
+_CONNECTION_SQLSTATES = ("08", "28", "57P", "53300", "3D000")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether the database could not be reached (as opposed to refusing one statement)."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(exc, DBAPIError):
+        return isinstance(exc, OSError | TimeoutError)
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    sqlstate = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    if sqlstate:
+        return sqlstate.startswith(_CONNECTION_SQLSTATES)
+    if isinstance(orig, OSError | TimeoutError) or isinstance(getattr(orig, "__cause__", None), OSError | TimeoutError):
+        return True
+    return "unable to open database file" in str(orig)  # SQLite: a path it cannot open or create
+
+
+def database_error_text(exc: BaseException) -> str:
+    """The driver's message, first line only, without asyncpg's `<class '…'>` wrapping."""
+    from sqlalchemy.exc import DBAPIError
+
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(orig).strip().splitlines()
+    text = lines[0] if lines else type(orig).__name__
+    return re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>: ", r"\1: ", text)
+
+
+def explain_database_error(exc: BaseException, where: str | None = None) -> str:
+    """One line for a failed database call: missing tables, unreachable, or the error itself."""
+    text = database_error_text(exc)
+    at = f" at {where}" if where else ""
+    if "no such table" in text or ("relation" in text and "does not exist" in text):
+        return f"the database{at} has no compensa tables yet ({text}); run `compensa db upgrade`"
+    if is_connection_failure(exc):
+        return f"cannot reach the database{at} ({text}); check COMPENSA_DATABASE_URL and that the server runs"
+    return f"the database{at} refused the query: {text}"
+
+
+def open_engine() -> Any:
+    """An engine on COMPENSA_DATABASE_URL; the caller disposes of it."""
+    from infra.db import create_engine
+    from infra.settings import get_settings
+
+    return create_engine(get_settings().database_url)
+
+
+async def open_transport() -> Any:
+    """The transport COMPENSA_AMQP_URL names (the in-memory broker when unset); the caller closes it."""
+    from infra.settings import get_settings
+    from infra.transport.factory import transport_from_settings
+
+    return await transport_from_settings(get_settings())
+
+
+@contextlib.asynccontextmanager
+async def database() -> AsyncIterator[Any]:
+    """An engine on COMPENSA_DATABASE_URL; a failing database becomes one line that says why."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from infra.db import create_engine
+    from infra.settings import get_settings
+
+    url = get_settings().database_url
+    engine = create_engine(url)
+    where = make_url(url).render_as_string(hide_password=True)
+    try:
+        yield engine
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        fail(explain_database_error(exc, where))
+    finally:
+        await engine.dispose()
+
+
+# ---------------------------------------------------------------- input
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def confirm(action: str, *, declined: str) -> None:
+    """Ask on a terminal before `action`; without one, refuse and name --yes."""
+    if not sys.stdin.isatty():
+        fail(f"would {action}; confirm with --yes")
+    if not typer.confirm(f"{visible(action)}?", default=False, err=True):
+        err.print(declined)
+        raise typer.Exit(1)
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)")
+#: What might be a duration (numbers with or without units): said to be a bad duration, not a bad time.
+_DURATION_LIKE = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:ms|[smhdw])?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: The longest duration accepted anywhere (a filter, a retention): beyond it a time is out of range.
+MAX_DURATION = timedelta(days=36525)
+#: Dead letters one command may name by id (ranges included): one replay batch at most.
+MAX_IDS = 10_000
+#: Dead-letter ids are BIGINT on every backend.
+MAX_ID = 2**63 - 1
+
+
+def parse_duration(text: str, option: str = "duration") -> timedelta:
+    """`90s`, `10m`, `2h`, `1d`, `1h30m` (or plain seconds) as a timedelta, at most 100 years."""
+    value = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", value):
+        seconds = float(value)
+    elif value and _DURATION.sub("", value) == "":
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(value))
+    else:
+        fail(f"{option}: bad duration {clip(text)}; use e.g. 30s, 10m, 2h, 1d or 1h30m")
+        raise AssertionError("unreachable")
+    # float() of 400 digits is inf, which no timedelta holds: bound before converting.
+    if not seconds <= MAX_DURATION.total_seconds():
+        fail(f"{option}: duration {clip(text)} is longer than 100 years; give at most 36525d")
+    return timedelta(seconds=seconds)
+
+
+def parse_time(text: str, option: str, now: datetime) -> datetime:
+    """An ISO 8601 time, YYYY-MM-DD first (UTC when no offset is given), or a duration ago (`2h`)."""
+    value = text.strip()
+    expected = f"{option}: expected an ISO 8601 time (2026-01-31T10:00:00Z) or a duration ago (30m, 2h, 1d), got {clip(text)}"
+    if re.match(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        try:
+            moment = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+        except ValueError:
+            fail(expected)
+            raise AssertionError("unreachable") from None
+        try:
+            return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+        except OverflowError:
+            fail(f"{option}: {clip(text)} is out of range once converted to UTC")
+            raise AssertionError("unreachable") from None
+    # A linear check (no nested quantifiers: `(\d+…)+` backtracks exponentially on `1111…x`).
+    if value and _DURATION_LIKE.sub("", value.lower()) == "":
+        if re.fullmatch(r"[0-9.]+", value):
+            # Bare digits could be seconds or a basic-format date (20260131): neither is guessed.
+            fail(f"{option}: {clip(text)} has no unit; give a duration ago with one (90s, 30m, 2h) or an ISO time (2026-01-31)")
+        return now - parse_duration(value, option)
+    fail(expected)
+    raise AssertionError("unreachable")
+
+
+def parse_dead_letter_id(text: str) -> int | None:
+    """A dead-letter id, or None when `text` is not one (ASCII digits, within BIGINT)."""
+    if not re.fullmatch(r"[0-9]{1,19}", text):
+        return None
+    number = int(text)
+    return number if number <= MAX_ID else None
+
+
+def parse_ids(values: list[str]) -> tuple[int, ...]:
+    """Dead-letter ids from arguments (`12`, `12,13`, `20-25`), at most MAX_IDS in all."""
+    ids: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            low_text, dash, high_text = part.partition("-")
+            low = parse_dead_letter_id(low_text)
+            high = parse_dead_letter_id(high_text) if dash else low
+            if low is None or high is None:
+                if re.fullmatch(r"[0-9]+(-[0-9]+)?", part):
+                    fail(f"bad dead-letter id {clip(part)}: ids are numbers from 0 to {MAX_ID}")
+                fail(f"bad dead-letter id {clip(part)}: ids are numbers (12, 12,13 or 20-25); `compensa dlq list` shows them")
+                raise AssertionError("unreachable")
+            if high < low:
+                fail(f"bad id range {clip(part)}: the first id is the lower one (20-25)")
+            if high - low + 1 > MAX_IDS or len(ids) + high - low + 1 > MAX_IDS:
+                fail(
+                    f"too many dead-letter ids ({part} makes more than {MAX_IDS:,}): replay or purge at most {MAX_IDS:,} "
+                    "ids per command, in parts (1-10000, 10001-20000, …), or select them with a filter (--queue, --since, --all)"
+                )
+            ids.extend(range(low, high + 1))
+    return tuple(dict.fromkeys(ids))
+
+
+# ---------------------------------------------------------------- showing stored values
+#
+# Whatever the database or a message holds reaches the terminal only through these:
+# never as Rich markup (a stored `[/]` would crash the print, `[bold]` would restyle it)
+# and never with its control characters raw (an ESC would drive the operator's terminal).
+
+
+def visible(value: Any) -> str:
+    """`value` as text with every control or invisible character written as its escape (`\\x1b`)."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def cell(value: Any) -> Text:
+    """A stored value as a table cell or printable: visible, never parsed as markup."""
+    return Text(visible(value))
+
+
+def clip(text: str, width: int = 40) -> str:
+    """Operator input quoted in an error message: repr-escaped, and cut to about `width`."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= width else quoted[: width - 2] + "…" + quoted[-1]
+
+
+def when(moment: datetime | None, *, short: bool = False) -> str:
+    """A stored time (tables hand them back timezone-aware) in UTC, or `-`."""
+    return moment.astimezone(UTC).strftime("%m-%d %H:%M:%S" if short else "%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code > 0xFFFF:
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def json_view(value: Any) -> Text:
+    """Indented, highlighted JSON whose invisible characters are JSON escapes (still valid JSON)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    text = "".join(ch if ch.isprintable() or ch == "\n" else _json_escape(ch) for ch in text)
+    return JSONHighlighter()(Text(text))
+
+
+def _fill(wants: list[int], budget: int) -> list[int]:
+    """Widths no wider than `wants` summing to at most `budget`: the widest are capped first."""
+    if sum(wants) <= budget:
+        return list(wants)
+    low, high = 0, max(wants)
+    while low < high:
+        cap = (low + high + 1) // 2
+        if sum(min(w, cap) for w in wants) <= budget:
+            low = cap
+        else:
+            high = cap - 1
+    widths = [min(w, low) for w in wants]
+    spare = budget - sum(widths)
+    for index, want in enumerate(wants):
+        if spare <= 0:
+            break
+        if want > widths[index]:
+            widths[index] += 1
+            spare -= 1
+    return widths
+
+
+def detail_table(*headers: str, title: str | None = None) -> Table:
+    """A table for a detail view: cells wrap, and a word too long for its column folds, never cut."""
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    return table
+
+
+#: The narrowest a shrunk column may get before an optional column is hidden to make room.
+_NARROWEST = 8
+
+
+def one_line_table(
+    headers: list[str],
+    rows: list[list[Any]],
+    *,
+    width: int,
+    keep: tuple[str, ...] = (),
+    hide: tuple[str, ...] = (),
+    title: str | None = None,
+) -> Table:
+    """A table of stored values, one line per row, fitted to `width` terminal columns.
+
+    The `keep` columns (ids an operator copies into the next command) are never cut:
+    they get their full width and the other columns shrink, ellipsized, widest first.
+    When that would leave a column narrower than 8 cells, the `hide` columns are left
+    out, in that order, and the caption names them. Only when the kept columns alone
+    cannot fit do they fold onto further lines (whole, never cut).
+    """
+    cells = [[visible(value) for value in row] for row in rows]
+    natural = [max([cell_len(header), *(cell_len(row[i]) for row in cells)]) for i, header in enumerate(headers)]
+    shown = list(range(len(headers)))
+
+    def room(columns: list[int]) -> int:
+        # A default table spends 3 cells per column (padding, rule) and one for the right edge.
+        return max(width - 3 * len(columns) - 1, len(columns))
+
+    hidden: list[str] = []
+    for name in hide:
+        need = sum(natural[i] if headers[i] in keep else min(natural[i], _NARROWEST) for i in shown)
+        if need <= room(shown):
+            break
+        shown.remove(headers.index(name))
+        hidden.append(name)
+    kept = [i for i in shown if headers[i] in keep]
+    others = [i for i in shown if headers[i] not in keep]
+    available = room(shown)
+    widths = list(natural)
+    fold = sum(natural[i] for i in kept) + len(others) > available  # every other column keeps at least its "…"
+    if fold:
+        for i, w in zip(kept, _fill([natural[i] for i in kept], max(available - len(others), len(kept))), strict=True):
+            widths[i] = max(w, 1)
+        budget = len(others)
+    else:
+        budget = available - sum(natural[i] for i in kept)
+    for i, w in zip(others, _fill([natural[i] for i in others], budget), strict=True):
+        widths[i] = max(w, 1)
+    caption = Text(f"not shown at {width} columns: {', '.join(hidden)} (--json shows all)", style="dim") if hidden else None
+    table = Table(title=Text(visible(title)) if title is not None else None, caption=caption)
+    for i in shown:
+        if i in kept:
+            table.add_column(headers[i], width=widths[i], no_wrap=not fold, overflow="fold")
+        else:
+            table.add_column(headers[i], width=widths[i], no_wrap=True, overflow="ellipsis")
+    for row in cells:
+        table.add_row(*(Text(row[i]) for i in shown))
+    return table

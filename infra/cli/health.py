@@ -1,0 +1,86 @@
+"""`compensa health`: database, broker, queues, redis, relay lag, saga starts, deadlines, dead letters.
+
+The checks are `infra/health.py`; this module runs them once (or serves them) and prints.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from infra.cli.common import JsonOpt, command, err, print_json
+from infra.cli.common import unwrapped as console
+
+
+@command
+async def health(
+    as_json: JsonOpt = False,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve GET /health over HTTP instead (container checks).")] = False,
+    host: Annotated[str, typer.Option(help="With --serve: address to bind.")] = "0.0.0.0",  # noqa: S104 - a container check listens on all interfaces
+    port: Annotated[int, typer.Option(min=1, max=65535, help="With --serve: port.")] = 8081,
+    max_relay_lag: Annotated[float, typer.Option(min=0.1, help="Seconds a pending outbox row may wait before the relay counts as lagging.")] = 60.0,
+) -> None:
+    """Check database, broker, redis (when configured), relay lag and dead letters; exit 1 when unhealthy."""
+    from infra.health import check_health, health_app
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    if serve:
+        import uvicorn
+
+        app = health_app(settings, max_relay_lag_seconds=max_relay_lag)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        err.print(f"serving GET http://{host}:{port}/health (200 healthy, 503 unhealthy); Ctrl-C stops", highlight=False)
+        await server.serve()
+        return
+    report = await check_health(settings, max_relay_lag_seconds=max_relay_lag)
+    if as_json:
+        print_json(report)
+    else:
+        print_health(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def print_health(report: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    table = Table("check", "ok", "detail")
+    for name, check in report["checks"].items():
+        if not check.get("ok"):
+            detail = f"{check.get('error', 'failed')} — {check.get('fix', '')}".rstrip(" —")
+        elif name == "database":
+            detail = f"{check.get('url')} at revision {check.get('revision')} ({check.get('latency_ms')} ms)"
+        elif name == "broker":
+            detail = check.get("note") or f"{check.get('url')} ({check.get('latency_ms')} ms), topology declared"
+        elif name == "queues":
+            detail = check.get("note") or "; ".join(
+                f"{q} {v['ready']} ready/{v['unacked']} unacked/{v['consumers']} consumers" for q, v in check["queues"].items()
+            )
+        elif name == "redis":
+            detail = f"{check.get('url')} ({check.get('latency_ms')} ms)" if check.get("configured") else "not configured (COMPENSA_REDIS_URL unset)"
+        elif name == "relay":
+            detail = f"{check['pending']} pending, oldest {check['max_lag_seconds']:.1f}s (limit {check['limit_seconds']:.0f}s)"
+        elif name == "saga_starts":
+            detail = f"every order older than {check['limit_seconds']:g}s has its saga"
+        elif name == "deadlines":
+            detail = f"none overdue by more than {check['limit_seconds']:g}s"
+        elif name == "dead_letters":
+            waiting = {q: v["waiting_in_dlq"] for q, v in check["queues"].items() if v["waiting_in_dlq"]}
+            archived = {q: v["archived_new"] for q, v in check["queues"].items() if v["archived_new"]}
+            detail = f"in DLQs {waiting or 0}; archived, status new {archived or 0}"
+        else:
+            detail = ""
+        if check.get("ok"):
+            mark = "[green]yes[/green]"
+        elif check.get("unavailable"):
+            mark = "[yellow]unknown[/yellow]"
+        else:
+            mark = "[red]NO[/red]"
+        table.add_row(name, mark, escape(str(detail)))
+    console.print(table, highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    console.print(f"[bold]{report['status']}[/bold]")

@@ -1,0 +1,92 @@
+"""The fault injector: seeded draws, handler and publisher wrappers, for both kinds of run.
+
+Faults are injected around the real code, never inside it, and never by patching a
+live object: `FaultInjector.wrap_handlers` and `FaultInjector.publisher` are the hooks
+`infra.bootstrap.bootstrap` applies when it builds the services, so what the registry
+hands out is already faulty. The simulated run (driver.py) also draws its delivery
+faults (reordering, delay, silence, duplicates, lost acks) from `chance`, so one rng
+decides everything in a fixed order and a seed replays the run.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from contracts import BusinessRuleError, TransientError
+from infra.pipeline import Handler
+from outbox.ports import OutgoingMessage, Publisher
+from outbox.uow import UnitOfWork
+from sagas.simulation.faults import FaultRates
+
+#: Participants whose handlers the injector may break (the saga copes with them).
+FAULTY_SERVICES = ("stock", "payments")
+
+
+class RelayCrash(Exception):
+    """Injected: the relay died after the broker confirmed, before it marked the rows sent."""
+
+
+class FaultInjector:
+    """Draw faults at `rates` from `rng`, counting what was injected.
+
+    `duplicate_publishes` sends a message twice at publish time (the real stack, whose
+    broker cannot be told to redeliver); the simulator duplicates at delivery instead.
+    """
+
+    def __init__(self, rates: FaultRates, rng: random.Random, *, duplicate_publishes: bool = False) -> None:
+        self.rates = rates
+        self.rng = rng
+        self.duplicate_publishes = duplicate_publishes
+        self.injected: Counter[str] = Counter()
+
+    def chance(self, fault: str) -> bool:
+        """Whether `fault` strikes now; a fault at rate 0 draws nothing."""
+        rate = getattr(self.rates, fault)
+        if rate <= 0:
+            return False
+        hit = self.rng.random() < rate
+        if hit:
+            self.injected[fault] += 1
+        return hit
+
+    def wrap_handlers(self, service: str, handlers: Mapping[str, Handler]) -> Mapping[str, Handler]:
+        """The bootstrap hook: participants' handlers fail before doing anything, at the error rates."""
+        if service not in FAULTY_SERVICES:
+            return handlers
+        return {message_type: self._faulty(handler) for message_type, handler in handlers.items()}
+
+    def _faulty(self, handler: Handler) -> Handler:
+        async def handle(uow: UnitOfWork, message: Any) -> None:
+            if self.chance("transient_error"):
+                raise TransientError("injected transient participant error")
+            if self.chance("permanent_error"):
+                raise BusinessRuleError("injected permanent participant error")
+            await handler(uow, message)
+
+        return handle
+
+    def publisher(self, inner: Publisher) -> Publisher:
+        """The bootstrap hook: the relays' publisher, duplicating and crashing at its rates."""
+        return FaultyPublisher(inner, self)
+
+
+class FaultyPublisher:
+    """Publish through `inner`; maybe twice; maybe die after the broker confirmed."""
+
+    def __init__(self, inner: Publisher, faults: FaultInjector) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        batch: list[OutgoingMessage] = []
+        for message in messages:
+            batch.append(message)
+            if self.faults.duplicate_publishes and self.faults.chance("duplicate"):
+                # Right behind the original, so each saga's order is kept.
+                batch.append(message)
+        await self.inner.publish_batch(batch)
+        if self.faults.chance("relay_crash"):
+            raise RelayCrash("injected: relay died after the broker confirmed")

@@ -1,0 +1,89 @@
+"""The saga read side: what `compensa saga list|show` and `dlq show` print, as plain rows.
+
+Queries only, over the saga tables (`sagas/tables.py`): the commands format what these
+return and never hold SQL of their own. Times come back as the database hands them
+(SQLite's are naive UTC); the caller makes them aware when it prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from sagas.state import TERMINAL
+from sagas.tables import saga_history as h
+from sagas.tables import saga_instances as s
+
+#: Columns of a saga listing.
+LIST_COLUMNS = (s.c.saga_id, s.c.status, s.c.step, s.c.reason, s.c.started_at, s.c.updated_at)
+
+
+async def list_sagas(
+    connection: AsyncConnection,
+    *,
+    status: str | None = None,
+    started_before: datetime | None = None,
+    unfinished_since: datetime | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Sagas, most recently updated first.
+
+    `started_before` keeps sagas started before that time; `unfinished_since` keeps
+    sagas not in a terminal state and not updated since that time (stuck ones).
+    """
+    query = select(*LIST_COLUMNS).order_by(s.c.updated_at.desc()).limit(limit)
+    if status:
+        query = query.where(s.c.status == status)
+    if started_before is not None:
+        query = query.where(s.c.started_at < started_before)
+    if unfinished_since is not None:
+        query = query.where(
+            s.c.status.not_in([terminal.value for terminal in TERMINAL]),
+            s.c.updated_at < unfinished_since,
+        )
+    return [dict(row._mapping) for row in (await connection.execute(query)).all()]
+
+
+async def get_saga(connection: AsyncConnection, saga_id: str) -> dict[str, Any] | None:
+    """One saga's row (every column), or None."""
+    row = (await connection.execute(select(s).where(s.c.saga_id == saga_id))).one_or_none()
+    return None if row is None else dict(row._mapping)
+
+
+async def saga_history(connection: AsyncConnection, saga_id: str) -> list[dict[str, Any]]:
+    """Every transition of a saga, in order; `sent` parsed from its JSON when it parses."""
+    rows = (await connection.execute(select(h).where(h.c.saga_id == saga_id).order_by(h.c.version))).all()
+    history = [dict(row._mapping) for row in rows]
+    for entry in history:
+        try:
+            entry["sent"] = json.loads(entry["sent"])
+        except (ValueError, RecursionError):
+            pass  # an old or damaged row: shown as stored
+    return history
+
+
+async def saga_summary(connection: AsyncConnection, saga_id: str | None, transitions: int = 5) -> dict[str, Any] | None:
+    """Where a saga stands and its last `transitions` transitions (for a dead letter's page).
+
+    None when no saga is named; a row with status None when the id names no saga.
+    """
+    if not saga_id:
+        return None
+    saga = (
+        await connection.execute(
+            select(s.c.saga_id, s.c.status, s.c.step, s.c.reason, s.c.version, s.c.updated_at).where(s.c.saga_id == saga_id)
+        )
+    ).one_or_none()
+    if saga is None:
+        return {"saga_id": saga_id, "status": None, "note": "no saga with this id (never started, or not a saga message)"}
+    history = (
+        await connection.execute(
+            select(h.c.version, h.c.at, h.c.trigger, h.c.from_status, h.c.to_status, h.c.note)
+            .where(h.c.saga_id == saga_id).order_by(h.c.version.desc()).limit(transitions)
+        )
+    ).all()
+    return {**dict(saga._mapping), "last_transitions": [dict(r._mapping) for r in reversed(history)]}
