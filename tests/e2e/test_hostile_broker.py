@@ -172,3 +172,16 @@ async def test_generated_hostile_bodies_all_end_in_the_dlq(stack: Stack, running
 
     await eventually(all_dead_lettered, timeout=20, interval=0.1, message="every generated body in the DLQ")
     assert {collected[mid] for mid in sent} == {"contract"}
+
+
+async def test_the_broker_refuses_a_body_past_its_limit_and_the_publisher_hears_it(stack: Stack) -> None:
+    """A consumer holds its whole prefetch in memory: 20 MB bodies must not reach it."""
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(t.COMMANDS.name)
+        with pytest.raises(aio_pika.exceptions.AMQPError, match="max size"):
+            await exchange.publish(aio_pika.Message(b"x" * (3 * 1024 * 1024), message_id="huge"), routing_key="stock.reserve")
+            await channel.close()
+    finally:
+        await connection.close()

@@ -20,8 +20,10 @@ MANAGEMENT_ENV_URL = "COMPENSA_TEST_AMQP_MANAGEMENT_URL"
 APP_MANAGEMENT_ENV_URL = "COMPENSA_AMQP_MANAGEMENT_URL"
 
 #: Queue statistics every second, kept at one-second granularity, instead of every 5 s:
-#: `compensa health` judges a queue wedged from them, and the tests wait for that.
+#: `compensa health` judges a queue wedged from them, and the tests wait for that. And
+#: bodies past 2 MiB refused by the broker, as compose.yaml does.
 RABBITMQ_STATS_CONF = (
+    "max_message_size = 2097152\n"
     "collect_statistics_interval = 1000\n"
     "management.sample_retention_policies.global.minute = 1\n"
     "management.sample_retention_policies.basic.minute = 1\n"
