@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
@@ -86,12 +87,10 @@ class Registry:
         except KeyError:
             known = sorted(v for t, v in self._models if t == type_)
             if known:
-                raise ContractError(
-                    f"unknown version {version} of {type_!r} (known: {known})"
-                ) from None
+                raise ContractError(f"unknown version {version} of {type_!r} (known: {known})") from None
             raise ContractError(f"unknown message type {type_!r}") from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[type[Payload]]:
         return iter(self._models.values())
 
     def types(self) -> list[str]:
@@ -137,9 +136,7 @@ def validate_payload(envelope: Envelope, registry: Registry = REGISTRY) -> Messa
     try:
         payload = model.model_validate(envelope.payload)
     except ValidationError as exc:
-        raise ContractError(
-            f"invalid payload for {envelope.type} v{envelope.version}: {_errors_text(exc)}"
-        ) from None
+        raise ContractError(f"invalid payload for {envelope.type} v{envelope.version}: {_errors_text(exc)}") from None
     check_saga_key(payload, envelope.correlation_id)
     return Message(envelope=envelope, payload=payload)
 

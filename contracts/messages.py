@@ -115,7 +115,6 @@ class StockCommitted(OrderPayload):
     kind = "event"
 
 
-
 class StockCommitFailed(OrderPayload):
     message_type = "stock.commit_failed"
     kind = "event"
@@ -205,11 +204,9 @@ class CommitStock(OrderPayload):
     kind = "command"
 
 
-
 class ReleaseStock(OrderPayload):
     message_type = "stock.release"
     kind = "command"
-
 
 
 class ChargePayment(OrderPayload):
@@ -223,7 +220,6 @@ class ChargePayment(OrderPayload):
 class RefundPayment(OrderPayload):
     message_type = "payment.refund"
     kind = "command"
-
 
 
 EVENTS: tuple[type[Payload], ...] = (

@@ -59,8 +59,12 @@ def build_app(settings: Settings | None = None) -> Any:
             await engine.dispose()
 
     return create_app(
-        engine=engine, redis=redis, producers=directory, config=ingest_config(settings),
-        clock=SystemClock(), lifespan=lifespan,
+        engine=engine,
+        redis=redis,
+        producers=directory,
+        config=ingest_config(settings),
+        clock=SystemClock(),
+        lifespan=lifespan,
     )
 
 

@@ -22,11 +22,11 @@ import consumers.payments as payments
 import consumers.stock as stock
 from contracts.clock import Clock
 from infra import topology as t
-from infra.pipeline import BatchLock, Handler, MessageProcessor, RetryPolicy
+from infra.pipeline import BatchLock, MessageProcessor, RetryPolicy
 from infra.settings import Settings
 from outbox.ports import Publisher
 from outbox.tables import SERVICES as OUTBOX_TABLES
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 from sagas.orchestrator import Orchestrator
 from sagas.order_saga import order_saga
 

@@ -133,9 +133,9 @@ def definitions(grants: Sequence[Grant], passwords: Mapping[str, str], vhost: st
 
 async def apply(management_url: str, grants: Sequence[Grant], passwords: Mapping[str, str], vhost: str = "/") -> None:
     """Create or update each user and set its permissions through the management API."""
-    import httpx
-
     from urllib.parse import unquote, urlsplit
+
+    import httpx
 
     parts = urlsplit(management_url)
     base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{parts.path.rstrip('/')}"

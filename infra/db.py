@@ -6,8 +6,9 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -24,9 +25,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         configure_sqlite(engine.sync_engine, synchronous="NORMAL")
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_async_engine(
-            url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-        )
+        return create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
     raise ValueError(
         f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
         "use sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db"
@@ -40,7 +39,7 @@ def configure_sqlite(sync_engine: Engine, *, synchronous: str, begin_immediate: 
     """
 
     @event.listens_for(sync_engine, "connect")
-    def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when a transaction begins.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -54,7 +53,7 @@ def configure_sqlite(sync_engine: Engine, *, synchronous: str, begin_immediate: 
         return
 
     @event.listens_for(sync_engine, "begin")
-    def _begin_immediate(connection):  # type: ignore[no-untyped-def]
+    def _begin_immediate(connection: Connection) -> None:
         # Take the write lock at BEGIN: reads inside a unit of work then see the
         # rows they will write, and SQLite has exactly one writer at a time.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -80,4 +79,3 @@ async def scratch_database(server_url: str, prefix: str = "compensa_scratch") ->
                 await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         finally:
             await admin.dispose()
-

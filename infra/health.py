@@ -31,13 +31,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from alembic.script import ScriptDirectory
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from alembic.script import ScriptDirectory
 from contracts.messages import OrderCreated
 from infra import topology as t
 from infra.bootstrap import OUTBOX_SERVICES
@@ -57,9 +57,7 @@ SHOWN = 5
 #: (its default `basic` retention policy); a longer observation window has no data.
 MAX_WEDGE_WINDOW_SECONDS = 600.0
 #: The queues the saga service reads `order.created` from.
-SAGA_START_QUEUES = tuple(
-    q.name for q in t.WORK_QUEUES if q.service == "saga" and OrderCreated.message_type in q.routing_keys
-)
+SAGA_START_QUEUES = tuple(q.name for q in t.WORK_QUEUES if q.service == "saga" and OrderCreated.message_type in q.routing_keys)
 MANAGEMENT_FIX = (
     "enable RabbitMQ's rabbitmq_management plugin and set COMPENSA_AMQP_MANAGEMENT_URL "
     "(http://user:password@host:15672/; the user needs the monitoring or management tag)"
@@ -121,7 +119,10 @@ async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: floa
         "max_lag_seconds": round(lag, 3),
         "limit_seconds": max_relay_lag,
         "pending": sum(o["pending"] for o in outboxes),
-        "outboxes": {o["service"]: {"pending": o["pending"], "oldest_pending_age_seconds": round(o["oldest_pending_age_seconds"], 3)} for o in outboxes},
+        "outboxes": {
+            o["service"]: {"pending": o["pending"], "oldest_pending_age_seconds": round(o["oldest_pending_age_seconds"], 3)}
+            for o in outboxes
+        },
     }
     if not relay["ok"]:
         relay["error"] = f"oldest pending outbox row is {lag:.0f}s old (limit {max_relay_lag:.0f}s)"
@@ -154,7 +155,9 @@ async def _saga_starts(connection: AsyncConnection, now: datetime, bound: float)
         "sent_order_created_without_saga": {
             "count": sum(sent.values()),
             "by_outbox": sent,
-            "oldest": [{"correlation_id": cid, "sent_seconds_ago": _age(now, at), "outbox": service} for cid, at, service in oldest_sent],
+            "oldest": [
+                {"correlation_id": cid, "sent_seconds_ago": _age(now, at), "outbox": service} for cid, at, service in oldest_sent
+            ],
         },
     }
     if not report["ok"]:
@@ -179,17 +182,26 @@ async def _overdue_deadlines(connection: AsyncConnection, now: datetime, bound: 
     d = saga_deadlines.c
     overdue = d.due_at < now - timedelta(seconds=bound)
     count = (await connection.execute(select(func.count()).where(overdue))).scalar_one()
-    oldest = (await connection.execute(select(d.saga_id, d.due_at, d.kind, d.step).where(overdue).order_by(d.due_at, d.saga_id).limit(SHOWN))).all()
+    oldest = (
+        await connection.execute(
+            select(d.saga_id, d.due_at, d.kind, d.step).where(overdue).order_by(d.due_at, d.saga_id).limit(SHOWN)
+        )
+    ).all()
     report: dict[str, Any] = {
         "ok": count == 0,
         "limit_seconds": bound,
         "overdue": count,
         "max_overdue_seconds": _age(now, oldest[0].due_at) if oldest else 0.0,
-        "oldest": [{"saga_id": row.saga_id, "overdue_seconds": _age(now, row.due_at), "kind": row.kind, "step": row.step} for row in oldest],
+        "oldest": [
+            {"saga_id": row.saga_id, "overdue_seconds": _age(now, row.due_at), "kind": row.kind, "step": row.step}
+            for row in oldest
+        ],
     }
     if count:
         ids = ", ".join(_printable(row.saga_id) for row in oldest)
-        report["error"] = f"{count} saga deadlines overdue by more than {bound:g}s, up to {report['max_overdue_seconds']:.0f}s (oldest: {ids})"
+        report["error"] = (
+            f"{count} saga deadlines overdue by more than {bound:g}s, up to {report['max_overdue_seconds']:.0f}s (oldest: {ids})"
+        )
         report["fix"] = "run the deadline sweeper: it runs with the saga service (`compensa run --service saga`)"
     return report
 
@@ -241,7 +253,9 @@ def _management_endpoint(url: str) -> tuple[str, tuple[str, str], str]:
     """Base URL without credentials, basic-auth pair, and the URL as shown (password hidden)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"COMPENSA_AMQP_MANAGEMENT_URL must be http(s)://user:password@host:port/, not {parts.scheme or '?'}://…")
+        raise ValueError(
+            f"COMPENSA_AMQP_MANAGEMENT_URL must be http(s)://user:password@host:port/, not {parts.scheme or '?'}://…"
+        )
     user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     hostport = f"{host}:{parts.port}" if parts.port else host
@@ -253,7 +267,9 @@ def _samples(details: Any, since_ms: float) -> list[float] | None:
     """Sample values of a management `*_details` object at or after `since_ms`, or None without samples."""
     if not isinstance(details, dict) or not isinstance(details.get("samples"), list) or not details["samples"]:
         return None
-    points = [(s["timestamp"], s["sample"]) for s in details["samples"] if isinstance(s, dict) and "timestamp" in s and "sample" in s]
+    points = [
+        (s["timestamp"], s["sample"]) for s in details["samples"] if isinstance(s, dict) and "timestamp" in s and "sample" in s
+    ]
     if not points or min(ts for ts, _ in points) > since_ms:
         return None  # the broker holds no sample that old: the window is not covered
     return [value for ts, value in points if ts >= since_ms]
@@ -277,12 +293,16 @@ def _queue_view(queue: dict[str, Any], window: float, *, work: bool) -> dict[str
         "idle_since": queue.get("idle_since"),
         "wedged": False,
     }
-    newest = [s["timestamp"] for key in ("messages_unacknowledged_details", "messages_ready_details")
-              for s in (queue.get(key) or {}).get("samples") or [] if isinstance(s, dict) and "timestamp" in s]
+    newest = [
+        s["timestamp"]
+        for key in ("messages_unacknowledged_details", "messages_ready_details")
+        for s in (queue.get(key) or {}).get("samples") or []
+        if isinstance(s, dict) and "timestamp" in s
+    ]
     since_ms = (max(newest) if newest else 0) - window * 1000
     if view["unacked"]:
         unacked = _samples(queue.get("messages_unacknowledged_details"), since_ms)
-        if "ack_details" in stats:
+        if "ack_details" in stats:  # noqa: SIM108 - the else branch needs its comment
             acks = _samples(stats["ack_details"], since_ms)
         else:  # rates are collected (message_stats present) and this queue never saw an ack
             acks = [0] if stats else None
@@ -430,8 +450,7 @@ async def check_health(
     checks["dead_letters"] = {
         "ok": True,
         "queues": {
-            q.name: {"waiting_in_dlq": broker_dlq[q.name], "archived_new": archived.get(q.name, 0)}
-            for q in t.WORK_QUEUES
+            q.name: {"waiting_in_dlq": broker_dlq[q.name], "archived_new": archived.get(q.name, 0)} for q in t.WORK_QUEUES
         },
     }
     warnings = []
@@ -455,7 +474,9 @@ async def check_health(
                 # Admission control holds them (saga_max_in_flight) and the queue drains:
                 # waiting to be started is a queue, not a fault.
                 starts["ok"] = True
-                warnings.append(f"{sum(waiting.values())} orders waiting to be admitted (saga_max_in_flight): {starts.pop('error')}")
+                warnings.append(
+                    f"{sum(waiting.values())} orders waiting to be admitted (saga_max_in_flight): {starts.pop('error')}"
+                )
     held = {name: v["unacked"] for name, v in queues.get("dlqs", {}).items() if v["wedged"]}
     if held:
         warnings.append(
@@ -469,7 +490,13 @@ async def check_health(
         status = "degraded"
     else:
         status = "unhealthy"
-    return {"ok": status == "healthy", "status": status, "checked_at": datetime.now(UTC).isoformat(), "checks": checks, "warnings": warnings}
+    return {
+        "ok": status == "healthy",
+        "status": status,
+        "checked_at": datetime.now(UTC).isoformat(),
+        "checks": checks,
+        "warnings": warnings,
+    }
 
 
 router = APIRouter()

@@ -134,9 +134,7 @@ class MessageProcessor:
                 try:
                     if message is None:
                         message = self._decode(delivery)
-                    with structlog.contextvars.bound_contextvars(
-                        saga_id=message.correlation_id, message_type=message.type
-                    ):
+                    with structlog.contextvars.bound_contextvars(saga_id=message.correlation_id, message_type=message.type):
                         await self._process(delivery, message)
                 except (ContractError, BusinessRuleError) as exc:
                     await self._dead_letter(delivery, exc.reason_class, str(exc), message)
@@ -182,9 +180,7 @@ class MessageProcessor:
         if not delivery.message_id:
             raise ContractError("AMQP message-id property is missing")
         if delivery.message_id != str(message.message_id):
-            raise ContractError(
-                f"AMQP message-id {delivery.message_id!r} != envelope message_id {message.message_id}"
-            )
+            raise ContractError(f"AMQP message-id {delivery.message_id!r} != envelope message_id {message.message_id}")
         if message.type not in self.handlers:
             raise ContractError(f"queue {delivery.queue.name!r} has no handler for {message.type!r}")
         return message
@@ -320,7 +316,9 @@ class BatchingConsumer:
 
     async def __call__(self, delivery: Delivery) -> None:
         if not self._tasks:
-            self._tasks = [asyncio.create_task(self._work(), name=f"batch:{self.processor.consumer}") for _ in range(self.workers)]
+            self._tasks = [
+                asyncio.create_task(self._work(), name=f"batch:{self.processor.consumer}") for _ in range(self.workers)
+            ]
         done = asyncio.get_running_loop().create_future()
         await self._waiting.put((delivery, done))
         await done
@@ -333,7 +331,7 @@ class BatchingConsumer:
             self.largest_batch = max(self.largest_batch, len(batch))
             try:
                 await self.processor.process_batch([delivery for delivery, _ in batch])
-            except BaseException as exc:  # noqa: BLE001 - handed to each waiting caller
+            except BaseException as exc:  # handed to each waiting caller
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -158,10 +159,8 @@ class Runtime:
                 await job()
             except Exception as exc:  # noqa: BLE001 - a background job must survive outages; it is logged
                 log.warning("runtime.job_failed", job=getattr(job, "__name__", str(job)), error=repr(exc))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
-            except TimeoutError:
-                pass
 
     async def _notify_listener(self) -> None:
         """Wake relays on Postgres NOTIFY; polling covers SQLite and missed hints."""
@@ -180,7 +179,7 @@ class Runtime:
             batcher.close()
         self.stop_event.set()
         if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:
                 task.cancel()
         log.info("runtime.stopped")

@@ -7,13 +7,14 @@ from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.types import TypeDecorator
 
 # Importing the table modules registers every table on the shared metadata.
-import consumers.ledger.tables  # noqa: F401
-import consumers.orders.tables  # noqa: F401
-import consumers.payments.tables  # noqa: F401
+import consumers.ledger.tables
+import consumers.orders.tables
+import consumers.payments.tables
 import consumers.stock.tables  # noqa: F401
 import infra.dlq.tables  # noqa: F401
 import producers.ingest.tables  # noqa: F401
@@ -45,7 +46,7 @@ def alembic_config() -> Config:
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Apply migrations up to `revision` on the engine's database; safe to repeat."""
 
-    def run(sync_connection) -> None:  # type: ignore[no-untyped-def]
+    def run(sync_connection: Connection) -> None:
         config = alembic_config()
         config.attributes["connection"] = sync_connection
         command.upgrade(config, revision)
@@ -58,6 +59,4 @@ async def current_revision(engine: AsyncEngine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     async with engine.connect() as connection:
-        return await connection.run_sync(
-            lambda sync: MigrationContext.configure(sync).get_current_revision()
-        )
+        return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())

@@ -44,18 +44,30 @@ class Settings(BaseSettings):
 
     declare_topology: bool = Field(
         default=True,
-        description="Declare exchanges and queues when a service starts; off for least-privilege users (the admin runs `compensa topology declare`).",
+        description=(
+            "Declare exchanges and queues when a service starts; "
+            "off for least-privilege users (the admin runs `compensa topology declare`)."
+        ),
     )
     queue_type: Literal["classic", "quorum"] = "classic"
     prefetch: int = Field(default=32, ge=1, le=10_000)
-    consumer_batch_size: int = Field(default=50, ge=1, le=1_000, description="Deliveries applied in one transaction when they arrive together (1 = one at a time).")
+    consumer_batch_size: int = Field(
+        default=50,
+        ge=1,
+        le=1_000,
+        description="Deliveries applied in one transaction when they arrive together (1 = one at a time).",
+    )
     consumer_workers: int = Field(default=4, ge=1, le=64, description="Concurrent transactions per consumer.")
     max_attempts: int = Field(default=5, ge=1, le=50, description="Deliveries before the DLQ.")
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_max_seconds: float = Field(default=60.0, gt=0)
     unavailable_retry_seconds: float = Field(
-        default=120.0, ge=0, le=86_400,
-        description="How long a message waits, unacknowledged, for an unavailable database (a restart) before the ordinary retries.",
+        default=120.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "How long a message waits, unacknowledged, for an unavailable database (a restart) before the ordinary retries."
+        ),
     )
 
     relay_batch_size: int = Field(default=200, ge=1, le=10_000)
@@ -68,14 +80,18 @@ class Settings(BaseSettings):
     saga_compensation_deadline_seconds: float = Field(default=30.0, gt=0)
     saga_max_compensation_attempts: int = Field(default=5, ge=1, le=100)
     saga_max_in_flight: int = Field(
-        default=100, ge=1, le=1_000_000,
+        default=100,
+        ge=1,
+        le=1_000_000,
         description="Sagas running or compensating at once; further starts wait, un-started, in saga.starts.",
     )
     reservation_ttl_seconds: float = Field(default=900.0, gt=0, description="Stock reservations expire after this.")
     payment_amount_limit: int = Field(default=500_000, ge=0, description="The default gateway declines above this (minor units).")
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
     health_stuck_seconds: float = Field(
-        default=60.0, gt=0, le=86_400,
+        default=60.0,
+        gt=0,
+        le=86_400,
         description="`compensa health`: how long an order may wait for its saga, a saga deadline stay unfired, "
         "or a queue hold unacknowledged messages without an ack, before it counts as stuck.",
     )
@@ -83,16 +99,26 @@ class Settings(BaseSettings):
     # HTTP ingest (`compensa api`); see producers/ingest.
     api_host: str = Field(default="127.0.0.1", description="Address `compensa api` listens on.")
     api_port: int = Field(default=8080, ge=1, le=65535)
-    api_keys_file: Path | None = Field(default=None, description="JSON file of API keys (hashed), besides the ingest_producers table.")
-    api_key_cache_seconds: float = Field(default=5.0, ge=0, description="API key lookups are cached this long; a revocation takes effect within it.")
-    api_idempotency_ttl_seconds: float = Field(default=86_400.0, gt=0, description="How long a stored response answers retries of its Idempotency-Key.")
-    api_idempotency_processing_seconds: float = Field(default=30.0, gt=0, description="How long a `processing` marker outlives a crashed request.")
+    api_keys_file: Path | None = Field(
+        default=None, description="JSON file of API keys (hashed), besides the ingest_producers table."
+    )
+    api_key_cache_seconds: float = Field(
+        default=5.0, ge=0, description="API key lookups are cached this long; a revocation takes effect within it."
+    )
+    api_idempotency_ttl_seconds: float = Field(
+        default=86_400.0, gt=0, description="How long a stored response answers retries of its Idempotency-Key."
+    )
+    api_idempotency_processing_seconds: float = Field(
+        default=30.0, gt=0, description="How long a `processing` marker outlives a crashed request."
+    )
     api_rate_limit: int = Field(default=600, ge=1, description="Requests per producer per window (a producer may have its own).")
     api_rate_limit_window_seconds: float = Field(default=60.0, gt=0)
     api_max_request_bytes: int = Field(default=1_048_576, ge=1024)
     api_max_batch_events: int = Field(default=500, ge=1, le=10_000)
     api_require_idempotency_key: bool = False
-    api_redis_timeout_seconds: float = Field(default=1.0, gt=0, description="Redis socket timeout; past it a request answers 503.")
+    api_redis_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="Redis socket timeout; past it a request answers 503."
+    )
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"

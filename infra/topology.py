@@ -61,15 +61,9 @@ SAGA_EVENTS = QueueSpec(
         m.PaymentRefunded,
     ),
 )
-STOCK_COMMANDS = QueueSpec(
-    "stock.commands", "stock", COMMANDS, _keys(m.ReserveStock, m.CommitStock, m.ReleaseStock)
-)
-PAYMENTS_COMMANDS = QueueSpec(
-    "payments.commands", "payments", COMMANDS, _keys(m.ChargePayment, m.RefundPayment)
-)
-LEDGER_EVENTS = QueueSpec(
-    "ledger.events", "ledger", EVENTS, _keys(m.PaymentAuthorized, m.PaymentRefunded)
-)
+STOCK_COMMANDS = QueueSpec("stock.commands", "stock", COMMANDS, _keys(m.ReserveStock, m.CommitStock, m.ReleaseStock))
+PAYMENTS_COMMANDS = QueueSpec("payments.commands", "payments", COMMANDS, _keys(m.ChargePayment, m.RefundPayment))
+LEDGER_EVENTS = QueueSpec("ledger.events", "ledger", EVENTS, _keys(m.PaymentAuthorized, m.PaymentRefunded))
 ORDERS_EVENTS = QueueSpec(
     "orders.events", "orders", EVENTS, _keys(m.OrderCreated, m.OrderCompleted, m.OrderCancelled, m.OrderRejected)
 )
@@ -85,9 +79,7 @@ WORK_QUEUES: tuple[QueueSpec, ...] = (
 
 
 #: The dead-letter queues, as queues the archive (service "dlq") consumes.
-DEAD_LETTER_QUEUES: tuple[QueueSpec, ...] = tuple(
-    QueueSpec(queue.dlq, "dlq", DLX, (queue.name,)) for queue in WORK_QUEUES
-)
+DEAD_LETTER_QUEUES: tuple[QueueSpec, ...] = tuple(QueueSpec(queue.dlq, "dlq", DLX, (queue.name,)) for queue in WORK_QUEUES)
 
 
 def queue_named(name: str) -> QueueSpec:
@@ -104,10 +96,7 @@ RETIRED_BINDINGS: tuple[tuple[QueueSpec, str], ...] = ((SAGA_EVENTS, m.OrderCrea
 
 def retry_delays_ms(max_attempts: int, base_seconds: float, max_seconds: float) -> list[int]:
     """Delay (ms) before attempt 2, 3, …, max_attempts: exponential, capped."""
-    return [
-        int(min(base_seconds * 2 ** (attempt - 1), max_seconds) * 1000)
-        for attempt in range(1, max_attempts)
-    ]
+    return [int(min(base_seconds * 2 ** (attempt - 1), max_seconds) * 1000) for attempt in range(1, max_attempts)]
 
 
 # Headers compensa adds to a message on retry and dead-lettering.

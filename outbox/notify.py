@@ -10,6 +10,7 @@ sent their NOTIFY into the void.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Mapping
@@ -87,16 +88,15 @@ class OutboxListener:
                 log.warning("relay.listen_lost", channel=CHANNEL, error=reason)
             delay = self._retry_delay(failures + 1)
             log.debug("relay.listen_retry", failed_attempts=failures, retry_in=round(delay, 3), error=reason)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     async def _listen_once(self, stop: asyncio.Event, lost_at: float | None, failures: int) -> str:
         """LISTEN on one connection until it is lost (return why) or stop is set (return "")."""
         async with self.engine.connect() as connection:
             raw = await connection.get_raw_connection()
             driver = raw.driver_connection  # the asyncpg connection
+            assert driver is not None, "an open connection has its driver connection"
             terminated = asyncio.Event()
 
             def on_terminated(_conn: Any) -> None:
@@ -156,9 +156,7 @@ class OutboxListener:
             ended.cancel()
 
 
-async def listen_for_outbox(
-    engine: AsyncEngine, relays: Mapping[str, Any], stop: asyncio.Event, **options: Any
-) -> None:
+async def listen_for_outbox(engine: AsyncEngine, relays: Mapping[str, Any], stop: asyncio.Event, **options: Any) -> None:
     """Set `relay.wakeup` whenever a transaction inserted into that relay's outbox.
 
     Survives losing the connection: see OutboxListener for the options.

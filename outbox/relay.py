@@ -7,10 +7,11 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import Row, bindparam, func, select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.clock import Clock
 from outbox.ports import OutgoingMessage, Publisher
@@ -31,7 +32,7 @@ async def _wait(*events: asyncio.Event, timeout: float) -> None:
             waiter.cancel()
 
 
-def _to_outgoing(row: Row) -> OutgoingMessage:
+def _to_outgoing(row: Row[Any]) -> OutgoingMessage:
     return OutgoingMessage(
         message_id=row.message_id,
         type=row.type,
@@ -90,33 +91,28 @@ class Relay:
             .limit(batch_size)
             .with_for_update(skip_locked=True)
         )
-        self._mark_sent = (
-            update(outbox)
-            .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
-            .values(sent_at=bindparam("now"))
-        )
+        self._mark_sent = update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(sent_at=bindparam("now"))
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked sent."""
-        async with self.engine.connect() as connection:
-            async with connection.begin():
-                rows = (await connection.execute(self._claim)).all()
-                if not rows:
-                    self.last_claimed = 0
-                    return 0
-                claimed = len(rows)
-                if connection.dialect.name == "postgresql":
-                    # Losing a "sent" mark in a crash only re-publishes (the inboxes
-                    # dedupe), so this commit need not wait for its WAL flush.
-                    await connection.execute(_ASYNC_COMMIT)
-                    # Only Postgres can have concurrent claimers; SQLite has one writer.
-                    rows = await self._keep_saga_order(connection, rows)
-                if not rows:
-                    self.last_claimed = claimed
-                    return 0
-                batch = [_to_outgoing(row) for row in rows]
-                await self.publisher.publish_batch(batch)
-                await connection.execute(self._mark_sent, {"ids": [row.id for row in rows], "now": self.clock.now()})
+        async with self.engine.connect() as connection, connection.begin():
+            rows = (await connection.execute(self._claim)).all()
+            if not rows:
+                self.last_claimed = 0
+                return 0
+            claimed = len(rows)
+            if connection.dialect.name == "postgresql":
+                # Losing a "sent" mark in a crash only re-publishes (the inboxes
+                # dedupe), so this commit need not wait for its WAL flush.
+                await connection.execute(_ASYNC_COMMIT)
+                # Only Postgres can have concurrent claimers; SQLite has one writer.
+                rows = await self._keep_saga_order(connection, rows)
+            if not rows:
+                self.last_claimed = claimed
+                return 0
+            batch = [_to_outgoing(row) for row in rows]
+            await self.publisher.publish_batch(batch)
+            await connection.execute(self._mark_sent, {"ids": [row.id for row in rows], "now": self.clock.now()})
         self.last_claimed = claimed
         self.published_total += len(batch)
         if self.on_published is not None:
@@ -124,7 +120,7 @@ class Relay:
         log.debug("relay.published", service=self.service, count=len(batch))
         return len(batch)
 
-    async def _keep_saga_order(self, connection, rows: Sequence[Row]) -> list[Row]:  # type: ignore[no-untyped-def]
+    async def _keep_saga_order(self, connection: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Row[Any]]:
         """Keep, per saga, only the claimed rows before its first pending row held elsewhere.
 
         `SKIP LOCKED` can hand this relay a saga's rows with a gap: seq 4 and 6 while

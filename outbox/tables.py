@@ -87,7 +87,9 @@ def _inbox_table(service: str) -> Table:
         Column("message_type", String(64), nullable=False),
         Column("received_at", UtcDateTime(), nullable=False),
         Column(
-            "digest", String(64), nullable=True,
+            "digest",
+            String(64),
+            nullable=True,
             doc="sha256 of type, version, correlation id and payload: the same id with other content is refused.",
         ),
         Index(f"ix_{name}_received_at", "received_at"),
@@ -95,8 +97,7 @@ def _inbox_table(service: str) -> Table:
 
 
 TABLES: dict[str, ServiceTables] = {
-    service: ServiceTables(service, _outbox_table(service), _inbox_table(service))
-    for service in SERVICES
+    service: ServiceTables(service, _outbox_table(service), _inbox_table(service)) for service in SERVICES
 }
 
 

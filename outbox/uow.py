@@ -18,17 +18,18 @@ from contracts.routing import exchange_for
 from outbox.tables import ServiceTables, tables_for
 from outbox.tracing import current_traceparent
 
-
 _IGNORING_INSERTS: dict[tuple[str, str], Any] = {}
 
 
 def insert_for(dialect: str, table: Any) -> Any:
     """An INSERT with the dialect's ON CONFLICT clauses (PostgreSQL and SQLite both have them)."""
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
 
 
 def insert_ignoring_duplicates(connection: AsyncConnection, table: Any) -> Any:
@@ -48,7 +49,9 @@ def content_digest(message: Message[Any]) -> str:
     envelope = message.envelope
     canonical = json.dumps(
         [envelope.type, envelope.version, envelope.correlation_id, envelope.payload],
-        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -141,9 +144,7 @@ class UnitOfWork:
             correlation_id=correlation_id,
             producer=self.service,
             causation_id=self.incoming.message_id if self.incoming else None,
-            traceparent=current_traceparent() or (
-                self.incoming.envelope.traceparent if self.incoming else None
-            ),
+            traceparent=current_traceparent() or (self.incoming.envelope.traceparent if self.incoming else None),
             occurred_at=self.now(),
             message_id=message_id or (self._message_ids() if self._message_ids else None),
         )
@@ -201,8 +202,7 @@ class UnitOfWork:
         if self._pending:
             now = self.now()
             rows = [
-                outbox_row(message, now, *self._routes.get(index, (None, None)))
-                for index, message in enumerate(self._pending)
+                outbox_row(message, now, *self._routes.get(index, (None, None))) for index, message in enumerate(self._pending)
             ]
             await self.connection.execute(self.tables.outbox_insert, rows)
             self._pending.clear()
@@ -218,18 +218,16 @@ class UnitOfWork:
 Handler = Callable[[UnitOfWork, Message[Any]], Awaitable[None]]
 
 
-async def prune(engine: AsyncEngine, service: str, *, now: datetime, outbox_age: timedelta, inbox_age: timedelta) -> tuple[int, int]:
+async def prune(
+    engine: AsyncEngine, service: str, *, now: datetime, outbox_age: timedelta, inbox_age: timedelta
+) -> tuple[int, int]:
     """Delete sent outbox rows and inbox rows older than their retention."""
     tables = tables_for(service)
     async with engine.begin() as connection:
         sent = await connection.execute(
-            delete(tables.outbox).where(
-                tables.outbox.c.sent_at.is_not(None), tables.outbox.c.sent_at < now - outbox_age
-            )
+            delete(tables.outbox).where(tables.outbox.c.sent_at.is_not(None), tables.outbox.c.sent_at < now - outbox_age)
         )
-        seen = await connection.execute(
-            delete(tables.inbox).where(tables.inbox.c.received_at < now - inbox_age)
-        )
+        seen = await connection.execute(delete(tables.inbox).where(tables.inbox.c.received_at < now - inbox_age))
     return sent.rowcount, seen.rowcount
 
 
@@ -240,9 +238,7 @@ async def pending_summary(engine: AsyncEngine, service: str, now: datetime) -> d
     outbox = tables_for(service).outbox
     async with engine.connect() as connection:
         row = (
-            await connection.execute(
-                select(func.count(), func.min(outbox.c.created_at)).where(outbox.c.sent_at.is_(None))
-            )
+            await connection.execute(select(func.count(), func.min(outbox.c.created_at)).where(outbox.c.sent_at.is_(None)))
         ).one()
     count, oldest = row
     return {

@@ -17,9 +17,9 @@ __all__ = [
     "SagaStatus",
     "Step",
     "Transition",
+    "cancel",
     "on_deadline",
     "on_message",
     "retry_compensation",
-    "cancel",
     "start",
 ]

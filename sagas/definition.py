@@ -139,9 +139,7 @@ def _check_definition(definition: SagaDefinition) -> None:
     for compensation in definition._compensations():
         command, confirmation = compensation.command_type, compensation.confirmed_by.message_type
         if confirmation in owner:
-            raise ValueError(
-                f"{confirmation!r} confirms a compensation and is also {owner[confirmation]}"
-            )
+            raise ValueError(f"{confirmation!r} confirms a compensation and is also {owner[confirmation]}")
         if by_command.setdefault(command, confirmation) != confirmation:
             raise ValueError(f"compensation {command!r} is confirmed by two different events")
         if by_confirmation.setdefault(confirmation, command) != command:

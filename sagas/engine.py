@@ -28,14 +28,11 @@ _COMPENSATION_OPEN = (SagaStatus.COMPENSATING, SagaStatus.COMPENSATION_FAILED)
 # ---------------------------------------------------------------- entry points
 
 
-def start(
-    definition: SagaDefinition, message_payload: Payload, saga_id: str, now: datetime
-) -> Transition:
+def start(definition: SagaDefinition, message_payload: Payload, saga_id: str, now: datetime) -> Transition:
     """Start a saga from its first message: send the first step's command."""
     if message_payload.message_type != definition.starts_with.message_type:
         raise ValueError(
-            f"{definition.name} starts with {definition.starts_with.message_type}, "
-            f"not {message_payload.message_type}"
+            f"{definition.name} starts with {definition.starts_with.message_type}, not {message_payload.message_type}"
         )
     first = definition.steps[0]
     data = dict(definition.initial_data(message_payload))
@@ -63,9 +60,7 @@ def start(
     )
 
 
-def on_message(
-    definition: SagaDefinition, state: SagaState, payload: Payload, now: datetime
-) -> Transition:
+def on_message(definition: SagaDefinition, state: SagaState, payload: Payload, now: datetime) -> Transition:
     """Apply a participant's reply (or any other message) to a saga."""
     _check_belongs(definition, state)
     message_type = payload.message_type
@@ -80,9 +75,7 @@ def on_message(
     return _on_failure(definition, state, step, payload, now)
 
 
-def on_deadline(
-    definition: SagaDefinition, state: SagaState, deadline: Deadline, now: datetime
-) -> Transition:
+def on_deadline(definition: SagaDefinition, state: SagaState, deadline: Deadline, now: datetime) -> Transition:
     """Apply a fired deadline; one that no longer guards anything is ignored."""
     _check_belongs(definition, state)
     trigger = f"deadline:{deadline.kind}:{deadline.step}"
@@ -137,9 +130,7 @@ def cancel(definition: SagaDefinition, state: SagaState, now: datetime, reason: 
 # ---------------------------------------------------------------- replies
 
 
-def _on_success(
-    definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime
-) -> Transition:
+def _on_success(definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime) -> Transition:
     """Advance on the current step's success; undo a success that came too late."""
     trigger = payload.message_type
     if step.name in state.done_steps:
@@ -154,9 +145,7 @@ def _on_success(
     return _undo_late_success(definition, state, step, payload, now)
 
 
-def _advance(
-    definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime
-) -> Transition:
+def _advance(definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime) -> Transition:
     """Record the current step's success and send the next command, or complete."""
     trigger = payload.message_type
     data = step.data_after(state.data, payload)
@@ -188,9 +177,7 @@ def _advance(
     )
 
 
-def _undo_late_success(
-    definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime
-) -> Transition:
+def _undo_late_success(definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime) -> Transition:
     """Compensate a step that succeeded after the saga gave up on it.
 
     The compensation is sent even if one went out already (the step timed out,
@@ -219,9 +206,7 @@ def _undo_late_success(
     )
 
 
-def _on_failure(
-    definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime
-) -> Transition:
+def _on_failure(definition: SagaDefinition, state: SagaState, step: Step, payload: Payload, now: datetime) -> Transition:
     """Fail the saga on the current step's failure; any other failure changes nothing."""
     trigger = payload.message_type
     is_current = state.status is SagaStatus.RUNNING and step.name == _current(definition, state).name
@@ -284,19 +269,13 @@ def _is_live(definition: SagaDefinition, state: SagaState, deadline: Deadline) -
     """Whether this deadline still guards what the saga is waiting for."""
     step_name = _current(definition, state).name
     if deadline.kind == "step":
-        return (
-            state.status is SagaStatus.RUNNING and deadline.step == step_name and deadline.attempt == 1
-        )
+        return state.status is SagaStatus.RUNNING and deadline.step == step_name and deadline.attempt == 1
     return (
-        state.status is SagaStatus.COMPENSATING
-        and deadline.step == step_name
-        and deadline.attempt == state.compensation_attempts
+        state.status is SagaStatus.COMPENSATING and deadline.step == step_name and deadline.attempt == state.compensation_attempts
     )
 
 
-def _on_step_timeout(
-    definition: SagaDefinition, state: SagaState, now: datetime, trigger: str
-) -> Transition:
+def _on_step_timeout(definition: SagaDefinition, state: SagaState, now: datetime, trigger: str) -> Transition:
     """Give up on the current step; undo it too, since it may have happened."""
     step = _current(definition, state)
     return _compensate(
@@ -310,9 +289,7 @@ def _on_step_timeout(
     )
 
 
-def _on_compensation_timeout(
-    definition: SagaDefinition, state: SagaState, now: datetime, trigger: str
-) -> Transition:
+def _on_compensation_timeout(definition: SagaDefinition, state: SagaState, now: datetime, trigger: str) -> Transition:
     """Resend unconfirmed compensations, or give up after the last attempt."""
     pending = ", ".join(state.pending_compensations)
     attempts, budget = state.compensation_attempts, definition.max_compensation_attempts
@@ -342,9 +319,7 @@ def _step_deadline(step: Step, now: datetime) -> Deadline:
     return Deadline(due_at=now + step.deadline, kind="step", step=step.name, attempt=1)
 
 
-def _compensation_deadline(
-    definition: SagaDefinition, state: SagaState, now: datetime, attempt: int
-) -> Deadline:
+def _compensation_deadline(definition: SagaDefinition, state: SagaState, now: datetime, attempt: int) -> Deadline:
     return Deadline(
         due_at=now + definition.compensation_deadline,
         kind="compensation",
@@ -409,14 +384,11 @@ def _compensation_commands(steps_newest_first: Iterable[Step], data: SagaData) -
 
 def _pending_commands(definition: SagaDefinition, state: SagaState) -> tuple[Payload, ...]:
     return tuple(
-        definition.compensation_for(command_type).command_for(state.data)
-        for command_type in state.pending_compensations
+        definition.compensation_for(command_type).command_for(state.data) for command_type in state.pending_compensations
     )
 
 
-def _cancel(
-    definition: SagaDefinition, state: SagaState, now: datetime, trigger: str, cause: str
-) -> Transition:
+def _cancel(definition: SagaDefinition, state: SagaState, now: datetime, trigger: str, cause: str) -> Transition:
     reason = state.reason or cause
     return _changed(
         state,

@@ -59,7 +59,7 @@ class Orchestrator:
 
     def handlers(self) -> dict[str, Any]:
         """One handler per consumed message type, for the consumer pipeline."""
-        return {message_type: self.handle for message_type in self._interested}
+        return dict.fromkeys(self._interested, self.handle)
 
     async def handle(self, uow: SagaUnitOfWork, message: Message[Any]) -> None:
         """Apply one saga event: start a saga or move an existing one."""
@@ -78,8 +78,7 @@ class Orchestrator:
             # One saga per business key: a second start (another producer reusing an
             # order id, say) must not touch the saga that owns it, nor slip by unseen.
             raise BusinessRuleError(
-                f"{message.type} for {saga_id!r}, which already has a saga ({state.status.value}): "
-                "one saga per business key"
+                f"{message.type} for {saga_id!r}, which already has a saga ({state.status.value}): one saga per business key"
             )
         definition = self.definitions[state.definition]
         transition = engine.on_message(definition, state, message.payload, uow.now())

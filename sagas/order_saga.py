@@ -112,9 +112,7 @@ ORDER_SAGA = SagaDefinition(
             compensation=RELEASE_STOCK,
         ),
     ),
-    completed=lambda data: OrderCompleted(
-        order_id=data["order_id"], total=Money.model_validate(data["total"])
-    ),
+    completed=lambda data: OrderCompleted(order_id=data["order_id"], total=Money.model_validate(data["total"])),
     cancelled=lambda data, reason: OrderCancelled(order_id=data["order_id"], reason=reason),
     rejected=lambda data, reason: OrderRejected(order_id=data["order_id"], reason=reason),
     compensation_deadline=timedelta(seconds=30),

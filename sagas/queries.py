@@ -7,6 +7,7 @@ return and never hold SQL of their own. Times come back as the database hands th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime
 from typing import Any
@@ -59,10 +60,8 @@ async def saga_history(connection: AsyncConnection, saga_id: str) -> list[dict[s
     rows = (await connection.execute(select(h).where(h.c.saga_id == saga_id).order_by(h.c.version))).all()
     history = [dict(row._mapping) for row in rows]
     for entry in history:
-        try:
+        with contextlib.suppress(ValueError, RecursionError):  # an old or damaged row: shown as stored
             entry["sent"] = json.loads(entry["sent"])
-        except (ValueError, RecursionError):
-            pass  # an old or damaged row: shown as stored
     return history
 
 
@@ -83,7 +82,9 @@ async def saga_summary(connection: AsyncConnection, saga_id: str | None, transit
     history = (
         await connection.execute(
             select(h.c.version, h.c.at, h.c.trigger, h.c.from_status, h.c.to_status, h.c.note)
-            .where(h.c.saga_id == saga_id).order_by(h.c.version.desc()).limit(transitions)
+            .where(h.c.saga_id == saga_id)
+            .order_by(h.c.version.desc())
+            .limit(transitions)
         )
     ).all()
     return {**dict(saga._mapping), "last_transitions": [dict(r._mapping) for r in reversed(history)]}

@@ -144,10 +144,7 @@ class SagaStore:
                 .with_for_update(skip_locked=True)
             )
         ).all()
-        return [
-            (row.saga_id, Deadline(due_at=row.due_at, kind=row.kind, step=row.step, attempt=row.attempt))
-            for row in rows
-        ]
+        return [(row.saga_id, Deadline(due_at=row.due_at, kind=row.kind, step=row.step, attempt=row.attempt)) for row in rows]
 
 
 async def count_in_flight(connection: AsyncConnection) -> int:

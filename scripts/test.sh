@@ -2,8 +2,9 @@
 # Set up a fresh Debian machine and run the whole test suite: the one test command.
 #   bash scripts/test.sh [pytest args...]
 # Installs missing server packages (the test harness starts its own servers from them),
-# creates .venv if missing, installs the project with its dev extras, then runs pytest
-# and exits with pytest's status (5, "no tests collected", counts as a failure).
+# creates .venv if missing, installs the project with its dev extras, checks lint, format
+# and types (ruff, mypy: any finding fails before a test runs), then runs pytest and exits
+# with pytest's status (5, "no tests collected", counts as a failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,6 +79,16 @@ fi
 
 phase "virtualenv (.venv)"
 bash scripts/setup.sh --dev
+
+# Configured in pyproject.toml; `ruff check --fix .` and `ruff format .` repair most findings.
+phase "ruff check (lint)"
+.venv/bin/ruff check .
+
+phase "ruff format --check"
+.venv/bin/ruff format --check .
+
+phase "mypy (types; cache in .mypy_cache)"
+.venv/bin/mypy
 
 phase "pytest $*"
 status=0

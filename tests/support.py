@@ -167,8 +167,11 @@ def assert_one_line_error(run: Run, *fragments: str) -> str:
 def order_created(order_id: str = "o-1", amount: int = 3000, **overrides: Any) -> dict[str, Any]:
     """The JSON payload of a valid order.created."""
     payload = OrderCreated(
-        order_id=order_id, customer_id="c-1", lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=amount // 2),),
-        total=Money(amount=amount, currency="EUR"), payment_token="tok_ok_1",
+        order_id=order_id,
+        customer_id="c-1",
+        lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=amount // 2),),
+        total=Money(amount=amount, currency="EUR"),
+        payment_token="tok_ok_1",
     ).model_dump(mode="json")
     payload.update(overrides)
     return payload
@@ -216,7 +219,9 @@ def dump(value: Any) -> str:
 
 WEIRD_CHARS = st.one_of(
     st.characters(),
-    st.sampled_from(["\x00", "\x1b", "\x7f", "\n", "\ud800", "\udbff", "\udc00", "\udfff", "\u2028", "\ufeff", "\U0001f600", '"', "\\"]),
+    st.sampled_from(
+        ["\x00", "\x1b", "\x7f", "\n", "\ud800", "\udbff", "\udc00", "\udfff", "\u2028", "\ufeff", "\U0001f600", '"', "\\"]
+    ),
 )
 WEIRD_TEXT = st.text(WEIRD_CHARS, max_size=12)
 WEIRD_NUMBERS = st.one_of(

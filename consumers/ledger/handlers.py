@@ -38,9 +38,7 @@ async def _post(uow: UnitOfWork, kind: Kind, order_id: str, amount: Money) -> No
         return
     await store.add_entries(transaction_id, postings)
     balances = await store.apply_balances(rules.balance_changes(postings))
-    uow.send(
-        LedgerUpdated(order_id=order_id, transaction_id=transaction_id, postings=postings, balances=balances)
-    )
+    uow.send(LedgerUpdated(order_id=order_id, transaction_id=transaction_id, postings=postings, balances=balances))
 
 
 _KINDS = {PaymentAuthorized.message_type: Kind.CAPTURE, PaymentRefunded.message_type: Kind.REFUND}
@@ -54,9 +52,7 @@ async def lock_batch(uow: UnitOfWork, messages: Sequence[Message[Any]]) -> None:
     each hold a balance the other waits for. Taken first, sorted, those row locks queue.
     """
     accounts = {
-        posting.account
-        for message in messages
-        for posting in rules.postings_for(_KINDS[message.type], message.payload.amount)
+        posting.account for message in messages for posting in rules.postings_for(_KINDS[message.type], message.payload.amount)
     }
     await LedgerStore(uow.connection).lock_balances(accounts)
 

@@ -15,7 +15,6 @@ from consumers.ledger.tables import ledger_balances, ledger_entries, ledger_tran
 from contracts import Posting
 from outbox.uow import insert_for
 
-
 # Built once (per dialect where ON CONFLICT is spelled per backend): these run for
 # every posting, and building a statement costs more than running it.
 _INSERT_ENTRIES = insert(ledger_entries)

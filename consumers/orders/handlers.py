@@ -64,8 +64,7 @@ def _order_created(
         )
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or '<root>'}: {error['msg']}"
-            for error in exc.errors(include_url=False)
+            f"{'.'.join(str(p) for p in error['loc']) or '<root>'}: {error['msg']}" for error in exc.errors(include_url=False)
         )
         raise ContractError(f"invalid order {order_id}: {problems}") from None
 
@@ -139,9 +138,7 @@ async def _settle(uow: UnitOfWork, order_id: str, outcome: OrderStatus, reason: 
         if order.status is outcome:
             log.info("order.outcome_repeated", order_id=order_id, status=order.status.value)
         else:
-            log.warning(
-                "order.outcome_conflict", order_id=order_id, status=order.status.value, outcome=outcome.value
-            )
+            log.warning("order.outcome_conflict", order_id=order_id, status=order.status.value, outcome=outcome.value)
         return
     await store.set_status(order_id, status, reason, expected=order.status, now=uow.now())
 

@@ -84,7 +84,5 @@ async def order_statuses(engine: AsyncEngine) -> dict[str, str]:
 async def get_order(engine: AsyncEngine, order_id: str) -> Order | None:
     """Return one order, or None."""
     async with engine.connect() as connection:
-        row = (
-            await connection.execute(select(orders_orders).where(orders_orders.c.order_id == order_id))
-        ).one_or_none()
+        row = (await connection.execute(select(orders_orders).where(orders_orders.c.order_id == order_id))).one_or_none()
     return _order(row) if row else None

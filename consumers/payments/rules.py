@@ -102,6 +102,4 @@ def decide_refund(existing: Charge | None, order_id: str) -> RefundDecision:
     assert existing.payment_id is not None, "a captured charge always has a payment id"
     refund = Money(amount=due, currency=currency)
     charge = replace(existing, status=ChargeStatus.REFUNDED, refunded_amount=existing.refunded_amount + due)
-    return RefundDecision(
-        charge, GatewayRefund(existing.payment_id, refund), PaymentRefunded(order_id=order_id, amount=refund)
-    )
+    return RefundDecision(charge, GatewayRefund(existing.payment_id, refund), PaymentRefunded(order_id=order_id, amount=refund))

@@ -38,9 +38,7 @@ def _values(charge: Charge, now: datetime) -> dict[str, Any]:
 
 _CHANGED = ("status", "payment_id", "amount", "currency", "refunded_amount", "reason", "updated_at")
 # Built once: these run for every order (bind parameters, not new statements).
-_CHARGE_FOR_UPDATE = (
-    select(payments_charges).where(payments_charges.c.order_id == bindparam("order_id")).with_for_update()
-)
+_CHARGE_FOR_UPDATE = select(payments_charges).where(payments_charges.c.order_id == bindparam("order_id")).with_for_update()
 _INSERT = insert(payments_charges)
 _UPDATE = (
     update(payments_charges)

@@ -161,9 +161,7 @@ def decide_commit(existing: Reservation | None, order_id: str, *, now: datetime)
         if existing.expires_at is not None and existing.expires_at <= now:
             return _commit_failed(order_id, f"reservation expired at {existing.expires_at.isoformat()}")
         movements = tuple(Movement(sku, 0, -q) for sku, q in quantities(existing.lines).items())
-        return Decision(
-            replace(existing, status=ReservationStatus.COMMITTED), movements, StockCommitted(order_id=order_id)
-        )
+        return Decision(replace(existing, status=ReservationStatus.COMMITTED), movements, StockCommitted(order_id=order_id))
     reasons = {
         ReservationStatus.RELEASED: "reservation already released",
         ReservationStatus.VOIDED: "order voided",
@@ -175,9 +173,7 @@ def decide_commit(existing: Reservation | None, order_id: str, *, now: datetime)
 def decide_release(existing: Reservation | None, order_id: str) -> Decision:
     """Give held or committed stock back; void an order whose reserve has not arrived."""
     if existing is None:
-        return Decision(
-            Reservation(order_id, ReservationStatus.VOIDED), (), StockReleased(order_id=order_id)
-        )
+        return Decision(Reservation(order_id, ReservationStatus.VOIDED), (), StockReleased(order_id=order_id))
     counts = quantities(existing.lines)
     if existing.status is ReservationStatus.RESERVED:
         movements = tuple(Movement(sku, q, -q) for sku, q in counts.items())

@@ -137,9 +137,7 @@ class StockStore:
             "updated_at": now,
         }
         if expected is None:
-            await self.connection.execute(
-                _INSERT_RESERVATION, {"order_id": reservation.order_id, "created_at": now, **values}
-            )
+            await self.connection.execute(_INSERT_RESERVATION, {"order_id": reservation.order_id, "created_at": now, **values})
             return
         result = await self.connection.execute(
             _UPDATE_RESERVATION, {"b_order_id": reservation.order_id, "b_expected": expected.value, **values}
@@ -157,9 +155,7 @@ async def seed_stock(engine: AsyncEngine, levels: dict[str, int]) -> None:
         statement = statement.on_conflict_do_update(
             index_elements=[stock_items.c.sku], set_={"on_hand": statement.excluded.on_hand}
         )
-        await connection.execute(
-            statement, [{"sku": sku, "on_hand": on_hand, "reserved": 0} for sku, on_hand in levels.items()]
-        )
+        await connection.execute(statement, [{"sku": sku, "on_hand": on_hand, "reserved": 0} for sku, on_hand in levels.items()])
 
 
 async def stock_levels(engine: AsyncEngine) -> dict[str, tuple[int, int]]:
@@ -174,9 +170,7 @@ async def committed_stock(engine: AsyncEngine) -> dict[str, int]:
     async with engine.connect() as connection:
         rows = (
             await connection.execute(
-                select(stock_reservations.c.lines).where(
-                    stock_reservations.c.status == ReservationStatus.COMMITTED.value
-                )
+                select(stock_reservations.c.lines).where(stock_reservations.c.status == ReservationStatus.COMMITTED.value)
             )
         ).all()
     totals: dict[str, int] = {}
@@ -191,9 +185,7 @@ async def reservation_statuses(engine: AsyncEngine) -> dict[str, str]:
     async with engine.connect() as connection:
         rows = (
             await connection.execute(
-                select(stock_reservations.c.order_id, stock_reservations.c.status).order_by(
-                    stock_reservations.c.order_id
-                )
+                select(stock_reservations.c.order_id, stock_reservations.c.status).order_by(stock_reservations.c.order_id)
             )
         ).all()
     return {row.order_id: row.status for row in rows}

@@ -54,15 +54,19 @@ class _KeepAlive:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _bench_event(n: int) -> Any:
     from contracts import Money, OrderCreated, OrderLine
 
     return OrderCreated(
-        order_id=f"bench-{n}", customer_id="c-bench", lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=1500),),
-        total=Money(amount=3000, currency="EUR"), payment_token="tok_ok_bench",
+        order_id=f"bench-{n}",
+        customer_id="c-bench",
+        lines=(OrderLine(sku="SKU-1", quantity=2, unit_price=1500),),
+        total=Money(amount=3000, currency="EUR"),
+        payment_token="tok_ok_bench",
     )
 
 
@@ -92,9 +96,12 @@ async def api_rate(settings: Settings, clients_levels: list[int], seconds: float
         key, record = generate_key(f"bench-{uuid.uuid4().hex[:6]}", ["order.created"], rate_limit=10**9, now=clock.now())
         await ProducerStore(engine).add(record)
         env = {**os.environ, "COMPENSA_DATABASE_URL": settings.database_url, "COMPENSA_REDIS_URL": settings.redis_url or ""}
-        server = subprocess.Popen(
+        server = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the server is polled over HTTP
             [executable, "api", "--port", str(port), "--workers", str(workers)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=max(clients_levels))) as http:

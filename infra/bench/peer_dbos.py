@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import (
@@ -40,25 +40,29 @@ SKUS = [f"PEER-{i}" for i in range(20)]
 
 metadata = MetaData()
 peer_stock = Table(
-    "peer_stock", metadata,
+    "peer_stock",
+    metadata,
     Column("sku", String(64), primary_key=True),
     Column("on_hand", Integer, nullable=False),
     Column("reserved", Integer, nullable=False),
 )
 peer_orders = Table(
-    "peer_orders", metadata,
+    "peer_orders",
+    metadata,
     Column("order_id", String(64), primary_key=True),
     Column("status", String(16), nullable=False),
     Column("total", Integer, nullable=False),
 )
 peer_charges = Table(
-    "peer_charges", metadata,
+    "peer_charges",
+    metadata,
     Column("order_id", String(64), primary_key=True),
     Column("amount", Integer, nullable=False),
     Column("status", String(16), nullable=False),
 )
 peer_ledger = Table(
-    "peer_ledger", metadata,
+    "peer_ledger",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("order_id", String(64), nullable=False),
     Column("account", String(64), nullable=False),
@@ -194,7 +198,9 @@ async def dbos_saga_rate(database_url: str, inflights: Sequence[int], seconds: f
         DBOS(config={"name": "compensa-peer", "system_database_url": url, "sys_db_pool_size": 30, "log_level": "WARNING"})
         DBOS.launch()
         # One saga before timing, as compensa's benchmark does: connections and caches warm.
-        await (await DBOS.start_workflow_async(order_saga, f"peer-warmup-{uuid.uuid4().hex[:8]}", [(SKUS[0], 1)], 100, "tok_visa")).get_result()
+        await (
+            await DBOS.start_workflow_async(order_saga, f"peer-warmup-{uuid.uuid4().hex[:8]}", [(SKUS[0], 1)], 100, "tok_visa")
+        ).get_result()
         return [await _closed_loop(order_saga, inflight, seconds) for inflight in inflights]
     finally:
         DBOS.destroy(destroy_registry=True)  # a no-op when DBOS never started

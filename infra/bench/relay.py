@@ -26,7 +26,12 @@ BENCH_QUEUE = t.QueueSpec("bench.outbox", "ledger", t.EVENTS, (LedgerUpdated.mes
 
 
 async def outbox_rate(
-    database_url: str, amqp_url: str, messages: int, writers: int = 20, prefetch: int = 100, batch: int = 50,
+    database_url: str,
+    amqp_url: str,
+    messages: int,
+    writers: int = 20,
+    prefetch: int = 100,
+    batch: int = 50,
     precommitted: bool = False,
 ) -> dict[str, float]:
     """Commit to the outbox → relay → consume with the inbox, all running at once.
@@ -80,7 +85,10 @@ async def outbox_rate(
         await asyncio.gather(relay_task, listen_task)
         await subscription.stop(5)
         batching.close()
-        return {"end_to_end_per_s": messages / elapsed, "outbox_commit_per_s": messages / committed if committed and not precommitted else 0.0}
+        return {
+            "end_to_end_per_s": messages / elapsed,
+            "outbox_commit_per_s": messages / committed if committed and not precommitted else 0.0,
+        }
     finally:
         await transport.close()
         await engine.dispose()
@@ -118,6 +126,7 @@ async def relay_memory(database_url: str, amqp_url: str, messages: int) -> dict[
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=500)
         queue = await channel.declare_queue(BENCH_QUEUE.name, passive=True)
+
         async def discard(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             await message.ack()
 

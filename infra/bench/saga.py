@@ -46,7 +46,7 @@ async def _start_processes(database_url: str, amqp_url: str) -> list[Any]:
         "COMPENSA_RELAY_POLL_SECONDS": "0.05",
         "COMPENSA_PREFETCH": "64",
     }
-    return [subprocess.Popen([compensa, *args], env=env) for args in PROCESS_LAYOUT]
+    return [subprocess.Popen([compensa, *args], env=env) for args in PROCESS_LAYOUT]  # noqa: ASYNC220 - returns at once
 
 
 async def _stop_processes(processes: list[Any]) -> None:
@@ -56,7 +56,7 @@ async def _stop_processes(processes: list[Any]) -> None:
         process.send_signal(signal.SIGTERM)
     deadline = time.perf_counter() + 30
     for process in processes:
-        while process.poll() is None and time.perf_counter() < deadline:
+        while process.poll() is None and time.perf_counter() < deadline:  # noqa: ASYNC110 - a process has no Event
             await asyncio.sleep(0.1)
         if process.poll() is None:
             process.kill()
@@ -82,7 +82,10 @@ async def saga_rate(
         database_url=database_url, amqp_url=amqp_url, relay_poll_seconds=0.05, deadline_sweep_seconds=1.0, prefetch=64
     )
     engine = create_engine(database_url, pool_size=30)
-    transport = RabbitTransport(amqp_url, retry_delays_ms=t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds))
+    transport = RabbitTransport(
+        amqp_url,
+        retry_delays_ms=t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds),
+    )
     await transport.connect()
     clock = SystemClock()
     waiting: dict[str, asyncio.Future[None]] = {}
@@ -110,6 +113,7 @@ async def saga_rate(
             await queue.consume(on_completed_message)
             children = await _start_processes(database_url, amqp_url)
         else:
+
             def observe_completions(service: str, handlers: Mapping[str, Any]) -> Mapping[str, Any]:
                 # Handed to the composition root: the orders service's own handler, then the bench's note.
                 if service != "orders":
@@ -123,7 +127,9 @@ async def saga_rate(
                 return {**handlers, "order.completed": on_completed}
 
             registry = bootstrap(settings, wrap_handlers=observe_completions)
-            runtime = Runtime(engine, transport, clock, settings, ["saga", "stock", "payments", "ledger", "orders"], registry=registry)
+            runtime = Runtime(
+                engine, transport, clock, settings, ["saga", "stock", "payments", "ledger", "orders"], registry=registry
+            )
             await runtime.start()
         placed: list[str] = []
         run_id = uuid.uuid4().hex[:6]
@@ -131,9 +137,13 @@ async def saga_rate(
         async def one_saga(order_id: str, c: int, n: int) -> None:
             waiting[order_id] = asyncio.get_running_loop().create_future()
             await place_order(
-                engine, clock, order_id=order_id, customer_id=f"c{c}",
+                engine,
+                clock,
+                order_id=order_id,
+                customer_id=f"c{c}",
                 lines=[OrderLine(sku=f"BENCH-{(c + n) % 20}", quantity=1, unit_price=1000)],
-                currency="EUR", payment_token=f"tok_ok_{c}",
+                currency="EUR",
+                payment_token=f"tok_ok_{c}",
             )
             await asyncio.wait_for(waiting[order_id], timeout=60)
 

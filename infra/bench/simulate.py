@@ -18,7 +18,7 @@ def _simulation_spec(sagas: int) -> Any:
     return WorkloadSpec(sagas=sagas, stock_per_sku=max(60, sagas // 2))
 
 
-def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, float]:
+def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, Any]:
     """Simulated sagas per wall second (SQLite, in-memory broker, virtual clock)."""
     from infra.simulation.driver import SimulationOptions, run_simulation
     from sagas.simulation.faults import profile
@@ -33,11 +33,11 @@ def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[st
         "wall_s": elapsed,
         "invariants_ok": float(result.ok),
         "rss_growth_mb": rss_mb() - rss_before,
-        "outcomes": result.outcomes,  # type: ignore[dict-item]
+        "outcomes": result.outcomes,
     }
 
 
-async def real_stack_rate(database_url: str, amqp_url: str, sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, float]:
+async def real_stack_rate(database_url: str, amqp_url: str, sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, Any]:
     """The same kind of workload end to end on PostgreSQL and RabbitMQ, in wall time.
 
     A real-stack run checks every row, so it gets a scratch database of its own. The
@@ -52,8 +52,14 @@ async def real_stack_rate(database_url: str, amqp_url: str, sagas: int, faults: 
         # Orders arrive faster than this machine completes them; deadlines long enough
         # that the backlog is measured as throughput, not turned into timeouts.
         result = await run_real_stack(
-            seed, _simulation_spec(sagas), amqp_url=amqp_url, database_url=scratch_url, faults=profile(faults),
-            timeout=600, saga_deadline_seconds=120.0, arrival_scale=0.01,
+            seed,
+            _simulation_spec(sagas),
+            amqp_url=amqp_url,
+            database_url=scratch_url,
+            faults=profile(faults),
+            timeout=600,
+            saga_deadline_seconds=120.0,
+            arrival_scale=0.01,
         )
     run_seconds = result.virtual_seconds  # the real stack's clock: first order to quiet
     return {
@@ -61,5 +67,5 @@ async def real_stack_rate(database_url: str, amqp_url: str, sagas: int, faults: 
         "sagas_per_s": sagas / run_seconds,
         "wall_s": run_seconds,
         "invariants_ok": float(result.ok),
-        "outcomes": result.outcomes,  # type: ignore[dict-item]
+        "outcomes": result.outcomes,
     }

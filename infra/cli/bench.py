@@ -95,7 +95,8 @@ async def bench_saga(
             compensa_rates.setdefault(level, result["sagas_per_s"])
             console.print(
                 f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
-                f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; {result['sagas_per_s'] / limit:.2f} of ceiling)",
+                f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; "
+                f"{result['sagas_per_s'] / limit:.2f} of ceiling)",
                 highlight=False,
             )
     if not peer:
@@ -147,7 +148,8 @@ def bench_simulate(
                 err.print(f"real-stack rate skipped: {exc}", highlight=False, markup=False)
         if real is not None:
             console.print(
-                f"real stack, {real_sagas:,} sagas ({faults}, faults it can inject): {real['wall_s']:.1f} s from first order to last saga settled, "
+                f"real stack, {real_sagas:,} sagas ({faults}, faults it can inject): "
+                f"{real['wall_s']:.1f} s from first order to last saga settled, "
                 f"{real['sagas_per_s']:.1f} sagas/s, outcomes {real['outcomes']}, "
                 f"invariants {'hold' if real['invariants_ok'] else 'VIOLATED'}",
                 highlight=False,
@@ -181,7 +183,8 @@ async def bench_api(
     if not settings.database_url.startswith("postgresql") or not settings.redis_url:
         fail("bench api needs COMPENSA_DATABASE_URL=postgresql+asyncpg://… and COMPENSA_REDIS_URL=redis://…")
     console.print(
-        f"api benchmark: {seconds:g} s per level, `compensa api` with {workers} worker(s), keep-alive HTTP clients in this process; "
+        f"api benchmark: {seconds:g} s per level, `compensa api` with {workers} worker(s), "
+        "keep-alive HTTP clients in this process; "
         "bare = one INSERT into ingest_outbox per transaction",
         highlight=False,
     )
@@ -213,5 +216,7 @@ async def bench_replay(
         ("relay of the replayed rows (publish with confirms)", "relay_per_s", "msgs/s"),
     ):
         unwrapped.print(figure(label, result[key], unit), highlight=False)
-    unwrapped.print(f"  ratio replay / relay: {result['replay_per_s'] / result['relay_per_s']:.2f}  (target ≥ 0.5)", highlight=False)
+    unwrapped.print(
+        f"  ratio replay / relay: {result['replay_per_s'] / result['relay_per_s']:.2f}  (target ≥ 0.5)", highlight=False
+    )
     unwrapped.print(f"  delivered to the bench queue: {result['delivered']:,.0f} of {messages:,}", highlight=False)

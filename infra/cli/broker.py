@@ -38,7 +38,9 @@ PrefixOpt = Annotated[
 ]
 UpstreamOpt = Annotated[
     list[str],
-    typer.Option("--upstream", help="An upstream producer on raw AMQP, NAME:TYPE[,TYPE…] (repeatable): it may publish only those events."),
+    typer.Option(
+        "--upstream", help="An upstream producer on raw AMQP, NAME:TYPE[,TYPE…] (repeatable): it may publish only those events."
+    ),
 ]
 VhostOpt = Annotated[str | None, typer.Option("--vhost", help="Virtual host (default: the one COMPENSA_AMQP_URL names, else /).")]
 
@@ -128,10 +130,13 @@ async def broker_grant(
 
     grants, passwords = _grants(upstream, password_env_prefix)
     settings = get_settings()
-    url = management_url or settings.amqp_management_url or (derive_management_url(settings.amqp_url) if settings.amqp_url else None)
+    url = (
+        management_url
+        or settings.amqp_management_url
+        or (derive_management_url(settings.amqp_url) if settings.amqp_url else None)
+    )
     if not url:
         fail("no management API: pass --management-url, or set COMPENSA_AMQP_MANAGEMENT_URL or COMPENSA_AMQP_URL")
-        raise AssertionError("unreachable")
     if urlsplit(url).scheme not in ("http", "https"):
         fail(f"--management-url must be http(s)://user:password@host:15672/, not {clip(urlsplit(url).scheme + '://…')}")
     where = _vhost(vhost)

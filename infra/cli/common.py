@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.cells import cell_len
@@ -48,7 +48,7 @@ class CliError(Exception):
     """A failure the user can fix; printed as one line, exit code 1."""
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     raise CliError(message)
 
 
@@ -90,7 +90,7 @@ def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
             raise
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        except Exception as exc:  # the CLI's last line of defence
             explained = explain(exc)
             if explained is None:
                 raise
@@ -219,7 +219,6 @@ def parse_duration(text: str, option: str = "duration") -> timedelta:
         seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(value))
     else:
         fail(f"{option}: bad duration {clip(text)}; use e.g. 30s, 10m, 2h, 1d or 1h30m")
-        raise AssertionError("unreachable")
     # float() of 400 digits is inf, which no timedelta holds: bound before converting.
     if not seconds <= MAX_DURATION.total_seconds():
         fail(f"{option}: duration {clip(text)} is longer than 100 years; give at most 36525d")
@@ -235,12 +234,10 @@ def parse_time(text: str, option: str, now: datetime) -> datetime:
             moment = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
         except ValueError:
             fail(expected)
-            raise AssertionError("unreachable") from None
         try:
             return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
         except OverflowError:
             fail(f"{option}: {clip(text)} is out of range once converted to UTC")
-            raise AssertionError("unreachable") from None
     # A linear check (no nested quantifiers: `(\d+…)+` backtracks exponentially on `1111…x`).
     if value and _DURATION_LIKE.sub("", value.lower()) == "":
         if re.fullmatch(r"[0-9.]+", value):
@@ -248,7 +245,6 @@ def parse_time(text: str, option: str, now: datetime) -> datetime:
             fail(f"{option}: {clip(text)} has no unit; give a duration ago with one (90s, 30m, 2h) or an ISO time (2026-01-31)")
         return now - parse_duration(value, option)
     fail(expected)
-    raise AssertionError("unreachable")
 
 
 def parse_dead_letter_id(text: str) -> int | None:
@@ -274,7 +270,6 @@ def parse_ids(values: list[str]) -> tuple[int, ...]:
                 if re.fullmatch(r"[0-9]+(-[0-9]+)?", part):
                     fail(f"bad dead-letter id {clip(part)}: ids are numbers from 0 to {MAX_ID}")
                 fail(f"bad dead-letter id {clip(part)}: ids are numbers (12, 12,13 or 20-25); `compensa dlq list` shows them")
-                raise AssertionError("unreachable")
             if high < low:
                 fail(f"bad id range {clip(part)}: the first id is the lower one (20-25)")
             if high - low + 1 > MAX_IDS or len(ids) + high - low + 1 > MAX_IDS:

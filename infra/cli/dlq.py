@@ -89,7 +89,9 @@ def _filter(
 
 QueueOpt = Annotated[str | None, typer.Option("--queue", "-q", help="Work queue the message failed on (e.g. stock.commands).")]
 TypeOpt = Annotated[str | None, typer.Option("--type", "-t", help="Message type (e.g. stock.reserve, or <undecodable>).")]
-ReasonOpt = Annotated[str | None, typer.Option("--reason-class", "-r", help="Reason class (contract, handler_error, transient_exhausted, …).")]
+ReasonOpt = Annotated[
+    str | None, typer.Option("--reason-class", "-r", help="Reason class (contract, handler_error, transient_exhausted, …).")
+]
 SagaOpt = Annotated[str | None, typer.Option("--saga", help="Saga (order) id.")]
 SinceOpt = Annotated[str | None, typer.Option("--since", help="Failed at or after: ISO time, or a duration ago (2h).")]
 UntilOpt = Annotated[str | None, typer.Option("--until", help="Failed before: ISO time, or a duration ago.")]
@@ -133,25 +135,55 @@ async def dlq_list(
         if as_json:
             print_json(groups)
             return
-        console.print(one_line_table(
-            ["queue", "reason class", "count", "sagas", "first failure", "last failure", "example reason"],
-            [[g["queue"], g["reason_class"], g["count"], g["sagas"], when(g["first_failure_at"], short=True),
-              when(g["last_failure_at"], short=True), _short(g["example_reason"], 200)] for g in groups],
-            width=console.width, keep=("queue", "reason class"), hide=("sagas", "first failure", "last failure"),
-            title=f"failure groups ({where.describe()})",
-        ))
+        console.print(
+            one_line_table(
+                ["queue", "reason class", "count", "sagas", "first failure", "last failure", "example reason"],
+                [
+                    [
+                        g["queue"],
+                        g["reason_class"],
+                        g["count"],
+                        g["sagas"],
+                        when(g["first_failure_at"], short=True),
+                        when(g["last_failure_at"], short=True),
+                        _short(g["example_reason"], 200),
+                    ]
+                    for g in groups
+                ],
+                width=console.width,
+                keep=("queue", "reason class"),
+                hide=("sagas", "first failure", "last failure"),
+                title=f"failure groups ({where.describe()})",
+            )
+        )
         if not groups:
             console.print("no dead letters match", highlight=False)
         return
     if as_json:
         print_json({"total": total, "dead_letters": rows})
         return
-    console.print(one_line_table(
-        ["id", "failed (UTC)", "queue", "type", "saga", "reason class", "att", "status", "reason"],
-        [[r["id"], when(r["last_failure_at"], short=True), r["queue"], r["type"], r["saga_id"] or "-", r["reason_class"],
-          r["attempts"], r["status"], _short(r["reason"], 200)] for r in rows],
-        width=console.width, keep=("id", "saga"), hide=("att", "status", "failed (UTC)", "queue", "type", "reason class"),
-    ))
+    console.print(
+        one_line_table(
+            ["id", "failed (UTC)", "queue", "type", "saga", "reason class", "att", "status", "reason"],
+            [
+                [
+                    r["id"],
+                    when(r["last_failure_at"], short=True),
+                    r["queue"],
+                    r["type"],
+                    r["saga_id"] or "-",
+                    r["reason_class"],
+                    r["attempts"],
+                    r["status"],
+                    _short(r["reason"], 200),
+                ]
+                for r in rows
+            ],
+            width=console.width,
+            keep=("id", "saga"),
+            hide=("att", "status", "failed (UTC)", "queue", "type", "reason class"),
+        )
+    )
     shown = f"{len(rows)} of {total}" if total > len(rows) else str(total)
     console.print(cell(f"{shown} dead letters ({where.describe()}); `compensa dlq show ID` for one in full"))
 
@@ -170,7 +202,6 @@ async def dlq_show(
     number = parse_dead_letter_id(dead_letter_id.strip())
     if number is None:
         fail(f"bad dead-letter id {clip(dead_letter_id)}: ids are numbers from 0 to {MAX_ID}; `compensa dlq list` shows them")
-        raise AssertionError("unreachable")
     async with database() as engine, engine.connect() as connection:
         letter = await get_dead_letter(connection, number)
         if letter is None:
@@ -189,7 +220,9 @@ async def dlq_show(
     facts.add_row("reason", cell(f"{letter['reason_class']}: {letter['reason']}"))
     facts.add_row("attempts", cell(letter["attempts"]))
     facts.add_row("failed", f"first {when(letter['first_failure_at'])}, last {when(letter['last_failure_at'])} (UTC)")
-    facts.add_row("original", cell(f"exchange {letter['original_exchange'] or '(default)'}, routing key {letter['original_routing_key']}"))
+    facts.add_row(
+        "original", cell(f"exchange {letter['original_exchange'] or '(default)'}, routing key {letter['original_routing_key']}")
+    )
     facts.add_row("archived", when(letter["archived_at"]))
     if letter["replay_count"]:
         patch = f", patch {json.dumps(letter['replay_patch'])}" if letter["replay_patch"] else ""
@@ -214,18 +247,31 @@ async def dlq_show(
     elif saga["status"] is None:
         console.print(cell(f"saga {saga['saga_id']}: {saga['note']}"))
     else:
-        console.print(Text.assemble(
-            f"saga {visible(saga['saga_id'])}: ", (visible(saga["status"]), "bold"),
-            f" (version {saga['version']}) {visible(saga['reason'] or '')}",
-        ))
+        console.print(
+            Text.assemble(
+                f"saga {visible(saga['saga_id'])}: ",
+                (visible(saga["status"]), "bold"),
+                f" (version {saga['version']}) {visible(saga['reason'] or '')}",
+            )
+        )
         transitions = detail_table("v", "at (UTC)", "trigger", "from → to", "note", title="last transitions")
         for e in saga["last_transitions"]:
-            transitions.add_row(cell(e["version"]), when(e["at"]), cell(e["trigger"]), cell(f"{e['from_status'] or '-'} → {e['to_status']}"), cell(_short(e["note"], 60)))
+            transitions.add_row(
+                cell(e["version"]),
+                when(e["at"]),
+                cell(e["trigger"]),
+                cell(f"{e['from_status'] or '-'} → {e['to_status']}"),
+                cell(_short(e["note"], 60)),
+            )
         console.print(transitions)
     if letter["status"] == "new" and letter["type"] == UNDECODABLE:
         console.print(f"this body cannot be replayed; once handled: compensa dlq purge {letter['id']}", highlight=False)
     elif letter["status"] == "new":
-        console.print(f"replay it: compensa dlq replay {letter['id']} [--dry-run] [--edit '<JSON merge patch of the payload>']", highlight=False, markup=False)
+        console.print(
+            f"replay it: compensa dlq replay {letter['id']} [--dry-run] [--edit '<JSON merge patch of the payload>']",
+            highlight=False,
+            markup=False,
+        )
 
 
 # ---------------------------------------------------------------- dlq replay / purge
@@ -293,7 +339,10 @@ def _parse_patch(edit: str | None) -> dict[str, Any] | None:
             text, parse_int=_strict_int, parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
         )
     except json.JSONDecodeError as exc:
-        fail(f"--edit: not valid JSON ({exc}); give a JSON merge patch of the payload, e.g. '{{\"lines\": [{{\"sku\": \"A\", \"quantity\": 1}}]}}'")
+        fail(
+            f"--edit: not valid JSON ({exc}); give a JSON merge patch of the payload, "
+            f'e.g. \'{{"lines": [{{"sku": "A", "quantity": 1}}]}}\''
+        )
     except (ValueError, RecursionError) as exc:
         fail(f"--edit: {exc}")
     if not isinstance(patch, dict):
@@ -308,7 +357,10 @@ async def _selection(engine: Any, ids: tuple[int, ...], where: Any) -> list[int]
         if ids:
             missing = await missing_ids(connection, ids)
             if missing:
-                fail(f"no dead letter {', '.join(map(str, missing[:10]))}{' …' if len(missing) > 10 else ''}; `compensa dlq list` shows them")
+                fail(
+                    f"no dead letter {', '.join(map(str, missing[:10]))}{' …' if len(missing) > 10 else ''}; "
+                    "`compensa dlq list` shows them"
+                )
         return await matching_ids(connection, where)
 
 
@@ -325,7 +377,9 @@ async def dlq_replay(
     status: Annotated[str | None, typer.Option("--status", help="With a filter: which status to replay (default new).")] = None,
     everything: Annotated[bool, typer.Option("--all", help="Every dead letter with status new.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show what would be sent; write nothing.")] = False,
-    edit: Annotated[str | None, typer.Option("--edit", help="JSON merge patch (RFC 7396) applied to each payload, or @file.json.")] = None,
+    edit: Annotated[
+        str | None, typer.Option("--edit", help="JSON merge patch (RFC 7396) applied to each payload, or @file.json.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Dead letters per transaction.")] = 200,
     as_json: JsonOpt = False,
 ) -> None:
@@ -349,17 +403,26 @@ async def dlq_replay(
 
     patch = _parse_patch(edit)
     parsed = parse_ids(ids or [])
-    where = _filter(parsed, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status)
+    where = _filter(
+        parsed, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
+    )
     if where.is_empty and not everything:
-        fail("name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all")
+        fail(
+            "name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all"
+        )
     if not parsed and status is None:
         where = dataclasses.replace(where, status="new")
     async with database() as engine:
         selected = await _selection(engine, parsed, where)
         show_progress = len(selected) >= 20
         progress = Progress(
-            TextColumn("dry run" if dry_run else "replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(), console=err, disable=not show_progress,
+            TextColumn("dry run" if dry_run else "replaying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not show_progress,
         )
         with progress:
             task = progress.add_task("replay", total=len(selected), rate="")
@@ -370,7 +433,9 @@ async def dlq_replay(
                 if elapsed:
                     progress.update(task, rate=f"{progress.tasks[task].completed / elapsed:,.0f}/s")
 
-            summary = await replay(engine, SystemClock(), selected, patch=patch, dry_run=dry_run, batch_size=batch_size, on_progress=advance)
+            summary = await replay(
+                engine, SystemClock(), selected, patch=patch, dry_run=dry_run, batch_size=batch_size, on_progress=advance
+            )
     if as_json:
         print_json(summary.as_dict())
     else:
@@ -384,7 +449,11 @@ def _print_replay(summary: Any, selected: int) -> None:
         console.print("no dead letters match (a filter replays status new unless --status says otherwise)", highlight=False)
         return
     verb = "would replay" if summary.dry_run else "replayed"
-    console.print(f"{verb} {summary.replayed}, skipped {summary.skipped}, refused {summary.refused}" + (" — dry run, nothing written" if summary.dry_run else ""), highlight=False)
+    console.print(
+        f"{verb} {summary.replayed}, skipped {summary.skipped}, refused {summary.refused}"
+        + (" — dry run, nothing written" if summary.dry_run else ""),
+        highlight=False,
+    )
     shown = [o for o in summary.outcomes if o.action in ("skipped", "refused")] if selected > 20 else summary.outcomes
     if shown:
         table = detail_table("id", "outcome", "queue", "type", "detail")
@@ -398,7 +467,9 @@ def _print_replay(summary: Any, selected: int) -> None:
         console.print(f"edited payload of dead letter {patched.id}:", highlight=False)
         console.print(json_view(patched.payload))
     if summary.replayed and not summary.dry_run:
-        console.print("queued in the dlq outbox; a running relay (`compensa run` or `compensa relay`) delivers them", highlight=False)
+        console.print(
+            "queued in the dlq outbox; a running relay (`compensa run` or `compensa relay`) delivers them", highlight=False
+        )
 
 
 @app.command("purge")
@@ -421,9 +492,13 @@ async def dlq_purge(
     from infra.dlq.query import DeadLetterFilter, purge
 
     parsed = parse_ids(ids or [])
-    where = _filter(parsed, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status)
+    where = _filter(
+        parsed, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
+    )
     if where.is_empty and not everything:
-        fail("name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all")
+        fail(
+            "name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all"
+        )
     if not parsed and status is None:
         where = dataclasses.replace(where, status="new")
     async with database() as engine:
@@ -450,7 +525,9 @@ async def dlq_prune(
 
     cutoff = SystemClock().now() - parse_duration(older_than, "--older-than")
     if not yes:
-        confirm(f"delete replayed and purged dead letters dealt with before {cutoff:%Y-%m-%d %H:%M} UTC", declined="nothing deleted")
+        confirm(
+            f"delete replayed and purged dead letters dealt with before {cutoff:%Y-%m-%d %H:%M} UTC", declined="nothing deleted"
+        )
     async with database() as engine:
         deleted = await prune(engine, cutoff)
     if as_json:

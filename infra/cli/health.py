@@ -20,7 +20,9 @@ async def health(
     serve: Annotated[bool, typer.Option("--serve", help="Serve GET /health over HTTP instead (container checks).")] = False,
     host: Annotated[str, typer.Option(help="With --serve: address to bind.")] = "0.0.0.0",  # noqa: S104 - a container check listens on all interfaces
     port: Annotated[int, typer.Option(min=1, max=65535, help="With --serve: port.")] = 8081,
-    max_relay_lag: Annotated[float, typer.Option(min=0.1, help="Seconds a pending outbox row may wait before the relay counts as lagging.")] = 60.0,
+    max_relay_lag: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a pending outbox row may wait before the relay counts as lagging.")
+    ] = 60.0,
 ) -> None:
     """Check database, broker, redis (when configured), relay lag and dead letters; exit 1 when unhealthy."""
     from infra.health import check_health, health_app
@@ -60,7 +62,11 @@ def print_health(report: dict[str, Any]) -> None:
                 f"{q} {v['ready']} ready/{v['unacked']} unacked/{v['consumers']} consumers" for q, v in check["queues"].items()
             )
         elif name == "redis":
-            detail = f"{check.get('url')} ({check.get('latency_ms')} ms)" if check.get("configured") else "not configured (COMPENSA_REDIS_URL unset)"
+            detail = (
+                f"{check.get('url')} ({check.get('latency_ms')} ms)"
+                if check.get("configured")
+                else "not configured (COMPENSA_REDIS_URL unset)"
+            )
         elif name == "relay":
             detail = f"{check['pending']} pending, oldest {check['max_lag_seconds']:.1f}s (limit {check['limit_seconds']:.0f}s)"
         elif name == "saga_starts":

@@ -33,7 +33,9 @@ async def order_place(
         lines.append(OrderLine(sku=parts[0], quantity=int(parts[1]), unit_price=int(parts[2])))
     engine = open_engine()
     try:
-        placed = await place_order(engine, SystemClock(), order_id=order_id, customer_id=customer, lines=lines, currency=currency, payment_token=token)
+        placed = await place_order(
+            engine, SystemClock(), order_id=order_id, customer_id=customer, lines=lines, currency=currency, payment_token=token
+        )
     finally:
         await engine.dispose()
     console.print(cell(f"order {placed} placed"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,7 +25,9 @@ async def producers_add(
     name: Annotated[str, typer.Argument(help="Producer name, written into every envelope it publishes.")],
     types: Annotated[str, typer.Option("--types", help="Comma-separated event types it may publish.")],
     rate_limit: Annotated[int | None, typer.Option(min=1, help="Requests per window (default COMPENSA_API_RATE_LIMIT).")] = None,
-    file: Annotated[Path | None, typer.Option("--file", help="Append the hashed key to this JSON keys file instead of the database.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Append the hashed key to this JSON keys file instead of the database.")
+    ] = None,
 ) -> None:
     """Create an API key for a producer; the key is printed once and never stored."""
     from infra.clock import SystemClock
@@ -43,9 +45,12 @@ async def producers_add(
         finally:
             await engine.dispose()
         where = "the database"
-    err.print(cell(
-        f"producer {record.name!r} key {record.key_id} may publish {', '.join(record.allowed_types)}; stored hashed in {where}."
-    ))
+    err.print(
+        cell(
+            f"producer {record.name!r} key {record.key_id} may publish {', '.join(record.allowed_types)}; "
+            f"stored hashed in {where}."
+        )
+    )
     err.print("The key below is shown once: store it in the producer's secret store now.", highlight=False, markup=False)
     sys.stdout.write(key + "\n")
 
@@ -65,10 +70,15 @@ async def producers_list(as_json: Annotated[bool, typer.Option("--json")] = Fals
         await engine.dispose()
     if settings.api_keys_file and settings.api_keys_file.exists():
         records += [(str(settings.api_keys_file), r) for r in load_keys_file(settings.api_keys_file)]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
-            "name": r.name, "key_id": r.key_id, "types": list(r.allowed_types), "rate_limit": r.rate_limit,
-            "created_at": r.created_at, "revoked_at": r.revoked_at, "source": source,
+            "name": r.name,
+            "key_id": r.key_id,
+            "types": list(r.allowed_types),
+            "rate_limit": r.rate_limit,
+            "created_at": r.created_at,
+            "revoked_at": r.revoked_at,
+            "source": source,
         }
         for source, r in records
     ]
@@ -80,8 +90,13 @@ async def producers_list(as_json: Annotated[bool, typer.Option("--json")] = Fals
     for row in rows:
         state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
         table.add_row(
-            cell(row["name"]), cell(row["key_id"]), cell(", ".join(row["types"])), str(row["rate_limit"] or "default"),
-            cell(row["created_at"] or ""), cell(state), cell(row["source"]),
+            cell(row["name"]),
+            cell(row["key_id"]),
+            cell(", ".join(row["types"])),
+            str(row["rate_limit"] or "default"),
+            cell(row["created_at"] or ""),
+            cell(state),
+            cell(row["source"]),
         )
     console.print(table)
 
@@ -101,5 +116,8 @@ async def producers_revoke(
     finally:
         await engine.dispose()
     if count == 0:
-        fail(f"no active key with id or producer name {clip(name_or_key_id)} (`compensa producers list`; keys in a keys file are removed by editing it)")
+        fail(
+            f"no active key with id or producer name {clip(name_or_key_id)} "
+            "(`compensa producers list`; keys in a keys file are removed by editing it)"
+        )
     console.print(cell(f"revoked {count} key(s) of {name_or_key_id!r}"))

@@ -43,10 +43,15 @@ NO_SAGA = "no saga"
 @command
 async def saga_list(
     status: Annotated[str | None, typer.Option(help="Only sagas in this status.")] = None,
-    older_than: Annotated[str | None, typer.Option("--older-than", help="Only sagas started longer ago than this (30s, 10m, 2h, 1d).")] = None,
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Only sagas started longer ago than this (30s, 10m, 2h, 1d).")
+    ] = None,
     stuck_for: Annotated[
         str | None,
-        typer.Option("--stuck-for", help="Only unfinished sagas not updated for this long, and orders with no saga after it (status 'no saga')."),
+        typer.Option(
+            "--stuck-for",
+            help="Only unfinished sagas not updated for this long, and orders with no saga after it (status 'no saga').",
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -84,18 +89,33 @@ async def saga_list(
         print_json(rows)
         return
     # Saga ids are never cut (`saga show` needs them whole); the other columns shrink to fit.
-    console.print(one_line_table(
-        ["saga", "status", "step", "reason", "started (UTC)", "updated (UTC)"],
-        [[r["saga_id"], r["status"], "-" if r["step"] is None else r["step"], " ".join((r["reason"] or "").split()),
-          when(r["started_at"]), when(r["updated_at"])] for r in rows],
-        width=console.width, keep=("saga",), hide=("step", "started (UTC)", "updated (UTC)"),
-    ))
+    console.print(
+        one_line_table(
+            ["saga", "status", "step", "reason", "started (UTC)", "updated (UTC)"],
+            [
+                [
+                    r["saga_id"],
+                    r["status"],
+                    "-" if r["step"] is None else r["step"],
+                    " ".join((r["reason"] or "").split()),
+                    when(r["started_at"]),
+                    when(r["updated_at"]),
+                ]
+                for r in rows
+            ],
+            width=console.width,
+            keep=("saga",),
+            hide=("step", "started (UTC)", "updated (UTC)"),
+        )
+    )
     if unstarted is not None and not unstarted.none:
-        console.print(cell(
-            f"orders with no saga after {_seconds(bound)}: {unstarted.pending_count} pending, "
-            f"{unstarted.sent_count} order.created sent (status {NO_SAGA!r} above); is the saga service running? "
-            "`compensa health` says more"
-        ))
+        console.print(
+            cell(
+                f"orders with no saga after {_seconds(bound)}: {unstarted.pending_count} pending, "
+                f"{unstarted.sent_count} order.created sent (status {NO_SAGA!r} above); is the saga service running? "
+                "`compensa health` says more"
+            )
+        )
 
 
 def _seconds(bound: timedelta) -> str:
@@ -142,12 +162,24 @@ async def saga_show(
         sys.stdout.write(_mermaid(saga_id, history) + "\n")  # a document: never wrapped to the terminal's width
         return
     # Stored values are shown as Text: never parsed as markup, invisible characters escaped.
-    console.print(Text.assemble(f"saga {visible(saga_id)}: ", (visible(saga["status"]), "bold"), f" (version {saga['version']}) {visible(saga['reason'] or '')}"))
+    console.print(
+        Text.assemble(
+            f"saga {visible(saga_id)}: ",
+            (visible(saga["status"]), "bold"),
+            f" (version {saga['version']}) {visible(saga['reason'] or '')}",
+        )
+    )
     table = detail_table("v", "at (UTC)", "trigger", "message", "causation", "from → to", "sent", "note")
     for e in history:
         table.add_row(
-            cell(e["version"]), when(e["at"]), cell(e["trigger"]), cell((e["message_id"] or "-")[:8]), cell((e["causation_id"] or "-")[:8]),
-            cell(f"{e['from_status'] or '-'} → {e['to_status']}"), cell(", ".join(_sent_types(e["sent"])) or "-"), cell(e["note"]),
+            cell(e["version"]),
+            when(e["at"]),
+            cell(e["trigger"]),
+            cell((e["message_id"] or "-")[:8]),
+            cell((e["causation_id"] or "-")[:8]),
+            cell(f"{e['from_status'] or '-'} → {e['to_status']}"),
+            cell(", ".join(_sent_types(e["sent"])) or "-"),
+            cell(e["note"]),
         )
     console.print(table)
 
@@ -228,19 +260,26 @@ async def _saga_action(
     from outbox.uow import UnitOfWork
 
     orchestrator = orchestrator_for(get_settings())
-    async with database() as engine:
-        async with UnitOfWork(engine, "saga", SystemClock()) as uow:
-            try:
-                transition = await action(orchestrator, uow)
-            except BusinessRuleError as exc:
-                fail(f"{exc}; {hint}")
-            await uow.commit()
+    async with database() as engine, UnitOfWork(engine, "saga", SystemClock()) as uow:
+        try:
+            transition = await action(orchestrator, uow)
+        except BusinessRuleError as exc:
+            fail(f"{exc}; {hint}")
+        await uow.commit()
     sent = [payload.message_type for payload in transition.outgoing]
-    result = {"saga_id": saga_id, "status": transition.state.status.value, "trigger": transition.trigger, "note": transition.note, "sent": sent}
+    result = {
+        "saga_id": saga_id,
+        "status": transition.state.status.value,
+        "trigger": transition.trigger,
+        "note": transition.note,
+        "sent": sent,
+    }
     if as_json:
         print_json(result)
         return
-    unwrapped.print(cell(
-        f"saga {saga_id}: {was} → {result['status']}; "
-        + (f"{sent_verb} {', '.join(sent)} (a running relay delivers them)" if sent else transition.note)
-    ))
+    unwrapped.print(
+        cell(
+            f"saga {saga_id}: {was} → {result['status']}; "
+            + (f"{sent_verb} {', '.join(sent)} (a running relay delivers them)" if sent else transition.note)
+        )
+    )

@@ -37,7 +37,9 @@ def simulate(
     report: Annotated[Path | None, typer.Option(help="Write report.json and report.html into this directory.")] = None,
     database_url: Annotated[str | None, typer.Option(help="Run on this database instead of a temporary SQLite file.")] = None,
     amqp_url: Annotated[str | None, typer.Option(help="Run the same workload on the real stack (RabbitMQ).")] = None,
-    save_seed: Annotated[Path | None, typer.Option(help="On a violation, append the seed and options to this regression file.")] = None,
+    save_seed: Annotated[
+        Path | None, typer.Option(help="On a violation, append the seed and options to this regression file.")
+    ] = None,
 ) -> None:
     """Run a deterministic saga simulation with injected faults and check every invariant."""
     from infra.logging import configure_logging
@@ -57,8 +59,12 @@ def simulate(
 
     progress = Progress(
         TextColumn("simulating" if amqp_url is None else "running on the real stack"),
-        BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True, disable=as_json or not err.is_terminal,
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=as_json or not err.is_terminal,
     )
     task = progress.add_task("sagas", total=sagas)
 
@@ -74,14 +80,17 @@ def simulate(
         if ignored:
             err.print(
                 f"note: the real stack injects only {', '.join(REAL_FAULTS)} (and declines); ignoring {', '.join(ignored)}",
-                highlight=False, markup=False,
+                highlight=False,
+                markup=False,
             )
         try:
             with progress:
                 result = asyncio.run(
-                    run_real_stack(seed, spec, amqp_url=amqp_url, database_url=database_url, faults=rates, on_progress=on_progress)
+                    run_real_stack(
+                        seed, spec, amqp_url=amqp_url, database_url=database_url, faults=rates, on_progress=on_progress
+                    )
                 )
-        except Exception as exc:  # noqa: BLE001 - explained in one line, or re-raised
+        except Exception as exc:  # explained in one line, or re-raised
             explained = explain(exc)
             if explained is None:
                 raise

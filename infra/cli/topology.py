@@ -22,4 +22,8 @@ async def topology_declare() -> None:
         await transport.close()
     for queue in t.WORK_QUEUES:
         # Not markup: `[stock.reserve, …]` would be read as a style tag and vanish.
-        console.print(f"{queue.name:<20} ← {queue.exchange.name} [{', '.join(queue.routing_keys)}]  dlq {queue.dlq}", highlight=False, markup=False)
+        console.print(
+            f"{queue.name:<20} ← {queue.exchange.name} [{', '.join(queue.routing_keys)}]  dlq {queue.dlq}",
+            highlight=False,
+            markup=False,
+        )

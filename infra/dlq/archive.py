@@ -279,10 +279,7 @@ def _ascii(value: Any, limit: int) -> str | None:
     """ASCII-only text of `value` (escapes for anything else), for a quarantined row."""
     if value is None:
         return None
-    if isinstance(value, bytes | bytearray):
-        text = bytes(value).decode("ascii", errors="backslashreplace")
-    else:
-        text = str(value)
+    text = bytes(value).decode("ascii", errors="backslashreplace") if isinstance(value, bytes | bytearray) else str(value)
     return ascii(text)[1:-1][:limit]
 
 
@@ -304,8 +301,7 @@ def quarantine_row(delivery: Delivery, now: datetime, error: BaseException, dedu
     dlq_name = delivery.queue.name
     error_text = _ascii(f"{type(error).__name__}: {error}", 2000)
     return {
-        "dedup_key": dedup_key
-        or _dedup_key(dlq_name, _ascii(delivery.message_id, 1000), body, f"quarantined:{headers_repr}"),
+        "dedup_key": dedup_key or _dedup_key(dlq_name, _ascii(delivery.message_id, 1000), body, f"quarantined:{headers_repr}"),
         "queue": dlq_name.removesuffix(".dlq"),
         "dlq": dlq_name,
         "message_id": _ascii(delivery.message_id, 255),
@@ -434,7 +430,7 @@ class DeadLetterArchive:
             try:
                 try:
                     new_keys = await self.store([waiting.row for waiting in batch])
-                except Exception as exc:  # noqa: BLE001 - classified: an outage is retried, bad data split
+                except Exception as exc:  # classified: an outage is retried, bad data split
                     if is_database_outage(exc):
                         raise
                     self.batch_splits += 1
@@ -463,7 +459,7 @@ class DeadLetterArchive:
             for waiting in batch:
                 try:
                     new = waiting.row["dedup_key"] in await self.store([waiting.row])
-                except Exception as exc:  # noqa: BLE001 - classified: an outage is retried, bad data quarantined
+                except Exception as exc:  # classified: an outage is retried, bad data quarantined
                     if is_database_outage(exc):
                         raise
                     log.warning("dlq.row_refused", dlq=waiting.row["dlq"], error=repr(exc))

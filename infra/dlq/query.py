@@ -8,14 +8,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, Update, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from infra.dlq.tables import NEW, PURGED, REPLAYED, STATUSES, dead_letters
 
 dl = dead_letters
+#: What `DeadLetterFilter.apply` narrows: a query or an update of dead letters.
+_Filtered = TypeVar("_Filtered", Select[Any], Update)
 
 #: Ids per statement when a query names dead letters one by one: each is a bind parameter,
 #: and PostgreSQL (asyncpg) takes at most 32,767 of them, SQLite 32,766.
@@ -23,8 +25,18 @@ IDS_PER_STATEMENT = 5_000
 
 #: Columns of a listing (everything but body and headers).
 SUMMARY_COLUMNS = (
-    dl.c.id, dl.c.queue, dl.c.type, dl.c.message_id, dl.c.saga_id, dl.c.reason_class, dl.c.reason,
-    dl.c.attempts, dl.c.last_failure_at, dl.c.archived_at, dl.c.status, dl.c.replay_count,
+    dl.c.id,
+    dl.c.queue,
+    dl.c.type,
+    dl.c.message_id,
+    dl.c.saga_id,
+    dl.c.reason_class,
+    dl.c.reason,
+    dl.c.attempts,
+    dl.c.last_failure_at,
+    dl.c.archived_at,
+    dl.c.status,
+    dl.c.replay_count,
 )
 
 
@@ -49,11 +61,12 @@ class DeadLetterFilter:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.ids or self.queue or self.type or self.reason_class or self.saga_id
-                    or self.since or self.until or self.status)
+        return not (
+            self.ids or self.queue or self.type or self.reason_class or self.saga_id or self.since or self.until or self.status
+        )
 
-    def apply(self, query: Select[Any]) -> Select[Any]:
-        """Add this filter's conditions; times compare with the last failure time."""
+    def apply(self, query: _Filtered) -> _Filtered:
+        """Add this filter's conditions (to a SELECT or an UPDATE); times compare with the last failure time."""
         if self.ids:
             query = query.where(dl.c.id.in_(self.ids))
         if self.queue:
@@ -73,12 +86,20 @@ class DeadLetterFilter:
         return query
 
     def describe(self) -> str:
-        parts = [f"{name}={value}" for name, value in (
-            ("ids", _id_ranges(self.ids) if self.ids else None), ("queue", self.queue), ("type", self.type),
-            ("reason_class", self.reason_class), ("saga", self.saga_id),
-            ("since", self.since.isoformat() if self.since else None),
-            ("until", self.until.isoformat() if self.until else None), ("status", self.status),
-        ) if value]
+        parts = [
+            f"{name}={value}"
+            for name, value in (
+                ("ids", _id_ranges(self.ids) if self.ids else None),
+                ("queue", self.queue),
+                ("type", self.type),
+                ("reason_class", self.reason_class),
+                ("saga", self.saga_id),
+                ("since", self.since.isoformat() if self.since else None),
+                ("until", self.until.isoformat() if self.until else None),
+                ("status", self.status),
+            )
+            if value
+        ]
         return " ".join(parts) or "everything"
 
 
@@ -95,7 +116,7 @@ def _id_ranges(ids: Sequence[int], shown: int = 8) -> str:
 
 
 def _batches(ids: Sequence[int]) -> list[Sequence[int]]:
-    return [ids[start:start + IDS_PER_STATEMENT] for start in range(0, len(ids), IDS_PER_STATEMENT)]
+    return [ids[start : start + IDS_PER_STATEMENT] for start in range(0, len(ids), IDS_PER_STATEMENT)]
 
 
 async def list_dead_letters(
@@ -120,17 +141,21 @@ async def matching_ids(connection: AsyncConnection, where: DeadLetterFilter) -> 
 
 async def failure_groups(connection: AsyncConnection, where: DeadLetterFilter) -> list[dict[str, Any]]:
     """Counts per queue × reason class, with how many sagas and the failure time span."""
-    query = where.apply(
-        select(
-            dl.c.queue,
-            dl.c.reason_class,
-            func.count().label("count"),
-            func.count(dl.c.saga_id.distinct()).label("sagas"),
-            func.min(dl.c.last_failure_at).label("first_failure_at"),
-            func.max(dl.c.last_failure_at).label("last_failure_at"),
-            func.max(dl.c.reason).label("example_reason"),
-        ).select_from(dl)
-    ).group_by(dl.c.queue, dl.c.reason_class).order_by(func.count().desc(), dl.c.queue, dl.c.reason_class)
+    query = (
+        where.apply(
+            select(
+                dl.c.queue,
+                dl.c.reason_class,
+                func.count().label("count"),
+                func.count(dl.c.saga_id.distinct()).label("sagas"),
+                func.min(dl.c.last_failure_at).label("first_failure_at"),
+                func.max(dl.c.last_failure_at).label("last_failure_at"),
+                func.max(dl.c.reason).label("example_reason"),
+            ).select_from(dl)
+        )
+        .group_by(dl.c.queue, dl.c.reason_class)
+        .order_by(func.count().desc(), dl.c.queue, dl.c.reason_class)
+    )
     return [dict(row._mapping) for row in (await connection.execute(query)).all()]
 
 
@@ -233,10 +258,14 @@ async def prune(engine: AsyncEngine, older_than: datetime) -> dict[str, int]:
     resolved_at = func.coalesce(dl.c.purged_at, dl.c.replayed_at)
     async with engine.begin() as connection:
         deleted = (
-            await connection.execute(
-                delete(dl).where(dl.c.status.in_((REPLAYED, PURGED)), resolved_at < older_than).returning(dl.c.status)
+            (
+                await connection.execute(
+                    delete(dl).where(dl.c.status.in_((REPLAYED, PURGED)), resolved_at < older_than).returning(dl.c.status)
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
     return {REPLAYED: deleted.count(REPLAYED), PURGED: deleted.count(PURGED)}
 
 

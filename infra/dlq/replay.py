@@ -127,7 +127,7 @@ def _iso(moment: datetime | None) -> str:
 
 def _chunks(ids: Sequence[int], size: int) -> Iterator[Sequence[int]]:
     for start in range(0, len(ids), size):
-        yield ids[start:start + size]
+        yield ids[start : start + size]
 
 
 async def replay(

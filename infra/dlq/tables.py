@@ -46,8 +46,16 @@ dead_letters = Table(
     Column("first_failure_at", UtcDateTime(), nullable=False),
     Column("last_failure_at", UtcDateTime(), nullable=False),
     Column("body", Text, nullable=False),
-    Column("body_encoding", String(8), nullable=False, server_default="utf-8", doc="utf-8, or base64 when the body is not UTF-8 or holds NUL"),
-    Column("headers", Text, nullable=False, doc="every AMQP header, as JSON (plus the originals of changed values, see archive.py)"),
+    Column(
+        "body_encoding",
+        String(8),
+        nullable=False,
+        server_default="utf-8",
+        doc="utf-8, or base64 when the body is not UTF-8 or holds NUL",
+    ),
+    Column(
+        "headers", Text, nullable=False, doc="every AMQP header, as JSON (plus the originals of changed values, see archive.py)"
+    ),
     Column("archived_at", UtcDateTime(), nullable=False),
     Column("status", String(16), nullable=False, server_default=NEW),
     Column("replayed_at", UtcDateTime(), nullable=True),

@@ -25,7 +25,7 @@ from infra import topology as t
 from infra.bootstrap import Registry, bootstrap
 from infra.clock import VirtualClock
 from infra.db import create_engine
-from infra.pipeline import Handler, MessageProcessor
+from infra.pipeline import MessageProcessor
 from infra.schema import upgrade
 from infra.settings import Settings
 from infra.simulation.faults import FaultInjector, RelayCrash
@@ -34,7 +34,7 @@ from infra.simulation.sqlite_facade import create_direct_sqlite_engine
 from infra.transport.memory import MemoryBroker
 from outbox.ports import Publisher
 from outbox.relay import Relay
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 from sagas.orchestrator import SERVICE as SAGA_SERVICE
 from sagas.orchestrator import Orchestrator
 from sagas.simulation.faults import FaultRates
@@ -120,9 +120,7 @@ class Simulation:
         self.broker = MemoryBroker(self.clock)
         # Defaults plus these, never COMPENSA_* from the environment: a seed must replay
         # the same run on any machine (gateway limit, reservation TTL, ...).
-        self.settings = Settings.model_construct(
-            max_attempts=options.max_attempts, retry_base_seconds=0.5, retry_max_seconds=8.0
-        )
+        self.settings = Settings.model_construct(max_attempts=options.max_attempts, retry_base_seconds=0.5, retry_max_seconds=8.0)
         self.faults = FaultInjector(options.faults, self.rng)
         self.registry = self._bootstrap()
         self.on_progress = on_progress
@@ -154,7 +152,7 @@ class Simulation:
     def _uow_factory(self) -> Callable[..., UnitOfWork]:
         simulation = self
 
-        class SimulatedUnitOfWork(self.options.unit_of_work):  # type: ignore[name-defined,misc]
+        class SimulatedUnitOfWork(self.options.unit_of_work):  # type: ignore[name-defined,misc]  # a base chosen at run time
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 kwargs.setdefault("message_ids", simulation._next_message_id)
                 super().__init__(*args, **kwargs)
@@ -226,7 +224,9 @@ class Simulation:
             return create_direct_sqlite_engine(parsed.database)
         return create_engine(url)
 
-    async def _loop(self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], relays: Mapping[str, Relay]) -> None:
+    async def _loop(
+        self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], relays: Mapping[str, Relay]
+    ) -> None:
         origin = self.clock.now()
         arrivals = list(workload.orders)
         next_arrival = 0
@@ -330,7 +330,9 @@ class Simulation:
 
     # ------------------------------------------------------------ results
 
-    async def _result(self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], started: float) -> SimulationResult:
+    async def _result(
+        self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], started: float
+    ) -> SimulationResult:
         stats = self.broker.stats
         observed = Observed(
             published_ids=stats.published_ids,

@@ -16,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from contracts import BusinessRuleError, TransientError
-from infra.pipeline import Handler
 from outbox.ports import OutgoingMessage, Publisher
-from outbox.uow import UnitOfWork
+from outbox.uow import Handler, UnitOfWork
 from sagas.simulation.faults import FaultRates
 
 #: Participants whose handlers the injector may break (the saga copes with them).
@@ -44,7 +43,7 @@ class FaultInjector:
 
     def chance(self, fault: str) -> bool:
         """Whether `fault` strikes now; a fault at rate 0 draws nothing."""
-        rate = getattr(self.rates, fault)
+        rate: float = getattr(self.rates, fault)
         if rate <= 0:
             return False
         hit = self.rng.random() < rate

@@ -82,10 +82,7 @@ async def read_snapshot(engine: AsyncEngine, workload: Workload, *, messages_lef
     async with engine.connect() as c:
         saga_status = dict((await c.execute(select(saga_instances.c.saga_id, saga_instances.c.status))).all())
         order_status = dict((await c.execute(select(orders_orders.c.order_id, orders_orders.c.status))).all())
-        stock = {
-            row.sku: (int(row.on_hand), int(row.reserved))
-            for row in (await c.execute(select(stock_items))).all()
-        }
+        stock = {row.sku: (int(row.on_hand), int(row.reserved)) for row in (await c.execute(select(stock_items))).all()}
         committed_units: Counter[str] = Counter()
         committed_by_order: Counter[str] = Counter()
         for row in (await c.execute(select(stock_reservations).where(stock_reservations.c.status == "committed"))).all():
@@ -97,7 +94,9 @@ async def read_snapshot(engine: AsyncEngine, workload: Workload, *, messages_lef
             captured = int(row.amount) if row.status in ("authorized", "refunded") else 0
             payments[row.order_id] = (captured, int(row.refunded_amount))
         debits, credits = (
-            await c.execute(select(func.coalesce(func.sum(ledger_entries.c.debit), 0), func.coalesce(func.sum(ledger_entries.c.credit), 0)))
+            await c.execute(
+                select(func.coalesce(func.sum(ledger_entries.c.debit), 0), func.coalesce(func.sum(ledger_entries.c.credit), 0))
+            )
         ).one()
         ledger_by_order: dict[str, list[int]] = {}
         kinds: Counter[tuple[str, str]] = Counter()
@@ -163,20 +162,28 @@ async def read_outcomes(
 ) -> tuple[dict[str, float], dict[str, int], dict[str, list[dict[str, Any]]]]:
     """Per saga: duration and outcome; the history of the slowest and of every violating saga."""
     async with engine.connect() as connection:
-        sagas = (await connection.execute(select(saga_instances.c.saga_id, saga_instances.c.status, saga_instances.c.started_at, saga_instances.c.updated_at))).all()
+        sagas = (
+            await connection.execute(
+                select(
+                    saga_instances.c.saga_id, saga_instances.c.status, saga_instances.c.started_at, saga_instances.c.updated_at
+                )
+            )
+        ).all()
         durations = {}
         outcomes: Counter[str] = Counter()
         for row in sagas:
             outcomes[row.status] += 1
             durations[row.saga_id] = round((row.updated_at - row.started_at).total_seconds(), 6)
-        wanted = set(v.saga_id for v in violations if v.saga_id)
+        wanted = {v.saga_id for v in violations if v.saga_id}
         if durations:
             wanted.add(max(sorted(durations), key=lambda k: durations[k]))
         history: dict[str, list[dict[str, Any]]] = {}
         if wanted:
             rows = (
                 await connection.execute(
-                    select(saga_history).where(saga_history.c.saga_id.in_(sorted(wanted))).order_by(saga_history.c.saga_id, saga_history.c.version)
+                    select(saga_history)
+                    .where(saga_history.c.saga_id.in_(sorted(wanted)))
+                    .order_by(saga_history.c.saga_id, saga_history.c.version)
                 )
             ).all()
             origin = min(r.started_at for r in sagas)

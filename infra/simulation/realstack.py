@@ -195,10 +195,11 @@ async def _queue_state(transport: RabbitTransport, names: Sequence[str]) -> dict
     """Ready messages and consumers per queue, from passive declares."""
     channel = await transport.connection.channel()
     try:
-        state = {}
+        state: dict[str, tuple[int, int]] = {}
         for name in names:
-            queue = await channel.declare_queue(name, passive=True)
-            state[name] = (queue.declaration_result.message_count, queue.declaration_result.consumer_count)
+            declared = (await channel.declare_queue(name, passive=True)).declaration_result
+            assert declared.message_count is not None and declared.consumer_count is not None, "Declare-Ok carries both counts"
+            state[name] = (declared.message_count, declared.consumer_count)
         return state
     finally:
         await channel.close()
@@ -213,16 +214,10 @@ async def _require_fresh(engine: AsyncEngine, transport: RabbitTransport) -> Non
             f"the database already holds {placed} orders and {sagas} sagas; "
             "a real-stack run checks every row, so give it an empty database"
         )
-    busy = {
-        name: state
-        for name, state in (await _queue_state(transport, RUN_QUEUES)).items()
-        if state != (0, 0)
-    }
+    busy = {name: state for name, state in (await _queue_state(transport, RUN_QUEUES)).items() if state != (0, 0)}
     if busy:
         detail = ", ".join(f"{name} ({ready} ready, {consumers} consumers)" for name, (ready, consumers) in sorted(busy.items()))
-        raise RealStackError(
-            f"queues are in use: {detail}; stop other compensa services and drain the queues first"
-        )
+        raise RealStackError(f"queues are in use: {detail}; stop other compensa services and drain the queues first")
 
 
 async def _place_orders(engine: AsyncEngine, workload: Workload, arrival_scale: float) -> None:
@@ -263,7 +258,11 @@ async def _pending_outbox(engine: AsyncEngine) -> int:
         total = 0
         for service in OUTBOX_SERVICES:
             outbox = tables_for(service).outbox
-            total += int((await connection.execute(select(func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None)))).scalar_one())
+            total += int(
+                (
+                    await connection.execute(select(func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None)))
+                ).scalar_one()
+            )
     return total
 
 
@@ -345,8 +344,8 @@ async def run_real_stack(
     inner = real_stack_transport(amqp_url, settings.queue_type)
     counting = CountingTransport(inner)
     # Duplicates at publish time: a real broker cannot be told to redeliver.
-    faults = FaultInjector(rates, rng, duplicate_publishes=True)
-    registry = bootstrap(settings, wrap_handlers=faults.wrap_handlers, wrap_publisher=faults.publisher)
+    injector = FaultInjector(rates, rng, duplicate_publishes=True)
+    registry = bootstrap(settings, wrap_handlers=injector.wrap_handlers, wrap_publisher=injector.publisher)
     runtime: Runtime | None = None
     try:
         await upgrade(engine)
@@ -399,7 +398,7 @@ async def run_real_stack(
         workload=workload,
         snapshot=found.snapshot,
         violations=found.violations,
-        faults_injected=faults.injected,
+        faults_injected=injector.injected,
         counters=counters,
         durations=found.durations,
         outcomes=found.outcomes,
@@ -416,4 +415,3 @@ async def run_real_stack(
             "dead_letters_per_queue": {spec.dlq: dlq_counts.get(spec.name, 0) for spec in t.WORK_QUEUES},
         },
     )
-

@@ -39,16 +39,13 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from infra.db import configure_sqlite
 
-
 _MAX_PLANS = 2000
 
 
 class _Plan:
     """What running one compiled statement needs, worked out once per compiled form."""
 
-    __slots__ = (
-        "compiled", "positions", "processors", "names", "keys", "result_processors", "expanding", "plain", "expansions"
-    )
+    __slots__ = ("compiled", "expanding", "expansions", "keys", "names", "plain", "positions", "processors", "result_processors")
 
     def __init__(self, compiled: Any, dialect: Any) -> None:
         self.compiled = compiled
@@ -97,7 +94,7 @@ class StatementRunner:
 
     def execute(self, sqlite: Any, statement: Any, parameters: Any, autobegin: Callable[[], None]) -> Result[Any] | None:
         """The statement's result, or None when SQLAlchemy's own path must run it."""
-        if not isinstance(statement, ClauseElement) or statement._execution_options:
+        if not isinstance(statement, ClauseElement) or statement._execution_options:  # type: ignore[attr-defined]  # private SQLAlchemy attribute, see issue 14
             return None
         many = isinstance(parameters, list)
         if many and not parameters:
@@ -124,10 +121,12 @@ class StatementRunner:
             if plan.expanding:
                 sql, positions, processors, values = self._expand(plan, values)
             rows_of_parameters.append(
-                tuple([
-                    values[name] if process is None else process(values[name])
-                    for name, process in zip(positions, processors, strict=True)
-                ])
+                tuple(
+                    [
+                        values[name] if process is None else process(values[name])
+                        for name, process in zip(positions, processors, strict=True)
+                    ]
+                )
             )
         cursor = sqlite.cursor()
         try:
@@ -269,7 +268,9 @@ class DirectConnection:
 
     def __init__(self, sync_connection: Connection, on_close: Callable[[], None], runner: StatementRunner | None) -> None:
         self.sync_connection = sync_connection
-        self._sqlite = sync_connection.connection.dbapi_connection
+        sqlite = sync_connection.connection.dbapi_connection
+        assert sqlite is not None, "a checked-out connection has its DBAPI connection"
+        self._sqlite = sqlite
         self._on_close = on_close
         self._runner = runner
         self._closed = False
@@ -460,7 +461,7 @@ def create_direct_sqlite_engine(path: str, *, statement_runner: bool = True, thr
     if throwaway:
 
         @event.listens_for(engine, "connect")
-        def _throwaway(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _throwaway(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.execute("PRAGMA locking_mode=EXCLUSIVE")
             dbapi_connection.execute("PRAGMA journal_mode=MEMORY")
 

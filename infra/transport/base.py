@@ -66,9 +66,7 @@ class Delivery(abc.ABC):
         headers[t.H_ATTEMPT] = self.attempt + 1
         return headers
 
-    def dead_letter_headers(
-        self, reason_class: str, reason: str, now: datetime, saga_id: str | None
-    ) -> dict[str, Any]:
+    def dead_letter_headers(self, reason_class: str, reason: str, now: datetime, saga_id: str | None) -> dict[str, Any]:
         headers = self._failure_headers(reason_class, reason, now)
         headers[t.H_ATTEMPT] = self.attempt
         if saga_id:

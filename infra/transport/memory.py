@@ -215,8 +215,13 @@ class MemoryBroker:
         """Put a second copy of a delivered message in its queue, as a broker may."""
         original = delivery._stored
         copy = StoredMessage(
-            original.body, dict(original.headers), original.message_id, original.exchange,
-            original.routing_key, original.correlation_id, redelivered=True,
+            original.body,
+            dict(original.headers),
+            original.message_id,
+            original.exchange,
+            original.routing_key,
+            original.correlation_id,
+            redelivered=True,
         )
         self.queues[delivery.queue.name].append(copy)
 

@@ -35,7 +35,9 @@ def _amqp_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RabbitDelivery(Delivery):
-    def __init__(self, transport: RabbitTransport, queue: QueueSpec, message: AbstractIncomingMessage, channel: AbstractChannel) -> None:
+    def __init__(
+        self, transport: RabbitTransport, queue: QueueSpec, message: AbstractIncomingMessage, channel: AbstractChannel
+    ) -> None:
         self._transport = transport
         self._message = message
         self._channel = channel
@@ -98,7 +100,9 @@ class RabbitDelivery(Delivery):
 
 
 class RabbitSubscription:
-    def __init__(self, channel: AbstractChannel, queue: aio_pika.abc.AbstractQueue, tag: str, inflight: set[asyncio.Task[Any]]) -> None:
+    def __init__(
+        self, channel: AbstractChannel, queue: aio_pika.abc.AbstractQueue, tag: str, inflight: set[asyncio.Task[Any]]
+    ) -> None:
         self._channel = channel
         self._queue = queue
         self._tag = tag
@@ -140,9 +144,7 @@ class RabbitTransport:
                 self._connection = await aio_pika.connect_robust(self.url, timeout=10)
             except _PUBLISH_ERRORS as exc:
                 raise TransientError(f"cannot connect to RabbitMQ at {_safe_url(self.url)}: {exc}") from exc
-            self._publish_channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
+            self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         return self
 
     @property

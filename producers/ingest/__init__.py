@@ -6,7 +6,13 @@ from producers.ingest.auth import ApiKey, Producer, ProducerDirectory, ProducerS
 from producers.ingest.config import IngestConfig
 
 __all__ = [
-    "ApiKey", "IngestConfig", "Producer", "ProducerDirectory", "ProducerStore", "create_app", "generate_key",
+    "ApiKey",
+    "IngestConfig",
+    "Producer",
+    "ProducerDirectory",
+    "ProducerStore",
+    "create_app",
+    "generate_key",
 ]
 
 

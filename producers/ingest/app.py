@@ -92,7 +92,10 @@ Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
-        alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
         description="Unique per logical request; a retry with the same key and body returns the first response.",
     ),
 ]
@@ -210,9 +213,7 @@ class Ingest:
             else:
                 ids = lambda _index: uuid.uuid4()  # noqa: E731
             now = self.clock.now()
-            messages = build_messages(
-                events, batch=batch, producer=producer, now=now, ids=ids, traceparent=traceparent
-            )
+            messages = build_messages(events, batch=batch, producer=producer, now=now, ids=ids, traceparent=traceparent)
             await self._refuse_second_starts(messages)
             await self._write(messages, now)
             committed = True
@@ -252,7 +253,13 @@ class Ingest:
         if claim is not None and claim.outcome == "mismatch":
             raise Refused(
                 422,
-                [field_error(["header", "Idempotency-Key"], "this key was already used for a different request", "idempotency_key_reused")],
+                [
+                    field_error(
+                        ["header", "Idempotency-Key"],
+                        "this key was already used for a different request",
+                        "idempotency_key_reused",
+                    )
+                ],
             )
         if claim is not None and claim.outcome == "in_progress":
             raise Refused(
@@ -275,7 +282,9 @@ class Ingest:
             taken = sorted(set(repeated) | await taken_keys(self.engine, messages))
         except (SQLAlchemyError, OSError) as exc:
             log.warning("ingest.database_failed", error=type(exc).__name__)
-            raise Refused(503, f"database unavailable: {type(exc).__name__}; nothing was accepted", {"Retry-After": "5"}) from None
+            raise Refused(
+                503, f"database unavailable: {type(exc).__name__}; nothing was accepted", {"Retry-After": "5"}
+            ) from None
         if taken:
             log.info("ingest.second_start_refused", keys=taken)
             raise Refused(409, f"already started: {', '.join(taken)} (one saga per business key; nothing was accepted)")
@@ -291,7 +300,9 @@ class Ingest:
             raise Refused(422, [field_error(["body"], str(exc), "database_refused")]) from None
         except (SQLAlchemyError, OSError) as exc:
             log.warning("ingest.database_failed", error=type(exc).__name__)
-            raise Refused(503, f"database unavailable: {type(exc).__name__}; nothing was accepted", {"Retry-After": "5"}) from None
+            raise Refused(
+                503, f"database unavailable: {type(exc).__name__}; nothing was accepted", {"Retry-After": "5"}
+            ) from None
 
     @staticmethod
     def _redis_down(exc: BaseException) -> Refused:
@@ -380,7 +391,7 @@ def create_app(
     app.state.ingest = ingest
 
     @app.exception_handler(Refused)
-    async def _refused(_request: Request, exc: Refused) -> JSONResponse:
+    async def _refused(_request: Request, exc: Refused) -> Response:
         return exc.response()
 
     def body_doc(schema: str) -> dict[str, Any]:
@@ -395,8 +406,11 @@ def create_app(
 
     @app.post("/v1/events", status_code=202, responses=responses, openapi_extra=body_doc("EventIn"), tags=["events"])
     async def publish_event(
-        request: Request, api_key: ApiKey = None, bearer: Bearer = None,
-        idempotency_key: IdempotencyKey = None, traceparent: TraceParent = None,
+        request: Request,
+        api_key: ApiKey = None,
+        bearer: Bearer = None,
+        idempotency_key: IdempotencyKey = None,
+        traceparent: TraceParent = None,
     ) -> JSONResponse:
         """Accept one event (a full envelope or `{type, version?, correlation_id, payload}`)."""
         producer = await ingest.authenticate(api_key, bearer)
@@ -404,8 +418,11 @@ def create_app(
 
     @app.post("/v1/events:batch", status_code=202, responses=responses, openapi_extra=body_doc("BatchIn"), tags=["events"])
     async def publish_batch(
-        request: Request, api_key: ApiKey = None, bearer: Bearer = None,
-        idempotency_key: IdempotencyKey = None, traceparent: TraceParent = None,
+        request: Request,
+        api_key: ApiKey = None,
+        bearer: Bearer = None,
+        idempotency_key: IdempotencyKey = None,
+        traceparent: TraceParent = None,
     ) -> JSONResponse:
         """Accept several events in one transaction: all of them or none."""
         producer = await ingest.authenticate(api_key, bearer)
@@ -417,10 +434,11 @@ def create_app(
         return json_schemas()
 
     @app.get(
-        "/health", tags=["health"],
+        "/health",
+        tags=["health"],
         responses={
-            200: {"model": Health, "description": "Ready: `{\"status\": \"ok\"}`."},
-            503: {"model": Health, "description": "Not ready: `{\"status\": \"unavailable\"}`."},
+            200: {"model": Health, "description": 'Ready: `{"status": "ok"}`.'},
+            503: {"model": Health, "description": 'Not ready: `{"status": "unavailable"}`.'},
         },
     )
     async def health() -> JSONResponse:
@@ -430,9 +448,7 @@ def create_app(
         """
         if await ingest.ready():
             return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
-        return JSONResponse(
-            {"status": "unavailable"}, status_code=503, headers={"Cache-Control": "no-store", "Retry-After": "1"}
-        )
+        return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Cache-Control": "no-store", "Retry-After": "1"})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -445,5 +461,5 @@ def create_app(
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     return app

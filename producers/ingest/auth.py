@@ -61,8 +61,12 @@ class ApiKey:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "key_id": self.key_id, "key_salt": self.key_salt, "key_hash": self.key_hash,
-            "types": list(self.allowed_types), "rate_limit": self.rate_limit,
+            "name": self.name,
+            "key_id": self.key_id,
+            "key_salt": self.key_salt,
+            "key_hash": self.key_hash,
+            "types": list(self.allowed_types),
+            "rate_limit": self.rate_limit,
         }
 
 
@@ -107,8 +111,13 @@ def generate_key(
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
     record = ApiKey(
-        key_id=key_id, name=name, key_salt=salt, key_hash=_digest(salt, secret),
-        allowed_types=check_types(types), rate_limit=rate_limit, created_at=now,
+        key_id=key_id,
+        name=name,
+        key_salt=salt,
+        key_hash=_digest(salt, secret),
+        allowed_types=check_types(types),
+        rate_limit=rate_limit,
+        created_at=now,
     )
     return f"{KEY_PREFIX}_{key_id}_{secret}", record
 
@@ -121,8 +130,12 @@ def load_keys_file(path: Path) -> list[ApiKey]:
     for entry in entries:
         keys.append(
             ApiKey(
-                key_id=entry["key_id"], name=entry["name"], key_salt=entry["key_salt"], key_hash=entry["key_hash"],
-                allowed_types=check_types(entry["types"]), rate_limit=entry.get("rate_limit"),
+                key_id=entry["key_id"],
+                name=entry["name"],
+                key_salt=entry["key_salt"],
+                key_hash=entry["key_hash"],
+                allowed_types=check_types(entry["types"]),
+                rate_limit=entry.get("rate_limit"),
             )
         )
     return keys
@@ -146,17 +159,19 @@ class ProducerStore:
         async with self.engine.begin() as connection:
             await connection.execute(
                 insert(ingest_producers).values(
-                    key_id=record.key_id, name=record.name, key_salt=record.key_salt, key_hash=record.key_hash,
-                    allowed_types=json.dumps(list(record.allowed_types)), rate_limit=record.rate_limit,
+                    key_id=record.key_id,
+                    name=record.name,
+                    key_salt=record.key_salt,
+                    key_hash=record.key_hash,
+                    allowed_types=json.dumps(list(record.allowed_types)),
+                    rate_limit=record.rate_limit,
                     created_at=record.created_at,
                 )
             )
 
     async def get(self, key_id: str) -> ApiKey | None:
         async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(select(ingest_producers).where(ingest_producers.c.key_id == key_id))
-            ).one_or_none()
+            row = (await connection.execute(select(ingest_producers).where(ingest_producers.c.key_id == key_id))).one_or_none()
         return _record(row) if row is not None else None
 
     async def list(self, include_revoked: bool = True) -> list[ApiKey]:
@@ -180,9 +195,14 @@ class ProducerStore:
 
 def _record(row: Any) -> ApiKey:
     return ApiKey(
-        key_id=row.key_id, name=row.name, key_salt=row.key_salt, key_hash=row.key_hash,
-        allowed_types=tuple(json.loads(row.allowed_types)), rate_limit=row.rate_limit,
-        created_at=row.created_at, revoked_at=row.revoked_at,
+        key_id=row.key_id,
+        name=row.name,
+        key_salt=row.key_salt,
+        key_hash=row.key_hash,
+        allowed_types=tuple(json.loads(row.allowed_types)),
+        rate_limit=row.rate_limit,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
     )
 
 

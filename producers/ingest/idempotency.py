@@ -99,8 +99,14 @@ class IdempotencyStore:
     """
 
     def __init__(
-        self, redis: Redis, *, prefix: str, ttl_seconds: float, processing_seconds: float,
-        window_seconds: float = 60.0, wall: Callable[[], float] = time.time,
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        ttl_seconds: float,
+        processing_seconds: float,
+        window_seconds: float = 60.0,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -126,9 +132,7 @@ class IdempotencyStore:
         if key is not None:
             keys.append(self._key(producer, key))
         marker = json.dumps({"state": "processing", "hash": request_hash, "owner": owner})
-        count, rate_pttl, current, pttl = await self._admit(
-            keys=keys, args=[self.window_ms, limit, marker, self.processing_ms]
-        )
+        count, rate_pttl, current, pttl = await self._admit(keys=keys, args=[self.window_ms, limit, marker, self.processing_ms])
         if int(count) > limit:
             return Admission(False, retry_after_seconds=max(1, math.ceil(max(int(rate_pttl), 0) / 1000)))
         if key is None:

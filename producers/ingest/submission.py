@@ -58,7 +58,8 @@ class EventIn(BaseModel):
     correlation_id: Identifier = Field(description="Saga id = the order id: must equal `payload.order_id`.")
     payload: dict[str, Any] = Field(description="Validated against the contract of type + version (see /v1/contracts).")
     message_id: uuid.UUID | None = Field(
-        default=None, description="Default: derived from the Idempotency-Key, else random. An id already accepted is not accepted twice."
+        default=None,
+        description="Default: derived from the Idempotency-Key, else random. An id already accepted is not accepted twice.",
     )
     occurred_at: Rfc3339 | None = Field(default=None, description="Default: when the server accepted it.")
     causation_id: uuid.UUID | None = None
@@ -122,9 +123,7 @@ def field_error(loc: Sequence[str | int], msg: str, type_: str) -> dict[str, Any
 
 
 def _errors(exc: ValidationError, prefix: Sequence[str | int]) -> list[dict[str, Any]]:
-    return [
-        field_error([*prefix, *err["loc"]], err["msg"], err["type"]) for err in exc.errors(include_url=False)
-    ]
+    return [field_error([*prefix, *err["loc"]], err["msg"], err["type"]) for err in exc.errors(include_url=False)]
 
 
 # ---------------------------------------------------------------- bytes to JSON
@@ -148,7 +147,18 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 #: Fields whose values are identifiers (besides every object key): no control characters.
 _IDENTIFIER_FIELDS = frozenset(
-    {"type", "correlation_id", "causation_id", "message_id", "producer", "traceparent", "occurred_at", "sku", "account", "currency"}
+    {
+        "type",
+        "correlation_id",
+        "causation_id",
+        "message_id",
+        "producer",
+        "traceparent",
+        "occurred_at",
+        "sku",
+        "account",
+        "currency",
+    }
 )
 _MAX_ERRORS = 20
 
@@ -264,12 +274,18 @@ def parse_json(raw: bytes, *, max_depth: int) -> Any:
     try:
         body = json.loads(
             raw.decode("utf-8"),
-            parse_int=number(_parse_int), parse_float=number(_parse_float), parse_constant=number(_parse_constant),
+            parse_int=number(_parse_int),
+            parse_float=number(_parse_float),
+            parse_constant=number(_parse_constant),
         )
     except UnicodeDecodeError as exc:
-        raise SubmissionRejected(422, [field_error(["body"], f"body is not UTF-8: {exc.reason} at byte {exc.start}", "json_invalid")]) from None
+        raise SubmissionRejected(
+            422, [field_error(["body"], f"body is not UTF-8: {exc.reason} at byte {exc.start}", "json_invalid")]
+        ) from None
     except RecursionError:
-        raise SubmissionRejected(422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")]) from None
+        raise SubmissionRejected(
+            422, [field_error(["body"], f"JSON nested deeper than {max_depth} levels", "json_too_deep")]
+        ) from None
     except ValueError as exc:  # JSONDecodeError
         raise SubmissionRejected(422, [field_error(["body"], f"invalid JSON: {exc}", "json_invalid")]) from None
     if unfit or _SUSPECT.search(raw):
@@ -293,10 +309,7 @@ _NEWEST = newest_versions()
 def parse_events(body: Any, *, batch: bool, max_events: int) -> list[EventIn]:
     """Check the body's shape; raise SubmissionRejected(422) naming each bad field."""
     try:
-        if batch:
-            events = BatchIn.model_validate(body).events
-        else:
-            events = [EventIn.model_validate(body)]
+        events = BatchIn.model_validate(body).events if batch else [EventIn.model_validate(body)]
     except ValidationError as exc:
         raise SubmissionRejected(422, _errors(exc, ["body"])) from None
     if len(events) > max_events:
@@ -332,23 +345,29 @@ def build_messages(
         if event.type not in newest:
             errors.append(field_error([*at, "type"], f"unknown message type {event.type!r}", "unknown_type"))
         elif newest[event.type].kind != "event":
-            errors.append(field_error([*at, "type"], f"{event.type!r} is a command; only events can be published", "not_an_event"))
+            errors.append(
+                field_error([*at, "type"], f"{event.type!r} is a command; only events can be published", "not_an_event")
+            )
         elif not producer.may_publish(event.type):
             forbidden.append(event.type)
         else:
             version = event.version or newest[event.type].message_version
             try:
                 model = registry.model_for(event.type, version)
-            except Exception as exc:  # ContractError: unknown version
+            except ContractError as exc:  # an unknown version
                 errors.append(field_error([*at, "version"], str(exc), "unknown_version"))
         if event.producer is not None and event.producer != producer.name:
             errors.append(
-                field_error([*at, "producer"], f"must be {producer.name!r} (the API key's producer) or omitted", "producer_mismatch")
+                field_error(
+                    [*at, "producer"], f"must be {producer.name!r} (the API key's producer) or omitted", "producer_mismatch"
+                )
             )
         models.append(model)
     if forbidden:
         allowed = ", ".join(sorted(producer.allowed_types)) or "none"
-        raise SubmissionRejected(403, f"producer {producer.name!r} may not publish {', '.join(sorted(set(forbidden)))} (allowed: {allowed})")
+        raise SubmissionRejected(
+            403, f"producer {producer.name!r} may not publish {', '.join(sorted(set(forbidden)))} (allowed: {allowed})"
+        )
     messages: list[Message[Payload]] = []
     for index, (event, model) in enumerate(zip(events, models, strict=True)):
         if model is None:

@@ -80,7 +80,8 @@ class OutboxWriter:
         await asyncio.shield(done)
 
     def _take(self) -> list[_Pending]:
-        taken, count = [], 0
+        taken: list[_Pending] = []
+        count = 0
         while self._pending and (not taken or count + len(self._pending[0][0]) <= self.max_rows):
             item = self._pending.pop(0)
             taken.append(item)

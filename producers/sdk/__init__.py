@@ -25,7 +25,18 @@ from producers.sdk.http import (
 from producers.sdk.outbox import publish, publish_many
 
 __all__ = [
-    "Accepted", "AsyncIngestClient", "AuthenticationFailed", "IdempotencyKeyReused", "IngestClient", "IngestError",
-    "IngestUnavailable", "InvalidEvent", "PermissionDenied", "Rejected", "RequestTooLarge", "event", "publish",
+    "Accepted",
+    "AsyncIngestClient",
+    "AuthenticationFailed",
+    "IdempotencyKeyReused",
+    "IngestClient",
+    "IngestError",
+    "IngestUnavailable",
+    "InvalidEvent",
+    "PermissionDenied",
+    "Rejected",
+    "RequestTooLarge",
+    "event",
+    "publish",
     "publish_many",
 ]

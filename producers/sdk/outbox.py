@@ -80,8 +80,14 @@ async def publish(
     after the commit. Raise ContractError for an invalid payload.
     """
     message = _message(
-        payload, correlation_id=correlation_id, producer=producer, type_=type, version=version,
-        causation_id=causation_id, message_id=message_id, occurred_at=occurred_at,
+        payload,
+        correlation_id=correlation_id,
+        producer=producer,
+        type_=type,
+        version=version,
+        causation_id=causation_id,
+        message_id=message_id,
+        occurred_at=occurred_at,
     )
     await publish_many(target, [message], outbox=outbox)
     return message

@@ -96,9 +96,7 @@ def _stock_conserved(s: Snapshot) -> list[Violation]:
             found.append(Violation("no stock left reserved", f"{sku}: {reserved} units still reserved at the end"))
     for order_id, units in s.committed_by_order.items():
         if units and s.saga_status.get(order_id) != "completed":
-            found.append(
-                Violation("stock sold only for completed orders", f"{units} units committed", order_id)
-            )
+            found.append(Violation("stock sold only for completed orders", f"{units} units committed", order_id))
     return found
 
 
@@ -113,8 +111,7 @@ def _money_matches_outcome(s: Snapshot) -> list[Violation]:
             found.append(
                 Violation(
                     "captured - refunded = total if completed else 0",
-                    f"captured {captured} - refunded {refunded} != {expected} "
-                    f"(saga {s.saga_status.get(order_id)})",
+                    f"captured {captured} - refunded {refunded} != {expected} (saga {s.saga_status.get(order_id)})",
                     order_id,
                 )
             )
@@ -163,7 +160,9 @@ def _messages_accounted_for(s: Snapshot) -> list[Violation]:
             found.append(Violation("dead letters carry a reason", f"message {message_id} has no reason"))
     if s.messages_left_in_queues:
         found.append(
-            Violation("every published message consumed or dead-lettered", f"{s.messages_left_in_queues} messages left in work queues")
+            Violation(
+                "every published message consumed or dead-lettered", f"{s.messages_left_in_queues} messages left in work queues"
+            )
         )
     return found
 

@@ -10,7 +10,8 @@ from typing import Any
 def load_regressions(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return json.loads(path.read_text())
+    entries: list[dict[str, Any]] = json.loads(path.read_text())
+    return entries
 
 
 def save_regression(path: Path, *, seed: int, sagas: int, faults: str, overrides: dict[str, float]) -> None:

@@ -33,7 +33,7 @@ def to_document(result: Any) -> dict[str, Any]:
     dlq_groups = Counter(f"{d['queue']} | {d['reason_class']}" for d in result.dead_letters)
     return {
         "seed": result.options.seed,
-        "workload": {k: v for k, v in vars(result.workload.spec).items()},
+        "workload": dict(vars(result.workload.spec)),
         "faults": result.options.faults.as_dict(),
         "sagas": len(result.workload.orders),
         "outcomes": result.outcomes,
@@ -49,8 +49,7 @@ def to_document(result: Any) -> dict[str, Any]:
         },
         "slowest_saga": {"saga_id": slowest, "timeline": result.history.get(slowest, []) if slowest else []},
         "violating_sagas": {
-            saga_id: result.history.get(saga_id, [])
-            for saga_id in sorted({v.saga_id for v in result.violations if v.saga_id})
+            saga_id: result.history.get(saga_id, []) for saga_id in sorted({v.saga_id for v in result.violations if v.saga_id})
         },
         "wall": {
             "seconds": round(result.wall_seconds, 3),
@@ -75,7 +74,10 @@ def terminal_summary(document: Mapping[str, Any]) -> str:
         "outcomes:        " + ", ".join(f"{k} {v}" for k, v in document["outcomes"].items()),
         "faults injected: " + (", ".join(f"{k} {v}" for k, v in document["faults_injected"].items()) or "none"),
         "deliveries:      "
-        + ", ".join(f"{k} {document['counters'][k]}" for k in ("published", "delivered", "retried", "requeued", "duplicates_skipped", "dead_lettered")),
+        + ", ".join(
+            f"{k} {document['counters'][k]}"
+            for k in ("published", "delivered", "retried", "requeued", "duplicates_skipped", "dead_lettered")
+        ),
         f"dead letters:    {document['dead_letters']['total']}"
         + "".join(f"\n                   {group}: {count}" for group, count in document["dead_letters"]["groups"].items()),
         "saga duration:   " + ", ".join(f"{k} {v:.3f}s" for k, v in document["saga_duration_seconds"].items()) + f" ({clock})",
@@ -161,9 +163,12 @@ def _timeline(saga_id: str | None, timeline: Sequence[Mapping[str, Any]]) -> str
     for i, entry in enumerate(timeline):
         y = 10 + i * row_h
         x = label_w + (width - label_w - 20) * (entry["at_seconds"] - start) / span
-        color = {"completed": "#2e7d32", "cancelled": "#b26a00", "rejected": "#6d4c41", "compensating": "#c62828"}.get(entry["to"], "#1565c0")
+        color = {"completed": "#2e7d32", "cancelled": "#b26a00", "rejected": "#6d4c41", "compensating": "#c62828"}.get(
+            entry["to"], "#1565c0"
+        )
         marks.append(
-            f'<text x="{label_w - 8}" y="{y + 13}" text-anchor="end">{html.escape(entry["trigger"])} → {html.escape(entry["to"])}</text>'
+            f'<text x="{label_w - 8}" y="{y + 13}" text-anchor="end">'
+            f"{html.escape(entry['trigger'])} → {html.escape(entry['to'])}</text>"
             f'<line x1="{label_w}" y1="{y + 9}" x2="{x:.1f}" y2="{y + 9}" stroke="#ddd"/>'
             f'<circle cx="{x:.1f}" cy="{y + 9}" r="6" fill="{color}"><title>{html.escape(entry["note"])}</title></circle>'
             f'<text x="{x + 10:.1f}" y="{y + 13}">{entry["at_seconds"] - start:.3f}s</text>'
@@ -171,7 +176,8 @@ def _timeline(saga_id: str | None, timeline: Sequence[Mapping[str, Any]]) -> str
     height = 20 + len(timeline) * row_h
     rows = "".join(
         f"<tr><td>{e['version']}</td><td>{e['at_seconds'] - start:.3f}s</td><td>{html.escape(e['trigger'])}</td>"
-        f"<td>{html.escape(str(e['from'] or '-'))} → {html.escape(e['to'])}</td><td>{html.escape(', '.join(e['sent']) or '-')}</td>"
+        f"<td>{html.escape(str(e['from'] or '-'))} → {html.escape(e['to'])}</td>"
+        f"<td>{html.escape(', '.join(e['sent']) or '-')}</td>"
         f"<td>{html.escape(e['note'])}</td></tr>"
         for e in timeline
     )
@@ -205,15 +211,15 @@ def html_page(document: Mapping[str, Any], durations: Sequence[float]) -> str:
         }
     )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>compensa simulation — seed {document['seed']}</title>
+<html><head><meta charset="utf-8"><title>compensa simulation — seed {document["seed"]}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 1000px; color: #222 }}
 table {{ border-collapse: collapse; font-size: 13px }} td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: left }}
 .ok {{ color: #2e7d32; font-weight: bold }} .bad {{ color: #c62828; font-weight: bold }}
 </style></head><body>
 <h1>compensa simulation</h1>
-<p>Seed <b>{document['seed']}</b>, {document['sagas']} sagas, {document['virtual_seconds']:.1f} s of virtual time,
-{document['wall']['seconds']:.2f} s wall ({document['wall']['sagas_per_second']} sagas/s).</p>
+<p>Seed <b>{document["seed"]}</b>, {document["sagas"]} sagas, {document["virtual_seconds"]:.1f} s of virtual time,
+{document["wall"]["seconds"]:.2f} s wall ({document["wall"]["sagas_per_second"]} sagas/s).</p>
 {verdict}
 {_bar_chart("Outcomes", document["outcomes"])}
 {_histogram("Saga duration (virtual seconds)", list(durations))}

@@ -52,7 +52,7 @@ def sku_name(index: int) -> str:
 def generate(spec: WorkloadSpec, rng: random.Random) -> Workload:
     """Draw every order up front from the one seeded RNG, so runs repeat exactly."""
     prices = {sku_name(i): rng.randrange(100, 20_000, 50) for i in range(spec.skus)}
-    stock = {sku: spec.stock_per_sku for sku in prices}
+    stock = dict.fromkeys(prices, spec.stock_per_sku)
     orders = []
     at = 0.0
     width = len(str(spec.sagas))

@@ -168,9 +168,7 @@ async def saga_statuses(engine: AsyncEngine, ids: Iterable[str]) -> dict[str, st
     ids = list(ids)
     async with engine.connect() as c:
         rows = (
-            await c.execute(
-                select(saga_instances.c.saga_id, saga_instances.c.status).where(saga_instances.c.saga_id.in_(ids))
-            )
+            await c.execute(select(saga_instances.c.saga_id, saga_instances.c.status).where(saga_instances.c.saga_id.in_(ids)))
         ).all()
     return dict(rows)  # type: ignore[arg-type]
 

@@ -36,17 +36,12 @@ ORDERS = 300
 MAX_IN_FLIGHT = 20
 
 
-async def test_a_burst_of_ten_times_the_sustainable_rate_ends_as_a_trickle_would(
-    stack: Stack, services: StartServices
-) -> None:
+async def test_a_burst_of_ten_times_the_sustainable_rate_ends_as_a_trickle_would(stack: Stack, services: StartServices) -> None:
     settings = stack.settings(saga_max_in_flight=MAX_IN_FLIGHT, saga_step_deadline_seconds=5.0)
     skus = [unique("SKU") for _ in range(8)]
-    stock = {sku: 1000 for sku in skus}
+    stock = dict.fromkeys(skus, 1000)
     await seed_stock(stack.engine, stock)
-    orders = [
-        planned([(skus[n % 8], 1, 700)], token="tok_decline_card" if n % 7 == 0 else "tok_ok_visa")
-        for n in range(ORDERS)
-    ]
+    orders = [planned([(skus[n % 8], 1, 700)], token="tok_decline_card" if n % 7 == 0 else "tok_ok_visa") for n in range(ORDERS)]
     runtime = await services(settings=settings)
 
     peak = 0
@@ -73,9 +68,11 @@ async def test_a_burst_of_ten_times_the_sustainable_rate_ends_as_a_trickle_would
     expected = {o.order_id: "cancelled" if o.payment_token.startswith("tok_decline") else "completed" for o in orders}
     assert statuses == expected
     async with stack.engine.connect() as connection:
-        reasons = (await connection.execute(
-            select(saga_instances.c.reason).where(saga_instances.c.status == "cancelled")
-        )).scalars().all()
+        reasons = (
+            (await connection.execute(select(saga_instances.c.reason).where(saga_instances.c.status == "cancelled")))
+            .scalars()
+            .all()
+        )
     assert reasons and all("deadline" not in (reason or "") for reason in reasons), set(reasons)
     assert peak <= MAX_IN_FLIGHT, f"{peak} sagas in flight at once; the bound is {MAX_IN_FLIGHT}"
     assert runtime.gate is not None and runtime.gate.waited > 0, "the burst never reached the bound"

@@ -37,8 +37,13 @@ async def publish(runtime: Runtime, commands: list[Message[Any]]) -> None:
     await runtime.transport.publish_batch(
         [
             OutgoingMessage(
-                message_id=row["message_id"], type=row["type"], correlation_id=row["correlation_id"],
-                exchange=row["exchange"], routing_key=row["routing_key"], body=row["body"].encode(), headers={},
+                message_id=row["message_id"],
+                type=row["type"],
+                correlation_id=row["correlation_id"],
+                exchange=row["exchange"],
+                routing_key=row["routing_key"],
+                body=row["body"].encode(),
+                headers={},
             )
             for row in rows
         ]
@@ -56,7 +61,7 @@ async def assert_each_reserved_once(stack: Stack, commands: list[Message[Reserve
 async def test_reservations_on_a_few_hot_skus_apply_without_a_deadlocked_batch(stack: Stack, services: StartServices) -> None:
     runtime = await services("stock", settings=stack.settings(consumer_workers=4, consumer_batch_size=50, prefetch=200))
     skus = [unique("HOT") for _ in range(4)]
-    await seed_stock(stack.engine, {sku: 1_000_000 for sku in skus})
+    await seed_stock(stack.engine, dict.fromkeys(skus, 1_000_000))
     commands = hot_reservations(skus, 400)
     await publish(runtime, commands)
     processor = runtime.processors["stock"]
@@ -71,7 +76,7 @@ async def test_stock_processes_sharing_hot_skus_do_not_deadlock_each_other(stack
     settings = stack.settings(consumer_workers=4, consumer_batch_size=50, prefetch=100)
     runtimes = [await services("stock", settings=settings) for _ in range(2)]
     skus = [unique("HOT") for _ in range(8)]
-    await seed_stock(stack.engine, {sku: 1_000_000 for sku in skus})
+    await seed_stock(stack.engine, dict.fromkeys(skus, 1_000_000))
     commands = hot_reservations(skus, 600)
     await publish(runtimes[0], commands)
     processors = [runtime.processors["stock"] for runtime in runtimes]
@@ -104,9 +109,7 @@ async def test_ledger_processes_posting_in_several_currencies_do_not_deadlock_ea
         )
     await publish(runtimes[0], events)
     processors = [runtime.processors["ledger"] for runtime in runtimes]
-    await eventually(
-        lambda: sum(p.processed for p in processors) == len(events), timeout=90, message="postings not all applied"
-    )
+    await eventually(lambda: sum(p.processed for p in processors) == len(events), timeout=90, message="postings not all applied")
     assert all(p.processed for p in processors), "both processes took part"
     balances = await trial_balance(stack.engine)
     assert balances["balanced"]

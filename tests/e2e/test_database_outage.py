@@ -44,14 +44,17 @@ def postgres(servers: Servers):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("down_seconds", [0.0, 20.0], ids=["restart", "down-20s"])
 async def test_a_database_outage_while_consumers_drain_a_backlog_dead_letters_nothing(
-    stack: Stack, services: StartServices, postgres, down_seconds: float  # type: ignore[no-untyped-def]
+    stack: Stack,
+    services: StartServices,
+    postgres,
+    down_seconds: float,  # type: ignore[no-untyped-def]
 ) -> None:
     # Deadlines far beyond the outage: the point is the messages, not timeouts.
     settings = stack.settings(
         saga_step_deadline_seconds=120.0, saga_compensation_deadline_seconds=120.0, unavailable_retry_seconds=120.0
     )
     skus = [unique("SKU") for _ in range(4)]
-    await seed_stock(stack.engine, {sku: 1000 for sku in skus})
+    await seed_stock(stack.engine, dict.fromkeys(skus, 1000))
     orders = [planned([(skus[n % 4], 1, 500 + n)], token="tok_ok_visa") for n in range(ORDERS)]
     ids = [order.order_id for order in orders]
     await place_all(stack.engine, orders, concurrency=20)
@@ -74,4 +77,4 @@ async def test_a_database_outage_while_consumers_drain_a_backlog_dead_letters_no
     statuses = await wait_terminal(stack.engine, ids, timeout=120)
     assert done_before < ORDERS, "the backlog was drained before the outage: nothing was tested"
     assert set(statuses.values()) == {"completed"}, {s: list(statuses.values()).count(s) for s in set(statuses.values())}
-    await assert_sound(stack, workload({sku: 1000 for sku in skus}, orders), timeout=60)
+    await assert_sound(stack, workload(dict.fromkeys(skus, 1000), orders), timeout=60)

@@ -63,11 +63,15 @@ def poison_corpus() -> dict[str, tuple[bytes, dict[str, Any]]]:
         "empty body": (b"", {}),
         "a JSON array": (b"[1, 2, 3]", {}),
         "quantity as a string": (
-            json.dumps(reserve("o-q", payload={"order_id": "o-q", "lines": [{"sku": "A", "quantity": "2"}]})).encode(), {}
+            json.dumps(reserve("o-q", payload={"order_id": "o-q", "lines": [{"sku": "A", "quantity": "2"}]})).encode(),
+            {},
         ),
         "version 2**31": (json.dumps(reserve("o-v", version=2**31)).encode(), {}),
         "another saga's order": (json.dumps(reserve("o-mine", correlation_id="o-theirs")).encode(), {}),
-        "markup in the AMQP correlation id": (json.dumps(reserve("o-m", version=9)).encode(), {"correlation_id": "[bold red]x[/]"}),
+        "markup in the AMQP correlation id": (
+            json.dumps(reserve("o-m", version=9)).encode(),
+            {"correlation_id": "[bold red]x[/]"},
+        ),
         "forged attempt header": (json.dumps(reserve("o-a", version=8)).encode(), {"headers": {t.H_ATTEMPT: 2**40}}),
         "forged x-death": (
             json.dumps(reserve("o-d", version=7)).encode(),
@@ -150,8 +154,9 @@ json_values = st.recursive(
 mutations = st.one_of(
     st.binary(max_size=300),
     json_values.map(lambda value: json.dumps(value).encode()),
-    st.tuples(st.sampled_from(["message_id", "type", "version", "occurred_at", "correlation_id", "producer", "payload"]), json_values)
-    .map(lambda field: json.dumps(reserve("o-gen", **{field[0]: field[1]})).encode()),
+    st.tuples(
+        st.sampled_from(["message_id", "type", "version", "occurred_at", "correlation_id", "producer", "payload"]), json_values
+    ).map(lambda field: json.dumps(reserve("o-gen", **{field[0]: field[1]})).encode()),
 )
 
 

@@ -66,8 +66,11 @@ async def test_another_producer_cannot_refund_or_release_a_completed_order(
         await store.add(record)
     redis = Redis.from_url(redis_url)
     app = create_app(
-        engine=stack.engine, redis=redis, producers=ProducerDirectory(store, cache_seconds=0),
-        config=IngestConfig(redis_prefix=f"e2e:{uuid.uuid4().hex[:8]}:"), clock=clock,
+        engine=stack.engine,
+        redis=redis,
+        producers=ProducerDirectory(store, cache_seconds=0),
+        config=IngestConfig(redis_prefix=f"e2e:{uuid.uuid4().hex[:8]}:"),
+        clock=clock,
     )
     order_id = unique("order-a")
     victim = order_created(order_id, sku, quantity=3, unit_price=1000, customer="alice")
@@ -75,7 +78,8 @@ async def test_another_producer_cannot_refund_or_release_a_completed_order(
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as http:
             placed = await http.post(
-                "/v1/events", json={"type": "order.created", "correlation_id": order_id, "payload": victim},
+                "/v1/events",
+                json={"type": "order.created", "correlation_id": order_id, "payload": victim},
                 headers={"X-API-Key": keys["shop-a"]},
             )
             assert placed.status_code == 202, placed.text
@@ -83,7 +87,8 @@ async def test_another_producer_cannot_refund_or_release_a_completed_order(
 
             as_b = {"X-API-Key": keys["shop-b"]}
             other_saga = await http.post(
-                "/v1/events", json={"type": "order.created", "correlation_id": unique("saga-b"), "payload": attacker},
+                "/v1/events",
+                json={"type": "order.created", "correlation_id": unique("saga-b"), "payload": attacker},
                 headers=as_b,
             )
             assert other_saga.status_code == 422 and other_saga.json()["detail"][0]["loc"] == ["body", "correlation_id"]
@@ -98,14 +103,23 @@ async def test_another_producer_cannot_refund_or_release_a_completed_order(
     for correlation_id in (unique("saga-b"), order_id):
         message_id = str(uuid.uuid4())
         envelope = {
-            "message_id": message_id, "type": "order.created", "version": 1,
-            "occurred_at": datetime.now(UTC).isoformat(), "correlation_id": correlation_id,
-            "producer": "shop-b", "payload": attacker,
+            "message_id": message_id,
+            "type": "order.created",
+            "version": 1,
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "correlation_id": correlation_id,
+            "producer": "shop-b",
+            "payload": attacker,
         }
         exchange = await stack.channel.get_exchange(t.EVENTS.name)
         await exchange.publish(
-            aio_pika.Message(json.dumps(envelope).encode(), message_id=message_id, correlation_id=correlation_id,
-                             content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(
+                json.dumps(envelope).encode(),
+                message_id=message_id,
+                correlation_id=correlation_id,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
             routing_key="order.created",
         )
 
@@ -129,7 +143,12 @@ async def test_another_producer_cannot_refund_or_release_a_completed_order(
     # A's order: completed, paid in full, stock sold; the saga never moved again.
     saga = await saga_row(stack.engine, order_id)
     assert (saga.status, saga.version) == ("completed", 4)
-    assert await saga_triggers(stack.engine, order_id) == ["order.created", "stock.reserved", "payment.authorized", "stock.committed"]
+    assert await saga_triggers(stack.engine, order_id) == [
+        "order.created",
+        "stock.reserved",
+        "payment.authorized",
+        "stock.committed",
+    ]
     charge = (await charges(stack.engine))[order_id]
     assert (charge.status.value, charge.amount.amount, charge.refunded_amount) == ("authorized", 3000, 0)
     assert (await cash_by_order(stack.engine))[order_id] == 3000

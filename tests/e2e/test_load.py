@@ -26,9 +26,7 @@ async def test_200_concurrent_sagas_with_mixed_outcomes_keep_every_invariant(sta
     load = generate(spec, random.Random(20261123))
     await seed_stock(stack.engine, load.stock)
     # Deadlines far away: outcomes here come from stock, cards and amounts, not timing.
-    settings = stack.settings(
-        saga_step_deadline_seconds=120, saga_compensation_deadline_seconds=60, payment_amount_limit=LIMIT
-    )
+    settings = stack.settings(saga_step_deadline_seconds=120, saga_compensation_deadline_seconds=60, payment_amount_limit=LIMIT)
     await services(settings=settings)
     ids = [o.order_id for o in load.orders]
 

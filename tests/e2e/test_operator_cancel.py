@@ -43,7 +43,11 @@ async def test_an_operator_cancels_a_saga_waiting_on_payments(stack: Stack, serv
     run = await compensa(env, "saga", "cancel", order.order_id, "--reason", "customer called", "--yes", "--json")
     assert run.returncode == 0, run.stderr
     result = run.json()
-    assert (result["status"], result["trigger"], result["sent"]) == ("compensating", "operator:cancel", ["payment.refund", "stock.release"])
+    assert (result["status"], result["trigger"], result["sent"]) == (
+        "compensating",
+        "operator:cancel",
+        ["payment.refund", "stock.release"],
+    )
 
     # Stock comes back at once; the order waits for payments to confirm there is no charge.
     async def released() -> bool:
@@ -66,7 +70,8 @@ async def test_an_operator_cancels_a_saga_waiting_on_payments(stack: Stack, serv
     # A finished saga cannot be cancelled again; an unknown one is named.
     assert_one_line_error(
         await compensa(env, "saga", "cancel", order.order_id, "--reason", "again", "--yes"),
-        f"saga {order.order_id}", "only a running saga can be cancelled",
+        f"saga {order.order_id}",
+        "only a running saga can be cancelled",
     )
     assert_one_line_error(await compensa(env, "saga", "cancel", "nobody", "--reason", "x", "--yes"), "no saga 'nobody'")
     blank = await compensa(env, "saga", "cancel", order.order_id, "--reason", " ", "--yes")

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+
 from consumers.ledger import cash_by_order, trial_balance
 from consumers.orders import get_order
 from consumers.payments import charges, net_captured, payment_id_for
@@ -58,8 +59,14 @@ async def test_happy_path_completes_charges_once_and_posts_the_ledger(stack: Sta
     assert placed is not None and placed.status.value == "completed"
 
     show = await asyncio.create_subprocess_exec(
-        COMPENSA, "saga", "show", order.order_id, "--json",
-        env=stack.env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        COMPENSA,
+        "saga",
+        "show",
+        order.order_id,
+        "--json",
+        env=stack.env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(show.communicate(), timeout=30)
     assert show.returncode == 0, err.decode()
@@ -69,10 +76,16 @@ async def test_happy_path_completes_charges_once_and_posts_the_ledger(stack: Sta
     assert [h["version"] for h in history] == [1, 2, 3, 4]
     assert [h["trigger"] for h in history] == ["order.created", "stock.reserved", "payment.authorized", "stock.committed"]
     assert [[s["type"] for s in h["sent"]] for h in history] == [
-        ["stock.reserve"], ["payment.charge"], ["stock.commit"], ["order.completed"]
+        ["stock.reserve"],
+        ["payment.charge"],
+        ["stock.commit"],
+        ["order.completed"],
     ]
     assert [(h["from_status"], h["to_status"]) for h in history] == [
-        (None, "running"), ("running", "running"), ("running", "running"), ("running", "completed")
+        (None, "running"),
+        ("running", "running"),
+        ("running", "running"),
+        ("running", "completed"),
     ]
 
 

@@ -68,7 +68,7 @@ async def test_orchestrator_killed_mid_saga_is_restarted_and_finishes_every_saga
     orchestrator = processes("saga", **timings)
     await wait_consuming(stack, orchestrator, [t.SAGA_EVENTS])
     skus = [unique("SKU") for _ in range(3)]
-    stock = {sku: 100 for sku in skus}
+    stock = dict.fromkeys(skus, 100)
     await seed_stock(stack.engine, stock)
     orders, expected = mixed_orders(skus, 20)
     ids = [o.order_id for o in orders]
@@ -99,14 +99,12 @@ async def test_orchestrator_killed_mid_saga_is_restarted_and_finishes_every_saga
     await assert_sound(stack, workload(stock, orders))
 
 
-async def test_sigterm_during_load_exits_cleanly_and_a_restart_finishes_every_saga(
-    stack: Stack, processes: Spawn
-) -> None:
+async def test_sigterm_during_load_exits_cleanly_and_a_restart_finishes_every_saga(stack: Stack, processes: Spawn) -> None:
     timings = {"saga_step_deadline_seconds": 30.0, "shutdown_grace_seconds": 10.0}
     everything = processes(**timings)
     await wait_consuming(stack, everything, list(t.WORK_QUEUES))
     skus = [unique("SKU") for _ in range(4)]
-    stock = {sku: 100 for sku in skus}
+    stock = dict.fromkeys(skus, 100)
     await seed_stock(stack.engine, stock)
     orders, expected = mixed_orders(skus, 50)
     ids = [o.order_id for o in orders]
@@ -133,9 +131,7 @@ async def test_sigterm_during_load_exits_cleanly_and_a_restart_finishes_every_sa
     # A graceful stop publishes everything its handlers committed before it exits.
     pending = [await pending_summary(stack.engine, name, SystemClock().now()) for name in OUTBOX_SERVICES]
     assert not [p for p in pending if p["pending"]], pending
-    METRICS["SIGTERM under load"] = (
-        f"exit 0 after {took:.1f}s with {in_flight} of 50 sagas in flight; all finished after restart"
-    )
+    METRICS["SIGTERM under load"] = f"exit 0 after {took:.1f}s with {in_flight} of 50 sagas in flight; all finished after restart"
 
     restarted = processes(**timings)
     await wait_consuming(stack, restarted, list(t.WORK_QUEUES))

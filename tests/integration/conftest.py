@@ -32,9 +32,7 @@ from tests.integration.support import effects_metadata
 
 #: Small delays so a message retried to exhaustion takes well under a second.
 RETRY_POLICY = RetryPolicy(max_attempts=4, base_seconds=0.05, max_seconds=1.0)
-RETRY_DELAYS_MS = retry_delays_ms(
-    RETRY_POLICY.max_attempts, RETRY_POLICY.base_seconds, RETRY_POLICY.max_seconds
-)
+RETRY_DELAYS_MS = retry_delays_ms(RETRY_POLICY.max_attempts, RETRY_POLICY.base_seconds, RETRY_POLICY.max_seconds)
 
 
 @pytest.fixture(scope="session")
@@ -118,9 +116,7 @@ async def consume(
     """``await consume(handler, prefetch=10)`` starts a consumer of ``stock.commands``."""
     subscriptions: list[RabbitSubscription] = []
 
-    async def start(
-        handler: DeliveryHandler, prefetch: int = 10, transport: RabbitTransport | None = None
-    ) -> RabbitSubscription:
+    async def start(handler: DeliveryHandler, prefetch: int = 10, transport: RabbitTransport | None = None) -> RabbitSubscription:
         subscription = await (transport or rabbit).consume(STOCK_COMMANDS, handler, prefetch)
         subscriptions.append(subscription)
         return subscription

@@ -2,9 +2,8 @@
 
 - The test participant: its ``effects`` table (one row per applied reservation, in
   order; conftest's ``engine`` creates it) and its handler, ``record_reservation``.
-- Ingest: fixtures, imported by name into each ingest module (``engine`` with an empty
-  ingest outbox and no producers, ``redis``, ``add_producer``, ``make_app``,
-  ``make_client``, ``rabbit_publisher``, ``ledger_queue``), outbox reads, ``relay_for``.
+- Ingest: ``clock``, outbox reads, ``relay_for`` (the ingest modules' fixtures are in
+  ``ingest/conftest.py``).
 - Dead letters: ``stack_env`` (the environment pointing the CLI at the test database
   and broker), ``publish_dead_letter`` (into `<queue>.dlq` exactly as the consumer
   pipeline dead-letters, headers included), ``purge``, ``archived``.
@@ -13,16 +12,11 @@
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import httpx
-import pytest
-from redis.asyncio import Redis
-from sqlalchemy import Column, Integer, MetaData, Row, String, Table, delete, func, insert, select
+from sqlalchemy import Column, Integer, MetaData, Row, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import Message, ReserveStock, encode
@@ -31,8 +25,6 @@ from infra.clock import SystemClock
 from infra.dlq.tables import dead_letters
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
-from producers.ingest import IngestConfig, ProducerDirectory, ProducerStore, create_app, generate_key
-from producers.ingest.tables import ingest_producers
 
 clock = SystemClock()
 
@@ -83,99 +75,6 @@ async def outbox_count(engine: AsyncEngine) -> int:
         return int((await connection.execute(select(func.count()).select_from(OUTBOX))).scalar_one())
 
 
-@pytest.fixture
-async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
-    """The module's database with an empty ingest outbox and no producers."""
-    async with pg_engine.begin() as connection:
-        await connection.execute(delete(OUTBOX))
-        await connection.execute(delete(ingest_producers))
-    return pg_engine
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-def add_producer(engine: AsyncEngine) -> Callable[..., Awaitable[str]]:
-    """``key = await add_producer("erp", ["order.created"], rate_limit=None)`` stores a key; returns it."""
-
-    async def add(name: str = "erp", types: tuple[str, ...] = ("order.created",), rate_limit: int | None = None) -> str:
-        key, record = generate_key(name, types, rate_limit=rate_limit, now=clock.now())
-        await ProducerStore(engine).add(record)
-        return key
-
-    return add
-
-
-@pytest.fixture
-def make_app(engine: AsyncEngine, redis: Redis) -> Callable[..., Any]:
-    """``make_app(**config)``: the ingest app on the module's database, in a fresh Redis namespace."""
-    prefix = f"test:{uuid.uuid4().hex[:8]}:"
-
-    def make(**config: Any) -> Any:
-        settings = IngestConfig(**{"redis_prefix": prefix, "key_cache_seconds": 0.0, **config})
-        directory = ProducerDirectory(ProducerStore(engine), cache_seconds=settings.key_cache_seconds)
-        return create_app(engine=engine, redis=redis, producers=directory, config=settings, clock=clock)
-
-    return make
-
-
-@pytest.fixture
-async def make_client(make_app: Callable[..., Any]) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
-    """``make_client(key, **config)``: an httpx client on the app in-process (ASGI)."""
-    clients: list[httpx.AsyncClient] = []
-
-    def make(key: str | None = None, **config: Any) -> httpx.AsyncClient:
-        headers = {"X-API-Key": key} if key else {}
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(**config)), base_url="http://ingest", headers=headers)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.aclose()
-
-
-@pytest.fixture
-async def rabbit_publisher(amqp_url: str) -> AsyncIterator[Any]:
-    """A RabbitTransport over the declared topology: what the relay publishes with."""
-    from infra.transport.rabbit import RabbitTransport
-
-    transport = RabbitTransport(amqp_url)
-    await transport.connect()
-    await transport.declare_topology()
-    try:
-        yield transport
-    finally:
-        await transport.close()
-
-
-@pytest.fixture
-async def ledger_queue(amqp_url: str, rabbit_publisher: Any) -> AsyncIterator[Callable[[], Awaitable[list[Any]]]]:
-    """A private queue bound to ``ledger.updated``; ``await received()`` drains it so far."""
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(f"test.ingest.{uuid.uuid4().hex[:8]}", exclusive=True)
-    await queue.bind("compensa.events", routing_key="ledger.updated")
-    got: list[Any] = []
-
-    async def received() -> list[Any]:
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            got.append(message)
-        return got
-
-    try:
-        yield received
-    finally:
-        await connection.close()
-
-
 def relay_for(engine: AsyncEngine, publisher: Any) -> Any:
     from outbox.relay import Relay
 
@@ -198,14 +97,25 @@ def stack_env(engine: AsyncEngine, amqp_url: str | None = None, **extra: str) ->
 
 
 def dead_letter_headers(
-    queue: t.QueueSpec, message_type: str, *, reason_class: str = "handler_error", reason: str = "RuntimeError: boom",
-    saga_id: str | None = None, attempts: int = 1, failed_at: datetime | None = None,
+    queue: t.QueueSpec,
+    message_type: str,
+    *,
+    reason_class: str = "handler_error",
+    reason: str = "RuntimeError: boom",
+    saga_id: str | None = None,
+    attempts: int = 1,
+    failed_at: datetime | None = None,
 ) -> dict[str, Any]:
     stamp = (failed_at or datetime.now(UTC)).isoformat()
     headers: dict[str, Any] = {
-        t.H_REASON_CLASS: reason_class, t.H_REASON: reason, t.H_ATTEMPT: attempts,
-        t.H_ORIGINAL_EXCHANGE: queue.exchange.name, t.H_ORIGINAL_ROUTING_KEY: message_type,
-        t.H_ORIGINAL_QUEUE: queue.name, t.H_FIRST_FAILURE: stamp, t.H_LAST_FAILURE: stamp,
+        t.H_REASON_CLASS: reason_class,
+        t.H_REASON: reason,
+        t.H_ATTEMPT: attempts,
+        t.H_ORIGINAL_EXCHANGE: queue.exchange.name,
+        t.H_ORIGINAL_ROUTING_KEY: message_type,
+        t.H_ORIGINAL_QUEUE: queue.name,
+        t.H_FIRST_FAILURE: stamp,
+        t.H_LAST_FAILURE: stamp,
     }
     if saga_id:
         headers[t.H_SAGA_ID] = saga_id
@@ -219,8 +129,12 @@ async def publish_dead_letter(
     headers = dead_letter_headers(queue, message.type, saga_id=message.correlation_id, **header_args)
     await channel.default_exchange.publish(
         aio_pika.Message(
-            encode(message.envelope), headers=headers, message_id=str(message.message_id),
-            correlation_id=message.correlation_id, type=message.type, content_type="application/json",
+            encode(message.envelope),
+            headers=headers,
+            message_id=str(message.message_id),
+            correlation_id=message.correlation_id,
+            type=message.type,
+            content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         ),
         routing_key=queue.dlq,

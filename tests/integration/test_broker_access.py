@@ -116,13 +116,23 @@ def test_the_definitions_document_holds_every_user_with_a_hashed_password() -> N
     assert (relay["read"], relay["configure"]) == ("^$", "^$")
 
 
-async def test_compensa_broker_grant_applies_the_users_from_password_variables(servers, amqp_url: str, users: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+async def test_compensa_broker_grant_applies_the_users_from_password_variables(
+    servers, amqp_url: str, users: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
     """The command line end to end: the same users (same passwords as the fixture), plus an upstream one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPENSA_")}
     env |= {password_variable(g.user): PASSWORD for g in compensa_grants()}
     env |= {"COMPENSA_BROKER_PASSWORD_ERP_CLI": PASSWORD, "COMPENSA_AMQP_URL": amqp_url}
     compensa = str(Path(sys.executable).with_name("compensa"))
-    command = [compensa, "broker", "grant", "--management-url", servers.rabbitmq.management_url, "--upstream", "erp-cli:order.created"]
+    command = [
+        compensa,
+        "broker",
+        "grant",
+        "--management-url",
+        servers.rabbitmq.management_url,
+        "--upstream",
+        "erp-cli:order.created",
+    ]
     done = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"granted {len(compensa_grants()) + 1} users" in " ".join(done.stdout.split())

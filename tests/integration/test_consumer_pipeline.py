@@ -9,6 +9,7 @@ retried; two consumers sharing a queue apply each effect once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -136,9 +137,7 @@ async def publish_raw(
     await channel.default_exchange.publish(message, routing_key=STOCK_COMMANDS.name)
 
 
-async def publish_without_message_id(
-    amqp_url: str, body: bytes, *, case: str, correlation_id: str
-) -> None:
+async def publish_without_message_id(amqp_url: str, body: bytes, *, case: str, correlation_id: str) -> None:
     """Publish through a bare AMQP 0-9-1 client: aio-pika always fills in a message-id."""
     url = urlsplit(amqp_url)
     vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
@@ -153,7 +152,7 @@ async def publish_without_message_id(
             except amqp_exceptions.UnmarshalingException:  # not a whole frame yet
                 chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
                 if not chunk:
-                    raise ConnectionError(f"broker closed the connection waiting for {kind.__name__}")
+                    raise ConnectionError(f"broker closed the connection waiting for {kind.__name__}") from None
                 received += chunk
                 continue
             received = received[used:]
@@ -168,9 +167,11 @@ async def publish_without_message_id(
     try:
         writer.write(amqp_header.ProtocolHeader().marshal())
         await expect(amqp.Connection.Start)
-        send(amqp.Connection.StartOk(
-            mechanism="PLAIN", response=f"\0{unquote(url.username or 'guest')}\0{unquote(url.password or 'guest')}"
-        ))
+        send(
+            amqp.Connection.StartOk(
+                mechanism="PLAIN", response=f"\0{unquote(url.username or 'guest')}\0{unquote(url.password or 'guest')}"
+            )
+        )
         tune = await expect(amqp.Connection.Tune)
         send(amqp.Connection.TuneOk(tune.channel_max, tune.frame_max, 0))
         send(amqp.Connection.Open(virtual_host=vhost))
@@ -260,7 +261,8 @@ async def test_malformed_messages_are_dead_lettered_with_their_defect_while_good
         "unknown-type": (envelope_with(type="stock.teleport"), str(uuid.uuid4()), "unknown message type 'stock.teleport'"),
         "unknown-version": (envelope_with(version=7), str(uuid.uuid4()), "unknown version 7 of 'stock.reserve'"),
         "invalid-payload": (
-            envelope_with(payload={"order_id": "order-x", "lines": []}), str(uuid.uuid4()),
+            envelope_with(payload={"order_id": "order-x", "lines": []}),
+            str(uuid.uuid4()),
             "invalid payload for stock.reserve v1: lines",
         ),
         "mismatched-message-id": (encode(valid.envelope), str(uuid.uuid4()), f"!= envelope message_id {valid.message_id}"),
@@ -272,8 +274,11 @@ async def test_malformed_messages_are_dead_lettered_with_their_defect_while_good
 
     async def publish_good(message: Message[ReserveStock]) -> None:
         await publish_raw(
-            amqp_channel, encode(message.envelope), case="good",
-            message_id=str(message.message_id), correlation_id=message.correlation_id,
+            amqp_channel,
+            encode(message.envelope),
+            case="good",
+            message_id=str(message.message_id),
+            correlation_id=message.correlation_id,
         )
 
     await publish_good(good[0])
@@ -371,7 +376,7 @@ async def test_a_message_that_always_fails_transiently_is_dead_lettered_after_ma
     assert letter.body == encode(message.envelope)
     # Backoff: the jittered delay before attempt a+1 is at least half of delay_ms(a);
     # the broker's TTL clock counts whole milliseconds, hence the 1 ms allowance.
-    gaps = [later - earlier for earlier, later in zip(participant.call_times, participant.call_times[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(participant.call_times)]
     for attempt, gap in enumerate(gaps, start=1):
         assert gap >= retry_policy.delay_ms(attempt) / 2000 - 0.001, (attempt, gaps)
     assert await applied_ids(engine) == []
@@ -445,7 +450,6 @@ async def test_two_consumers_of_one_queue_apply_each_effect_exactly_once(
     applied = await applied_ids(engine)
     assert sorted(applied) == sorted(str(m.message_id) for m in messages)
     assert await inbox_count(engine) == len(messages)
-
 
 
 # ------------------------------------------------------------------ batches

@@ -73,20 +73,34 @@ async def archive(pg_engine: AsyncEngine, amqp_url: str) -> AsyncIterator[DeadLe
 
 
 def reservation(order_id: str, quantity: int = 1) -> Any:
-    return new_message(ReserveStock(order_id=order_id, lines=(StockLine(sku="sku-1", quantity=quantity),)), correlation_id=order_id, producer="saga")
+    return new_message(
+        ReserveStock(order_id=order_id, lines=(StockLine(sku="sku-1", quantity=quantity),)),
+        correlation_id=order_id,
+        producer="saga",
+    )
 
 
 async def publish(channel: aio_pika.abc.AbstractChannel, body: bytes, message_id: str, correlation_id: str) -> None:
     await channel.default_exchange.publish(
-        aio_pika.Message(body, message_id=message_id, correlation_id=correlation_id, type="stock.reserve",
-                         content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        aio_pika.Message(
+            body,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            type="stock.reserve",
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
         routing_key=STOCK_COMMANDS.name,
     )
 
 
 async def test_poison_messages_end_in_the_archive_with_their_reasons(
-    pg_engine: AsyncEngine, rabbit: RabbitTransport, consume: Any, amqp_channel: aio_pika.abc.AbstractChannel,
-    archive: DeadLetterArchive, retry_policy: RetryPolicy,
+    pg_engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    consume: Any,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    archive: DeadLetterArchive,
+    retry_policy: RetryPolicy,
 ) -> None:
     async def handle(_uow: Any, message: Any) -> None:
         if message.payload.order_id.startswith("crash"):
@@ -106,7 +120,10 @@ async def test_poison_messages_end_in_the_archive_with_their_reasons(
     by_saga = {row.saga_id: row for row in rows}
 
     assert set(by_saga) == {"crash-1", "flaky-1", "bad-1", "raw-saga"}
-    assert (by_saga["crash-1"].reason_class, by_saga["crash-1"].reason) == ("handler_error", "RuntimeError: handler bug on crash-1")
+    assert (by_saga["crash-1"].reason_class, by_saga["crash-1"].reason) == (
+        "handler_error",
+        "RuntimeError: handler bug on crash-1",
+    )
     assert by_saga["crash-1"].attempts == 1 and by_saga["crash-1"].message_id == str(crash.message_id)
     assert by_saga["flaky-1"].reason_class == "transient_exhausted"
     assert by_saga["flaky-1"].attempts == retry_policy.max_attempts
@@ -139,10 +156,16 @@ async def _depth(transport: RabbitTransport, name: str) -> int:
 
 
 async def test_dead_letters_of_every_queue_are_archived_and_a_redelivered_one_is_stored_once(
-    pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel, archive: DeadLetterArchive,
+    pg_engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    archive: DeadLetterArchive,
 ) -> None:
-    event = new_message(PaymentAuthorized(order_id="ord-7", payment_id="pay-7", amount={"amount": 100, "currency": "EUR"}),
-                        correlation_id="ord-7", producer="payments")
+    event = new_message(
+        PaymentAuthorized(order_id="ord-7", payment_id="pay-7", amount={"amount": 100, "currency": "EUR"}),
+        correlation_id="ord-7",
+        producer="payments",
+    )
     # The same dead letter twice, as after a crash between the archive's commit and its ack.
     for _ in range(2):
         await publish_dead_letter(amqp_channel, t.LEDGER_EVENTS, event, failed_at=clock.now().replace(microsecond=0))
@@ -152,13 +175,19 @@ async def test_dead_letters_of_every_queue_are_archived_and_a_redelivered_one_is
     rows = await archived(pg_engine)
 
     assert archive.duplicates == 1
-    assert sorted((r.queue, r.reason_class) for r in rows) == [("ledger.events", "handler_error"), ("saga.events", "business_rule")]
+    assert sorted((r.queue, r.reason_class) for r in rows) == [
+        ("ledger.events", "handler_error"),
+        ("saga.events", "business_rule"),
+    ]
     assert {r.message_id for r in rows} == {str(event.message_id)}
     assert await _depth(rabbit, t.LEDGER_EVENTS.dlq) == 0
 
 
 async def test_the_archive_process_killed_mid_stream_loses_nothing_and_stores_nothing_twice(
-    pg_engine: AsyncEngine, amqp_url: str, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel,
+    pg_engine: AsyncEngine,
+    amqp_url: str,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
 ) -> None:
     total = 3000
     sent = set()
@@ -171,8 +200,14 @@ async def test_the_archive_process_killed_mid_stream_loses_nothing_and_stores_no
 
     async def start() -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            COMPENSA, "run", "--service", "dlq", "--no-relay", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            COMPENSA,
+            "run",
+            "--service",
+            "dlq",
+            "--no-relay",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
 
     async def count() -> int:
@@ -217,7 +252,10 @@ async def _equals(measure: Any, value: int) -> bool:
 
 
 async def test_the_archive_keeps_a_delivery_unacknowledged_until_its_row_commits(
-    pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel, amqp_url: str,
+    pg_engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    amqp_url: str,
 ) -> None:
     """A database outage: nothing is acknowledged, and the row lands once the database is back."""
     failures = 3
@@ -243,7 +281,6 @@ async def test_the_archive_keeps_a_delivery_unacknowledged_until_its_row_commits
     assert failures == 0
     assert [r.saga_id for r in await archived(pg_engine)] == ["outage-1"]
     assert await _depth(rabbit, STOCK_COMMANDS.dlq) == 0
-
 
 
 # ---------------------------------------------------------------- dead letters the database cannot hold as received
@@ -299,8 +336,14 @@ def _poison() -> list[tuple[str, bytes, dict[str, Any], dict[str, Any]]]:
     stamp = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
     nul_in_body = encode(reservation("nul-body").envelope).replace(b'"saga"', b'"sa\x00ga"')
     assert b"\x00" in nul_in_body
-    forged_death = {"count": 2**31, "reason": "rejected", "queue": "stock.commands", "exchange": "",
-                    "routing-keys": ["stock.reserve"], "time": stamp}
+    forged_death = {
+        "count": 2**31,
+        "reason": "rejected",
+        "queue": "stock.commands",
+        "exchange": "",
+        "routing-keys": ["stock.reserve"],
+        "time": stamp,
+    }
     return [
         ("version-2**31", json.dumps(_envelope("version-31", version=2**31)).encode(), {}, {}),
         ("version-2**63", json.dumps(_envelope("version-63", version=2**63)).encode(), {}, {}),
@@ -311,7 +354,12 @@ def _poison() -> list[tuple[str, bytes, dict[str, Any], dict[str, Any]]]:
         ("lone-surrogate-correlation-id", json.dumps(_envelope("sur\ud800rogate")).encode(), {}, {}),
         ("nul-message-id-property", encode(reservation("nul-mid").envelope), {}, {"message_id": "mid\x00nul"}),
         ("nul-correlation-id-property", encode(reservation("nul-cid").envelope), {}, {"correlation_id": "cid\x00nul"}),
-        ("nul-in-headers", encode(reservation("nul-hdr").envelope), {t.H_REASON: "boom\x00", "note": bytearray(b"a\x00\xff")}, {}),
+        (
+            "nul-in-headers",
+            encode(reservation("nul-hdr").envelope),
+            {t.H_REASON: "boom\x00", "note": bytearray(b"a\x00\xff")},
+            {},
+        ),
         ("x-death-count-2**31", b'{"not": "an envelope"}', {"x-death": [forged_death]}, {}),
         ("x-death-count-2**62", encode(reservation("death-62").envelope), {"x-death": [dict(forged_death, count=2**62)]}, {}),
     ]
@@ -324,13 +372,26 @@ async def _publish_raw(
     if "x-death" in headers:
         all_headers = {CASE: case, **headers}
     else:
-        all_headers = {CASE: case, t.H_REASON_CLASS: "handler_error", t.H_REASON: "RuntimeError: boom", t.H_ATTEMPT: 1,
-                       t.H_ORIGINAL_EXCHANGE: "compensa.commands", t.H_ORIGINAL_ROUTING_KEY: "stock.reserve",
-                       t.H_ORIGINAL_QUEUE: STOCK_COMMANDS.name, **headers}
+        all_headers = {
+            CASE: case,
+            t.H_REASON_CLASS: "handler_error",
+            t.H_REASON: "RuntimeError: boom",
+            t.H_ATTEMPT: 1,
+            t.H_ORIGINAL_EXCHANGE: "compensa.commands",
+            t.H_ORIGINAL_ROUTING_KEY: "stock.reserve",
+            t.H_ORIGINAL_QUEUE: STOCK_COMMANDS.name,
+            **headers,
+        }
     await channel.default_exchange.publish(
-        aio_pika.Message(body, headers=all_headers, message_id=properties.get("message_id", str(uuid.uuid4())),
-                         correlation_id=properties.get("correlation_id"), type="stock.reserve",
-                         content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        aio_pika.Message(
+            body,
+            headers=all_headers,
+            message_id=properties.get("message_id", str(uuid.uuid4())),
+            correlation_id=properties.get("correlation_id"),
+            type="stock.reserve",
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
         routing_key=STOCK_COMMANDS.dlq,
     )
 
@@ -352,7 +413,10 @@ async def _rows_by_case(engine: AsyncEngine, count: int) -> dict[str, Any]:
 
 
 async def test_no_dead_letter_wedges_the_archive_and_each_is_stored_as_the_database_can_hold_it(
-    store: AsyncEngine, amqp_url: str, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel,
+    store: AsyncEngine,
+    amqp_url: str,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
 ) -> None:
     poison = _poison()
     sent: dict[str, bytes] = {}
@@ -411,30 +475,42 @@ async def refusing(store: AsyncEngine) -> AsyncIterator[AsyncEngine]:
     """The archive's table refuses rows whose saga is `refuse-me`, as a database refuses bad data."""
     async with store.begin() as connection:
         if store.dialect.name == "postgresql":
-            await connection.execute(text(
-                "CREATE FUNCTION refuse_dead_letter() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "IF NEW.saga_id = 'refuse-me' THEN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023'; END IF; "
-                "RETURN NEW; END $$"
-            ))
-            await connection.execute(text(
-                "CREATE TRIGGER refuse_dead_letter BEFORE INSERT ON dead_letters FOR EACH ROW EXECUTE FUNCTION refuse_dead_letter()"
-            ))
+            await connection.execute(
+                text(
+                    "CREATE FUNCTION refuse_dead_letter() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF NEW.saga_id = 'refuse-me' THEN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023'; END IF; "
+                    "RETURN NEW; END $$"
+                )
+            )
+            await connection.execute(
+                text(
+                    "CREATE TRIGGER refuse_dead_letter BEFORE INSERT ON dead_letters "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_dead_letter()"
+                )
+            )
         else:
-            await connection.execute(text(
-                "CREATE TRIGGER refuse_dead_letter BEFORE INSERT ON dead_letters WHEN NEW.saga_id = 'refuse-me' "
-                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
-            ))
+            await connection.execute(
+                text(
+                    "CREATE TRIGGER refuse_dead_letter BEFORE INSERT ON dead_letters WHEN NEW.saga_id = 'refuse-me' "
+                    "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                )
+            )
     try:
         yield store
     finally:
         async with store.begin() as connection:
-            await connection.execute(text("DROP TRIGGER refuse_dead_letter" + (" ON dead_letters" if store.dialect.name == "postgresql" else "")))
+            await connection.execute(
+                text("DROP TRIGGER refuse_dead_letter" + (" ON dead_letters" if store.dialect.name == "postgresql" else ""))
+            )
             if store.dialect.name == "postgresql":
                 await connection.execute(text("DROP FUNCTION refuse_dead_letter()"))
 
 
 async def test_a_row_the_database_refuses_is_quarantined_and_acknowledged_and_blocks_no_other(
-    refusing: AsyncEngine, amqp_url: str, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel,
+    refusing: AsyncEngine,
+    amqp_url: str,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
 ) -> None:
     handler, transport, subscriptions = await _archive_on(refusing, amqp_url)
     refused = encode(reservation("refuse-me").envelope)
@@ -452,7 +528,12 @@ async def test_a_row_the_database_refuses_is_quarantined_and_acknowledged_and_bl
     assert len(quarantined) == 1 and len(rows) == 21
     row = quarantined[0]
     assert "'note': 'kept'" in _case(row) and f"'{CASE}': 'refused'" in _case(row)
-    assert (row.message_id, row.queue, row.dlq, row.body_encoding) == ("refused-1", "stock.commands", "stock.commands.dlq", "base64")
+    assert (row.message_id, row.queue, row.dlq, row.body_encoding) == (
+        "refused-1",
+        "stock.commands",
+        "stock.commands.dlq",
+        "base64",
+    )
     assert base64.b64decode(row.body) == refused and "refused by the test" in row.reason
     assert handler.quarantined == 1 and handler.archived == 21 and handler.batch_splits >= 1
     # The body survives quarantine whole: replay can still send the message back.
@@ -461,7 +542,10 @@ async def test_a_row_the_database_refuses_is_quarantined_and_acknowledged_and_bl
 
 
 async def test_an_outage_while_a_refused_batch_is_split_quarantines_nothing_good_and_acks_nothing_early(
-    refusing: AsyncEngine, amqp_url: str, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel,
+    refusing: AsyncEngine,
+    amqp_url: str,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
 ) -> None:
     """The database goes away while rows are stored one by one: those left wait, unacked, and are stored whole."""
     outages = 2
@@ -507,8 +591,19 @@ _HEADER_VALUE = st.recursive(
     max_leaves=8,
 )
 _HEADERS = st.dictionaries(
-    st.sampled_from([t.H_ATTEMPT, t.H_REASON, t.H_REASON_CLASS, t.H_SAGA_ID, t.H_ORIGINAL_QUEUE, t.H_FIRST_FAILURE,
-                     "x-death", ORIGINALS_HEADER]) | _NASTY_TEXT,
+    st.sampled_from(
+        [
+            t.H_ATTEMPT,
+            t.H_REASON,
+            t.H_REASON_CLASS,
+            t.H_SAGA_ID,
+            t.H_ORIGINAL_QUEUE,
+            t.H_FIRST_FAILURE,
+            "x-death",
+            ORIGINALS_HEADER,
+        ]
+    )
+    | _NASTY_TEXT,
     _HEADER_VALUE,
     max_size=6,
 )
@@ -517,7 +612,11 @@ _HEADERS = st.dictionaries(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(headers=_HEADERS, message_id=st.none() | _NASTY_TEXT, correlation_id=st.none() | _NASTY_TEXT, body=st.binary(max_size=16))
 async def test_any_headers_and_properties_make_a_row_the_database_stores(
-    store_engine: AsyncEngine, headers: dict[str, Any], message_id: str | None, correlation_id: str | None, body: bytes,
+    store_engine: AsyncEngine,
+    headers: dict[str, Any],
+    message_id: str | None,
+    correlation_id: str | None,
+    body: bytes,
 ) -> None:
     row = _storable_row(headers, message_id, correlation_id, body)
     stored = await DeadLetterArchive(store_engine, clock).store([row])  # raises if the database refuses it

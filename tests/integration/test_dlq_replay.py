@@ -39,6 +39,7 @@ pytestmark = pytest.mark.integration
 
 clock = SystemClock()
 
+
 @pytest.fixture(autouse=True)
 async def empty(engine: AsyncEngine, rabbit: RabbitTransport) -> None:
     async with engine.begin() as connection:
@@ -62,7 +63,9 @@ class Participant:
 @pytest.fixture
 async def participant(engine: AsyncEngine, consume: Any, retry_policy: RetryPolicy) -> Participant:
     participant = Participant()
-    await consume(MessageProcessor(engine, "stock", STOCK_COMMANDS.name, {"stock.reserve": participant.reserve}, clock, retry=retry_policy))
+    await consume(
+        MessageProcessor(engine, "stock", STOCK_COMMANDS.name, {"stock.reserve": participant.reserve}, clock, retry=retry_policy)
+    )
     return participant
 
 
@@ -91,14 +94,21 @@ def env(engine: AsyncEngine, amqp_url: str) -> dict[str, str]:
 
 
 def reservation(order_id: str, quantity: int = 1) -> Message[ReserveStock]:
-    return new_message(ReserveStock(order_id=order_id, lines=(StockLine(sku="sku-1", quantity=quantity),)), correlation_id=order_id, producer="saga")
+    return new_message(
+        ReserveStock(order_id=order_id, lines=(StockLine(sku="sku-1", quantity=quantity),)),
+        correlation_id=order_id,
+        producer="saga",
+    )
 
 
 async def send(rabbit: RabbitTransport, *messages: Message[Any]) -> None:
     """Publish as the saga's relay does: to compensa.commands, confirmed."""
-    await rabbit.publish_batch([
-        OutgoingMessage(str(m.message_id), m.type, m.correlation_id, COMMANDS_EXCHANGE, m.type, encode(m.envelope)) for m in messages
-    ])
+    await rabbit.publish_batch(
+        [
+            OutgoingMessage(str(m.message_id), m.type, m.correlation_id, COMMANDS_EXCHANGE, m.type, encode(m.envelope))
+            for m in messages
+        ]
+    )
 
 
 async def applied(engine: AsyncEngine) -> list[tuple[str, int]]:
@@ -124,7 +134,12 @@ async def dead_lettered(engine: AsyncEngine, rabbit: RabbitTransport, *messages:
 
 
 async def test_after_the_fix_replay_applies_each_once_and_replaying_again_changes_nothing(
-    engine: AsyncEngine, rabbit: RabbitTransport, participant: Participant, archive: DeadLetterArchive, relay: Relay, env: dict[str, str],
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    participant: Participant,
+    archive: DeadLetterArchive,
+    relay: Relay,
+    env: dict[str, str],
 ) -> None:
     messages = [reservation(f"fix-{n}", quantity=n + 1) for n in range(3)]
     rows = await dead_lettered(engine, rabbit, *messages)
@@ -155,7 +170,11 @@ async def _count_is(rows: Any, count: int) -> bool:
 
 
 async def test_a_dry_run_changes_nothing(
-    engine: AsyncEngine, rabbit: RabbitTransport, participant: Participant, archive: DeadLetterArchive, env: dict[str, str],
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    participant: Participant,
+    archive: DeadLetterArchive,
+    env: dict[str, str],
 ) -> None:
     rows = await dead_lettered(engine, rabbit, reservation("dry-1"), reservation("dry-2"))
     before = await archived(engine)
@@ -171,7 +190,12 @@ async def test_a_dry_run_changes_nothing(
 
 
 async def test_an_edit_that_breaks_the_contract_is_refused_and_a_valid_edit_is_applied(
-    engine: AsyncEngine, rabbit: RabbitTransport, participant: Participant, archive: DeadLetterArchive, relay: Relay, env: dict[str, str],
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    participant: Participant,
+    archive: DeadLetterArchive,
+    relay: Relay,
+    env: dict[str, str],
 ) -> None:
     [row] = await dead_lettered(engine, rabbit, reservation("edit-1", quantity=5))
     participant.broken = False
@@ -192,7 +216,11 @@ async def test_an_edit_that_breaks_the_contract_is_refused_and_a_valid_edit_is_a
 
 
 async def test_a_replay_committed_while_no_relay_runs_is_delivered_once_one_starts(
-    engine: AsyncEngine, rabbit: RabbitTransport, participant: Participant, archive: DeadLetterArchive, env: dict[str, str],
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    participant: Participant,
+    archive: DeadLetterArchive,
+    env: dict[str, str],
 ) -> None:
     rows = await dead_lettered(engine, rabbit, *(reservation(f"late-{n}") for n in range(5)))
     participant.broken = False
@@ -217,11 +245,19 @@ async def test_a_replay_committed_while_no_relay_runs_is_delivered_once_one_star
 
 
 async def test_a_replayed_event_goes_to_the_queue_it_failed_on_only(
-    engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel, archive: DeadLetterArchive,
-    relay: Relay, depth: Any, env: dict[str, str],
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    archive: DeadLetterArchive,
+    relay: Relay,
+    depth: Any,
+    env: dict[str, str],
 ) -> None:
-    event = new_message(PaymentAuthorized(order_id="fan-1", payment_id="pay-1", amount={"amount": 500, "currency": "EUR"}),
-                        correlation_id="fan-1", producer="payments")
+    event = new_message(
+        PaymentAuthorized(order_id="fan-1", payment_id="pay-1", amount={"amount": 500, "currency": "EUR"}),
+        correlation_id="fan-1",
+        producer="payments",
+    )
     await publish_dead_letter(amqp_channel, t.LEDGER_EVENTS, event)
     await eventually(lambda: archive.archived == 1, timeout=10)
 
@@ -243,8 +279,13 @@ async def _equals(value: Any, expected: int) -> bool:
 
 
 async def test_a_message_the_consumer_already_applied_is_skipped_by_its_inbox(
-    engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel, participant: Participant,
-    archive: DeadLetterArchive, relay: Relay, env: dict[str, str],
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    participant: Participant,
+    archive: DeadLetterArchive,
+    relay: Relay,
+    env: dict[str, str],
 ) -> None:
     participant.broken = False
     message = reservation("twice-1")
@@ -264,12 +305,19 @@ async def test_a_message_the_consumer_already_applied_is_skipped_by_its_inbox(
 async def _inbox_skipped(engine: AsyncEngine, message_id: str) -> bool:
     async with engine.connect() as connection:
         inbox = tables_for("stock").inbox
-        seen = (await connection.execute(select(func.count()).select_from(inbox).where(inbox.c.message_id == message_id))).scalar_one()
+        seen = (
+            await connection.execute(select(func.count()).select_from(inbox).where(inbox.c.message_id == message_id))
+        ).scalar_one()
     return seen == 1
 
 
 async def test_a_message_that_fails_again_after_replay_is_archived_again_and_can_be_replayed_again(
-    engine: AsyncEngine, rabbit: RabbitTransport, participant: Participant, archive: DeadLetterArchive, relay: Relay, env: dict[str, str],
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    participant: Participant,
+    archive: DeadLetterArchive,
+    relay: Relay,
+    env: dict[str, str],
 ) -> None:
     [first] = await dead_lettered(engine, rabbit, reservation("again-1"))
     assert (await compensa(env, "dlq", "replay", str(first.id))).returncode == 0
@@ -290,11 +338,16 @@ async def _rows_when(engine: AsyncEngine, count: int) -> list[Any]:
 
 
 async def test_purge_marks_only_what_its_filter_names(
-    engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel, archive: DeadLetterArchive,
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    archive: DeadLetterArchive,
     env: dict[str, str],
 ) -> None:
     for n in range(3):
-        await publish_dead_letter(amqp_channel, STOCK_COMMANDS, reservation(f"purge-{n}"), reason_class="contract" if n else "handler_error")
+        await publish_dead_letter(
+            amqp_channel, STOCK_COMMANDS, reservation(f"purge-{n}"), reason_class="contract" if n else "handler_error"
+        )
     await publish_dead_letter(amqp_channel, t.PAYMENTS_COMMANDS, reservation("purge-pay"), reason_class="contract")
     await eventually(lambda: archive.archived == 4, timeout=10)
 
@@ -314,7 +367,10 @@ async def test_purge_marks_only_what_its_filter_names(
 
 
 async def test_prune_deletes_only_dead_letters_dealt_with_before_the_cutoff(
-    engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel, archive: DeadLetterArchive,
+    engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    archive: DeadLetterArchive,
     env: dict[str, str],
 ) -> None:
     from datetime import timedelta
@@ -331,7 +387,9 @@ async def test_prune_deletes_only_dead_letters_dealt_with_before_the_cutoff(
         dl = dead_letters
         await connection.execute(update(dl).where(dl.c.saga_id == "old-replayed").values(status="replayed", replayed_at=long_ago))
         await connection.execute(update(dl).where(dl.c.saga_id == "old-purged").values(status="purged", purged_at=long_ago))
-        await connection.execute(update(dl).where(dl.c.saga_id == "new-purged").values(status="purged", purged_at=SystemClock().now()))
+        await connection.execute(
+            update(dl).where(dl.c.saga_id == "new-purged").values(status="purged", purged_at=SystemClock().now())
+        )
         # Never dealt with, however old: stays.
         await connection.execute(update(dl).where(dl.c.saga_id == "old-new").values(archived_at=long_ago))
 

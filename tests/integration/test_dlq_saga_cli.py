@@ -72,13 +72,21 @@ async def drive(engine: AsyncEngine, clock: Clock, saga_id: str, payloads: Seque
 
 
 def order(saga_id: str) -> OrderCreated:
-    return OrderCreated(order_id=saga_id, customer_id="c-1", lines=(OrderLine(sku="sku-1", quantity=2, unit_price=150),),
-                        total=Money(amount=300, currency="EUR"), payment_token="tok_decline_1")
+    return OrderCreated(
+        order_id=saga_id,
+        customer_id="c-1",
+        lines=(OrderLine(sku="sku-1", quantity=2, unit_price=150),),
+        total=Money(amount=300, currency="EUR"),
+        payment_token="tok_decline_1",
+    )
 
 
 def until_declined(saga_id: str) -> list[Payload]:
-    return [order(saga_id), StockReserved(order_id=saga_id, lines=(StockLine(sku="sku-1", quantity=2),)),
-            PaymentDeclined(order_id=saga_id, reason="card declined")]
+    return [
+        order(saga_id),
+        StockReserved(order_id=saga_id, lines=(StockLine(sku="sku-1", quantity=2),)),
+        PaymentDeclined(order_id=saga_id, reason="card declined"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +121,17 @@ async def test_saga_show_of_a_compensated_saga_lists_its_transitions_in_order(sa
     assert [e["version"] for e in history] == [1, 2, 3, 4]
     assert [e["trigger"] for e in history] == ["order.created", "stock.reserved", "payment.declined", "stock.released"]
     assert [(e["from_status"], e["to_status"]) for e in history] == [
-        (None, "running"), ("running", "running"), ("running", "compensating"), ("compensating", "cancelled"),
+        (None, "running"),
+        ("running", "running"),
+        ("running", "compensating"),
+        ("compensating", "cancelled"),
     ]
-    assert [[s["type"] for s in e["sent"]] for e in history] == [["stock.reserve"], ["payment.charge"], ["stock.release"], ["order.cancelled"]]
+    assert [[s["type"] for s in e["sent"]] for e in history] == [
+        ["stock.reserve"],
+        ["payment.charge"],
+        ["stock.release"],
+        ["order.cancelled"],
+    ]
     assert all(e["message_id"] for e in history) and [e["at"] for e in history] == sorted(e["at"] for e in history)
 
     shown = await compensa(env, "saga", "show", "comp-1")
@@ -144,7 +160,9 @@ async def test_saga_list_finds_old_and_stuck_sagas(sagas: dict[str, str], env: d
 
 
 async def test_saga_retry_resends_the_compensations_of_a_compensation_failed_saga(
-    sagas: dict[str, str], pg_engine: AsyncEngine, env: dict[str, str],
+    sagas: dict[str, str],
+    pg_engine: AsyncEngine,
+    env: dict[str, str],
 ) -> None:
     assert_one_line_error(await compensa(env, "saga", "retry", "comp-1"), "saga comp-1 is cancelled, not compensation_failed")
     assert_one_line_error(await compensa(env, "saga", "retry", "nobody"), "no saga 'nobody'")
@@ -155,27 +173,58 @@ async def test_saga_retry_resends_the_compensations_of_a_compensation_failed_sag
     run = await compensa(env, "saga", "retry", "failed-1", "--json")
     assert run.returncode == 0, run.stderr
     assert run.json() | {"note": None} == {
-        "saga_id": "failed-1", "status": "compensating", "trigger": "operator:retry_compensation", "note": None, "sent": ["stock.release"],
+        "saga_id": "failed-1",
+        "status": "compensating",
+        "trigger": "operator:retry_compensation",
+        "note": None,
+        "sent": ["stock.release"],
     }
     async with pg_engine.connect() as connection:
-        sent = (await connection.execute(select(outbox.c.type).where(outbox.c.correlation_id == "failed-1", outbox.c.id.not_in(before)))).scalars().all()
-        status = (await connection.execute(select(saga_instances.c.status).where(saga_instances.c.saga_id == "failed-1"))).scalar_one()
-        last = (await connection.execute(select(saga_history.c.trigger).where(saga_history.c.saga_id == "failed-1").order_by(saga_history.c.version.desc()).limit(1))).scalar_one()
-        deadline = (await connection.execute(select(saga_deadlines.c.kind).where(saga_deadlines.c.saga_id == "failed-1"))).scalar_one()
+        sent = (
+            (
+                await connection.execute(
+                    select(outbox.c.type).where(outbox.c.correlation_id == "failed-1", outbox.c.id.not_in(before))
+                )
+            )
+            .scalars()
+            .all()
+        )
+        status = (
+            await connection.execute(select(saga_instances.c.status).where(saga_instances.c.saga_id == "failed-1"))
+        ).scalar_one()
+        last = (
+            await connection.execute(
+                select(saga_history.c.trigger)
+                .where(saga_history.c.saga_id == "failed-1")
+                .order_by(saga_history.c.version.desc())
+                .limit(1)
+            )
+        ).scalar_one()
+        deadline = (
+            await connection.execute(select(saga_deadlines.c.kind).where(saga_deadlines.c.saga_id == "failed-1"))
+        ).scalar_one()
     assert (sent, status, last, deadline) == (["stock.release"], "compensating", "operator:retry_compensation", "compensation")
 
 
 async def test_dlq_show_and_list_tell_where_the_saga_of_a_dead_letter_stands(
-    sagas: dict[str, str], pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel,
-    amqp_url: str, env: dict[str, str],
+    sagas: dict[str, str],
+    pg_engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    amqp_url: str,
+    env: dict[str, str],
 ) -> None:
     async with pg_engine.begin() as connection:
         await connection.execute(delete(dead_letters))
     await purge(rabbit.connection, *(q.dlq for q in t.WORK_QUEUES))
-    release = new_message(ReserveStock(order_id="comp-1", lines=(StockLine(sku="sku-1", quantity=2),)), correlation_id="comp-1", producer="saga")
+    release = new_message(
+        ReserveStock(order_id="comp-1", lines=(StockLine(sku="sku-1", quantity=2),)), correlation_id="comp-1", producer="saga"
+    )
     earlier = NOW - timedelta(hours=3)
     await publish_dead_letter(amqp_channel, t.STOCK_COMMANDS, release, reason="RuntimeError: disk full", failed_at=earlier)
-    other = new_message(ReserveStock(order_id="zzz", lines=(StockLine(sku="sku-2", quantity=1),)), correlation_id="zzz", producer="saga")
+    other = new_message(
+        ReserveStock(order_id="zzz", lines=(StockLine(sku="sku-2", quantity=1),)), correlation_id="zzz", producer="saga"
+    )
     await publish_dead_letter(amqp_channel, t.STOCK_COMMANDS, other, reason_class="contract", reason="bad")
     await publish_dead_letter(amqp_channel, t.PAYMENTS_COMMANDS, other, reason_class="contract", reason="bad")
     transport = RabbitTransport(amqp_url)
@@ -193,11 +242,21 @@ async def test_dlq_show_and_list_tell_where_the_saga_of_a_dead_letter_stands(
     assert shown.returncode == 0, shown.stderr
     document = shown.json()
     letter, saga = document["dead_letter"], document["saga"]
-    assert (letter["queue"], letter["type"], letter["reason"], letter["message_id"]) == ("stock.commands", "stock.reserve", "RuntimeError: disk full", str(release.message_id))
+    assert (letter["queue"], letter["type"], letter["reason"], letter["message_id"]) == (
+        "stock.commands",
+        "stock.reserve",
+        "RuntimeError: disk full",
+        str(release.message_id),
+    )
     assert letter["body"]["payload"] == {"order_id": "comp-1", "lines": [{"sku": "sku-1", "quantity": 2}]}
     assert letter["headers"][t.H_ORIGINAL_QUEUE] == "stock.commands"
     assert saga["status"] == "cancelled"
-    assert [e["trigger"] for e in saga["last_transitions"]] == ["order.created", "stock.reserved", "payment.declined", "stock.released"]
+    assert [e["trigger"] for e in saga["last_transitions"]] == [
+        "order.created",
+        "stock.reserved",
+        "payment.declined",
+        "stock.released",
+    ]
     text = await compensa(env, "dlq", "show", str(row.id))
     assert "RuntimeError: disk full" in text.stdout and "saga comp-1: cancelled" in text.stdout and '"quantity": 2' in text.stdout
 
@@ -212,17 +271,26 @@ async def test_dlq_show_and_list_tell_where_the_saga_of_a_dead_letter_stands(
     assert await ids("--queue", "stock.commands", "--reason-class", "contract") == ["zzz@stock.commands"]
     groups = (await compensa(env, "dlq", "list", "--group", "--json")).json()
     assert sorted((g["queue"], g["reason_class"], g["count"]) for g in groups) == [
-        ("payments.commands", "contract", 1), ("stock.commands", "contract", 1), ("stock.commands", "handler_error", 1),
+        ("payments.commands", "contract", 1),
+        ("stock.commands", "contract", 1),
+        ("stock.commands", "handler_error", 1),
     ]
     assert_one_line_error(await compensa(env, "dlq", "show", "999999"), "no dead letter 999999")
 
 
 async def test_health_reports_a_lagging_relay_then_healthy_and_so_does_get_health(
-    sagas: dict[str, str], pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_url: str, env: dict[str, str], servers: Servers,
+    sagas: dict[str, str],
+    pg_engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_url: str,
+    env: dict[str, str],
+    servers: Servers,
 ) -> None:
     management_url = servers.amqp_management_url
     env = {**env, "COMPENSA_AMQP_MANAGEMENT_URL": management_url}
-    settings = Settings(database_url=env["COMPENSA_DATABASE_URL"], amqp_url=amqp_url, amqp_management_url=management_url, redis_url=None)
+    settings = Settings(
+        database_url=env["COMPENSA_DATABASE_URL"], amqp_url=amqp_url, amqp_management_url=management_url, redis_url=None
+    )
     lagging = await compensa(env, "health", "--json")  # the sagas' commands were never relayed; some are 30 days old
     assert lagging.returncode == 1
     report = lagging.json()
@@ -231,12 +299,16 @@ async def test_health_reports_a_lagging_relay_then_healthy_and_so_does_get_healt
     assert not report["checks"]["relay"]["ok"] and "compensa relay" in report["checks"]["relay"]["fix"]
     assert report["checks"]["relay"]["outboxes"]["saga"]["pending"] > 0
     # stuck-1 waits since 2 h for a reply whose deadline no sweeper fired.
-    assert not report["checks"]["deadlines"]["ok"] and [d["saga_id"] for d in report["checks"]["deadlines"]["oldest"]] == ["stuck-1"]
+    assert not report["checks"]["deadlines"]["ok"] and [d["saga_id"] for d in report["checks"]["deadlines"]["oldest"]] == [
+        "stuck-1"
+    ]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=health_app(settings)), base_url="http://test") as client:
         response = await client.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "unhealthy"
 
-    await ORCHESTRATOR.sweep_deadlines(lambda: UnitOfWork(pg_engine, "saga", SystemClock()))  # the sweeper runs: stuck-1 compensates
+    await ORCHESTRATOR.sweep_deadlines(
+        lambda: UnitOfWork(pg_engine, "saga", SystemClock())
+    )  # the sweeper runs: stuck-1 compensates
     relay = Relay(pg_engine, "saga", rabbit, SystemClock())
     await relay.drain()
     # Nothing consumes here: ready messages with no consumer would be a wedged queue.
@@ -248,7 +320,16 @@ async def test_health_reports_a_lagging_relay_then_healthy_and_so_does_get_healt
         response = await client.get("/health")
     assert response.status_code == 200
     body = response.json()
-    assert body["ok"] and set(body["checks"]) == {"database", "relay", "broker", "queues", "saga_starts", "deadlines", "redis", "dead_letters"}
+    assert body["ok"] and set(body["checks"]) == {
+        "database",
+        "relay",
+        "broker",
+        "queues",
+        "saga_starts",
+        "deadlines",
+        "redis",
+        "dead_letters",
+    }
     assert set(body["checks"]["dead_letters"]["queues"]) == {q.name for q in t.WORK_QUEUES}
 
     broken = await check_health(Settings(database_url=env["COMPENSA_DATABASE_URL"], amqp_url="amqp://guest:guest@127.0.0.1:1/"))
@@ -261,10 +342,19 @@ async def test_health_serve_answers_get_health_over_http(sagas: dict[str, str], 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = await asyncio.create_subprocess_exec(
-        COMPENSA, "health", "--serve", "--host", "127.0.0.1", "--port", str(port), env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        COMPENSA,
+        "health",
+        "--serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
+
         async def answered() -> Any:
             try:
                 async with httpx.AsyncClient() as client:
@@ -301,8 +391,12 @@ def column(stdout: str, header: str) -> list[str]:
 
 
 async def test_stored_markup_and_escapes_render_at_80_columns_with_every_id_whole(
-    sagas: dict[str, str], pg_engine: AsyncEngine, rabbit: RabbitTransport, amqp_channel: aio_pika.abc.AbstractChannel,
-    amqp_url: str, env: dict[str, str],
+    sagas: dict[str, str],
+    pg_engine: AsyncEngine,
+    rabbit: RabbitTransport,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    amqp_url: str,
+    env: dict[str, str],
 ) -> None:
     """`[/]`, `[bold red]x` and `\\x1b[31m` in saga ids, reasons and types: as the archive keeps them, and in old rows."""
     narrow = {**env, "COLUMNS": "80"}
@@ -313,23 +407,57 @@ async def test_stored_markup_and_escapes_render_at_80_columns_with_every_id_whol
     for saga_id in NASTY[:2]:
         await drive(pg_engine, SystemClock(), saga_id, until_declined(saga_id))
     async with pg_engine.begin() as connection:
-        await connection.execute(insert(saga_instances).values(
-            saga_id=NASTY[2], definition="order", status="running", step=0, data="{}", done_steps="[]", pending_compensations="[]",
-            compensation_attempts=0, reason="[bold red]stuck\x1b[2J", version=1, started_at=NOW, updated_at=NOW,
-        ))
-        await connection.execute(insert(saga_history).values(
-            saga_id=NASTY[2], version=1, at=NOW, trigger="order.created\x1b[0m", message_id=None, causation_id=None,
-            from_status=None, to_status="running", step=None, note="[/]", sent="[]",
-        ))
+        await connection.execute(
+            insert(saga_instances).values(
+                saga_id=NASTY[2],
+                definition="order",
+                status="running",
+                step=0,
+                data="{}",
+                done_steps="[]",
+                pending_compensations="[]",
+                compensation_attempts=0,
+                reason="[bold red]stuck\x1b[2J",
+                version=1,
+                started_at=NOW,
+                updated_at=NOW,
+            )
+        )
+        await connection.execute(
+            insert(saga_history).values(
+                saga_id=NASTY[2],
+                version=1,
+                at=NOW,
+                trigger="order.created\x1b[0m",
+                message_id=None,
+                causation_id=None,
+                from_status=None,
+                to_status="running",
+                step=None,
+                note="[/]",
+                sent="[]",
+            )
+        )
     # Dead letters: what arrived, archived as is (a saga header with an escape, a reason with markup) ...
     for saga_id in NASTY:
-        message = new_message(ReserveStock(order_id="[bold red]x", lines=(StockLine(sku="sku-[/]", quantity=1),)),
-                              correlation_id="[bold red]x", producer="saga")
-        headers = dead_letter_headers(t.STOCK_COMMANDS, message.type, reason=f"RuntimeError: [bold red]disk\x1b[31m full [/] {saga_id}")
+        message = new_message(
+            ReserveStock(order_id="[bold red]x", lines=(StockLine(sku="sku-[/]", quantity=1),)),
+            correlation_id="[bold red]x",
+            producer="saga",
+        )
+        headers = dead_letter_headers(
+            t.STOCK_COMMANDS, message.type, reason=f"RuntimeError: [bold red]disk\x1b[31m full [/] {saga_id}"
+        )
         headers[t.H_SAGA_ID] = saga_id
         await amqp_channel.default_exchange.publish(
-            aio_pika.Message(encode(message.envelope), headers=headers, message_id=str(message.message_id), type=message.type,
-                             content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(
+                encode(message.envelope),
+                headers=headers,
+                message_id=str(message.message_id),
+                type=message.type,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
             routing_key=t.STOCK_COMMANDS.dlq,
         )
     transport = RabbitTransport(amqp_url)
@@ -343,12 +471,29 @@ async def test_stored_markup_and_escapes_render_at_80_columns_with_every_id_whol
         await transport.close()
     # ... and an old row whose type and reason class hold markup and escapes.
     async with pg_engine.begin() as connection:
-        await connection.execute(insert(dead_letters).values(
-            dedup_key="old-row", queue="stock.commands", dlq="stock.commands.dlq", message_id="[/]", type="stock.reserve[/]\x1b[31m",
-            version=1, saga_id="[/]", reason_class="handler_error[bold]", reason="[/]\x1b[2J", attempts=1, original_exchange="",
-            original_routing_key="stock.reserve", first_failure_at=NOW, last_failure_at=NOW, body="{[/]", body_encoding="utf-8",
-            headers="{}", archived_at=NOW, status="new",
-        ))
+        await connection.execute(
+            insert(dead_letters).values(
+                dedup_key="old-row",
+                queue="stock.commands",
+                dlq="stock.commands.dlq",
+                message_id="[/]",
+                type="stock.reserve[/]\x1b[31m",
+                version=1,
+                saga_id="[/]",
+                reason_class="handler_error[bold]",
+                reason="[/]\x1b[2J",
+                attempts=1,
+                original_exchange="",
+                original_routing_key="stock.reserve",
+                first_failure_at=NOW,
+                last_failure_at=NOW,
+                body="{[/]",
+                body_encoding="utf-8",
+                headers="{}",
+                archived_at=NOW,
+                status="new",
+            )
+        )
     stored = {row.id: row.saga_id for row in await archived(pg_engine)}
     assert sorted(stored.values()) == sorted([*NASTY, "[/]"])
 
@@ -375,10 +520,14 @@ async def test_stored_markup_and_escapes_render_at_80_columns_with_every_id_whol
     assert "[bold red]stuck\\x1b[2J" in " ".join(rendered(await compensa(narrow, "saga", "show", NASTY[2])).split())
 
 
-async def test_huge_values_and_refused_queries_are_one_line_errors_on_postgresql(pg_engine: AsyncEngine, env: dict[str, str]) -> None:
+async def test_huge_values_and_refused_queries_are_one_line_errors_on_postgresql(
+    pg_engine: AsyncEngine, env: dict[str, str]
+) -> None:
     assert_one_line_error(await compensa(env, "dlq", "replay", "1-40000"), "too many dead-letter ids (1-40000", "at most 10,000")
     assert_one_line_error(await compensa(env, "dlq", "show", "99999999999999999999"), "bad dead-letter id")
-    assert_one_line_error(await compensa(env, "saga", "list", "--older-than", "99999999999d"), "--older-than:", "longer than 100 years")
+    assert_one_line_error(
+        await compensa(env, "saga", "list", "--older-than", "99999999999d"), "--older-than:", "longer than 100 years"
+    )
     assert_one_line_error(await compensa(env, "dlq", "list", "--since", "9" * 400 + "s"), "--since:", "longer than 100 years")
     assert_one_line_error(await compensa(env, "dlq", "list", "--until", "0001-01-01T00:00:00+05:00"), "--until:", "out of range")
     # asyncpg refuses a statement with more than 32,767 bind parameters: a refused query, not an unreachable database.
@@ -387,7 +536,9 @@ async def test_huge_values_and_refused_queries_are_one_line_errors_on_postgresql
             await connection.execute(select(dead_letters.c.id).where(dead_letters.c.id.in_(list(range(40_000)))))
     assert not is_connection_failure(refused.value)
     explained = explain_database_error(refused.value)
-    assert explained.startswith("the database refused the query: ") and explained.endswith("the number of query arguments cannot exceed 32767")
+    assert explained.startswith("the database refused the query: ") and explained.endswith(
+        "the number of query arguments cannot exceed 32767"
+    )
     # The queries that name dead letters one by one batch them instead.
     many = tuple(range(1, 40_001))
     async with pg_engine.connect() as connection:

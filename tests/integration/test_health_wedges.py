@@ -91,8 +91,13 @@ async def vhost_url(amqp_url: str, management_url: str) -> AsyncIterator[str]:
 async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
     """The module's database, emptied of orders, sagas and outbox rows before each test."""
     async with pg_engine.begin() as connection:
-        for table in (orders_orders, saga_instances, saga_history, saga_deadlines,
-                      *(tables_for(s).outbox for s in ("orders", "ingest", "saga"))):
+        for table in (
+            orders_orders,
+            saga_instances,
+            saga_history,
+            saga_deadlines,
+            *(tables_for(s).outbox for s in ("orders", "ingest", "saga")),
+        ):
             await connection.execute(delete(table))
     return pg_engine
 
@@ -157,7 +162,9 @@ def test_management_url_defaults_to_the_amqp_host_and_credentials() -> None:
     assert derive_management_url("amqp://u%40x:p%2Fw@[::1]/") == "http://u%40x:p%2Fw@[::1]:15672/"
 
 
-async def test_a_healthy_stack_is_healthy(settings: Settings, engine: AsyncEngine, connection: aio_pika.abc.AbstractConnection) -> None:
+async def test_a_healthy_stack_is_healthy(
+    settings: Settings, engine: AsyncEngine, connection: aio_pika.abc.AbstractConnection
+) -> None:
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=10)
     queue = await channel.get_queue(t.STOCK_COMMANDS.name)
@@ -172,7 +179,8 @@ async def test_a_healthy_stack_is_healthy(settings: Settings, engine: AsyncEngin
     await eventually(lambda: len(acked) == 20, message="20 messages acked")
 
     report = await report_when(
-        settings, engine,
+        settings,
+        engine,
         lambda r: r["checks"]["queues"].get("queues", {}).get(t.STOCK_COMMANDS.name, {}).get("consumers") == 1,
         "the management API counting the consumer",
     )
@@ -182,14 +190,22 @@ async def test_a_healthy_stack_is_healthy(settings: Settings, engine: AsyncEngin
     assert set(queues["queues"]) == {q.name for q in t.WORK_QUEUES} and set(queues["dlqs"]) == {q.dlq for q in t.WORK_QUEUES}
     assert queues["wedged"] == [] and queues["management_url"].endswith("/") and ":***@" in queues["management_url"]
     assert queues["queues"][t.STOCK_COMMANDS.name] | {"ack_rate": 0, "deliver_rate": 0, "idle_since": None} == {
-        "ready": 0, "unacked": 0, "consumers": 1, "ack_rate": 0, "deliver_rate": 0, "idle_since": None, "wedged": False,
+        "ready": 0,
+        "unacked": 0,
+        "consumers": 1,
+        "ack_rate": 0,
+        "deliver_rate": 0,
+        "idle_since": None,
+        "wedged": False,
     }
     assert report["checks"]["saga_starts"]["pending_orders_without_saga"]["count"] == 0
     assert report["checks"]["deadlines"]["overdue"] == 0
 
 
 async def test_a_consumer_holding_messages_unacknowledged_is_wedged(
-    settings: Settings, engine: AsyncEngine, connection: aio_pika.abc.AbstractConnection,
+    settings: Settings,
+    engine: AsyncEngine,
+    connection: aio_pika.abc.AbstractConnection,
 ) -> None:
     """The incident: 36 messages delivered, never acknowledged, and health said healthy."""
     channel = await connection.channel()
@@ -215,7 +231,9 @@ async def test_a_consumer_holding_messages_unacknowledged_is_wedged(
 
 
 async def test_a_consumer_that_keeps_acking_is_not_wedged(
-    settings: Settings, engine: AsyncEngine, connection: aio_pika.abc.AbstractConnection,
+    settings: Settings,
+    engine: AsyncEngine,
+    connection: aio_pika.abc.AbstractConnection,
 ) -> None:
     """Unacknowledged messages all along, but acks keep coming: busy, not wedged."""
     channel = await connection.channel()
@@ -229,7 +247,8 @@ async def test_a_consumer_that_keeps_acking_is_not_wedged(
     await publish(connection, t.STOCK_COMMANDS.name, 40)
     await eventually(lambda: len(held) == 40, message="40 messages delivered")
     await report_when(
-        settings, engine,
+        settings,
+        engine,
         lambda r: r["checks"]["queues"].get("queues", {}).get(t.STOCK_COMMANDS.name, {}).get("unacked"),
         "the management API counting the unacknowledged messages",
     )
@@ -251,10 +270,14 @@ async def test_a_consumer_that_keeps_acking_is_not_wedged(
 
 
 async def test_ready_messages_with_no_consumer_are_wedged(
-    settings: Settings, engine: AsyncEngine, connection: aio_pika.abc.AbstractConnection,
+    settings: Settings,
+    engine: AsyncEngine,
+    connection: aio_pika.abc.AbstractConnection,
 ) -> None:
     await publish(connection, t.PAYMENTS_COMMANDS.name, 7)
-    report = await report_when(settings, engine, lambda r: r["checks"]["queues"].get("wedged"), "payments.commands reported wedged")
+    report = await report_when(
+        settings, engine, lambda r: r["checks"]["queues"].get("wedged"), "payments.commands reported wedged"
+    )
     queues = report["checks"]["queues"]
     assert report["status"] == "unhealthy" and queues["wedged"] == [t.PAYMENTS_COMMANDS.name]
     payments = queues["queues"][t.PAYMENTS_COMMANDS.name]
@@ -263,11 +286,14 @@ async def test_ready_messages_with_no_consumer_are_wedged(
 
 
 async def test_dead_letters_waiting_are_a_warning_not_a_wedge(
-    settings: Settings, engine: AsyncEngine, connection: aio_pika.abc.AbstractConnection,
+    settings: Settings,
+    engine: AsyncEngine,
+    connection: aio_pika.abc.AbstractConnection,
 ) -> None:
     await publish(connection, t.LEDGER_EVENTS.dlq, 3)
     report = await report_when(
-        settings, engine,
+        settings,
+        engine,
         lambda r: r["checks"]["queues"].get("dlqs", {}).get(t.LEDGER_EVENTS.dlq, {}).get("ready") == 3,
         "the DLQ depth counted",
     )
@@ -277,7 +303,8 @@ async def test_dead_letters_waiting_are_a_warning_not_a_wedge(
 
 
 async def test_management_api_unreachable_is_degraded_never_healthy(
-    engine: AsyncEngine, vhost_url: str,
+    engine: AsyncEngine,
+    vhost_url: str,
 ) -> None:
     closed = f"http://guest:hunter2@127.0.0.1:{free_port()}/"
     report = await check_health(settings_for(engine, vhost_url, closed), engine=engine)
@@ -296,12 +323,20 @@ async def test_management_api_unreachable_is_degraded_never_healthy(
 
 
 async def test_a_pending_order_without_a_saga_is_unhealthy_and_named(
-    settings: Settings, engine: AsyncEngine, management_url: str, vhost_url: str,
+    settings: Settings,
+    engine: AsyncEngine,
+    management_url: str,
+    vhost_url: str,
 ) -> None:
     order_id = f"lost-{uuid.uuid4().hex[:8]}"
     await place_order(
-        engine, SystemClock(), order_id=order_id, customer_id="c-1",
-        lines=[OrderLine(sku="sku-1", quantity=1, unit_price=250)], currency="EUR", payment_token="tok_ok",
+        engine,
+        SystemClock(),
+        order_id=order_id,
+        customer_id="c-1",
+        lines=[OrderLine(sku="sku-1", quantity=1, unit_price=250)],
+        currency="EUR",
+        payment_token="tok_ok",
     )
     tiny = settings_for(engine, vhost_url, management_url, health_stuck_seconds=0.2)
     report = await report_when(tiny, engine, lambda r: not r["checks"]["saga_starts"]["ok"], "the order reported without a saga")
@@ -317,16 +352,25 @@ async def test_a_pending_order_without_a_saga_is_unhealthy_and_named(
     # The relay sent its order.created an hour ago and still no saga: the second way in.
     outbox = tables_for("orders").outbox
     async with engine.begin() as connection:
-        await connection.execute(update(outbox).where(outbox.c.correlation_id == order_id).values(sent_at=SystemClock().now() - timedelta(hours=1)))
+        await connection.execute(
+            update(outbox).where(outbox.c.correlation_id == order_id).values(sent_at=SystemClock().now() - timedelta(hours=1))
+        )
     starts = (await check_health(tiny, engine=engine))["checks"]["saga_starts"]
     assert starts["sent_order_created_without_saga"]["count"] == 1
     assert starts["sent_order_created_without_saga"]["oldest"][0] | {"sent_seconds_ago": 0} == {
-        "correlation_id": order_id, "outbox": "orders", "sent_seconds_ago": 0,
+        "correlation_id": order_id,
+        "outbox": "orders",
+        "sent_seconds_ago": 0,
     }
 
     # Its saga starts: nothing is missing any more.
-    created = OrderCreated(order_id=order_id, customer_id="c-1", lines=(OrderLine(sku="sku-1", quantity=1, unit_price=250),),
-                           total=Money(amount=250, currency="EUR"), payment_token="tok_ok")
+    created = OrderCreated(
+        order_id=order_id,
+        customer_id="c-1",
+        lines=(OrderLine(sku="sku-1", quantity=1, unit_price=250),),
+        total=Money(amount=250, currency="EUR"),
+        payment_token="tok_ok",
+    )
     message = new_message(created, correlation_id=order_id, producer="test")
     async with UnitOfWork(engine, "saga", SystemClock(), incoming=message) as uow:
         await ORCHESTRATOR.handle(uow, message)
@@ -337,8 +381,13 @@ async def test_a_pending_order_without_a_saga_is_unhealthy_and_named(
 async def test_overdue_saga_deadlines_mean_no_sweeper_runs(settings: Settings, engine: AsyncEngine) -> None:
     saga_id = f"late-{uuid.uuid4().hex[:8]}"
     past = VirtualClock(SystemClock().now() - timedelta(minutes=10))
-    created = OrderCreated(order_id=saga_id, customer_id="c-1", lines=(OrderLine(sku="sku-1", quantity=1, unit_price=100),),
-                           total=Money(amount=100, currency="EUR"), payment_token="tok_ok")
+    created = OrderCreated(
+        order_id=saga_id,
+        customer_id="c-1",
+        lines=(OrderLine(sku="sku-1", quantity=1, unit_price=100),),
+        total=Money(amount=100, currency="EUR"),
+        payment_token="tok_ok",
+    )
     message = new_message(created, correlation_id=saga_id, producer="test", occurred_at=past.now())
     async with UnitOfWork(engine, "saga", past, incoming=message) as uow:  # its step deadline passed 9+ minutes ago
         await ORCHESTRATOR.handle(uow, message)

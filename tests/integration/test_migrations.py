@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.columns import UtcDateTime
 from infra.db import create_engine, scratch_database
-from infra.schema import all_metadata, alembic_config, current_revision, render_item, upgrade
+from infra.schema import alembic_config, all_metadata, current_revision, render_item, upgrade
 
 pytestmark = pytest.mark.integration
 
@@ -98,9 +98,7 @@ async def notify_triggers(engine: AsyncEngine) -> list[str]:
     if engine.dialect.name != "postgresql":
         return []
     async with engine.connect() as connection:
-        rows = await connection.execute(
-            text("SELECT tgname FROM pg_trigger WHERE tgname LIKE '%_outbox_notify' ORDER BY tgname")
-        )
+        rows = await connection.execute(text("SELECT tgname FROM pg_trigger WHERE tgname LIKE '%_outbox_notify' ORDER BY tgname"))
         return list(rows.scalars())
 
 
@@ -155,8 +153,11 @@ async def test_autogenerate_writes_utc_columns_as_plain_timestamps(empty_engine:
     async with empty_engine.connect() as connection:
         code = await connection.run_sync(render)
     utc_columns = [
-        column for metadata in all_metadata for table in metadata.tables.values()
-        for column in table.columns if isinstance(column.type, UtcDateTime)
+        column
+        for metadata in all_metadata
+        for table in metadata.tables.values()
+        for column in table.columns
+        if isinstance(column.type, UtcDateTime)
     ]
     assert "UtcDateTime" not in code
     assert code.count("sa.DateTime(timezone=True)") == len(utc_columns) > 0

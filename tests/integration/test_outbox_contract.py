@@ -93,9 +93,7 @@ async def send_and_commit(engine: AsyncEngine, clock: VirtualClock, *order_ids: 
 # ------------------------------------------------------------------ writing
 
 
-async def test_committed_send_writes_one_pending_row_holding_the_exact_message(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_committed_send_writes_one_pending_row_holding_the_exact_message(engine: AsyncEngine, clock: VirtualClock) -> None:
     [message] = await send_and_commit(engine, clock, "order-1")
 
     [row] = await outbox_rows(engine)
@@ -126,9 +124,7 @@ async def test_send_inside_a_span_carries_its_traceparent_in_envelope_and_header
     assert json.loads(row.body)["traceparent"] == expected
 
 
-async def test_leaving_the_unit_of_work_without_commit_writes_nothing(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_leaving_the_unit_of_work_without_commit_writes_nothing(engine: AsyncEngine, clock: VirtualClock) -> None:
     async with UnitOfWork(engine, SERVICE, clock) as uow:
         uow.send(reserve("order-1"), correlation_id="order-1")
         await uow.flush_outbox()  # even rows already inserted go with the rollback
@@ -136,9 +132,7 @@ async def test_leaving_the_unit_of_work_without_commit_writes_nothing(
     assert await outbox_rows(engine) == []
 
 
-async def test_an_exception_inside_the_unit_of_work_writes_nothing(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_an_exception_inside_the_unit_of_work_writes_nothing(engine: AsyncEngine, clock: VirtualClock) -> None:
     class BusinessFailure(Exception):
         pass
 
@@ -154,9 +148,7 @@ async def test_an_exception_inside_the_unit_of_work_writes_nothing(
 # ------------------------------------------------------------------ inbox
 
 
-async def test_inbox_seen_is_false_the_first_time_and_true_after_that(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_inbox_seen_is_false_the_first_time_and_true_after_that(engine: AsyncEngine, clock: VirtualClock) -> None:
     message = incoming("order-1")
     async with UnitOfWork(engine, SERVICE, clock, incoming=message) as uow:
         assert await uow.seen("stock", message) is False
@@ -169,9 +161,7 @@ async def test_inbox_seen_is_false_the_first_time_and_true_after_that(
     assert (row.consumer, row.message_id, row.message_type) == ("stock", str(message.message_id), "stock.reserve")
 
 
-async def test_a_message_id_reused_with_other_content_is_refused_not_skipped(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_a_message_id_reused_with_other_content_is_refused_not_skipped(engine: AsyncEngine, clock: VirtualClock) -> None:
     first = incoming("order-1")
     async with UnitOfWork(engine, SERVICE, clock, incoming=first) as uow:
         assert await uow.seen("stock", first) is False
@@ -196,9 +186,7 @@ async def test_inbox_keeps_messages_apart_per_consumer(engine: AsyncEngine, cloc
     assert [row.consumer for row in await inbox_rows(engine)] == ["stock", "stock-audit"]
 
 
-async def test_inbox_record_is_rolled_back_with_the_unit_of_work(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_inbox_record_is_rolled_back_with_the_unit_of_work(engine: AsyncEngine, clock: VirtualClock) -> None:
     message = incoming("order-1")
     async with UnitOfWork(engine, SERVICE, clock, incoming=message) as uow:
         assert await uow.seen("stock", message) is False  # handler failed: no commit
@@ -210,16 +198,12 @@ async def test_inbox_record_is_rolled_back_with_the_unit_of_work(
 # ------------------------------------------------------------------ housekeeping
 
 
-async def test_prune_removes_only_old_sent_outbox_rows_and_old_inbox_rows(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_prune_removes_only_old_sent_outbox_rows_and_old_inbox_rows(engine: AsyncEngine, clock: VirtualClock) -> None:
     old_sent, recent_sent, old_pending = await send_and_commit(engine, clock, "old", "recent", "pending")
     async with engine.begin() as connection:
         outbox = TABLES.outbox
         for message, sent_at in ((old_sent, START), (recent_sent, START + timedelta(hours=2))):
-            await connection.execute(
-                update(outbox).where(outbox.c.message_id == str(message.message_id)).values(sent_at=sent_at)
-            )
+            await connection.execute(update(outbox).where(outbox.c.message_id == str(message.message_id)).values(sent_at=sent_at))
     old_seen, recent_seen = incoming("a"), incoming("b")
     for message, received_at in ((old_seen, START), (recent_seen, START + timedelta(hours=2))):
         clock.set(received_at)
@@ -241,20 +225,18 @@ async def test_prune_removes_only_old_sent_outbox_rows_and_old_inbox_rows(
     assert [row.message_id for row in await inbox_rows(engine)] == [str(recent_seen.message_id)]
 
 
-async def test_pending_summary_counts_pending_rows_and_ages_the_oldest(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_pending_summary_counts_pending_rows_and_ages_the_oldest(engine: AsyncEngine, clock: VirtualClock) -> None:
     assert await pending_summary(engine, SERVICE, START) == {
-        "service": SERVICE, "pending": 0, "oldest_pending_age_seconds": 0.0,
+        "service": SERVICE,
+        "pending": 0,
+        "oldest_pending_age_seconds": 0.0,
     }
     first, _ = await send_and_commit(engine, clock, "order-1", "order-2")
     clock.advance(20)
     await send_and_commit(engine, clock, "order-3")
     async with engine.begin() as connection:  # a sent row is not pending
         outbox = TABLES.outbox
-        await connection.execute(
-            update(outbox).where(outbox.c.message_id == str(first.message_id)).values(sent_at=clock.now())
-        )
+        await connection.execute(update(outbox).where(outbox.c.message_id == str(first.message_id)).values(sent_at=clock.now()))
 
     summary = await pending_summary(engine, SERVICE, START + timedelta(seconds=45))
 
@@ -264,9 +246,7 @@ async def test_pending_summary_counts_pending_rows_and_ages_the_oldest(
 # ------------------------------------------------------------------ relay
 
 
-async def test_relay_publishes_pending_rows_in_commit_order_and_marks_them_sent(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_relay_publishes_pending_rows_in_commit_order_and_marks_them_sent(engine: AsyncEngine, clock: VirtualClock) -> None:
     committed = []
     for order_ids in (("a-1", "b-1"), ("a-2",), ("c-1", "b-2")):
         committed += await send_and_commit(engine, clock, *order_ids)
@@ -292,4 +272,3 @@ async def test_relay_sends_nothing_when_no_row_is_pending(engine: AsyncEngine, c
 
     assert await Relay(engine, SERVICE, broker, clock).drain() == 0
     assert broker.stats.published == 0
-

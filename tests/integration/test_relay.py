@@ -43,6 +43,7 @@ PRODUCER = "saga"  # the orchestrator sends stock commands through its own outbo
 CONSUMER = "stock"
 clock = SystemClock()
 
+
 @pytest.fixture(scope="module")
 async def pg_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     """Like conftest's ``pg_engine``, but its database outlives a server restart in between.
@@ -254,9 +255,7 @@ async def test_a_relay_never_publishes_past_a_row_of_the_same_saga_another_relay
     async with engine.connect() as holder, holder.begin():
         # Another relay has claimed seq 2 (and dropped or not yet published it):
         # SKIP LOCKED hands this relay seq 1 and seq 3 with a gap between them.
-        await holder.execute(
-            select(outbox.c.id).where(outbox.c.message_id == str(second[0].message_id)).with_for_update()
-        )
+        await holder.execute(select(outbox.c.id).where(outbox.c.message_id == str(second[0].message_id)).with_for_update())
         assert await relay.relay_once() == 2
         assert [m.message_id for m in link.published] == [str(first[0].message_id), str(other.message_id)]
     # Once seq 2 is free again, seq 2 and 3 follow in order.
@@ -292,7 +291,12 @@ async def test_two_relays_on_one_outbox_publish_every_message_in_commit_order_pe
     links = [SlowLink(transports[0], latency_seconds=0.02), transports[1]]
     relays = [
         Relay(
-            engine, PRODUCER, link, clock, batch_size=40, poll_seconds=0.02,
+            engine,
+            PRODUCER,
+            link,
+            clock,
+            batch_size=40,
+            poll_seconds=0.02,
             on_published=lambda batch: published.extend(m.message_id for m in batch),
         )
         for link in links
@@ -367,8 +371,12 @@ async def publish_latency(link: RecordingLink, message: Message[ReserveStock], t
     """Seconds from now until the relay handed ``message`` to its publisher."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await eventually(lambda: str(message.message_id) in published_ids(link), timeout=timeout, interval=0.005,
-                     message=f"{message.message_id} published")
+    await eventually(
+        lambda: str(message.message_id) in published_ids(link),
+        timeout=timeout,
+        interval=0.005,
+        message=f"{message.message_id} published",
+    )
     return loop.time() - started
 
 
@@ -396,9 +404,7 @@ async def test_after_a_postgres_restart_the_relay_listens_again_and_publishes_wi
     link = RecordingLink()
     # A relay caught mid-claim by the shutdown backs off; keep that short so the latency
     # measured below is the listener's, not the relay's database-failure backoff.
-    relay = Relay(
-        engine, PRODUCER, link, clock, poll_seconds=LONG_POLL_SECONDS, retry_base_seconds=0.05, retry_max_seconds=0.1
-    )
+    relay = Relay(engine, PRODUCER, link, clock, poll_seconds=LONG_POLL_SECONDS, retry_base_seconds=0.05, retry_max_seconds=0.1)
     listener = OutboxListener(engine, {PRODUCER: relay})
     running = RunningRelay(relay, listener)
     try:
@@ -410,8 +416,11 @@ async def test_after_a_postgres_restart_the_relay_listens_again_and_publishes_wi
         await asyncio.to_thread(postgres_server.stop)  # fast shutdown, like pg_ctl restart -m fast
         await eventually(lambda: not listener.listening.is_set(), message="the lost connection noticed")
         await asyncio.to_thread(postgres_server.start)  # returns once the server accepts connections
-        await eventually(lambda: listener.sessions == 2 and listener.listening.is_set(), timeout=10,
-                         message="listening again after the restart")
+        await eventually(
+            lambda: listener.sessions == 2 and listener.listening.is_set(),
+            timeout=10,
+            message="listening again after the restart",
+        )
 
         [after] = await commit(engine, [("order-2", 1)])
         latency = await publish_latency(link, after, timeout=3)
@@ -558,8 +567,9 @@ async def test_during_a_broker_outage_the_relay_retries_on_its_backoff_schedule_
         assert 2 <= attempts <= 6, f"{attempts} publish attempts during a 5 s outage with {len(committed)} NOTIFYs"
 
         await cuttable.restore()
-        await eventually(lambda: relay.published_total == len(committed), timeout=10,
-                         message="everything published once the broker is back")
+        await eventually(
+            lambda: relay.published_total == len(committed), timeout=10, message="everything published once the broker is back"
+        )
         assert await depth(STOCK_COMMANDS.name) == len(committed)
         assert await pending(engine) == 0
     finally:

@@ -6,6 +6,7 @@ with every saga terminal, the work queues empty and every invariant holding.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -63,7 +64,9 @@ async def test_real_stack_smoke_with_duplicates_relay_crashes_and_transient_erro
     database_url = await fresh_database()
     faults = FaultRates(duplicate=0.2, relay_crash=0.2, transient_error=0.2)
 
-    result = await run_real_stack(1, WorkloadSpec(sagas=SAGAS), amqp_url=amqp_url, database_url=database_url, faults=faults, timeout=90)
+    result = await run_real_stack(
+        1, WorkloadSpec(sagas=SAGAS), amqp_url=amqp_url, database_url=database_url, faults=faults, timeout=90
+    )
 
     document = to_document(result)
     summary = terminal_summary(document)
@@ -102,10 +105,30 @@ async def test_cli_runs_the_workload_on_the_real_stack(
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPENSA_")} | {"COLUMNS": "200"}
     compensa = str(Path(sys.executable).with_name("compensa"))
 
-    run = subprocess.run(
-        [compensa, "simulate", "-n", "5", "--seed", "2", "--faults", "default", "--fault", "transient_error=0.2",
-         "--amqp-url", amqp_url, "--database-url", database_url, "--json"],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+    run = await asyncio.to_thread(  # the subprocess runs while this loop stays free
+        subprocess.run,
+        [
+            compensa,
+            "simulate",
+            "-n",
+            "5",
+            "--seed",
+            "2",
+            "--faults",
+            "default",
+            "--fault",
+            "transient_error=0.2",
+            "--amqp-url",
+            amqp_url,
+            "--database-url",
+            database_url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
 
     assert run.returncode == 0, run.stderr + run.stdout

@@ -41,11 +41,15 @@ def test_bootstrap_builds_every_service_from_the_settings_it_is_given() -> None:
     registry = bootstrap(settings(consumer_batch_size=7, consumer_workers=3, saga_max_in_flight=9, max_attempts=4))
 
     assert tuple(registry.services) == MESSAGE_SERVICES == ("saga", "stock", "payments", "ledger", "orders")
-    assert RUNNABLE_SERVICES == (*MESSAGE_SERVICES, "dlq")
+    assert (*MESSAGE_SERVICES, "dlq") == RUNNABLE_SERVICES
     saga = registry.services["saga"]
     assert (saga.queue, saga.starts, saga.max_in_flight) == (t.SAGA_EVENTS, t.SAGA_STARTS, 9)
     assert {name: s.workers for name, s in registry.services.items()} == {
-        "saga": 3, "stock": 1, "payments": 3, "ledger": 1, "orders": 3,
+        "saga": 3,
+        "stock": 1,
+        "payments": 3,
+        "ledger": 1,
+        "orders": 3,
     }
     assert all(s.batch_size == 7 for s in registry.services.values())
     assert all(s.starts is None for name, s in registry.services.items() if name != "saga")
@@ -67,7 +71,7 @@ def test_hooks_decide_what_the_registry_hands_out() -> None:
 
     def wrap_handlers(service: str, handlers: Mapping[str, Handler]) -> Mapping[str, Handler]:
         seen.append(service)
-        return {message_type: refuse for message_type in handlers} if service == "payments" else handlers
+        return dict.fromkeys(handlers, refuse) if service == "payments" else handlers
 
     class Wrapped:
         def __init__(self, inner: Publisher) -> None:
@@ -141,7 +145,11 @@ async def test_a_relay_process_is_a_runtime_without_consumers(engine) -> None:  
             published.extend(m.type for m in messages)
 
     runtime = Runtime(
-        engine, broker, clock, settings(relay_poll_seconds=0.05, shutdown_grace_seconds=2.0), outboxes=["orders"],
+        engine,
+        broker,
+        clock,
+        settings(relay_poll_seconds=0.05, shutdown_grace_seconds=2.0),
+        outboxes=["orders"],
         registry=bootstrap(settings(), wrap_publisher=Noting),
     )
     await runtime.start()

@@ -51,7 +51,9 @@ def test_password_variables_name_the_role() -> None:
 
 
 def test_definitions_hold_every_user_with_a_hashed_password_only(
-    passwords: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    passwords: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     passwords["erp"] = "pw-erp-s3cret"
     monkeypatch.setenv("COMPENSA_BROKER_PASSWORD_ERP", passwords["erp"])
@@ -71,7 +73,9 @@ def test_definitions_hold_every_user_with_a_hashed_password_only(
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
 
-def test_a_missing_password_variable_is_one_line_naming_it(passwords: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_missing_password_variable_is_one_line_naming_it(
+    passwords: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.delenv("COMPENSA_BROKER_PASSWORD_RELAY")
     out = tmp_path / "definitions.json"
     line = error_line(run("definitions", "--out", str(out)))
@@ -86,7 +90,9 @@ def test_a_missing_password_variable_is_one_line_naming_it(passwords: dict[str, 
 def test_bad_upstreams_and_unreachable_apis_are_one_line(passwords: dict[str, str], tmp_path: Path) -> None:
     out = str(tmp_path / "d.json")
     assert "expected NAME:TYPE" in error_line(run("definitions", "--out", out, "--upstream", "erp"))
-    assert "'payment.charge' is not an event type" in error_line(run("definitions", "--out", out, "--upstream", "erp:payment.charge"))
+    assert "'payment.charge' is not an event type" in error_line(
+        run("definitions", "--out", out, "--upstream", "erp:payment.charge")
+    )
     assert "clashes" in error_line(run("definitions", "--out", out, "--upstream", "relay:order.created"))
     assert "no management API" in error_line(run("grant"))
     refused = error_line(run("grant", "--management-url", "http://admin:hidden-pw@127.0.0.1:1/"))

@@ -2,20 +2,10 @@
 
 import json
 
-from tests.unit.test_cli_ops import (  # noqa: F401 - fixtures and helpers
-    NASTY_IDS,
-    assert_rendered,
-    cli,
-    env,
-    migrated,
-    narrow,
-    one_line_error,
-    store_rows,
-    table_cells,
-)
+from tests.unit.support import NASTY_IDS, assert_rendered, cli, one_line_error, store_rows, table_cells
 
 
-def test_operator_can_set_stock_place_an_order_and_see_it_pending(env, tmp_path):  # noqa: F811
+def test_operator_can_set_stock_place_an_order_and_see_it_pending(env, tmp_path):
     assert cli("db", "upgrade").exit_code == 0
     assert cli("stock", "set", "SKU-001", "40").exit_code == 0
     levels = json.loads(cli("stock", "list", "--json").stdout)
@@ -26,7 +16,7 @@ def test_operator_can_set_stock_place_an_order_and_see_it_pending(env, tmp_path)
     assert {row["service"]: row["pending"] for row in status}["orders"] == 1
 
 
-def test_bad_arguments_are_refused_precisely(env):  # noqa: F811
+def test_bad_arguments_are_refused_precisely(env):
     assert cli("db", "upgrade").exit_code == 0
     negative = cli("stock", "set", "SKU-001", "-3")
     assert negative.exit_code == 2 and "-3" in negative.stderr
@@ -36,14 +26,14 @@ def test_bad_arguments_are_refused_precisely(env):  # noqa: F811
     one_line_error(cli("run", "--service", "warehouse"), "unknown service(s) warehouse")
 
 
-def test_contracts_export_writes_every_schema_and_asyncapi(env, tmp_path):  # noqa: F811
+def test_contracts_export_writes_every_schema_and_asyncapi(env, tmp_path):
     out = tmp_path / "contracts"
     assert cli("contracts", "export", "--out", str(out)).exit_code == 0
     assert len(list((out / "schemas").glob("*.json"))) == 18
     assert json.loads((out / "asyncapi.json").read_text())["asyncapi"] == "3.0.0"
 
 
-def test_saga_list_and_show_print_stored_markup_and_escapes_as_text_with_whole_ids_at_80_columns(migrated, narrow, monkeypatch):  # noqa: F811
+def test_saga_list_and_show_print_stored_markup_and_escapes_as_text_with_whole_ids_at_80_columns(migrated, narrow, monkeypatch):
     import infra.cli.common
     from infra.cli.common import visible
 
@@ -67,7 +57,7 @@ def test_saga_list_and_show_print_stored_markup_and_escapes_as_text_with_whole_i
     assert table_cells(history, "sent") == ["stock.reserve[/]"] and table_cells(history, "note") == ["note [/] \\x1b[2J"]
 
 
-def test_input_echoed_back_is_never_markup(migrated):  # noqa: F811
+def test_input_echoed_back_is_never_markup(migrated):
     set_stock = assert_rendered(cli("stock", "set", "[/]\x1b[31m", "3"))
     assert set_stock == "[/]\\x1b[31m: 3 on hand\n"
     assert "[/]\\x1b[31m" in assert_rendered(cli("stock", "list"))
@@ -78,12 +68,14 @@ def test_input_echoed_back_is_never_markup(migrated):  # noqa: F811
     assert declared.exit_code == 0 and "[stock.reserve, stock.commit, stock.release]" in " ".join(declared.stdout.split())
 
 
-def test_saga_list_refuses_huge_durations_in_one_line(migrated):  # noqa: F811
-    one_line_error(cli("saga", "list", "--older-than", "99999999999d"), "--older-than: duration '99999999999d' is longer than 100 years")
+def test_saga_list_refuses_huge_durations_in_one_line(migrated):
+    one_line_error(
+        cli("saga", "list", "--older-than", "99999999999d"), "--older-than: duration '99999999999d' is longer than 100 years"
+    )
     one_line_error(cli("saga", "list", "--stuck-for", "1" * 400), "--stuck-for: duration", "longer than 100 years")
 
 
-def test_a_refused_saga_query_is_not_reported_as_an_unreachable_database(migrated):  # noqa: F811
+def test_a_refused_saga_query_is_not_reported_as_an_unreachable_database(migrated):
     import sqlite3
 
     from infra.settings import get_settings
@@ -94,14 +86,13 @@ def test_a_refused_saga_query_is_not_reported_as_an_unreachable_database(migrate
     assert "unreachable" not in line and "cannot reach" not in line
 
 
-def test_saga_list_stuck_for_also_shows_orders_that_never_got_a_saga(migrated, narrow, monkeypatch):  # noqa: F811
+def test_saga_list_stuck_for_also_shows_orders_that_never_got_a_saga(migrated, narrow, monkeypatch):
     import asyncio
-
-    import infra.cli.common
     from datetime import UTC, datetime, timedelta
 
     from sqlalchemy import insert, update
 
+    import infra.cli.common
     from consumers.orders.tables import orders_orders
     from contracts import Money, OrderCreated, OrderLine, new_message
     from infra.db import create_engine
@@ -124,8 +115,11 @@ def test_saga_list_stuck_for_also_shows_orders_that_never_got_a_saga(migrated, n
                 # The order placed here also left its order.created; it is one order, listed once.
                 await connection.execute(update(tables_for("orders").outbox).values(sent_at=an_hour_ago))
                 event = OrderCreated(
-                    order_id="o-ingest", customer_id="c", lines=(OrderLine(sku="SKU-1", quantity=1, unit_price=100),),
-                    total=Money(amount=100, currency="EUR"), payment_token="tok_ok",
+                    order_id="o-ingest",
+                    customer_id="c",
+                    lines=(OrderLine(sku="SKU-1", quantity=1, unit_price=100),),
+                    total=Money(amount=100, currency="EUR"),
+                    payment_token="tok_ok",
                 )
                 row = outbox_row(new_message(event, correlation_id="o-ingest", producer="erp"), an_hour_ago)
                 await connection.execute(insert(tables_for("ingest").outbox).values(**row, sent_at=an_hour_ago))

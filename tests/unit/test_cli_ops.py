@@ -8,26 +8,23 @@ import base64
 import json
 import socket
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from contracts import ReserveStock, StockLine, encode, new_message
 from infra import topology as t
 from infra.cli.common import CliError, parse_duration, parse_ids, parse_time
-from infra.cli.main import app
 from infra.dlq.archive import dead_letter_row
 from infra.dlq.replay import merge_patch, prepare
 from infra.dlq.tables import UNDECODABLE
 from infra.settings import get_settings
 from infra.transport.memory import MemoryDelivery, StoredMessage
+from tests.unit.support import NASTY_IDS, NOW, assert_rendered, cli, one_line_error, store_rows, table_cells
 
-NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 QUEUES = {q.name: q for q in t.WORK_QUEUES}
 
 # ---------------------------------------------------------------- RFC 7396
@@ -76,7 +73,7 @@ def test_durations(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "10x", "m", "ten minutes", "-5m", "1h-"])
 def test_bad_durations_say_how_to_write_one(text: str) -> None:
-    with pytest.raises(CliError, match="--stuck-for: bad duration .* use e.g. 30s, 10m"):
+    with pytest.raises(CliError, match=r"--stuck-for: bad duration .* use e.g. 30s, 10m"):
         parse_duration(text, "--stuck-for")
 
 
@@ -101,10 +98,14 @@ def test_ids_lists_and_ranges() -> None:
 
 
 def _reserve(order_id: str = "ord-1") -> Any:
-    return new_message(ReserveStock(order_id=order_id, lines=(StockLine(sku="A", quantity=2),)), correlation_id=order_id, producer="test")
+    return new_message(
+        ReserveStock(order_id=order_id, lines=(StockLine(sku="A", quantity=2),)), correlation_id=order_id, producer="test"
+    )
 
 
-def _delivery(body: bytes, headers: dict[str, Any], message_id: str | None = "m-1", correlation_id: str | None = None) -> MemoryDelivery:
+def _delivery(
+    body: bytes, headers: dict[str, Any], message_id: str | None = "m-1", correlation_id: str | None = None
+) -> MemoryDelivery:
     dlq = t.DEAD_LETTER_QUEUES[1]
     assert dlq.name == "stock.commands.dlq"
     stored = StoredMessage(body, headers, message_id, t.DLX.name, "stock.commands", correlation_id)
@@ -113,10 +114,16 @@ def _delivery(body: bytes, headers: dict[str, Any], message_id: str | None = "m-
 
 def _compensa_headers(**overrides: Any) -> dict[str, Any]:
     headers = {
-        t.H_REASON_CLASS: "handler_error", t.H_REASON: "RuntimeError: boom", t.H_ATTEMPT: 3,
-        t.H_ORIGINAL_EXCHANGE: "compensa.commands", t.H_ORIGINAL_ROUTING_KEY: "stock.reserve",
-        t.H_ORIGINAL_QUEUE: "stock.commands", t.H_FIRST_FAILURE: "2026-03-01T11:00:00+00:00",
-        t.H_LAST_FAILURE: "2026-03-01T11:30:00+00:00", t.H_SAGA_ID: "ord-1", "traceparent": b"00-abc",
+        t.H_REASON_CLASS: "handler_error",
+        t.H_REASON: "RuntimeError: boom",
+        t.H_ATTEMPT: 3,
+        t.H_ORIGINAL_EXCHANGE: "compensa.commands",
+        t.H_ORIGINAL_ROUTING_KEY: "stock.reserve",
+        t.H_ORIGINAL_QUEUE: "stock.commands",
+        t.H_FIRST_FAILURE: "2026-03-01T11:00:00+00:00",
+        t.H_LAST_FAILURE: "2026-03-01T11:30:00+00:00",
+        t.H_SAGA_ID: "ord-1",
+        "traceparent": b"00-abc",
     }
     headers.update(overrides)
     return headers
@@ -127,7 +134,12 @@ def test_a_dead_letter_row_keeps_everything_the_headers_say() -> None:
     row = dead_letter_row(_delivery(encode(message.envelope), _compensa_headers(), str(message.message_id)), NOW)
 
     assert row["queue"] == "stock.commands" and row["dlq"] == "stock.commands.dlq"
-    assert (row["type"], row["version"], row["message_id"], row["saga_id"]) == ("stock.reserve", 1, str(message.message_id), "ord-1")
+    assert (row["type"], row["version"], row["message_id"], row["saga_id"]) == (
+        "stock.reserve",
+        1,
+        str(message.message_id),
+        "ord-1",
+    )
     assert (row["reason_class"], row["reason"], row["attempts"]) == ("handler_error", "RuntimeError: boom", 3)
     assert (row["original_exchange"], row["original_routing_key"]) == ("compensa.commands", "stock.reserve")
     assert row["first_failure_at"] == datetime(2026, 3, 1, 11, tzinfo=UTC)
@@ -147,12 +159,22 @@ def test_an_undecodable_body_is_stored_too() -> None:
 
 
 def test_a_message_dead_lettered_by_rabbitmq_itself_is_described_from_x_death() -> None:
-    death = {"reason": b"rejected", "queue": b"ledger.events", "exchange": b"compensa.events",
-             "routing-keys": [b"payment.authorized"], "count": 2, "time": datetime(2026, 3, 1, 10, 0)}
+    death = {
+        "reason": b"rejected",
+        "queue": b"ledger.events",
+        "exchange": b"compensa.events",
+        "routing-keys": [b"payment.authorized"],
+        "count": 2,
+        "time": datetime(2026, 3, 1, 10, 0),
+    }
     row = dead_letter_row(_delivery(b"{}", {"x-death": [death]}), NOW)
 
     assert (row["queue"], row["reason_class"]) == ("ledger.events", "broker_rejected")
-    assert (row["original_exchange"], row["original_routing_key"], row["attempts"]) == ("compensa.events", "payment.authorized", 2)
+    assert (row["original_exchange"], row["original_routing_key"], row["attempts"]) == (
+        "compensa.events",
+        "payment.authorized",
+        2,
+    )
     assert row["last_failure_at"] == datetime(2026, 3, 1, 10, tzinfo=UTC)
     assert row["type"] == UNDECODABLE  # {} is not an envelope
 
@@ -197,45 +219,6 @@ def test_replay_refuses_a_queue_that_does_not_consume_the_type_and_an_unknown_qu
 
 
 # ---------------------------------------------------------------- the CLI, over SQLite
-
-runner = CliRunner()
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """COMPENSA_DATABASE_URL on a fresh SQLite file, no broker or redis; settings re-read."""
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("COMPENSA_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("COMPENSA_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
-    monkeypatch.setenv("COMPENSA_LOG_LEVEL", "WARNING")
-    get_settings.cache_clear()
-    yield {}
-    get_settings.cache_clear()
-
-
-def cli(*args: str, input: str | None = None) -> Any:
-    get_settings.cache_clear()
-    return runner.invoke(app, list(args), input=input)
-
-
-def one_line_error(result: Any, *fragments: str) -> str:
-    """Assert exit 1 with a single `error:` line on stderr naming every fragment."""
-    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-@pytest.fixture
-def migrated(env: dict[str, str]) -> None:
-    result = cli("db", "upgrade")
-    assert result.exit_code == 0, result.stderr
 
 
 def test_a_database_without_tables_says_run_db_upgrade(env: dict[str, str]) -> None:
@@ -337,82 +320,6 @@ def test_purge_without_a_terminal_needs_yes(migrated: None) -> None:
 # markup (`[/]`, `[bold red]x`) and escapes (`\x1b[31m`) in ids, types and reasons must
 # print as text, at 80 columns, with every id whole.
 
-#: Ids an operator copies from a listing into the next command, with what breaks terminals.
-NASTY_IDS = ("[/]", "[bold red]x", "\x1b[31mred", "3f2a9c1e-8d4b-4e6a-9b1c-2d3e4f5a6b7c")
-
-
-def store_rows(*, sagas: tuple[str, ...] = (), letters: tuple[str, ...] = ()) -> dict[str, int]:
-    """Insert saga rows (with one transition each) and dead letters as stored, unvalidated; dead-letter id per saga id."""
-    from sqlalchemy import insert
-
-    from infra.db import create_engine
-    from infra.dlq.tables import dead_letters
-    from sagas.tables import saga_history, saga_instances
-
-    async def insert_all() -> dict[str, int]:
-        engine = create_engine(get_settings().database_url)
-        ids = {}
-        try:
-            async with engine.begin() as connection:
-                for saga_id in sagas:
-                    await connection.execute(insert(saga_instances).values(
-                        saga_id=saga_id, definition="order", status="running", step=0, data="{}", done_steps="[]",
-                        pending_compensations="[]", compensation_attempts=0, reason=f"held by [bold]{saga_id}", version=1,
-                        started_at=NOW, updated_at=NOW,
-                    ))
-                    await connection.execute(insert(saga_history).values(
-                        saga_id=saga_id, version=1, at=NOW, trigger="order.created", message_id="m-[/]", causation_id=None,
-                        from_status=None, to_status="running", step=None, note="note [/] \x1b[2J",
-                        sent=json.dumps([{"type": "stock.reserve[/]", "message_id": "m-2"}]),
-                    ))
-                for n, saga_id in enumerate(letters):
-                    result = await connection.execute(insert(dead_letters).values(
-                        dedup_key=uuid.uuid4().hex, queue="stock.commands", dlq="stock.commands.dlq", message_id=f"m-{n}[/]",
-                        type=f"stock.reserve[/]\x1b[31m{n}", version=1, saga_id=saga_id, reason_class=f"handler_error[bold]{n}",
-                        reason=f"RuntimeError: [/] disk [bold red]full\x1b[31m {'x' * 120}", attempts=2,
-                        original_exchange="compensa.commands[/]", original_routing_key="stock.reserve\x1b[0m",
-                        first_failure_at=NOW, last_failure_at=NOW, body=json.dumps({"payload": {"order_id": saga_id, "note": "[/]\x9b"}}),
-                        body_encoding="utf-8", headers=json.dumps({"x-[/]": "v[bold]\x1b[31m"}), archived_at=NOW, status="new",
-                    ).returning(dead_letters.c.id))
-                    ids[saga_id] = result.scalar_one()
-        finally:
-            await engine.dispose()
-        return ids
-
-    get_settings.cache_clear()
-    return asyncio.run(insert_all())
-
-
-@pytest.fixture
-def narrow(monkeypatch: pytest.MonkeyPatch) -> int:
-    """An 80-column terminal for both consoles (COLUMNS is read once when a console is built)."""
-    import infra.cli.common
-
-    monkeypatch.setenv("COLUMNS", "80")
-    for console in (infra.cli.common.console, infra.cli.common.unwrapped):
-        monkeypatch.setattr(console, "_width", 80)
-    return 80
-
-
-def assert_rendered(result: Any, width: int | None = None) -> str:
-    """Exit 0, no traceback, no raw control character, and (when given) no line wider than `width`."""
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output and "MarkupError" not in output
-    assert not [ch for ch in output if not ch.isprintable() and ch != "\n"], output
-    if width is not None:
-        table_lines = [line for line in result.stdout.splitlines() if line[:1] in "┏┃┡│└"]
-        assert table_lines and all(len(line) <= width for line in table_lines), result.stdout
-    return result.stdout
-
-
-def table_cells(stdout: str, header: str) -> list[str]:
-    """The cells of one column of a Rich table, one per row (rows are one line each)."""
-    lines = stdout.splitlines()
-    headers = [h.strip() for h in next(line for line in lines if line.startswith("┃")).split("┃")[1:-1]]
-    column = headers.index(header)
-    return [line.split("│")[column + 1].strip() for line in lines if line.startswith("│")]
-
 
 def test_visible_escapes_control_and_invisible_characters_only() -> None:
     from infra.cli.common import visible
@@ -442,7 +349,9 @@ def test_dlq_list_and_show_print_stored_markup_and_escapes_as_text_at_80_columns
 
 
 def test_dlq_list_keeps_ids_whole_and_hides_optional_columns_when_narrow(
-    migrated: None, narrow: int, monkeypatch: pytest.MonkeyPatch,
+    migrated: None,
+    narrow: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import infra.cli.common
 
@@ -481,7 +390,7 @@ def test_one_line_table_folds_ids_only_when_they_alone_do_not_fit() -> None:
 
 @pytest.mark.parametrize("text", ["99999999999d", "1" * 400 + "s", "36526d", "5300w", "1" * 400])
 def test_durations_beyond_100_years_are_refused(text: str) -> None:
-    with pytest.raises(CliError, match="--older-than: duration .* is longer than 100 years"):
+    with pytest.raises(CliError, match=r"--older-than: duration .* is longer than 100 years"):
         parse_duration(text, "--older-than")
 
 
@@ -502,7 +411,7 @@ def test_times_out_of_range_or_ambiguous_are_refused_and_nothing_backtracks() ->
 
 def test_id_ranges_are_bounded() -> None:
     assert len(parse_ids(["1-10000"])) == 10_000
-    with pytest.raises(CliError, match="too many dead-letter ids .*at most 10,000"):
+    with pytest.raises(CliError, match=r"too many dead-letter ids .*at most 10,000"):
         parse_ids(["1-40000"])
     with pytest.raises(CliError, match="too many dead-letter ids"):
         parse_ids(["1-6000", "6001-12000"])
@@ -520,7 +429,9 @@ def test_huge_durations_ids_and_deep_edits_are_one_line_errors(migrated: None, t
     latin = tmp_path / "latin.json"
     latin.write_bytes(b'{"sku": "\xe9"}')
 
-    one_line_error(cli("saga", "list", "--older-than", "99999999999d"), "--older-than: duration '99999999999d' is longer than 100 years")
+    one_line_error(
+        cli("saga", "list", "--older-than", "99999999999d"), "--older-than: duration '99999999999d' is longer than 100 years"
+    )
     one_line_error(cli("saga", "list", "--stuck-for", "9" * 400 + "h"), "--stuck-for: duration", "longer than 100 years")
     one_line_error(cli("dlq", "list", "--since", "4" * 400), "--since:", "has no unit")
     one_line_error(cli("dlq", "list", "--since", "4" * 400 + "s"), "--since: duration", "longer than 100 years")
@@ -531,7 +442,9 @@ def test_huge_durations_ids_and_deep_edits_are_one_line_errors(migrated: None, t
     one_line_error(cli("dlq", "show", "99999999999999999999"), "bad dead-letter id", "from 0 to 9223372036854775807")
     one_line_error(cli("dlq", "replay", "--all", "--edit", f"@{deep}"), "--edit: JSON nested 10,000 levels deep", "at most 32")
     one_line_error(cli("dlq", "replay", "--all", "--edit", "[" * 5000 + "]" * 5000), "--edit: JSON nested 5,000 levels deep")
-    one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": ' + "7" * 5000 + "}"), "--edit: the integer", "does not fit in 64 bits")
+    one_line_error(
+        cli("dlq", "replay", "--all", "--edit", '{"a": ' + "7" * 5000 + "}"), "--edit: the integer", "does not fit in 64 bits"
+    )
     one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": 1e999}'), "--edit: the number '1e999' is out of range")
     one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": NaN}'), "--edit: NaN is not JSON")
     one_line_error(cli("dlq", "replay", "--all", "--edit", '{"a": 1, "a": 2}'), "--edit: the key 'a' appears twice")
@@ -566,10 +479,17 @@ def test_database_errors_are_classified_precisely() -> None:
             super().__init__(message)
             self.sqlstate = sqlstate
 
-    too_many = InterfaceError("SELECT …", {}, AsyncpgError("<class 'asyncpg.exceptions._base.InterfaceError'>: the number of query arguments cannot exceed 32767", None))
+    too_many = InterfaceError(
+        "SELECT …",
+        {},
+        AsyncpgError(
+            "<class 'asyncpg.exceptions._base.InterfaceError'>: the number of query arguments cannot exceed 32767", None
+        ),
+    )
     assert not is_connection_failure(too_many)
     assert explain_database_error(too_many, "postgresql+asyncpg://ops:***@db/compensa") == (
-        "the database at postgresql+asyncpg://ops:***@db/compensa refused the query: InterfaceError: the number of query arguments cannot exceed 32767"
+        "the database at postgresql+asyncpg://ops:***@db/compensa refused the query: "
+        "InterfaceError: the number of query arguments cannot exceed 32767"
     )
     variables = OperationalError("SELECT …", {}, sqlite3.OperationalError("too many SQL variables"))
     assert explain_database_error(variables) == "the database refused the query: too many SQL variables"
@@ -582,7 +502,9 @@ def test_database_errors_are_classified_precisely() -> None:
         assert not is_connection_failure(DBAPIError("SELECT 1", {}, AsyncpgError("refused", sqlstate)))
     dropped = DBAPIError("SELECT 1", {}, AsyncpgError("connection is closed", None), connection_invalidated=True)
     assert "cannot reach the database" in explain_database_error(dropped)
-    assert is_connection_failure(ConnectionRefusedError(111, "Connect call failed")) and not is_connection_failure(ValueError("x"))
+    assert is_connection_failure(ConnectionRefusedError(111, "Connect call failed")) and not is_connection_failure(
+        ValueError("x")
+    )
     missing = OperationalError("SELECT …", {}, sqlite3.OperationalError("no such table: dead_letters"))
     assert "run `compensa db upgrade`" in explain_database_error(missing)
 

@@ -11,13 +11,13 @@ from infra import topology as t
 
 
 def order_created(**overrides):
-    fields = dict(
-        order_id="o-1",
-        customer_id="c-1",
-        lines=[OrderLine(sku="A", quantity=2, unit_price=150)],
-        total=Money(amount=300, currency="EUR"),
-        payment_token="tok_ok_1",
-    )
+    fields = {
+        "order_id": "o-1",
+        "customer_id": "c-1",
+        "lines": [OrderLine(sku="A", quantity=2, unit_price=150)],
+        "total": Money(amount=300, currency="EUR"),
+        "payment_token": "tok_ok_1",
+    }
     fields.update(overrides)
     return OrderCreated(**fields)
 
@@ -45,12 +45,26 @@ def test_round_trip_keeps_every_field():
 
 def test_catalogue_is_complete_and_named_by_tense():
     assert {m.message_type for m in EVENTS} == {
-        "order.created", "stock.reserved", "stock.reservation_failed", "payment.authorized",
-        "payment.declined", "stock.committed", "stock.commit_failed", "stock.released",
-        "payment.refunded", "ledger.updated", "order.completed", "order.cancelled", "order.rejected",
+        "order.created",
+        "stock.reserved",
+        "stock.reservation_failed",
+        "payment.authorized",
+        "payment.declined",
+        "stock.committed",
+        "stock.commit_failed",
+        "stock.released",
+        "payment.refunded",
+        "ledger.updated",
+        "order.completed",
+        "order.cancelled",
+        "order.rejected",
     }
     assert {m.message_type for m in COMMANDS} == {
-        "stock.reserve", "stock.commit", "stock.release", "payment.charge", "payment.refund",
+        "stock.reserve",
+        "stock.commit",
+        "stock.release",
+        "payment.charge",
+        "payment.refund",
     }
     assert all(m.kind == "event" for m in EVENTS) and all(m.kind == "command" for m in COMMANDS)
 
@@ -62,7 +76,10 @@ def test_catalogue_is_complete_and_named_by_tense():
         (b"[1, 2]", "must be a JSON object"),
         (body("stock.explode"), "unknown message type 'stock.explode'"),
         (body(version=7), "unknown version 7 of 'stock.reserve' (known: [1])"),
-        (body(payload={"order_id": "o-1", "lines": []}), "invalid payload for stock.reserve v1: lines: Tuple should have at least 1 item"),
+        (
+            body(payload={"order_id": "o-1", "lines": []}),
+            "invalid payload for stock.reserve v1: lines: Tuple should have at least 1 item",
+        ),
         (body(payload={"order_id": "o-1", "lines": [{"sku": "A", "quantity": -1}]}), "lines.0.quantity"),
         (body(message_id="nope"), "invalid envelope: message_id"),
         (body(occurred_at="2026-01-01T00:00:00"), "occurred_at"),
@@ -79,7 +96,7 @@ def test_money_is_integer_minor_units_with_iso_currency():
         Money(amount=1.5, currency="EUR")
     with pytest.raises(ValueError):
         Money(amount=100, currency="euro")
-    with pytest.raises(ValueError, match="total.amount 301 != sum of lines 300"):
+    with pytest.raises(ValueError, match=r"total.amount 301 != sum of lines 300"):
         order_created(total=Money(amount=301, currency="EUR"))
 
 
@@ -97,7 +114,9 @@ def test_exported_schemas_accept_real_messages_and_reject_bad_ones():
     bad["payload"]["lines"] = []
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schemas["stock.reserve.v1"])
-    charge = new_message(ChargePayment(order_id="o", amount=Money(amount=5, currency="EUR"), payment_token="t"), correlation_id="o", producer="t")
+    charge = new_message(
+        ChargePayment(order_id="o", amount=Money(amount=5, currency="EUR"), payment_token="t"), correlation_id="o", producer="t"
+    )
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(json.loads(encode(charge.envelope)), schemas["stock.reserve.v1"])
 

@@ -1,5 +1,6 @@
 """Hostile input at the contract edge: every defect is a ContractError naming it, never a crash."""
 
+import contextlib
 import json
 import uuid
 
@@ -52,12 +53,19 @@ HOSTILE = {
     "version past 2**31": dumps(envelope(version=2**31)),
     "amount past int64": dumps(order_created(total={"amount": 2**63, "currency": "EUR"})),
     "amount past the bound": dumps(
-        order_created(lines=[{"sku": "A", "quantity": 1, "unit_price": MAX_AMOUNT + 1}], total={"amount": MAX_AMOUNT + 1, "currency": "EUR"})
+        order_created(
+            lines=[{"sku": "A", "quantity": 1, "unit_price": MAX_AMOUNT + 1}], total={"amount": MAX_AMOUNT + 1, "currency": "EUR"}
+        )
     ),
     "NUL in the correlation id": dumps(envelope(correlation_id="o-1\u0000")),
-    "NUL in the order id": dumps(envelope({"order_id": "o\u00001", "lines": [{"sku": "A", "quantity": 1}]}, correlation_id="o\u00001")),
+    "NUL in the order id": dumps(
+        envelope({"order_id": "o\u00001", "lines": [{"sku": "A", "quantity": 1}]}, correlation_id="o\u00001")
+    ),
     "newline in a sku": dumps(envelope({"order_id": "o-1", "lines": [{"sku": "A\nB", "quantity": 1}]})),
-    "lone surrogate in a sku": b'{"message_id": "%s", "type": "stock.reserve", "version": 1, "occurred_at": "2026-01-01T00:00:00+00:00", "correlation_id": "o-1", "producer": "t", "payload": {"order_id": "o-1", "lines": [{"sku": "\\ud800", "quantity": 1}]}}'
+    "lone surrogate in a sku": (
+        b'{"message_id": "%s", "type": "stock.reserve", "version": 1, "occurred_at": "2026-01-01T00:00:00+00:00", '
+        b'"correlation_id": "o-1", "producer": "t", "payload": {"order_id": "o-1", "lines": [{"sku": "\\ud800", "quantity": 1}]}}'
+    )
     % str(uuid.uuid4()).encode(),
     "correlation id of another order": dumps(envelope(correlation_id="o-2")),
     "malformed traceparent": dumps(envelope(traceparent="00-zz")),
@@ -96,16 +104,12 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["order_id", "lines", "total", "customer_id", "payment_token"]), json_values)
 def test_any_json_in_any_order_field_decodes_or_is_a_contract_error(field: str, value: object) -> None:
-    try:
+    with contextlib.suppress(ContractError):
         decode(dumps(order_created(**{field: value})))
-    except ContractError:
-        pass
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_any_bytes_decode_or_are_a_contract_error(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(ContractError):
         decode(raw)
-    except ContractError:
-        pass

@@ -26,8 +26,10 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 def ledger(order_id: str = "o-1") -> LedgerUpdated:
     return LedgerUpdated(
-        order_id=order_id, transaction_id=f"t-{order_id}",
-        postings=(Posting(account="a", debit=5, credit=0), Posting(account="b", debit=0, credit=5)), balances={},
+        order_id=order_id,
+        transaction_id=f"t-{order_id}",
+        postings=(Posting(account="a", debit=5, credit=0), Posting(account="b", debit=0, credit=5)),
+        balances={},
     )
 
 
@@ -68,7 +70,9 @@ def test_fingerprint_ignores_formatting_but_not_content_or_endpoint():
 def test_derived_ids_are_stable_per_request_and_distinct_otherwise():
     ids = message_ids("erp", "k", "h", 3)
     assert ids == message_ids("erp", "k", "h", 3) and len(set(ids)) == 3
-    assert not set(ids) & set(message_ids("crm", "k", "h", 3) + message_ids("erp", "k2", "h", 3) + message_ids("erp", "k", "h2", 3))
+    assert not set(ids) & set(
+        message_ids("crm", "k", "h", 3) + message_ids("erp", "k2", "h", 3) + message_ids("erp", "k", "h2", 3)
+    )
 
 
 def producer(types=("ledger.updated",)):
@@ -77,21 +81,33 @@ def producer(types=("ledger.updated",)):
 
 
 def test_build_fills_server_fields_and_takes_the_traceparent_header():
-    [item] = parse_events({"type": "ledger.updated", "correlation_id": "o-1", "payload": ledger().model_dump(mode="json")}, batch=False, max_events=10)
+    [item] = parse_events(
+        {"type": "ledger.updated", "correlation_id": "o-1", "payload": ledger().model_dump(mode="json")},
+        batch=False,
+        max_events=10,
+    )
     fixed = uuid.uuid4()
     trace = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
     [message] = build_messages([item], batch=False, producer=producer(), now=NOW, ids=lambda _i: fixed, traceparent=trace)
     envelope = message.envelope
-    assert (envelope.message_id, envelope.producer, envelope.occurred_at, envelope.version, envelope.traceparent) == (fixed, "erp", NOW, 1, trace)
+    assert (envelope.message_id, envelope.producer, envelope.occurred_at, envelope.version, envelope.traceparent) == (
+        fixed,
+        "erp",
+        NOW,
+        1,
+        trace,
+    )
     [message] = build_messages([item], batch=False, producer=producer(), now=NOW, ids=lambda _i: fixed, traceparent="garbage")
     assert message.envelope.traceparent is None
 
 
 def test_forbidden_types_win_over_payload_errors_and_batches_name_the_index():
-    body = {"events": [
-        {"type": "ledger.updated", "correlation_id": "o-1", "payload": {}},
-        {"type": "order.created", "correlation_id": "o-1", "payload": {}},
-    ]}
+    body = {
+        "events": [
+            {"type": "ledger.updated", "correlation_id": "o-1", "payload": {}},
+            {"type": "order.created", "correlation_id": "o-1", "payload": {}},
+        ]
+    }
     events = parse_events(body, batch=True, max_events=10)
     with pytest.raises(SubmissionRejected) as forbidden:
         build_messages(events, batch=True, producer=producer(), now=NOW, ids=lambda _i: uuid.uuid4())
@@ -139,14 +155,21 @@ def test_sdk_raises_clear_errors_without_retrying_4xx_and_gives_up_on_5xx():
             client.publish(ledger(), correlation_id="o-1")
     assert len(seen) == 2
     transport, seen = fake_server(*(httpx.Response(503) for _ in range(3)))
-    with IngestClient("http://api", "k", transport=transport, sleep=lambda _s: None, max_attempts=3) as client:
-        with pytest.raises(IngestUnavailable, match="3 attempts"):
-            client.publish(ledger(), correlation_id="o-1")
+    with (
+        IngestClient("http://api", "k", transport=transport, sleep=lambda _s: None, max_attempts=3) as client,
+        pytest.raises(IngestUnavailable, match="3 attempts"),
+    ):
+        client.publish(ledger(), correlation_id="o-1")
 
 
 def test_event_builder_short_form():
     assert event(ledger(), correlation_id="o-1")["type"] == "ledger.updated"
-    assert event({"a": 1}, type="x.y", version=2, correlation_id="c") == {"type": "x.y", "payload": {"a": 1}, "version": 2, "correlation_id": "c"}
+    assert event({"a": 1}, type="x.y", version=2, correlation_id="c") == {
+        "type": "x.y",
+        "payload": {"a": 1},
+        "version": 2,
+        "correlation_id": "c",
+    }
     with pytest.raises(ValueError, match="type="):
         event({"a": 1}, correlation_id="c")
 
@@ -205,7 +228,9 @@ def test_the_depth_limit_counts_levels_of_arrays_and_objects():
 
 nested = st.recursive(
     st.one_of(st.integers(), st.text(st.sampled_from('[]{}"\\ax\n')), st.none()),
-    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(st.sampled_from('[]{}"\\a'), max_size=3), children, max_size=3)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(st.sampled_from('[]{}"\\a'), max_size=3), children, max_size=3)
+    ),
     max_leaves=30,
 )
 
@@ -238,9 +263,17 @@ def test_hostile_megabyte_is_refused_in_linear_time(raw):
 @pytest.mark.parametrize(
     ("content_type", "ok"),
     [
-        ("application/json", True), ("Application/JSON; charset=UTF-8", True), ('application/json; charset="utf-8"', True),
-        ("application/vnd.compensa+json", True), ("text/plain", False), ("text/json", False), ("", False), (None, False),
-        ("application/json; charset=iso-8859-1", False), ("application/jsonp", False), ("multipart/form-data; boundary=x", False),
+        ("application/json", True),
+        ("Application/JSON; charset=UTF-8", True),
+        ('application/json; charset="utf-8"', True),
+        ("application/vnd.compensa+json", True),
+        ("text/plain", False),
+        ("text/json", False),
+        ("", False),
+        (None, False),
+        ("application/json; charset=iso-8859-1", False),
+        ("application/jsonp", False),
+        ("multipart/form-data; boundary=x", False),
     ],
 )
 def test_only_json_in_utf_8_is_accepted(content_type, ok):
@@ -257,7 +290,9 @@ def test_hostile_bodies_become_messages_or_a_rejection_never_an_error(body):
         parsed = parse_json(raw, max_depth=32)
         fingerprint("POST", "/v1/events", parsed)
         events = parse_events(parsed, batch=batch, max_events=10)
-        messages = build_messages(events, batch=batch, producer=producer(("order.created",)), now=NOW, ids=lambda _i: uuid.uuid4())
+        messages = build_messages(
+            events, batch=batch, producer=producer(("order.created",)), now=NOW, ids=lambda _i: uuid.uuid4()
+        )
     except SubmissionRejected as rejected:
         assert rejected.status in (403, 422)
         json.dumps(rejected.detail, ensure_ascii=True)
@@ -281,7 +316,10 @@ def openapi_document(**config: Any) -> dict[str, Any]:
     from producers.ingest import IngestConfig, create_app
 
     app = create_app(
-        engine=create_async_engine("sqlite+aiosqlite://"), redis=Redis(), producers=ProducerDirectory(), config=IngestConfig(**config)
+        engine=create_async_engine("sqlite+aiosqlite://"),
+        redis=Redis(),
+        producers=ProducerDirectory(),
+        config=IngestConfig(**config),
     )
     return app.openapi()
 
@@ -332,10 +370,17 @@ def test_every_documented_answer_has_a_json_schema():
 @pytest.mark.parametrize(
     ("field", "value", "accepted"),
     [
-        ("version", 1, True), ("version", "1", False), ("version", True, False), ("version", 1.0, False),
-        ("occurred_at", "2026-01-02T03:04:05Z", True), ("occurred_at", "2026-01-02T03:04:05.123+02:00", True),
-        ("occurred_at", 0, False), ("occurred_at", "1700000000", False), ("occurred_at", "2026-01-02T03:04:05", False),
-        ("occurred_at", "2026-01-02 03:04:05Z", False), ("occurred_at", "2026-01-02", False),
+        ("version", 1, True),
+        ("version", "1", False),
+        ("version", True, False),
+        ("version", 1.0, False),
+        ("occurred_at", "2026-01-02T03:04:05Z", True),
+        ("occurred_at", "2026-01-02T03:04:05.123+02:00", True),
+        ("occurred_at", 0, False),
+        ("occurred_at", "1700000000", False),
+        ("occurred_at", "2026-01-02T03:04:05", False),
+        ("occurred_at", "2026-01-02 03:04:05Z", False),
+        ("occurred_at", "2026-01-02", False),
     ],
 )
 def test_event_fields_are_taken_as_documented_without_coercion(field, value, accepted):

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers.ledger import HANDLERS, SERVICE, Kind, cash_by_order, ledger_entries, postings_for, trial_balance
-from consumers.ledger import rules
+from consumers.ledger import HANDLERS, SERVICE, Kind, cash_by_order, ledger_entries, postings_for, rules, trial_balance
 from contracts import Money, Payload, Posting, new_message
 from contracts.messages import LedgerUpdated, PaymentAuthorized, PaymentRefunded
 from infra.clock import VirtualClock

@@ -7,7 +7,10 @@ from infra.logging import configure_logging, redact
 
 
 def test_secret_keys_and_url_passwords_are_redacted():
-    assert redact({"api_key": "k", "nested": {"password": "p", "ok": 1}}) == {"api_key": "***", "nested": {"password": "***", "ok": 1}}
+    assert redact({"api_key": "k", "nested": {"password": "p", "ok": 1}}) == {
+        "api_key": "***",
+        "nested": {"password": "***", "ok": 1},
+    }
     assert redact("amqp://guest:hunter2@host:5672/") == "amqp://guest:***@host:5672/"
 
 

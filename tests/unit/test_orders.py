@@ -14,8 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers.orders import HANDLERS, SERVICE, OrderStatus, get_order, order_statuses, place_order
-from consumers.orders import rules
+from consumers.orders import HANDLERS, SERVICE, OrderStatus, get_order, order_statuses, place_order, rules
 from contracts import BusinessRuleError, ContractError, Money, OrderLine, Payload, TransientError, new_message
 from contracts.messages import OrderCancelled, OrderCompleted, OrderCreated, OrderRejected
 from infra.clock import VirtualClock

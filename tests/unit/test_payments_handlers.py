@@ -86,9 +86,7 @@ REFUND = RefundPayment(order_id="o1")
 AUTHORIZED = PaymentAuthorized(order_id="o1", payment_id=payment_id_for("o1"), amount=EUR)
 
 
-async def test_charge_authorizes_once_and_repeats_its_answer(
-    run: Any, engine: AsyncEngine, gateway: RecordingGateway
-) -> None:
+async def test_charge_authorizes_once_and_repeats_its_answer(run: Any, engine: AsyncEngine, gateway: RecordingGateway) -> None:
     assert await run(charge()) == [AUTHORIZED]
     assert await run(charge()) == [AUTHORIZED]
 

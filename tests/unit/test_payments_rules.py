@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers.payments import RuleBasedGateway, payment_id_for
-from consumers.payments import rules
+from consumers.payments import RuleBasedGateway, payment_id_for, rules
 from consumers.payments.gateway import Authorization, Decline
 from consumers.payments.rules import Charge, ChargeStatus
 from contracts import BusinessRuleError, Money, TransientError
@@ -35,9 +34,7 @@ async def test_the_gateway_declines_by_token_and_by_limit() -> None:
 
     assert await gateway.authorize("o1", EUR, "tok_decline_insufficient") == Decline("card declined")
     assert await gateway.authorize("o1", EUR, "tok_visa") == Decline("amount over limit")
-    assert await gateway.authorize("o1", Money(amount=1_000, currency="EUR"), "tok_visa") == Authorization(
-        payment_id_for("o1")
-    )
+    assert await gateway.authorize("o1", Money(amount=1_000, currency="EUR"), "tok_visa") == Authorization(payment_id_for("o1"))
     assert await RuleBasedGateway().authorize("o1", Money(amount=500_001, currency="EUR"), "tok_visa") == Decline(
         "amount over limit"
     )

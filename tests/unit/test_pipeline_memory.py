@@ -4,8 +4,8 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy.exc import DBAPIError
 
 from contracts import BusinessRuleError, TransientError, encode, new_message
 from contracts.messages import ReserveStock, StockLine
@@ -35,13 +35,19 @@ async def engine(tmp_path):
 
 
 def reserve(order_id="o-1"):
-    return new_message(ReserveStock(order_id=order_id, lines=[StockLine(sku="A", quantity=1)]), correlation_id=order_id, producer="test")
+    return new_message(
+        ReserveStock(order_id=order_id, lines=[StockLine(sku="A", quantity=1)]), correlation_id=order_id, producer="test"
+    )
 
 
 def outgoing(message):
     return OutgoingMessage(
-        message_id=str(message.message_id), type=message.type, correlation_id=message.correlation_id,
-        exchange="compensa.commands", routing_key=message.type, body=encode(message.envelope),
+        message_id=str(message.message_id),
+        type=message.type,
+        correlation_id=message.correlation_id,
+        exchange="compensa.commands",
+        routing_key=message.type,
+        body=encode(message.envelope),
     )
 
 
@@ -55,7 +61,9 @@ async def count_effects(engine):
 
 
 def processor(engine, clock, handler=apply_effect, max_attempts=3):
-    return MessageProcessor(engine, "stock", "stock.commands", {"stock.reserve": handler}, clock, retry=RetryPolicy(max_attempts, 1.0, 8.0))
+    return MessageProcessor(
+        engine, "stock", "stock.commands", {"stock.reserve": handler}, clock, retry=RetryPolicy(max_attempts, 1.0, 8.0)
+    )
 
 
 async def test_duplicate_delivery_is_acknowledged_and_applied_once(engine):
@@ -147,8 +155,12 @@ async def test_malformed_deliveries_are_dead_lettered_as_contract_errors(engine,
     message = reserve()
     raw = outgoing(message)
     raw = OutgoingMessage(
-        message_id=message_id if message_id is not None else "", type=raw.type, correlation_id=raw.correlation_id,
-        exchange=raw.exchange, routing_key=raw.routing_key, body=body if body is not None else raw.body,
+        message_id=message_id if message_id is not None else "",
+        type=raw.type,
+        correlation_id=raw.correlation_id,
+        exchange=raw.exchange,
+        routing_key=raw.routing_key,
+        body=body if body is not None else raw.body,
     )
     broker.publish_one(raw)
     delivery = broker.get("stock.commands")
@@ -181,7 +193,11 @@ async def test_relay_publishes_in_commit_order_per_saga(engine):
     for n in range(30):
         async with UnitOfWork(engine, "saga", clock) as uow:
             order_id = f"o-{n % 3}"
-            message = uow.send(ReserveStock(order_id=order_id, lines=[StockLine(sku="A", quantity=n + 1)]), correlation_id=order_id, message_id=uuid.uuid4())
+            message = uow.send(
+                ReserveStock(order_id=order_id, lines=[StockLine(sku="A", quantity=n + 1)]),
+                correlation_id=order_id,
+                message_id=uuid.uuid4(),
+            )
             sent.append(str(message.message_id))
             await uow.commit()
     assert await Relay(engine, "saga", broker, clock, batch_size=7).drain() == 30
@@ -244,7 +260,11 @@ async def test_past_its_patience_an_unavailable_database_takes_the_ordinary_retr
 
     await broker.publish_batch([outgoing(reserve())])
     consume = MessageProcessor(
-        engine, "stock", "stock.commands", {"stock.reserve": down}, clock,
+        engine,
+        "stock",
+        "stock.commands",
+        {"stock.reserve": down},
+        clock,
         retry=RetryPolicy(3, 1.0, 8.0, unavailable_seconds=0),
     )
     await consume(broker.get("stock.commands"))
@@ -271,10 +291,16 @@ async def test_a_poison_body_in_a_batch_takes_none_of_its_neighbours_with_it(eng
     broker = MemoryBroker(clock)
     good = [reserve(f"o-{n}") for n in range(4)]
     await broker.publish_batch([outgoing(m) for m in good[:2]])
-    broker.publish_one(OutgoingMessage(
-        message_id="poison", type="stock.reserve", correlation_id="x", exchange="compensa.commands",
-        routing_key="stock.reserve", body=b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
-    ))
+    broker.publish_one(
+        OutgoingMessage(
+            message_id="poison",
+            type="stock.reserve",
+            correlation_id="x",
+            exchange="compensa.commands",
+            routing_key="stock.reserve",
+            body=b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        )
+    )
     await broker.publish_batch([outgoing(m) for m in good[2:]])
     consume = processor(engine, clock)
     await consume.process_batch([broker.get("stock.commands") for _ in range(5)])

@@ -59,32 +59,24 @@ def test_order_saga_data_is_json_able_and_builds_every_command() -> None:
         "payment_token": "tok_7",
     }
     reserve, charge, commit = ORDER_SAGA.steps
-    assert reserve.command_for(DATA) == ReserveStock(
-        order_id="o-7", lines=(StockLine(sku="kiwi", quantity=3),)
-    )
+    assert reserve.command_for(DATA) == ReserveStock(order_id="o-7", lines=(StockLine(sku="kiwi", quantity=3),))
     assert charge.command_for(DATA) == ChargePayment(
         order_id="o-7", amount=Money(amount=300, currency="USD"), payment_token="tok_7"
     )
     assert commit.command_for(DATA) == CommitStock(order_id="o-7")
     assert ORDER_SAGA.compensation_for("stock.release").command_for(DATA) == ReleaseStock(order_id="o-7")
-    assert ORDER_SAGA.compensation_for("payment.refund").command_for(DATA) == RefundPayment(
-        order_id="o-7"
-    )
+    assert ORDER_SAGA.compensation_for("payment.refund").command_for(DATA) == RefundPayment(order_id="o-7")
 
 
 def test_order_saga_outcomes() -> None:
-    assert ORDER_SAGA.completed(DATA) == OrderCompleted(
-        order_id="o-7", total=Money(amount=300, currency="USD")
-    )
+    assert ORDER_SAGA.completed(DATA) == OrderCompleted(order_id="o-7", total=Money(amount=300, currency="USD"))
     assert ORDER_SAGA.cancelled(DATA, "why") == OrderCancelled(order_id="o-7", reason="why")
     assert ORDER_SAGA.rejected(DATA, "why") == OrderRejected(order_id="o-7", reason="why")
 
 
 def test_charge_success_records_the_payment_id() -> None:
     charge = ORDER_SAGA.steps[1]
-    reply = PaymentAuthorized(
-        order_id="o-7", payment_id="pay-9", amount=Money(amount=300, currency="USD")
-    )
+    reply = PaymentAuthorized(order_id="o-7", payment_id="pay-9", amount=Money(amount=300, currency="USD"))
     assert charge.data_after(DATA, reply) == {**DATA, "payment_id": "pay-9"}
 
 
@@ -144,9 +136,7 @@ RESERVE, CHARGE, COMMIT = ORDER_SAGA.steps
                     RESERVE,
                     replace(
                         CHARGE,
-                        compensation=Compensation(
-                            ReleaseStock, RESERVE.compensation.build, PaymentRefunded
-                        ),
+                        compensation=Compensation(ReleaseStock, RESERVE.compensation.build, PaymentRefunded),
                     ),  # type: ignore[union-attr]
                 )
             },
@@ -158,9 +148,7 @@ RESERVE, CHARGE, COMMIT = ORDER_SAGA.steps
                     RESERVE,
                     replace(
                         CHARGE,
-                        compensation=Compensation(
-                            RefundPayment, CHARGE.compensation.build, StockReleased
-                        ),
+                        compensation=Compensation(RefundPayment, CHARGE.compensation.build, StockReleased),
                     ),  # type: ignore[union-attr]
                 )
             },

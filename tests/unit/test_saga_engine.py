@@ -58,9 +58,7 @@ REPLIES: dict[str, Payload] = {
     for p in (
         StockReserved(order_id=ORDER_ID, lines=(StockLine(sku="apple", quantity=2),)),
         StockReservationFailed(order_id=ORDER_ID, reason="out of stock"),
-        PaymentAuthorized(
-            order_id=ORDER_ID, payment_id="pay-1", amount=Money(amount=500, currency="EUR")
-        ),
+        PaymentAuthorized(order_id=ORDER_ID, payment_id="pay-1", amount=Money(amount=500, currency="EUR")),
         PaymentDeclined(order_id=ORDER_ID, reason="insufficient funds"),
         StockCommitted(order_id=ORDER_ID),
         StockCommitFailed(order_id=ORDER_ID, reason="reservation expired"),
@@ -143,9 +141,7 @@ def test_start_reserves_stock_with_a_step_deadline() -> None:
             lines=(StockLine(sku="apple", quantity=2), StockLine(sku="pear", quantity=1)),
         ),
     )
-    assert transition.deadline == Deadline(
-        due_at=T0 + timedelta(seconds=30), kind="step", step="reserve", attempt=1
-    )
+    assert transition.deadline == Deadline(due_at=T0 + timedelta(seconds=30), kind="step", step="reserve", attempt=1)
     state = transition.state
     assert (state.saga_id, state.definition, state.status, state.step) == (
         ORDER_ID,
@@ -168,9 +164,7 @@ def test_happy_path_reserve_charge_commit_complete() -> None:
 
     reserved = saga.reply("stock.reserved")
     assert reserved.outgoing == (
-        ChargePayment(
-            order_id=ORDER_ID, amount=Money(amount=500, currency="EUR"), payment_token="tok_ok"
-        ),
+        ChargePayment(order_id=ORDER_ID, amount=Money(amount=500, currency="EUR"), payment_token="tok_ok"),
     )
     assert reserved.deadline is not None and (reserved.deadline.kind, reserved.deadline.step) == (
         "step",
@@ -247,9 +241,7 @@ def test_declined_payment_releases_stock_then_cancels() -> None:
     assert types(declined) == ("stock.release",)
     assert declined.state.status is SagaStatus.COMPENSATING
     assert declined.state.pending_compensations == ("stock.release",)
-    assert declined.deadline == Deadline(
-        due_at=saga.now + timedelta(seconds=30), kind="compensation", step="charge", attempt=1
-    )
+    assert declined.deadline == Deadline(due_at=saga.now + timedelta(seconds=30), kind="compensation", step="charge", attempt=1)
     assert declined.note == "charge failed -> compensating: stock.release"
 
     released = saga.reply("stock.released")
@@ -275,9 +267,7 @@ def test_commit_failed_refunds_and_releases_and_cancels_only_when_both_confirm()
     assert refunded.state.status is SagaStatus.COMPENSATING
     assert refunded.state.pending_compensations == ("stock.release",)
     # Progress re-arms the compensation timer, same attempt.
-    assert refunded.deadline == Deadline(
-        due_at=saga.now + timedelta(seconds=30), kind="compensation", step="commit", attempt=1
-    )
+    assert refunded.deadline == Deadline(due_at=saga.now + timedelta(seconds=30), kind="compensation", step="commit", attempt=1)
 
     released = saga.reply("stock.released")
     assert types(released) == ("order.cancelled",)
@@ -471,14 +461,10 @@ STATES: dict[str, Callable[[], Run]] = {
     "running:commit": lambda: run("stock.reserved", "payment.authorized"),
     "compensating:declined": lambda: run("stock.reserved", "payment.declined"),
     "compensating:charge_deadline": lambda: run("stock.reserved", "deadline"),
-    "compensating:commit_failed": lambda: run(
-        "stock.reserved", "payment.authorized", "stock.commit_failed"
-    ),
+    "compensating:commit_failed": lambda: run("stock.reserved", "payment.authorized", "stock.commit_failed"),
     "compensation_failed": lambda: exhausted("stock.reserved", "payment.declined"),
     "cancelled:declined": lambda: run("stock.reserved", "payment.declined", "stock.released"),
-    "cancelled:charge_deadline": lambda: run(
-        "stock.reserved", "deadline", "payment.refunded", "stock.released"
-    ),
+    "cancelled:charge_deadline": lambda: run("stock.reserved", "deadline", "payment.refunded", "stock.released"),
     "rejected": lambda: run("stock.reservation_failed"),
     "completed": lambda: run("stock.reserved", "payment.authorized", "stock.committed"),
 }

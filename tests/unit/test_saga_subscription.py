@@ -115,9 +115,7 @@ SUBSCRIPTION_SAGA = SagaDefinition(
             deadline=timedelta(seconds=10),
             compensation=Compensation(
                 command=CloseAccount,
-                build=lambda data: CloseAccount(
-                    subscription_id=data["subscription_id"], account_id=data.get("account_id")
-                ),
+                build=lambda data: CloseAccount(subscription_id=data["subscription_id"], account_id=data.get("account_id")),
                 confirmed_by=AccountClosed,
             ),
             on_success=lambda data, opened: {**data, "account_id": opened.account_id},  # type: ignore[attr-defined]
@@ -133,12 +131,8 @@ SUBSCRIPTION_SAGA = SagaDefinition(
         ),
     ),
     completed=lambda data: SubscriptionActivated(subscription_id=data["subscription_id"]),
-    cancelled=lambda data, reason: SubscriptionEnded(
-        subscription_id=data["subscription_id"], outcome="cancelled", reason=reason
-    ),
-    rejected=lambda data, reason: SubscriptionEnded(
-        subscription_id=data["subscription_id"], outcome="rejected", reason=reason
-    ),
+    cancelled=lambda data, reason: SubscriptionEnded(subscription_id=data["subscription_id"], outcome="cancelled", reason=reason),
+    rejected=lambda data, reason: SubscriptionEnded(subscription_id=data["subscription_id"], outcome="rejected", reason=reason),
     compensation_deadline=timedelta(minutes=5),
     max_compensation_attempts=2,
 )
@@ -155,9 +149,7 @@ def begin(definition: SagaDefinition = SUBSCRIPTION_SAGA) -> SagaState:
     return start(definition, REQUEST, "s-1", T0).state
 
 
-def apply(
-    state: SagaState, *payloads: Payload, definition: SagaDefinition = SUBSCRIPTION_SAGA
-) -> Transition:
+def apply(state: SagaState, *payloads: Payload, definition: SagaDefinition = SUBSCRIPTION_SAGA) -> Transition:
     transition = Transition(state, (), None, "", "", changed=False)
     for payload in payloads:
         transition = on_message(definition, transition.state, payload, T0)
@@ -191,9 +183,7 @@ def test_happy_path_uses_reply_data_in_later_commands() -> None:
 
 def test_refused_account_rejects() -> None:
     transition = apply(begin(), REFUSED)
-    assert transition.outgoing == (
-        SubscriptionEnded(subscription_id="s-1", outcome="rejected", reason="account.refused: kyc"),
-    )
+    assert transition.outgoing == (SubscriptionEnded(subscription_id="s-1", outcome="rejected", reason="account.refused: kyc"),)
 
 
 def test_billing_failure_closes_the_account_then_cancels() -> None:
@@ -202,9 +192,7 @@ def test_billing_failure_closes_the_account_then_cancels() -> None:
     assert failed.deadline == Deadline(T0 + timedelta(minutes=5), "compensation", "billing", 1)
 
     closed = apply(failed.state, CLOSED)
-    assert closed.outgoing == (
-        SubscriptionEnded(subscription_id="s-1", outcome="cancelled", reason="billing.failed"),
-    )
+    assert closed.outgoing == (SubscriptionEnded(subscription_id="s-1", outcome="cancelled", reason="billing.failed"),)
 
 
 def test_billing_deadline_undoes_only_what_can_be_undone() -> None:
@@ -250,9 +238,7 @@ def test_failure_after_steps_with_nothing_to_undo_cancels_directly() -> None:
     )
     transition = apply(begin(no_undo), OPENED, BILLING_FAILED, definition=no_undo)
 
-    assert transition.outgoing == (
-        SubscriptionEnded(subscription_id="s-1", outcome="cancelled", reason="billing.failed"),
-    )
+    assert transition.outgoing == (SubscriptionEnded(subscription_id="s-1", outcome="cancelled", reason="billing.failed"),)
     assert transition.state.status is SagaStatus.CANCELLED
     assert transition.deadline is None
     assert transition.note == "billing failed, nothing to undo -> cancelled"

@@ -110,7 +110,13 @@ typed = Table(
 )
 
 ROWS = [
-    {"name": "a", "at": datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC), "amount": Decimal("12.34"), "flag": True, "data": {"k": [1, 2]}},
+    {
+        "name": "a",
+        "at": datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC),
+        "amount": Decimal("12.34"),
+        "flag": True,
+        "data": {"k": [1, 2]},
+    },
     {"name": "b", "at": datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC), "amount": Decimal("0.10"), "flag": False, "data": None},
     {"name": "c", "at": None, "amount": None, "flag": None, "data": ["x"]},
 ]
@@ -132,7 +138,16 @@ async def run_statements(engine) -> list[object]:  # type: ignore[no-untyped-def
         answers.append([row._asdict() for row in (await connection.execute(select(typed).where(typed.c.flag.is_(True)))).all()])
         answers.append((await connection.execute(rename, [{"old": "a", "new": "a2"}, {"old": "zz", "new": "z"}])).rowcount)
         answers.append((await connection.execute(select(func.count(), func.min(typed.c.at)).select_from(typed))).one())
-        answers.append((await connection.execute(update(typed).where(typed.c.name == "b").values(amount=typed.c.amount + Decimal("1.00")).returning(typed.c.amount))).scalar_one())
+        answers.append(
+            (
+                await connection.execute(
+                    update(typed)
+                    .where(typed.c.name == "b")
+                    .values(amount=typed.c.amount + Decimal("1.00"))
+                    .returning(typed.c.amount)
+                )
+            ).scalar_one()
+        )
         answers.append(list((await connection.execute(select(typed.c.name).order_by(typed.c.name))).scalars()))
         answers.append((await connection.execute(delete(typed).where(typed.c.name.in_(["b", "c"])))).rowcount)
         answers.append(await connection.scalar(select(typed.c.data).where(typed.c.name == "a2")))

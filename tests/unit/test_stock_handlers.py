@@ -92,9 +92,7 @@ async def test_reserve_moves_stock_from_on_hand_to_reserved(engine: AsyncEngine,
     assert await stock_levels(engine) == {"apple": (8, 2), "pear": (0, 3)}
 
 
-async def test_a_refused_reserve_changes_nothing_and_repeats_its_reason(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_a_refused_reserve_changes_nothing_and_repeats_its_reason(engine: AsyncEngine, clock: VirtualClock) -> None:
     first = await handle(engine, clock, reserve(apple=2, pear=4))
     await seed_stock(engine, {"pear": 50})
     again = await handle(engine, clock, reserve(apple=2, pear=4))
@@ -198,9 +196,7 @@ async def test_expired_reservations_are_released_through_the_outbox(engine: Asyn
     ]
 
 
-async def test_commit_of_an_expired_reservation_fails_before_the_sweep(
-    engine: AsyncEngine, clock: VirtualClock
-) -> None:
+async def test_commit_of_an_expired_reservation_fails_before_the_sweep(engine: AsyncEngine, clock: VirtualClock) -> None:
     await handle(engine, clock, reserve())
     clock.advance(15 * 60)
 
@@ -218,9 +214,7 @@ async def test_seed_stock_sets_on_hand_and_keeps_reservations(engine: AsyncEngin
 
 async def test_concurrent_reserves_never_oversell(engine: AsyncEngine, clock: VirtualClock) -> None:
     await seed_stock(engine, {"pear": 1})
-    outcomes = await asyncio.gather(
-        *(handle(engine, clock, reserve(f"o{i}", pear=1)) for i in range(3)), return_exceptions=True
-    )
+    outcomes = await asyncio.gather(*(handle(engine, clock, reserve(f"o{i}", pear=1)) for i in range(3)), return_exceptions=True)
 
     # The losers either saw the stock gone or lost the race to a retryable conflict.
     kinds = sorted(type(o).__name__ if isinstance(o, Exception) else type(o[0]).__name__ for o in outcomes)

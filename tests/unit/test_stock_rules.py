@@ -74,9 +74,7 @@ def test_reserve_sums_repeated_skus_before_checking() -> None:
         (ReservationStatus.FAILED, StockReservationFailed(order_id="o1", reason="short")),
     ],
 )
-def test_a_repeated_reserve_gets_the_first_answer_and_changes_nothing(
-    status: ReservationStatus, expected: object
-) -> None:
+def test_a_repeated_reserve_gets_the_first_answer_and_changes_nothing(status: ReservationStatus, expected: object) -> None:
     existing = held(status, reason="short" if status is ReservationStatus.FAILED else None)
     decision = rules.decide_reserve(existing, {"apple": Level(100, 0)}, "o1", lines(apple=2), now=NOW)
 
@@ -100,7 +98,7 @@ def test_a_reserve_with_other_lines_for_the_same_order_is_refused() -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     on_hand=st.lists(st.integers(0, 6), min_size=len(SKUS), max_size=len(SKUS)),
-    wanted=st.lists(st.tuples(st.sampled_from(SKUS + ("kiwi",)), st.integers(1, 6)), min_size=1, max_size=5),
+    wanted=st.lists(st.tuples(st.sampled_from((*SKUS, "kiwi")), st.integers(1, 6)), min_size=1, max_size=5),
 )
 def test_reserve_is_all_or_nothing_and_never_negative(on_hand: list[int], wanted: list[tuple[str, int]]) -> None:
     levels = {sku: Level(n, 1) for sku, n in zip(SKUS, on_hand, strict=True)}
@@ -238,8 +236,8 @@ def test_any_sequence_of_decisions_conserves_stock(initial: list[int], steps: li
         now += timedelta(minutes=4)
         existing = reservations.get(order_id)
         if name == "reserve":
-            order_lines = existing.lines if existing and existing.lines else tuple(
-                StockLine(sku=s, quantity=q) for s, q in wanted
+            order_lines = (
+                existing.lines if existing and existing.lines else tuple(StockLine(sku=s, quantity=q) for s, q in wanted)
             )
             decision = rules.decide_reserve(existing, levels, order_id, order_lines, now=now)
         elif name == "commit":

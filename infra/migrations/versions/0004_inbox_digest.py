@@ -9,14 +9,14 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-03 16:20:00.000000
 """
+
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
-
-revision = '0004'
-down_revision = '0003'
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

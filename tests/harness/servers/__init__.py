@@ -38,7 +38,21 @@ from tests.harness.servers.process import free_port
 from tests.harness.servers.resolve import Servers, local_servers
 
 __all__ = [
-    "POSTGRES", "RABBITMQ", "REDIS", "SERVICES", "DockerServer", "HarnessError", "LocalPostgres",
-    "LocalRabbitMQ", "LocalRedis", "LocalServer", "NotControllable", "Server", "Servers",
-    "docker_available", "ensure_installed", "free_port", "local_servers",
+    "POSTGRES",
+    "RABBITMQ",
+    "REDIS",
+    "SERVICES",
+    "DockerServer",
+    "HarnessError",
+    "LocalPostgres",
+    "LocalRabbitMQ",
+    "LocalRedis",
+    "LocalServer",
+    "NotControllable",
+    "Server",
+    "Servers",
+    "docker_available",
+    "ensure_installed",
+    "free_port",
+    "local_servers",
 ]

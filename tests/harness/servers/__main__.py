@@ -15,9 +15,7 @@ from tests.harness.servers.resolve import local_servers
 def main(argv: Sequence[str] | None = None) -> int:
     """Keep servers running for a shell session until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m tests.harness.servers", description=main.__doc__)
-    parser.add_argument(
-        "services", nargs="*", metavar="SERVICE", help=f"any of {sorted(SERVICES)}; default: all"
-    )
+    parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {sorted(SERVICES)}; default: all")
     args = parser.parse_args(argv)
     if unknown := set(args.services) - SERVICES:
         parser.error(f"unknown services {sorted(unknown)}; choose from {sorted(SERVICES)}")

@@ -36,7 +36,7 @@ def docker_available() -> bool:
             client.ping()
         finally:
             client.close()
-    except Exception:  # DockerException, connection errors, or no docker package at all
+    except Exception:  # noqa: BLE001 - DockerException, connection errors, or no docker package at all
         return False
     return True
 
@@ -58,8 +58,11 @@ def from_docker(name: str) -> Server | None:
         if name == POSTGRES:
             postgres = _testcontainer("postgres", "PostgresContainer")
             container = postgres(
-                DOCKER_IMAGES[POSTGRES], username="postgres", password="postgres",
-                dbname="compensa", driver="asyncpg",
+                DOCKER_IMAGES[POSTGRES],
+                username="postgres",
+                password="postgres",
+                dbname="compensa",
+                driver="asyncpg",
             ).with_command("postgres -c max_connections=200")
             container.start()
             url = container.get_connection_url()
@@ -89,7 +92,7 @@ def from_docker(name: str) -> Server | None:
                 what="RabbitMQ container",
                 interval=0.5,
             )
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever Docker does wrong, local binaries are the fallback
         log.warning("%s: Docker failed (%s); falling back to local binaries", name, error)
         if container is not None:
             with contextlib.suppress(Exception):

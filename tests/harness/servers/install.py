@@ -85,8 +85,17 @@ def ensure_installed(services: Iterable[str]) -> None:
             raise HarnessError(f"{', '.join(missing)} not installed; installing needs root or sudo")
         log.warning("installing Debian packages: %s", " ".join(missing))
         install = [
-            *sudo, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
-            "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+            *sudo,
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "-o",
+            "Dpkg::Options::=--force-confdef",
+            "-o",
+            "Dpkg::Options::=--force-confold",
             *missing,
         ]
         with _services_not_autostarted(sudo):

@@ -83,8 +83,16 @@ class LocalPostgres(LocalServer):
             shutil.chown(self.dir, "postgres", "postgres")
         run_command(
             self._tool(
-                "initdb", "-D", self._data, "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions",
+                "initdb",
+                "-D",
+                self._data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
             ),
             what="initdb",
         )
@@ -101,8 +109,7 @@ class LocalPostgres(LocalServer):
             )
         self.start()
         run_command(
-            [self._bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-             self.DATABASE],
+            [self._bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", self.DATABASE],
             what="createdb",
             logs=[self._log],
         )
@@ -169,8 +176,21 @@ class LocalRedis(LocalServer):
             return
         self._proc = subprocess.Popen(
             [
-                self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(self._log),
+                self._binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(self._log),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -228,8 +248,7 @@ class LocalRabbitMQ(LocalServer):
         config = self.dir / "rabbitmq.conf"
         config.write_text(
             f"loopback_users = none\nlisteners.tcp.default = 127.0.0.1:{self.port}\n"
-            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self._management_port}\n"
-            + RABBITMQ_STATS_CONF
+            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self._management_port}\n" + RABBITMQ_STATS_CONF
         )
         plugins = self.dir / "enabled_plugins"
         plugins.write_text("[rabbitmq_management].\n")

@@ -66,14 +66,10 @@ def run_command(
 ) -> subprocess.CompletedProcess[str]:
     """Run a setup command; with ``check``, raise HarnessError carrying its output."""
     argv = [str(part) for part in cmd]
-    proc = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=timeout
-    )
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         output = (proc.stdout + proc.stderr).strip()
-        raise HarnessError(
-            f"{what} failed (exit {proc.returncode}): {' '.join(argv)}\n{output}\n{_tail(logs)}"
-        )
+        raise HarnessError(f"{what} failed (exit {proc.returncode}): {' '.join(argv)}\n{output}\n{_tail(logs)}")
     return proc
 
 
@@ -120,7 +116,7 @@ def amqp_ready(url: str) -> bool:
 
     try:
         asyncio.run(probe())
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
         return False
     return True
 

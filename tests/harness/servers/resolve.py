@@ -178,9 +178,7 @@ def local_servers(need: Iterable[str] = SERVICES) -> Iterator[Servers]:
             futures = {}
             try:
                 with ThreadPoolExecutor(max(len(need), 1), thread_name_prefix="compensa-start") as pool:
-                    futures = {
-                        name: pool.submit(_start_service, name, workdir, docker) for name in sorted(need)
-                    }
+                    futures = {name: pool.submit(_start_service, name, workdir, docker) for name in sorted(need)}
             finally:
                 for name, future in futures.items():
                     if future.done() and future.exception() is None:
@@ -188,9 +186,7 @@ def local_servers(need: Iterable[str] = SERVICES) -> Iterator[Servers]:
             failures = {name: future.exception() for name, future in futures.items() if future.exception()}
             if failures:
                 detail = "\n\n".join(f"{name}: {error}" for name, error in failures.items())
-                raise HarnessError(f"could not start {', '.join(failures)}:\n{detail}") from next(
-                    iter(failures.values())
-                )
+                raise HarnessError(f"could not start {', '.join(failures)}:\n{detail}") from next(iter(failures.values()))
             yield running
     finally:
         stopping = time.monotonic()

@@ -51,7 +51,7 @@ from contracts.messages import MAX_AMOUNT
 from infra.db import create_engine
 from producers.ingest import IngestConfig, ProducerDirectory, ProducerStore, create_app
 from producers.ingest.submission import json_media_type
-from tests.integration.support import add_producer, clock, engine  # noqa: F401 - fixtures
+from tests.integration.support import clock
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture
-async def producer_key(add_producer) -> str:  # noqa: F811
+async def producer_key(add_producer) -> str:
     return await add_producer(PRODUCER, tuple(sorted({m.message_type for m in EVENTS})), rate_limit=1_000_000)
 
 
@@ -84,9 +84,7 @@ def ingest_app(pg_engine: AsyncEngine, redis_url: str, producer_key: str) -> Ite
 
     config = dataclasses.replace(CONFIG, redis_prefix=f"test:{uuid.uuid4().hex[:8]}:")
     directory = ProducerDirectory(ProducerStore(app_engine), cache_seconds=config.key_cache_seconds)
-    app = create_app(
-        engine=app_engine, redis=app_redis, producers=directory, config=config, clock=clock, lifespan=lifespan
-    )
+    app = create_app(engine=app_engine, redis=app_redis, producers=directory, config=config, clock=clock, lifespan=lifespan)
     assert app.openapi() == DOCUMENT, "the document tested is the one served"
     yield app
     # Schemathesis keeps an app's lifespan running until the process exits; end it
@@ -97,7 +95,9 @@ def ingest_app(pg_engine: AsyncEngine, redis_url: str, producer_key: str) -> Ite
 def _document() -> dict[str, Any]:
     """The OpenAPI document the app serves; building the app opens no connection."""
     app = create_app(
-        engine=create_engine("postgresql+asyncpg://unused/unused"), redis=Redis(), producers=ProducerDirectory(),
+        engine=create_engine("postgresql+asyncpg://unused/unused"),
+        redis=Redis(),
+        producers=ProducerDirectory(),
         config=CONFIG,
     )
     return app.openapi()

@@ -11,7 +11,6 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from producers.ingest.tables import ingest_producers
-from tests.integration.support import engine, make_app, make_client, redis  # noqa: F401 - fixtures
 from tests.support import COMPENSA, short_event
 
 pytestmark = pytest.mark.integration

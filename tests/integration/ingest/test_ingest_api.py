@@ -24,16 +24,11 @@ from sqlalchemy import event, select, text
 from contracts import decode
 from infra.logging import configure_logging
 from producers.ingest.tables import ingest_producers
-from tests.integration.support import (  # noqa: F401 - fixtures
+from tests.integration.support import (
     OUTBOX,
-    add_producer,
     clock,
-    engine,
-    make_app,
-    make_client,
     outbox_count,
     outbox_rows,
-    redis,
 )
 from tests.support import HOSTILE_EVENTS, dump, order_created, short_event
 
@@ -58,8 +53,13 @@ async def test_full_envelope_keeps_its_id_and_time(make_client, add_producer, en
     message_id = uuid.uuid4()
     occurred = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     envelope = {
-        **short_event("o-2"), "message_id": str(message_id), "version": 1, "occurred_at": occurred.isoformat(),
-        "producer": "erp", "causation_id": None, "traceparent": None,
+        **short_event("o-2"),
+        "message_id": str(message_id),
+        "version": 1,
+        "occurred_at": occurred.isoformat(),
+        "producer": "erp",
+        "causation_id": None,
+        "traceparent": None,
     }
     response = await client.post("/v1/events", json=envelope)
     assert response.status_code == 202, response.text
@@ -76,7 +76,11 @@ async def test_full_envelope_keeps_its_id_and_time(make_client, add_producer, en
     ("body", "loc", "fragment"),
     [
         ({"type": "order.created", "payload": order_created()}, ["body", "correlation_id"], "Field required"),
-        (short_event(payload=order_created(total={"amount": 3000, "currency": "euro"})), ["body", "payload", "total", "currency"], "pattern"),
+        (
+            short_event(payload=order_created(total={"amount": 3000, "currency": "euro"})),
+            ["body", "payload", "total", "currency"],
+            "pattern",
+        ),
         (short_event(payload={**order_created(), "lines": []}), ["body", "payload", "lines"], "at least 1"),
         (short_event(type="order.shipped"), ["body", "type"], "unknown message type"),
         (short_event(version=7), ["body", "version"], "unknown version"),
@@ -84,7 +88,16 @@ async def test_full_envelope_keeps_its_id_and_time(make_client, add_producer, en
         ({**short_event(), "colour": "red"}, ["body", "colour"], "Extra inputs"),
         ([short_event()], ["body"], "valid dictionary"),
     ],
-    ids=["missing-correlation-id", "bad-currency", "no-lines", "unknown-type", "unknown-version", "command", "extra-field", "not-an-object"],
+    ids=[
+        "missing-correlation-id",
+        "bad-currency",
+        "no-lines",
+        "unknown-type",
+        "unknown-version",
+        "command",
+        "extra-field",
+        "not-an-object",
+    ],
 )
 async def test_invalid_body_is_422_naming_the_field(make_client, add_producer, engine, body, loc, fragment):
     client = make_client(await add_producer("erp", ("order.created", "order.cancelled")))
@@ -180,9 +193,7 @@ async def test_a_refused_request_releases_its_key(make_client, add_producer, eng
 async def test_concurrent_duplicates_make_exactly_one_event(make_client, add_producer, engine):
     client = make_client(await add_producer("erp"))
     headers = {"Idempotency-Key": "k-race"}
-    responses = await asyncio.gather(
-        *(client.post("/v1/events", json=short_event("o-race"), headers=headers) for _ in range(20))
-    )
+    responses = await asyncio.gather(*(client.post("/v1/events", json=short_event("o-race"), headers=headers) for _ in range(20)))
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {202, 409}, statuses
     assert 202 in statuses
@@ -196,7 +207,9 @@ async def test_concurrent_requests_share_commits_and_keep_their_own_ids(make_app
 
     app = make_app()
     key = await add_producer("erp")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest", headers={"X-API-Key": key}) as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://ingest", headers={"X-API-Key": key}
+    ) as client:
         responses = await asyncio.gather(
             *(client.post("/v1/events", json=short_event(f"o-{n}"), headers={"Idempotency-Key": f"k-{n}"}) for n in range(30))
         )
@@ -247,7 +260,12 @@ async def test_disallowed_type_is_403(make_client, add_producer, engine):
     response = await client.post("/v1/events", json=short_event())
     assert response.status_code == 403
     assert "order.created" in response.json()["detail"] and "order.cancelled" in response.json()["detail"]
-    batch = {"events": [{"type": "order.cancelled", "correlation_id": "o-1", "payload": {"order_id": "o-1", "reason": "x"}}, short_event()]}
+    batch = {
+        "events": [
+            {"type": "order.cancelled", "correlation_id": "o-1", "payload": {"order_id": "o-1", "reason": "x"}},
+            short_event(),
+        ]
+    }
     assert (await client.post("/v1/events:batch", json=batch)).status_code == 403
     assert await outbox_count(engine) == 0
 
@@ -271,6 +289,7 @@ async def test_body_over_the_size_limit_is_413(make_client, add_producer, engine
     big = short_event(payload={**order_created(), "customer_id": "c" * 4000})
     response = await client.post("/v1/events", json=big)
     assert response.status_code == 413
+
     # Without a Content-Length (chunked), the limit holds while reading.
     async def chunks():
         for _ in range(5):
@@ -342,8 +361,11 @@ async def test_health_is_status_only(engine, redis, make_client):
     from tests.integration.support import clock
 
     app = create_app(
-        engine=engine, redis=redis, producers=ProducerDirectory(None, []),
-        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:"), clock=clock,
+        engine=engine,
+        redis=redis,
+        producers=ProducerDirectory(None, []),
+        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:"),
+        clock=clock,
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
         response = await client.get("/health")
@@ -386,7 +408,9 @@ async def test_writer_commits_a_request_larger_than_one_statement_in_one_transac
 
     writer = OutboxWriter(engine, OUTBOX, max_rows=2)
     rows = [
-        outbox_row(new_message(OrderCancelled(order_id=f"o-{n}", reason="x"), correlation_id=f"o-{n}", producer="erp"), clock.now())
+        outbox_row(
+            new_message(OrderCancelled(order_id=f"o-{n}", reason="x"), correlation_id=f"o-{n}", producer="erp"), clock.now()
+        )
         for n in range(5)
     ]
     await asyncio.gather(writer.write(rows), writer.write(rows[:1]), writer.write([rows[4]]))
@@ -408,8 +432,11 @@ async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(e
     # A key from the keys file: authenticating it needs no database.
     key, record = generate_key("erp", ("order.created",), rate_limit=None, now=clock.now())
     app = create_app(
-        engine=linked, redis=redis, producers=ProducerDirectory(None, [record]),
-        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:", health_cache_seconds=0.0), clock=clock,
+        engine=linked,
+        redis=redis,
+        producers=ProducerDirectory(None, [record]),
+        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:", health_cache_seconds=0.0),
+        clock=clock,
     )
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest", headers={"X-API-Key": key})
     event = short_event("o-db")
@@ -460,25 +487,104 @@ HOSTILE = [
     ("nested-10k-arrays", b"[" * 10_000 + b"]" * 10_000, "application/json", 422, ["body"], "json_too_deep"),
     ("nested-100k-arrays", b"[" * 100_000 + b"]" * 100_000, "application/json", 422, ["body"], "json_too_deep"),
     ("nested-100k-objects", b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "application/json", 422, ["body"], "json_too_deep"),
-    ("nested-in-payload", raw_event(payload='{"x": ' + "[" * 40 + "]" * 40 + "}"), "application/json", 422, ["body"], "json_too_deep"),
-    ("5000-digit-integer", raw_event(payload=with_amount("9" * 5000)), "application/json", 422,
-     ["body", "payload", "total", "amount"], "int_out_of_range"),
-    ("2**64", raw_event(payload=with_amount(str(2**64))), "application/json", 422, ["body", "payload", "total", "amount"], "int_out_of_range"),
-    ("huge-exponent", raw_event(payload=with_amount("1e999")), "application/json", 422, ["body", "payload", "total", "amount"], "number_not_finite"),
-    ("NaN", raw_event(payload=with_amount("NaN")), "application/json", 422, ["body", "payload", "total", "amount"], "number_not_finite"),
+    (
+        "nested-in-payload",
+        raw_event(payload='{"x": ' + "[" * 40 + "]" * 40 + "}"),
+        "application/json",
+        422,
+        ["body"],
+        "json_too_deep",
+    ),
+    (
+        "5000-digit-integer",
+        raw_event(payload=with_amount("9" * 5000)),
+        "application/json",
+        422,
+        ["body", "payload", "total", "amount"],
+        "int_out_of_range",
+    ),
+    (
+        "2**64",
+        raw_event(payload=with_amount(str(2**64))),
+        "application/json",
+        422,
+        ["body", "payload", "total", "amount"],
+        "int_out_of_range",
+    ),
+    (
+        "huge-exponent",
+        raw_event(payload=with_amount("1e999")),
+        "application/json",
+        422,
+        ["body", "payload", "total", "amount"],
+        "number_not_finite",
+    ),
+    (
+        "NaN",
+        raw_event(payload=with_amount("NaN")),
+        "application/json",
+        422,
+        ["body", "payload", "total", "amount"],
+        "number_not_finite",
+    ),
     ("surrogate-correlation-id", raw_event('"o-\\ud800"'), "application/json", 422, ["body", "correlation_id"], "string_unicode"),
-    ("surrogate-in-payload", raw_event(payload=json.dumps(order_created("o-h", customer_id="c-\udfff"))), "application/json", 422,
-     ["body", "payload", "customer_id"], "string_unicode"),
-    ("surrogate-in-key", raw_event(extra='{"\\ud800": 1}'), "application/json", 422, ["body", "extra", "\\ud800"], "string_unicode"),
-    ("surrogate-in-unknown-type", b'{"type": "\\udc00", "correlation_id": "o", "payload": {}}', "application/json", 422,
-     ["body", "type"], "string_unicode"),
+    (
+        "surrogate-in-payload",
+        raw_event(payload=json.dumps(order_created("o-h", customer_id="c-\udfff"))),
+        "application/json",
+        422,
+        ["body", "payload", "customer_id"],
+        "string_unicode",
+    ),
+    (
+        "surrogate-in-key",
+        raw_event(extra='{"\\ud800": 1}'),
+        "application/json",
+        422,
+        ["body", "extra", "\\ud800"],
+        "string_unicode",
+    ),
+    (
+        "surrogate-in-unknown-type",
+        b'{"type": "\\udc00", "correlation_id": "o", "payload": {}}',
+        "application/json",
+        422,
+        ["body", "type"],
+        "string_unicode",
+    ),
     ("nul-correlation-id", raw_event('"o-\\u0000"'), "application/json", 422, ["body", "correlation_id"], "string_nul"),
-    ("nul-in-free-text", raw_event(payload=json.dumps(order_created("o-h", note="a\x00b"))), "application/json", 422,
-     ["body", "payload", "note"], "string_nul"),
-    ("escape-in-correlation-id", raw_event('"o-\\u001b[31m"'), "application/json", 422, ["body", "correlation_id"], "string_control_character"),
-    ("newline-in-sku", raw_event(payload=json.dumps(order_created("o-h")).replace('"SKU-1"', '"SKU\\n1"')), "application/json", 422,
-     ["body", "payload", "lines", 0, "sku"], "string_control_character"),
-    ("del-in-producer", raw_event(producer='"erp\x7f"'), "application/json", 422, ["body", "producer"], "string_control_character"),
+    (
+        "nul-in-free-text",
+        raw_event(payload=json.dumps(order_created("o-h", note="a\x00b"))),
+        "application/json",
+        422,
+        ["body", "payload", "note"],
+        "string_nul",
+    ),
+    (
+        "escape-in-correlation-id",
+        raw_event('"o-\\u001b[31m"'),
+        "application/json",
+        422,
+        ["body", "correlation_id"],
+        "string_control_character",
+    ),
+    (
+        "newline-in-sku",
+        raw_event(payload=json.dumps(order_created("o-h")).replace('"SKU-1"', '"SKU\\n1"')),
+        "application/json",
+        422,
+        ["body", "payload", "lines", 0, "sku"],
+        "string_control_character",
+    ),
+    (
+        "del-in-producer",
+        raw_event(producer='"erp\x7f"'),
+        "application/json",
+        422,
+        ["body", "producer"],
+        "string_control_character",
+    ),
     ("not-utf-8", raw_event('"o-X"').replace(b"X", b"\xff"), "application/json", 422, ["body"], "json_invalid"),
     ("utf-16", json.dumps({"type": "order.created"}).encode("utf-16"), "application/json", 422, ["body"], "json_invalid"),
     ("empty", b"", "application/json", 422, ["body"], "json_invalid"),
@@ -489,8 +595,12 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize(("body", "content_type", "status", "loc", "type_"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
-async def test_hostile_body_is_a_precise_4xx_and_leaves_nothing(make_client, add_producer, engine, body, content_type, status, loc, type_):
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "loc", "type_"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE]
+)
+async def test_hostile_body_is_a_precise_4xx_and_leaves_nothing(
+    make_client, add_producer, engine, body, content_type, status, loc, type_
+):
     client = make_client(await add_producer("erp"))
     headers = {"Content-Type": content_type} if content_type else {}
     sends = [("/v1/events", body, loc)]
@@ -517,7 +627,12 @@ async def fuzz_client(make_client, add_producer):
     return make_client(await add_producer("fuzz", rate_limit=1_000_000))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
 @given(event_=HOSTILE_EVENTS, batch=st.booleans())
 async def test_generated_hostile_bodies_never_get_a_5xx(fuzz_client, event_, batch):
     body = dump({"events": [event_]} if batch else event_).encode()
@@ -541,7 +656,9 @@ async def test_a_poisoned_request_among_many_valid_ones_fails_alone(make_app, ad
     keys = {name: await add_producer(name) for name in ("erp", "crm")}
     table = OUTBOX.name
     async with engine.begin() as connection:
-        await connection.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT test_no_poison CHECK (correlation_id NOT LIKE 'poison%')"))
+        await connection.execute(
+            text(f"ALTER TABLE {table} ADD CONSTRAINT test_no_poison CHECK (correlation_id NOT LIKE 'poison%')")
+        )
     poisoned = {
         "nul": raw_event('"o-\\u0000"'),
         "surrogate": raw_event('"o-\\udc80"'),
@@ -596,8 +713,14 @@ async def test_writer_commits_the_neighbours_of_rows_the_database_refuses(engine
     try:
         # Gathered: all eight are pending before the first commit starts, so they share it.
         outcomes = await asyncio.gather(
-            writer.write(good[0]), writer.write(nul), writer.write(good[1]), writer.write(good[2]),
-            writer.write(surrogate), writer.write(good[3]), writer.write(too_long), writer.write(good[4] + good[5]),
+            writer.write(good[0]),
+            writer.write(nul),
+            writer.write(good[1]),
+            writer.write(good[2]),
+            writer.write(surrogate),
+            writer.write(good[3]),
+            writer.write(too_long),
+            writer.write(good[4] + good[5]),
             return_exceptions=True,
         )
     finally:
@@ -631,10 +754,23 @@ async def test_client_disconnect_mid_body_is_one_log_line(make_app, add_producer
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/events", "raw_path": b"/v1/events", "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"ingest"), (b"content-type", b"application/json"), (b"x-api-key", key.encode()), (b"content-length", b"500")],
-        "client": ("127.0.0.1", 5000), "server": ("ingest", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/events",
+        "raw_path": b"/v1/events",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"ingest"),
+            (b"content-type", b"application/json"),
+            (b"x-api-key", key.encode()),
+            (b"content-length", b"500"),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("ingest", 80),
     }
     try:
         await app(scope, receive, send)  # raises nothing: an unhandled error is what uvicorn logs with a traceback
@@ -649,7 +785,14 @@ async def test_client_disconnect_mid_body_is_one_log_line(make_app, add_producer
 async def test_hostile_api_keys_are_401(make_client, add_producer, engine):
     await add_producer("erp")
     client = make_client()
-    for presented in (b"cpk_" + b"a" * 8000 + b"_x", b"cpk_\xe9\xff_x", b"cpk_%00_x", b"cpk__", b"cpk_a_\xff" * 100, b"\xff" * 64):
+    for presented in (
+        b"cpk_" + b"a" * 8000 + b"_x",
+        b"cpk_\xe9\xff_x",
+        b"cpk_%00_x",
+        b"cpk__",
+        b"cpk_a_\xff" * 100,
+        b"\xff" * 64,
+    ):
         response = await client.post("/v1/events", json=short_event(), headers=[(b"X-API-Key", presented)])
         assert response.status_code == 401, (presented[:20], response.status_code)
         response = await client.post("/v1/events", json=short_event(), headers=[(b"Authorization", b"Bearer " + presented)])

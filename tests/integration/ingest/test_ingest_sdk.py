@@ -25,16 +25,9 @@ from producers.sdk import (
     PermissionDenied,
     publish,
 )
-from tests.integration.support import (  # noqa: F401 - fixtures
-    add_producer,
-    engine,
-    ledger_queue,
-    make_app,
-    make_client,
+from tests.integration.support import (
     outbox_count,
     outbox_rows,
-    rabbit_publisher,
-    redis,
     relay_for,
 )
 from tests.support import eventually, ledger_updated
@@ -56,7 +49,8 @@ async def app_engine(engine: AsyncEngine) -> AsyncEngine:
 
 def ledger_event(order_id: str) -> LedgerUpdated:
     return LedgerUpdated(
-        order_id=order_id, transaction_id=f"capture:{order_id}",
+        order_id=order_id,
+        transaction_id=f"capture:{order_id}",
         postings=(Posting(account="cash:EUR", debit=100, credit=0), Posting(account="sales:EUR", debit=0, credit=100)),
         balances={"cash:EUR": 100},
     )
@@ -68,12 +62,11 @@ async def count_invoices(engine: AsyncEngine) -> int:
 
 
 async def test_in_transaction_publish_rolled_back_publishes_nothing(app_engine, rabbit_publisher, ledger_queue):
-    async with app_engine.connect() as connection:
-        async with connection.begin() as transaction:
-            await connection.execute(insert(invoices).values(order_id="o-1"))
-            message = await publish(connection, ledger_event("o-1"), correlation_id="o-1", producer="billing")
-            assert message.envelope.producer == "billing"
-            await transaction.rollback()
+    async with app_engine.connect() as connection, connection.begin() as transaction:
+        await connection.execute(insert(invoices).values(order_id="o-1"))
+        message = await publish(connection, ledger_event("o-1"), correlation_id="o-1", producer="billing")
+        assert message.envelope.producer == "billing"
+        await transaction.rollback()
     assert await count_invoices(app_engine) == 0 and await outbox_count(app_engine) == 0
     assert await relay_for(app_engine, rabbit_publisher).drain() == 0
     assert await ledger_queue() == []
@@ -83,7 +76,9 @@ async def test_in_transaction_publish_committed_with_a_session_is_delivered(app_
     sessions = async_sessionmaker(app_engine, class_=AsyncSession)
     async with sessions() as session, session.begin():
         await session.execute(insert(invoices).values(order_id="o-2"))
-        message = await publish(session, ledger_updated("o-2")["payload"], type="ledger.updated", correlation_id="o-2", producer="billing")
+        message = await publish(
+            session, ledger_updated("o-2")["payload"], type="ledger.updated", correlation_id="o-2", producer="billing"
+        )
     assert await count_invoices(app_engine) == 1
     assert await relay_for(app_engine, rabbit_publisher).drain() == 1
     [delivered] = await eventually(ledger_queue, message="committed event delivered")
@@ -140,7 +135,7 @@ async def test_http_client_raises_clear_errors_for_4xx(sdk_client, make_app):
         await client.publish({"order_id": "o-1"}, type="ledger.updated", correlation_id="o-1")
     assert any(e["loc"][:3] == ["body", "payload", "transaction_id"] for e in invalid.value.errors)
     assert "body.payload.transaction_id" in str(invalid.value)
-    with pytest.raises(PermissionDenied, match="order.created"):
+    with pytest.raises(PermissionDenied, match=r"order.created"):
         await client.publish({"order_id": "o-1"}, type="order.created", correlation_id="o-1")
     await client.publish(ledger_event("o-1"), correlation_id="o-1", idempotency_key="k-once")
     with pytest.raises(IdempotencyKeyReused):
@@ -157,7 +152,9 @@ async def test_http_client_gives_up_while_redis_is_down_and_nothing_is_accepted(
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    async with AsyncIngestClient("http://ingest", key, transport=httpx.ASGITransport(app=make_app()), max_attempts=3, sleep=sleep) as client:
+    async with AsyncIngestClient(
+        "http://ingest", key, transport=httpx.ASGITransport(app=make_app()), max_attempts=3, sleep=sleep
+    ) as client:
         redis_server.stop()
         try:
             with pytest.raises(IngestUnavailable, match="HTTP 503") as unavailable:

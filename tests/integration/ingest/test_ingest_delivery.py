@@ -21,15 +21,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import decode
-from tests.integration.support import (  # noqa: F401 - fixtures
-    add_producer,
-    engine,
-    ledger_queue,
-    make_app,
-    make_client,
+from tests.integration.support import (
     outbox_rows,
-    rabbit_publisher,
-    redis,
     relay_for,
 )
 from tests.support import eventually, ledger_updated
@@ -73,8 +66,11 @@ def api_process(engine: AsyncEngine, redis_url: str, amqp_url: str) -> Iterator[
 
     async def start() -> tuple[subprocess.Popen[bytes], str]:
         port = _free_port()
-        process = subprocess.Popen(
-            [executable, "api", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is polled below
+            [executable, "api", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         processes.append(process)
         base = f"http://127.0.0.1:{port}"
