@@ -23,6 +23,7 @@ def ingest_config(settings: Settings) -> Any:
         rate_limit=settings.api_rate_limit,
         rate_window_seconds=settings.api_rate_limit_window_seconds,
         max_request_bytes=settings.api_max_request_bytes,
+        body_timeout_seconds=settings.api_body_timeout_seconds,
         max_batch_events=settings.api_max_batch_events,
         key_cache_seconds=settings.api_key_cache_seconds,
         require_idempotency_key=settings.api_require_idempotency_key,

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     api_max_request_bytes: int = Field(default=1_048_576, ge=1024)
     api_max_batch_events: int = Field(default=500, ge=1, le=10_000)
     api_require_idempotency_key: bool = False
+    api_body_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="A request body not received within this is answered 408."
+    )
     api_redis_timeout_seconds: float = Field(
         default=1.0, gt=0, description="Redis socket timeout; past it a request answers 503."
     )

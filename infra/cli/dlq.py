@@ -96,6 +96,8 @@ SagaOpt = Annotated[str | None, typer.Option("--saga", help="Saga (order) id.")]
 SinceOpt = Annotated[str | None, typer.Option("--since", help="Failed at or after: ISO time, or a duration ago (2h).")]
 UntilOpt = Annotated[str | None, typer.Option("--until", help="Failed before: ISO time, or a duration ago.")]
 StatusOpt = Annotated[str | None, typer.Option("--status", help="new, replayed or purged.")]
+IdsArg = Annotated[list[str] | None, typer.Argument(metavar="[ID]...", help="Dead-letter ids (12, 12,13 or 20-25).")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every dead letter with status new.")]
 
 
 def _short(value: Any, width: int) -> str:
@@ -364,10 +366,23 @@ async def _selection(engine: Any, ids: tuple[int, ...], where: Any) -> list[int]
         return await matching_ids(connection, where)
 
 
+def _named(ids: list[str] | None, everything: bool, *, status: str | None, **filters: Any) -> tuple[tuple[int, ...], Any]:
+    """The ids and filter an operator action names; refuse naming nothing; status new by default."""
+    parsed = parse_ids(ids or [])
+    where = _filter(parsed, status=status, **filters)
+    if where.is_empty and not everything:
+        fail(
+            "name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all"
+        )
+    if not parsed and status is None:
+        where = dataclasses.replace(where, status="new")
+    return parsed, where
+
+
 @app.command("replay")
 @command
 async def dlq_replay(
-    ids: Annotated[list[str] | None, typer.Argument(metavar="[ID]...", help="Dead-letter ids (12, 12,13 or 20-25).")] = None,
+    ids: IdsArg = None,
     queue: QueueOpt = None,
     type_: TypeOpt = None,
     reason_class: ReasonOpt = None,
@@ -375,7 +390,7 @@ async def dlq_replay(
     since: SinceOpt = None,
     until: UntilOpt = None,
     status: Annotated[str | None, typer.Option("--status", help="With a filter: which status to replay (default new).")] = None,
-    everything: Annotated[bool, typer.Option("--all", help="Every dead letter with status new.")] = False,
+    everything: AllOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show what would be sent; write nothing.")] = False,
     edit: Annotated[
         str | None, typer.Option("--edit", help="JSON merge patch (RFC 7396) applied to each payload, or @file.json.")
@@ -402,16 +417,9 @@ async def dlq_replay(
     from infra.dlq.replay import replay
 
     patch = _parse_patch(edit)
-    parsed = parse_ids(ids or [])
-    where = _filter(
-        parsed, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
+    parsed, where = _named(
+        ids, everything, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
     )
-    if where.is_empty and not everything:
-        fail(
-            "name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all"
-        )
-    if not parsed and status is None:
-        where = dataclasses.replace(where, status="new")
     async with database() as engine:
         selected = await _selection(engine, parsed, where)
         show_progress = len(selected) >= 20
@@ -475,7 +483,7 @@ def _print_replay(summary: Any, selected: int) -> None:
 @app.command("purge")
 @command
 async def dlq_purge(
-    ids: Annotated[list[str] | None, typer.Argument(metavar="[ID]...", help="Dead-letter ids (12, 12,13 or 20-25).")] = None,
+    ids: IdsArg = None,
     queue: QueueOpt = None,
     type_: TypeOpt = None,
     reason_class: ReasonOpt = None,
@@ -483,7 +491,7 @@ async def dlq_purge(
     since: SinceOpt = None,
     until: UntilOpt = None,
     status: Annotated[str | None, typer.Option("--status", help="With a filter: which status to purge (default new).")] = None,
-    everything: Annotated[bool, typer.Option("--all", help="Every dead letter with status new.")] = False,
+    everything: AllOpt = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -491,16 +499,9 @@ async def dlq_purge(
     from infra.clock import SystemClock
     from infra.dlq.query import DeadLetterFilter, purge
 
-    parsed = parse_ids(ids or [])
-    where = _filter(
-        parsed, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
+    parsed, where = _named(
+        ids, everything, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
     )
-    if where.is_empty and not everything:
-        fail(
-            "name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all"
-        )
-    if not parsed and status is None:
-        where = dataclasses.replace(where, status="new")
     async with database() as engine:
         selected = await _selection(engine, parsed, where)
         if selected and not yes:

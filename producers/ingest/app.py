@@ -63,6 +63,7 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API 
 _REFUSALS: dict[int, str] = {
     400: "The client disconnected before the body was complete (nobody reads this answer).",
     401: "Missing, unknown or revoked API key.",
+    408: "The body was not received within the body timeout (a slow sender).",
     403: "The key's producer may not publish this event type.",
     409: (
         "A request with this Idempotency-Key is still being processed (retry after Retry-After), "
@@ -124,7 +125,7 @@ class Refused(Exception):
         return Response(content, status_code=self.status, headers=self.headers, media_type="application/json")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_seconds: float) -> bytes:
     declared = request.headers.get("content-length")
     too_large = Refused(413, f"request body larger than {limit} bytes")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -132,11 +133,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        # A slow sender would hold the connection (and a worker's memory) for as long as it likes.
+        log.info("ingest.body_timeout", path=request.url.path, received_bytes=size)
+        raise Refused(408, f"request body not received within {timeout_seconds:g}s") from None
     except ClientDisconnect:
         # Routine on the internet: one line, not a traceback. Nobody reads the answer.
         log.info("ingest.client_disconnected", path=request.url.path, received_bytes=size)
@@ -193,7 +199,7 @@ class Ingest:
             raise Refused(415, "Content-Type must be application/json (UTF-8)")
         if key is None and self.config.require_idempotency_key:
             raise Refused(428, "this server requires an Idempotency-Key header")
-        raw = await _read_body(request, self.config.max_request_bytes)
+        raw = await _read_body(request, self.config.max_request_bytes, self.config.body_timeout_seconds)
         try:
             # Everything a field cannot hold is refused here, per request, before the
             # shared commit: no request can fail its neighbours' INSERT.

@@ -15,6 +15,8 @@ class IngestConfig:
     rate_limit: int = 600
     rate_window_seconds: float = 60.0
     max_request_bytes: int = 1_048_576
+    #: How long a client may take to send its whole body (a slow sender holds a connection).
+    body_timeout_seconds: float = 10.0
     #: Deepest nesting of arrays and objects a body may have (an order.created batch needs 6).
     max_json_depth: int = 32
     max_batch_events: int = 500

@@ -782,6 +782,42 @@ async def test_client_disconnect_mid_body_is_one_log_line(make_app, add_producer
     assert sent[0]["status"] == 400
 
 
+async def test_a_body_sent_too_slowly_is_408_and_frees_the_request(make_app, add_producer):
+    app = make_app(body_timeout_seconds=0.3)
+    key = await add_producer("erp")
+    trickled = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not trickled.is_set():
+            trickled.set()
+            return {"type": "http.request", "body": b'{"type": "order.', "more_body": True}
+        await asyncio.Event().wait()  # a slow-loris client: the rest never comes
+        raise AssertionError("unreachable")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/events",
+        "raw_path": b"/v1/events",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"ingest"), (b"content-type", b"application/json"), (b"x-api-key", key.encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("ingest", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    assert sent[0]["status"] == 408
+    assert b"not received within 0.3s" in b"".join(m.get("body", b"") for m in sent[1:])
+
+
 async def test_hostile_api_keys_are_401(make_client, add_producer, engine):
     await add_producer("erp")
     client = make_client()
