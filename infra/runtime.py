@@ -88,6 +88,8 @@ class Runtime:
                 self.clock,
                 batch_size=self.settings.relay_batch_size,
                 poll_seconds=self.settings.relay_poll_seconds,
+                retry_base_seconds=self.settings.relay_retry_base_seconds,
+                retry_max_seconds=self.settings.relay_retry_max_seconds,
             )
             self.relay_objects.append(relay)
             self._tasks.append(asyncio.create_task(relay.run(self.stop_event), name=f"relay:{name}"))

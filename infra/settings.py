@@ -72,6 +72,12 @@ class Settings(BaseSettings):
 
     relay_batch_size: int = Field(default=200, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=0.5, gt=0)
+    relay_retry_base_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="First wait after a failed relay batch; doubles, with jitter, while failing."
+    )
+    relay_retry_max_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="Longest wait between failed relay batches (wake-ups do not shorten it)."
+    )
     outbox_retention_hours: float = Field(default=72.0, gt=0)
     inbox_retention_hours: float = Field(default=168.0, gt=0)
 
