@@ -19,10 +19,28 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, mo
 #: int64 sums of amounts: this leaves room for about a million maximal orders.
 MAX_AMOUNT = 10**13
 
-#: An identifier: 1-64 characters, none of them a control character.
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+#: Characters no identifier may hold: C0 and C1 controls, and the bidirectional
+#: overrides that make a terminal show an id other than the one stored.
+_FORBIDDEN = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+#: An identifier: 1-64 characters, not all blank, none of them forbidden.
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=rf"^[^{_FORBIDDEN}]*[^\s{_FORBIDDEN}][^{_FORBIDDEN}]*$")
+]
+#: A reference built from an identifier (e.g. `capture:<order id>`): up to 96 characters.
+Reference = Annotated[
+    str, StringConstraints(min_length=1, max_length=96, pattern=rf"^[^{_FORBIDDEN}]*[^\s{_FORBIDDEN}][^{_FORBIDDEN}]*$")
+]
+#: Longest free text (a reason) a message carries.
+MAX_TEXT = 2000
 #: Free text (a reason): bounded, no NUL (tabs and newlines are fine).
-Text = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")]
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT, pattern=r"^[^\x00]*$")]
+
+
+def clip_text(text: str) -> str:
+    """Free text cut to what a message carries: a reason built from many parts stays sendable."""
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
 #: A count or amount: a JSON integer, never a string or a boolean.
 StrictInt = Annotated[int, Strict()]
 OrderId = Identifier
@@ -155,7 +173,7 @@ class LedgerUpdated(OrderPayload):
     message_type = "ledger.updated"
     kind = "event"
 
-    transaction_id: Identifier
+    transaction_id: Reference
     postings: tuple[Posting, ...]
     balances: dict[Identifier, Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]]
 

@@ -106,8 +106,11 @@ class MessageProcessor:
         rng: random.Random | None = None,
         uow_factory: Callable[..., UnitOfWork] = UnitOfWork,
         lock_batch: BatchLock | None = None,
+        probe: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
+        #: Raises while the database cannot take work (default: SELECT 1 on the engine).
+        self.probe = probe or self._select_one
         self.lock_batch = lock_batch
         self.service = service
         self.consumer = consumer
@@ -121,6 +124,9 @@ class MessageProcessor:
         #: Batches rolled back and replayed one message at a time (a failure, a deadlock).
         self.batch_splits = 0
         self._probe_lock = asyncio.Lock()
+        #: When the current outage began, and when the last one ended (monotonic seconds).
+        self._down_since: float | None = None
+        self._recovered_at = -float("inf")
 
     async def __call__(self, delivery: Delivery, decoded: Message[Any] | None = None) -> None:
         """Process one delivery in its own transaction (`decoded` if the caller decoded it)."""
@@ -128,7 +134,6 @@ class MessageProcessor:
             queue=delivery.queue.name, message_id=delivery.message_id, attempt=delivery.attempt
         ):
             message: Message[Any] | None = decoded
-            patience: float | None = None
             pause = 0.05
             while True:
                 try:
@@ -139,41 +144,55 @@ class MessageProcessor:
                 except (ContractError, BusinessRuleError) as exc:
                     await self._dead_letter(delivery, exc.reason_class, str(exc), message)
                 except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
-                    if is_unavailable(exc):
-                        patience = patience or time.monotonic() + self.retry.unavailable_seconds
-                        if time.monotonic() < patience and await self.wait_for_database(patience):
-                            # The same delivery again, no attempt used; a pause in case
-                            # the server answers probes but still refuses the work.
-                            await asyncio.sleep(pause)
-                            pause = min(pause * 2, 2.0)
-                            continue
+                    if is_unavailable(exc) and await self.wait_for_database(failed_at=time.monotonic()):
+                        # The same delivery again, no attempt used; a pause in case the
+                        # server answers probes but still refuses the work.
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, 2.0)
+                        continue
                     if is_transient(exc):
                         await self._retry_or_dead_letter(delivery, exc, message)
                     else:
                         await self._dead_letter(delivery, "handler_error", failure_reason(exc), message)
                 return
 
-    async def wait_for_database(self, until: float) -> bool:
-        """Wait until the database answers again (True) or monotonic time `until` passes.
+    async def wait_for_database(self, *, failed_at: float) -> bool:
+        """Wait out a database outage; True when the failure at `failed_at` was one that has ended.
 
-        A restarting server refuses work for seconds to a minute; the message waits
-        here, unacknowledged, instead of spending its attempts or going to the DLQ.
-        Concurrent callers share one probe.
+        A restarting server refuses work for seconds to a minute: the message waits here,
+        unacknowledged, instead of spending its attempts or going to the DLQ. False, and the
+        message takes the ordinary retry path, when the database answers at once (the failure
+        was not the database's: a gateway's connection error, say) or when this outage has
+        lasted past `RetryPolicy.unavailable_seconds` (one budget per outage, not per
+        message). Concurrent callers share one probe.
         """
         async with self._probe_lock:
             delay = 0.1
             while True:
+                if self._recovered_at >= failed_at:
+                    return True  # the outage this message met ended while it waited for the lock
                 try:
-                    async with self.engine.connect() as connection:
-                        await connection.execute(text("SELECT 1"))
-                    return True
+                    await asyncio.wait_for(self.probe(), timeout=5.0)
                 except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-                    if not is_unavailable(exc) or time.monotonic() + delay > until:
-                        return False
-                    if delay == 0.1:
+                    now = time.monotonic()
+                    if self._down_since is None:
+                        self._down_since = now
                         log.warning("database.unavailable", error=failure_reason(exc))
+                    if now + delay > self._down_since + self.retry.unavailable_seconds:
+                        return False
+                else:
+                    if self._down_since is None:
+                        return False
+                    log.info("database.available", down_seconds=round(time.monotonic() - self._down_since, 3))
+                    self._down_since = None
+                    self._recovered_at = time.monotonic()
+                    return True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _select_one(self) -> None:
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
 
     def _decode(self, delivery: Delivery) -> Message[Any]:
         message = decode(delivery.body)

@@ -35,6 +35,7 @@ from contracts.messages import (
     StockReleased,
     StockReservationFailed,
     StockReserved,
+    clip_text,
 )
 from sagas.definition import Compensation, SagaData, SagaDefinition, Step
 
@@ -113,8 +114,9 @@ ORDER_SAGA = SagaDefinition(
         ),
     ),
     completed=lambda data: OrderCompleted(order_id=data["order_id"], total=Money.model_validate(data["total"])),
-    cancelled=lambda data, reason: OrderCancelled(order_id=data["order_id"], reason=reason),
-    rejected=lambda data, reason: OrderRejected(order_id=data["order_id"], reason=reason),
+    # A reason gathers a reply's reason, an operator's words, a prefix: cut to what a message carries.
+    cancelled=lambda data, reason: OrderCancelled(order_id=data["order_id"], reason=clip_text(reason)),
+    rejected=lambda data, reason: OrderRejected(order_id=data["order_id"], reason=clip_text(reason)),
     compensation_deadline=timedelta(seconds=30),
     max_compensation_attempts=5,
 )

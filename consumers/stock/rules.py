@@ -21,6 +21,7 @@ from contracts.messages import (
     StockReleased,
     StockReservationFailed,
     StockReserved,
+    clip_text,
 )
 
 RESERVATION_TTL = timedelta(minutes=15)
@@ -118,7 +119,7 @@ def decide_reserve(
         return _repeat_reserve(existing, lines)
     problems = shortfalls(levels, lines)
     if problems:
-        reason = "; ".join(problems)
+        reason = clip_text("; ".join(problems))  # one part per short line: many lines, a long reason
         return Decision(
             Reservation(order_id, ReservationStatus.FAILED, lines, reason=reason),
             (),

@@ -109,7 +109,7 @@ def prepare(
     queue = queues.get(row.queue)
     if queue is None:
         return f"queue {row.queue!r} is not in the topology (known: {', '.join(sorted(queues))})"
-    if envelope.type not in queue.routing_keys:
+    if destination(row.queue, envelope.type) is None:
         return f"queue {queue.name} does not consume {envelope.type}"
     if patch is not None:
         envelope = envelope.model_copy(update={"payload": merge_patch(envelope.payload, patch)})
@@ -117,6 +117,12 @@ def prepare(
         return validate_payload(envelope, registry)
     except ContractError as exc:
         return str(exc)
+
+
+def destination(queue_name: str, message_type: str) -> str | None:
+    """The queue a replay goes to: where the message failed, or where its type moved since."""
+    queue = t.consuming_queue(queue_name, message_type)
+    return queue.name if queue is not None else None
 
 
 def _iso(moment: datetime | None) -> str:
@@ -177,12 +183,13 @@ async def replay(
                     summary.add(Outcome(row.id, "refused", prepared, **base))
                     continue
                 payload = prepared.envelope.payload if patch is not None else None
+                target = destination(row.queue, prepared.type) or row.queue
                 if dry_run:
-                    summary.add(Outcome(row.id, "would_replay", f"would send to queue {row.queue}", payload=payload, **base))
+                    summary.add(Outcome(row.id, "would_replay", f"would send to queue {target}", payload=payload, **base))
                     continue
-                uow.add(prepared, exchange=DEFAULT_EXCHANGE, routing_key=row.queue)
+                uow.add(prepared, exchange=DEFAULT_EXCHANGE, routing_key=target)
                 replayed_ids.append(row.id)
-                summary.add(Outcome(row.id, "replayed", f"sent to queue {row.queue}", payload=payload, **base))
+                summary.add(Outcome(row.id, "replayed", f"sent to queue {target}", payload=payload, **base))
             if replayed_ids:
                 await uow.connection.execute(
                     update(dl)

@@ -66,7 +66,7 @@ class RabbitDelivery(Delivery):
     async def ack(self) -> None:
         try:
             await self._message.ack()
-        except _PUBLISH_ERRORS as exc:
+        except (*_PUBLISH_ERRORS, aiormq.exceptions.ChannelInvalidStateError) as exc:
             # The channel is gone: the broker will redeliver the message.
             raise TransientError(f"ack failed: {exc!r}") from exc
 

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts import Message
 from outbox.tables import tables_for
 from sagas.order_saga import ORDER_SAGA
-from sagas.tables import saga_instances
+from sagas.tables import saga_history
 
 #: Event types that start a saga whose id is the event's correlation id.
 SAGA_STARTS = frozenset({ORDER_SAGA.starts_with.message_type})
@@ -48,7 +48,11 @@ async def taken_keys(engine: AsyncEngine, messages: Sequence[Message[Any]]) -> s
     keys = [m.correlation_id for m in starts]
     own_ids = [str(m.message_id) for m in starts]
     query = union(
-        select(saga_instances.c.saga_id.label("key")).where(saga_instances.c.saga_id.in_(keys)),
+        # A saga started by one of these very events (a retry of an accepted request) is no conflict:
+        # its first history row names the message that started it.
+        select(saga_history.c.saga_id.label("key")).where(
+            saga_history.c.saga_id.in_(keys), saga_history.c.version == 1, saga_history.c.message_id.not_in(own_ids)
+        ),
         *(
             select(outbox.c.correlation_id.label("key")).where(
                 outbox.c.type.in_(SAGA_STARTS),

@@ -1,5 +1,6 @@
 """The consumer pipeline and the in-memory broker: the same port the RabbitMQ adapter implements."""
 
+import asyncio
 import json
 import uuid
 
@@ -232,43 +233,96 @@ def _db_unavailable() -> DBAPIError:
     return DBAPIError("SELECT 1", None, _ServerStartingUp("the database system is starting up"))
 
 
+class RestartingDatabase:
+    """The database as the processor sees it during a restart: down for `probes` probes, then up."""
+
+    def __init__(self, probes: int) -> None:
+        self.down_for = probes
+        self.probed = 0
+
+    @property
+    def down(self) -> bool:
+        return self.probed < self.down_for
+
+    async def probe(self) -> None:
+        self.probed += 1
+        if self.probed <= self.down_for:
+            raise _db_unavailable()
+
+
+def waiting_processor(engine, clock, handler, database, unavailable_seconds=120.0):
+    return MessageProcessor(
+        engine,
+        "stock",
+        "stock.commands",
+        {"stock.reserve": handler},
+        clock,
+        retry=RetryPolicy(3, 1.0, 8.0, unavailable_seconds=unavailable_seconds),
+        probe=database.probe,
+    )
+
+
 async def test_a_restarting_database_makes_the_message_wait_not_fail(engine):
     clock = VirtualClock()
     broker = MemoryBroker(clock)
-    failures = {"left": 3}
+    database = RestartingDatabase(probes=3)
 
-    async def flaky(uow, message):
-        if failures["left"]:
-            failures["left"] -= 1
+    async def handler(uow, message):
+        if database.down:
             raise _db_unavailable()
         await apply_effect(uow, message)
 
     await broker.publish_batch([outgoing(reserve())])
-    await processor(engine, clock, flaky)(broker.get("stock.commands"))
+    await waiting_processor(engine, clock, handler, database)(broker.get("stock.commands"))
 
-    assert await count_effects(engine) == 1
+    assert await count_effects(engine) == 1 and database.probed == 4
     assert broker.stats.retried == 0 and broker.dead_letters("stock.commands") == []
     assert broker.depth("stock.commands") == 0
+
+
+async def test_messages_that_met_the_same_outage_all_wait_for_its_end(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    database = RestartingDatabase(probes=2)
+
+    async def handler(uow, message):
+        if database.down:
+            raise _db_unavailable()
+        await apply_effect(uow, message)
+
+    await broker.publish_batch([outgoing(reserve(f"o-{n}")) for n in range(5)])
+    consume = waiting_processor(engine, clock, handler, database)
+    await asyncio.gather(*(consume(broker.get("stock.commands")) for _ in range(5)))
+
+    assert await count_effects(engine) == 5
+    assert broker.stats.retried == 0 and broker.dead_letters("stock.commands") == []
 
 
 async def test_past_its_patience_an_unavailable_database_takes_the_ordinary_retry_path(engine):
     clock = VirtualClock()
     broker = MemoryBroker(clock)
+    database = RestartingDatabase(probes=1_000)
 
     async def down(uow, message):
         raise _db_unavailable()
 
     await broker.publish_batch([outgoing(reserve())])
-    consume = MessageProcessor(
-        engine,
-        "stock",
-        "stock.commands",
-        {"stock.reserve": down},
-        clock,
-        retry=RetryPolicy(3, 1.0, 8.0, unavailable_seconds=0),
-    )
-    await consume(broker.get("stock.commands"))
+    await waiting_processor(engine, clock, down, database, unavailable_seconds=0)(broker.get("stock.commands"))
     assert broker.stats.retried == 1 and broker.dead_letters("stock.commands") == []
+
+
+async def test_a_connection_error_while_the_database_answers_is_an_ordinary_retry(engine):
+    """A payment gateway's ConnectionError looks like an outage; the probe says it is not the database's."""
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    database = RestartingDatabase(probes=0)
+
+    async def gateway_down(uow, message):
+        raise ConnectionRefusedError("gateway unreachable")
+
+    await broker.publish_batch([outgoing(reserve())])
+    await waiting_processor(engine, clock, gateway_down, database)(broker.get("stock.commands"))
+    assert broker.stats.retried == 1 and database.probed == 1
 
 
 @pytest.mark.parametrize("sqlstate", ["57P01", "57P02", "57P03", "53300", "08006", "08001"])

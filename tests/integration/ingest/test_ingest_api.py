@@ -157,6 +157,33 @@ async def test_another_producer_cannot_start_an_order_that_has_a_saga(make_clien
     assert await outbox_count(engine) == 1
 
 
+async def test_a_retry_of_an_accepted_start_is_no_second_start_even_after_its_saga_began(make_client, add_producer, engine):
+    from infra.clock import SystemClock
+    from outbox.uow import UnitOfWork
+    from sagas import ORDER_SAGA
+    from sagas.orchestrator import Orchestrator
+
+    key = await add_producer("erp")
+    headers = {"Idempotency-Key": "erp-order-o-retried"}
+    first = await make_client(key).post("/v1/events", json=short_event("o-retried"), headers=headers)
+    assert first.status_code == 202
+    [row] = await outbox_rows(engine)
+    started = decode(row.body)
+    async with UnitOfWork(engine, "saga", SystemClock(), incoming=started) as uow:
+        await Orchestrator([ORDER_SAGA]).handle(uow, started)
+        await uow.commit()
+    async with engine.begin() as connection:  # the outbox row pruned: only the saga knows the start
+        await connection.execute(text("DELETE FROM ingest_outbox"))
+
+    # The idempotency record is gone (its TTL passed): the retry runs again, with the same ids.
+    retry = await make_client(key, redis_prefix=f"test:{uuid.uuid4().hex[:8]}:").post(
+        "/v1/events", json=short_event("o-retried"), headers=headers
+    )
+    assert retry.status_code == 202 and retry.json()["message_id"] == first.json()["message_id"]
+    other = await make_client(key).post("/v1/events", json=short_event("o-retried"))
+    assert other.status_code == 409
+
+
 async def test_a_correlation_id_other_than_the_order_id_is_422(make_client, add_producer, engine):
     client = make_client(await add_producer("erp"))
     event = short_event("o-1") | {"correlation_id": "someone-elses-saga"}
@@ -251,7 +278,7 @@ async def test_missing_unknown_or_revoked_key_is_401(make_client, add_producer, 
     from producers.ingest import ProducerStore
 
     await ProducerStore(engine).revoke("erp", datetime.now(UTC))
-    assert (await make_client(key).post("/v1/events", json=short_event("o-9"))).status_code == 401
+    assert (await make_client(key).post("/v1/events", json=short_event("o-retried"))).status_code == 401
     assert await outbox_count(engine) == 1
 
 
