@@ -251,14 +251,14 @@ class MessageProcessor:
         so the failure is classified (retry, DLQ) for that message alone.
         """
         decoded: list[tuple[Delivery, Message[Any]]] = []
+        alone: list[tuple[Delivery, Message[Any] | None]] = []
         for delivery in deliveries:
             try:
                 decoded.append((delivery, self._decode(delivery)))
             except Exception:  # noqa: BLE001 - handled alone, where it is classified (a DLQ)
-                await self(delivery)
+                alone.append((delivery, None))
         if len(decoded) <= 1:
-            for delivery, message in decoded:
-                await self(delivery, message)
+            await self._each([*alone, *decoded])
             return
         try:
             outcomes = []
@@ -272,13 +272,27 @@ class MessageProcessor:
         except Exception as exc:  # noqa: BLE001 - every message is retried alone, where it is classified
             self.batch_splits += 1
             log.info("batch.split", size=len(decoded), error=repr(exc))
-            for delivery, message in decoded:
-                await self(delivery, message)
+            await self._each([*alone, *decoded])
             return
         for applied in outcomes:
             self._count(applied)
         for delivery, _ in decoded:
             await _ack_committed(delivery)
+        await self._each(alone)
+
+    async def _each(self, deliveries: Sequence[tuple[Delivery, Message[Any] | None]]) -> None:
+        """Process each delivery alone; one that cannot be settled (the broker refuses its
+        dead letter, say) does not leave the others unprocessed: the first error is raised
+        after all of them had their turn, and the unsettled one returns on reconnect."""
+        failures: list[Exception] = []
+        for delivery, message in deliveries:
+            try:
+                await self(delivery, message)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the rest
+                log.error("message.unsettled", message_id=delivery.message_id, error=failure_reason(exc))
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     async def _retry_or_dead_letter(self, delivery: Delivery, exc: BaseException, message: Message[Any] | None) -> None:
         reason = failure_reason(exc)

@@ -395,3 +395,39 @@ async def test_an_ack_lost_after_commit_is_no_failure_and_the_redelivery_is_skip
     await first.requeue()  # what the broker does with an unacked delivery
     await consume(broker.get("stock.commands"))
     assert await count_effects(engine) == 1 and consume.duplicates == 1
+
+
+class _DeadLetterRefused(_AckLost):
+    """A delivery whose dead letter the broker refuses (its DLQ is gone): it cannot be settled."""
+
+    async def ack(self) -> None:
+        await self.inner.ack()
+
+    async def dead_letter(self, headers) -> None:
+        raise TransientError("DLQ publish not confirmed")
+
+
+async def test_a_delivery_that_cannot_be_settled_leaves_none_of_its_batch_unprocessed(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    good = [reserve(f"o-{n}") for n in range(3)]
+    await broker.publish_batch([outgoing(good[0])])
+    broker.publish_one(
+        OutgoingMessage(
+            message_id="poison",
+            type="stock.reserve",
+            correlation_id="x",
+            exchange="compensa.commands",
+            routing_key="stock.reserve",
+            body=b"{not json",
+        )
+    )
+    await broker.publish_batch([outgoing(m) for m in good[1:]])
+    first, poison, *rest = [broker.get("stock.commands") for _ in range(4)]
+    consume = processor(engine, clock)
+
+    with pytest.raises(TransientError, match="DLQ publish not confirmed"):
+        await consume.process_batch([first, _DeadLetterRefused(poison), *rest])
+
+    assert await count_effects(engine) == 3
+    assert [d.settled for d in (first, *rest)] == [True, True, True] and not poison.settled
