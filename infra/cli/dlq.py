@@ -331,7 +331,7 @@ def _parse_patch(edit: str | None) -> dict[str, Any] | None:
             fail(f"--edit: {clip(str(path), 80)} is not UTF-8 (byte {exc.start})")
     elif len(edit) > MAX_PATCH_BYTES:
         fail(f"--edit: longer than {MAX_PATCH_BYTES:,} characters; a merge patch of one payload is small")
-    from infra.dlq.query import json_depth
+    from contracts import json_depth
 
     depth = json_depth(text)
     if depth > MAX_PATCH_DEPTH:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -13,6 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, Update, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from contracts import json_depth
 from infra.dlq.tables import NEW, PURGED, REPLAYED, STATUSES, dead_letters
 
 dl = dead_letters
@@ -161,31 +161,6 @@ async def failure_groups(connection: AsyncConnection, where: DeadLetterFilter) -
 
 #: Deepest nesting of a stored body shown as JSON; a deeper one (no envelope nests so) is shown as text.
 MAX_JSON_DEPTH = 64
-_JSON_SPECIAL = re.compile(r'["\\\[\]{}]')
-
-
-def json_depth(text: str) -> int:
-    """How deep arrays and objects nest in `text` (brackets inside strings do not count); linear."""
-    depth = deepest = 0
-    in_string = False
-    escaped_at = -1
-    for match in _JSON_SPECIAL.finditer(text):
-        at, char = match.start(), match.group()
-        if at == escaped_at:
-            continue
-        if in_string:
-            if char == "\\":
-                escaped_at = at + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
 
 
 def _stored_json(text: str) -> tuple[Any, bool]:

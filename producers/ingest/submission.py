@@ -19,13 +19,12 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from contracts import REGISTRY, ContractError, Envelope, Message, Payload, Registry, check_saga_key
+from contracts import REGISTRY, ContractError, Envelope, Message, Payload, Registry, check_saga_key, json_depth
 from contracts.envelope import TRACEPARENT_PATTERN
 from contracts.export import payload_schemas, schema_name
 from contracts.messages import Identifier, StrictInt
@@ -135,11 +134,6 @@ _INT_MAX_CHARS = len(str(INT_MIN))
 
 #: A JSON string, escapes included; an unterminated one runs to the end. Always
 #: matches at a quote without backtracking, so stripping strings is linear.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*\\?(?:"|\Z)', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_DEPTH_STEP = [0] * 256
-_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
-_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
 #: What a string can only get from an escape (strict JSON has no raw control
 #: characters, UTF-8 has no surrogates) or a raw DEL: bodies without it skip the walk.
 _SUSPECT = re.compile(rb"\\(?:u(?:00[01][0-9a-fA-F]|007[fF]|[dD][89a-fA-F][0-9a-fA-F]{2})|[bfnrt])|\x7f")
@@ -176,15 +170,6 @@ def json_media_type(content_type: str | None) -> bool:
         if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
             return False
     return True
-
-
-def json_depth(raw: bytes) -> int:
-    """How deep arrays and objects nest in `raw`, without parsing it (linear, no recursion).
-
-    Exact for valid JSON; an estimate for the rest, which the parser refuses anyway.
-    """
-    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
 
 
 class _Unfit:

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts import ContractError, LedgerUpdated, Posting
+from contracts import ContractError, LedgerUpdated, Posting, json_depth
 from outbox.uow import outbox_row
 from producers.ingest.auth import ProducerDirectory, check_types, generate_key, split_key
 from producers.ingest.idempotency import fingerprint, message_ids
-from producers.ingest.submission import SubmissionRejected, build_messages, json_depth, json_media_type, parse_events, parse_json
+from producers.ingest.submission import SubmissionRejected, build_messages, json_media_type, parse_events, parse_json
 from producers.sdk import IngestClient, IngestUnavailable, InvalidEvent, PermissionDenied, event
 from tests.support import HOSTILE_EVENTS, dump, short_event
 
