@@ -14,6 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE a database error carries (asyncpg: on the error or its cause), if any."""
+    orig = getattr(exc, "orig", None)
+    for source in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(source, "sqlstate", None) or getattr(source, "pgcode", None)
+        if code:
+            return str(code)
+    return None
+
+
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
     """Create an async engine; on SQLite turn on WAL and a busy timeout."""
     parsed = make_url(url)

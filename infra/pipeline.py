@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import BusinessRuleError, ContractError, Message, TransientError, decode
 from contracts.clock import Clock
+from infra.db import sqlstate
 from infra.transport.base import Delivery
 from outbox.tracing import context_from
 from outbox.uow import Handler, UnitOfWork
@@ -56,11 +57,6 @@ class RetryPolicy:
         return max(1, int(delay / 2 + rng.random() * delay / 2))
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    orig = exc.orig
-    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-
-
 def is_unavailable(exc: BaseException) -> bool:
     """Tell whether the database could not be reached or is restarting (not a bad statement)."""
     if isinstance(exc, PoolTimeoutError | ConnectionError | TimeoutError):
@@ -68,8 +64,8 @@ def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
-        sqlstate = _sqlstate(exc) or ""
-        return sqlstate in _UNAVAILABLE_SQLSTATES or sqlstate.startswith("08")
+        code = sqlstate(exc) or ""
+        return code in _UNAVAILABLE_SQLSTATES or code.startswith("08")
     return isinstance(exc, OSError)
 
 
@@ -79,7 +75,7 @@ def is_transient(exc: BaseException) -> bool:
     if is_unavailable(exc):
         return True
     if isinstance(exc, DBAPIError):
-        return _sqlstate(exc) in _RETRYABLE_SQLSTATES
+        return sqlstate(exc) in _RETRYABLE_SQLSTATES
     return False
 
 

@@ -116,10 +116,12 @@ def is_connection_failure(exc: BaseException) -> bool:
         return isinstance(exc, OSError | TimeoutError)
     if exc.connection_invalidated:
         return True
+    from infra.db import sqlstate
+
     orig = exc.orig
-    sqlstate = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
-    if sqlstate:
-        return sqlstate.startswith(_CONNECTION_SQLSTATES)
+    code = sqlstate(exc)
+    if code:
+        return code.startswith(_CONNECTION_SQLSTATES)
     if isinstance(orig, OSError | TimeoutError) or isinstance(getattr(orig, "__cause__", None), OSError | TimeoutError):
         return True
     return "unable to open database file" in str(orig)  # SQLite: a path it cannot open or create

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts import ContractError, parse_envelope
 from contracts.clock import Clock
 from infra import topology as t
+from infra.db import sqlstate
 from infra.dlq.tables import INTEGER_MAX, INTEGER_MIN, NEW, QUARANTINED, UNDECODABLE, dead_letters
 from infra.pipeline import is_transient
 from infra.transport.base import Delivery, Subscription, Transport
@@ -345,9 +346,8 @@ def is_database_outage(exc: BaseException) -> bool:
     if is_transient(exc):
         return True
     if isinstance(exc, DBAPIError):
-        orig = exc.orig
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-        return isinstance(sqlstate, str) and sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES
+        code = sqlstate(exc)
+        return code is not None and code[:2] in _OUTAGE_SQLSTATE_CLASSES
     return False
 
 

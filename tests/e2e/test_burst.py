@@ -52,7 +52,7 @@ async def test_a_burst_of_ten_times_the_sustainable_rate_ends_as_a_trickle_would
         while watching:
             async with stack.engine.connect() as connection:
                 peak = max(peak, await count_in_flight(connection))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the sampling interval of the peak, not a wait for a condition
 
     watcher = asyncio.create_task(watch_in_flight())
     loop = asyncio.get_running_loop()

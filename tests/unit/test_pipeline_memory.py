@@ -249,6 +249,12 @@ class RestartingDatabase:
         if self.probed <= self.down_for:
             raise _db_unavailable()
 
+    async def apply_effect(self, uow, message) -> None:
+        """A handler: its statements fail while the database is down."""
+        if self.down:
+            raise _db_unavailable()
+        await apply_effect(uow, message)
+
 
 def waiting_processor(engine, clock, handler, database, unavailable_seconds=120.0):
     return MessageProcessor(
@@ -267,13 +273,8 @@ async def test_a_restarting_database_makes_the_message_wait_not_fail(engine):
     broker = MemoryBroker(clock)
     database = RestartingDatabase(probes=3)
 
-    async def handler(uow, message):
-        if database.down:
-            raise _db_unavailable()
-        await apply_effect(uow, message)
-
     await broker.publish_batch([outgoing(reserve())])
-    await waiting_processor(engine, clock, handler, database)(broker.get("stock.commands"))
+    await waiting_processor(engine, clock, database.apply_effect, database)(broker.get("stock.commands"))
 
     assert await count_effects(engine) == 1 and database.probed == 4
     assert broker.stats.retried == 0 and broker.dead_letters("stock.commands") == []
@@ -285,13 +286,8 @@ async def test_messages_that_met_the_same_outage_all_wait_for_its_end(engine):
     broker = MemoryBroker(clock)
     database = RestartingDatabase(probes=2)
 
-    async def handler(uow, message):
-        if database.down:
-            raise _db_unavailable()
-        await apply_effect(uow, message)
-
     await broker.publish_batch([outgoing(reserve(f"o-{n}")) for n in range(5)])
-    consume = waiting_processor(engine, clock, handler, database)
+    consume = waiting_processor(engine, clock, database.apply_effect, database)
     await asyncio.gather(*(consume(broker.get("stock.commands")) for _ in range(5)))
 
     assert await count_effects(engine) == 5
