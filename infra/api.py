@@ -42,7 +42,7 @@ def build_app(settings: Settings | None = None) -> Any:
     settings = settings or get_settings()
     if not settings.redis_url:
         raise ValueError("the ingest API needs Redis for idempotency keys and rate limits: set COMPENSA_REDIS_URL")
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, pre_ping=True)
     redis = Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.api_redis_timeout_seconds,

@@ -24,8 +24,16 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
-def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
-    """Create an async engine; on SQLite turn on WAL and a busy timeout."""
+def create_engine(url: str, *, pool_size: int = 10, echo: bool = False, pre_ping: bool = False) -> AsyncEngine:
+    """Create an async engine; on SQLite turn on WAL and a busy timeout.
+
+    `pre_ping` tests each pooled PostgreSQL connection before use. On asyncpg that is
+    BEGIN, an empty query and ROLLBACK: three round trips per checkout, as many as the
+    work of a small transaction. Consumers, relays and sweepers go without it: after a
+    server restart the first statement on a dead connection fails, SQLAlchemy discards
+    the pool's connections, and the pipeline runs the delivery again at once (relays and
+    sweepers retry on their next turn). The HTTP API keeps it: a client would see that error.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
@@ -35,7 +43,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         configure_sqlite(engine.sync_engine, synchronous="NORMAL")
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        return create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping)
     raise ValueError(
         f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
         "use sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db"

@@ -46,7 +46,7 @@ from infra.saga_starts import orders_without_saga
 from infra.schema import alembic_config
 from infra.settings import Settings, derive_management_url, get_settings
 from outbox.uow import pending_summary
-from sagas.tables import saga_deadlines
+from sagas.tables import saga_instances
 
 #: Default: a pending outbox row older than this means the relay is not keeping up.
 MAX_RELAY_LAG_SECONDS = 60.0
@@ -179,12 +179,15 @@ async def _saga_starts(connection: AsyncConnection, now: datetime, bound: float)
 
 async def _overdue_deadlines(connection: AsyncConnection, now: datetime, bound: float) -> dict[str, Any]:
     """Saga deadlines overdue by more than `bound` seconds: the sweeper is not running."""
-    d = saga_deadlines.c
-    overdue = d.due_at < now - timedelta(seconds=bound)
-    count = (await connection.execute(select(func.count()).where(overdue))).scalar_one()
+    s = saga_instances.c
+    overdue = s.deadline_at < now - timedelta(seconds=bound)
+    count = (await connection.execute(select(func.count()).select_from(saga_instances).where(overdue))).scalar_one()
     oldest = (
         await connection.execute(
-            select(d.saga_id, d.due_at, d.kind, d.step).where(overdue).order_by(d.due_at, d.saga_id).limit(SHOWN)
+            select(s.saga_id, s.deadline_at.label("due_at"), s.deadline_kind.label("kind"), s.deadline_step.label("step"))
+            .where(overdue)
+            .order_by(s.deadline_at, s.saga_id)
+            .limit(SHOWN)
         )
     ).all()
     report: dict[str, Any] = {
@@ -249,7 +252,7 @@ def _vhost(amqp_url: str) -> str:
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
-def _management_endpoint(url: str) -> tuple[str, tuple[str, str], str]:
+def management_endpoint(url: str) -> tuple[str, tuple[str, str], str]:
     """Base URL without credentials, basic-auth pair, and the URL as shown (password hidden)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -328,7 +331,7 @@ async def _queue_stats(settings: Settings, window: float) -> dict[str, Any]:
     import httpx
 
     url = settings.amqp_management_url or derive_management_url(settings.amqp_url)
-    base, auth, shown = _management_endpoint(url)
+    base, auth, shown = management_endpoint(url)
     vhost = _vhost(settings.amqp_url)
     window = min(window, MAX_WEDGE_WINDOW_SECONDS)
     step = max(1, math.ceil(window / 12))

@@ -69,6 +69,15 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OSError)
 
 
+def is_dead_connection(exc: BaseException) -> bool:
+    """A statement failed because its pooled connection had died (a server restart, say).
+
+    SQLAlchemy has discarded it, and the pool's other connections from before, so the
+    same work on a new connection can succeed at once.
+    """
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TransientError | OperationalError | IntegrityError):
         return True
@@ -131,6 +140,7 @@ class MessageProcessor:
         ):
             message: Message[Any] | None = decoded
             pause = 0.05
+            reconnected = False
             while True:
                 try:
                     if message is None:
@@ -140,6 +150,10 @@ class MessageProcessor:
                 except (ContractError, BusinessRuleError) as exc:
                     await self._dead_letter(delivery, exc.reason_class, str(exc), message)
                 except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+                    if is_dead_connection(exc) and not reconnected:
+                        # Nothing was applied on a dead connection: run it again on a new one.
+                        reconnected = True
+                        continue
                     if is_unavailable(exc) and await self.wait_for_database(failed_at=time.monotonic()):
                         # The same delivery again, no attempt used; a pause in case the
                         # server answers probes but still refuses the work.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from infra.bootstrap import ARCHIVE_SERVICE, Registry, bootstrap, outboxes_of
 from infra.pipeline import AdmissionGate, BatchingConsumer, MessageProcessor
 from infra.settings import Settings
 from infra.transport.base import DeliveryHandler, Subscription, Transport
+from outbox.dispatch import Dispatcher
 from outbox.relay import Relay
+from outbox.tables import RESENDING_SERVICES
 from outbox.uow import UnitOfWork, prune
 from sagas.orchestrator import SERVICE as SAGA_SERVICE
 from sagas.store import count_in_flight
@@ -52,6 +55,8 @@ class Runtime:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     processors: dict[str, MessageProcessor] = field(default_factory=dict)
     relay_objects: list[Relay] = field(default_factory=list)
+    #: Outbox name -> the dispatcher that publishes this process's commits at once.
+    dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
     archive: Any = None
     #: Admits saga starts while fewer than `saga_max_in_flight` sagas run (saga service only).
     gate: AdmissionGate | None = None
@@ -77,9 +82,19 @@ class Runtime:
         # A relay alone publishes to exchanges that the services (or an admin) declare.
         if self.consumers and self.settings.declare_topology:
             await self.transport.declare_topology()
+        publisher = self._wired.publisher(self.transport)
+        if self.settings.dispatch_after_commit:
+            for name in self._pruned():
+                if name not in RESENDING_SERVICES:
+                    self.dispatchers[name] = Dispatcher(
+                        self.engine,
+                        name,
+                        publisher,
+                        self.clock,
+                        lease=timedelta(seconds=self.settings.dispatch_lease_seconds),
+                    )
         for name in self.consumers:
             await self._consume(name)
-        publisher = self._wired.publisher(self.transport)
         for name in self.outboxes or ():
             relay = Relay(
                 self.engine,
@@ -112,7 +127,7 @@ class Runtime:
             self._subscriptions.extend(subscriptions)
             return
         service = self._wired.services[name]
-        processor = self._wired.processor(name, self.engine, self.clock)
+        processor = self._wired.processor(name, self.engine, self.clock, uow_factory=self._unit_of_work(name))
         self.processors[name] = processor
         handler: DeliveryHandler = processor
         if service.batch_size > 1:
@@ -127,6 +142,11 @@ class Runtime:
                 await self.transport.consume(service.starts, self.gate.guard(handler), self.settings.prefetch)
             )
 
+    def _unit_of_work(self, service: str) -> Callable[..., UnitOfWork]:
+        """Units of work of `service`, whose commits its dispatcher publishes (if it has one)."""
+        dispatcher = self.dispatchers.get(service)
+        return UnitOfWork if dispatcher is None else functools.partial(UnitOfWork, dispatcher=dispatcher)
+
     async def _count_sagas_in_flight(self) -> int:
         async with self.engine.connect() as connection:
             return await count_in_flight(connection)
@@ -136,8 +156,10 @@ class Runtime:
         return outboxes_of(self.consumers)
 
     async def _sweep(self) -> None:
+        unit_of_work = self._unit_of_work(SAGA_SERVICE)
+
         def begin() -> UnitOfWork:
-            return UnitOfWork(self.engine, SAGA_SERVICE, self.clock)
+            return unit_of_work(self.engine, SAGA_SERVICE, self.clock)
 
         while await self._wired.orchestrator.sweep_deadlines(begin, SWEEP_LIMIT) >= SWEEP_LIMIT:
             pass
@@ -179,6 +201,8 @@ class Runtime:
         await asyncio.gather(*(s.stop(grace) for s in self._subscriptions), return_exceptions=True)
         for batcher in self._batchers:
             batcher.close()
+        # What the handlers committed goes out now; whatever cannot is the relay's.
+        await asyncio.gather(*(d.close(grace) for d in self.dispatchers.values()), return_exceptions=True)
         self.stop_event.set()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace)

@@ -70,6 +70,15 @@ class Settings(BaseSettings):
         ),
     )
 
+    dispatch_after_commit: bool = Field(
+        default=True,
+        description="A service publishes the messages it committed itself, at once; the relay sweeps what it missed.",
+    )
+    dispatch_lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long the relay leaves a row to the process that committed it before publishing it itself.",
+    )
     relay_batch_size: int = Field(default=200, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=0.5, gt=0)
     relay_retry_base_seconds: float = Field(

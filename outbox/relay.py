@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Row, bindparam, func, select, text, update
+from sqlalchemy import Row, bindparam, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.clock import Clock
@@ -86,7 +86,11 @@ class Relay:
         outbox = self.tables.outbox
         self._claim = (
             select(outbox)
-            .where(outbox.c.sent_at.is_(None))
+            .where(
+                outbox.c.sent_at.is_(None),
+                # A leased row is its dispatcher's until the lease ends (outbox/dispatch.py).
+                or_(outbox.c.dispatch_after.is_(None), outbox.c.dispatch_after <= bindparam("now")),
+            )
             .order_by(outbox.c.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
@@ -96,7 +100,7 @@ class Relay:
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked sent."""
         async with self.engine.connect() as connection, connection.begin():
-            rows = (await connection.execute(self._claim)).all()
+            rows = (await connection.execute(self._claim, {"now": self.clock.now()})).all()
             if not rows:
                 self.last_claimed = 0
                 return 0
@@ -105,8 +109,8 @@ class Relay:
                 # Losing a "sent" mark in a crash only re-publishes (the inboxes
                 # dedupe), so this commit need not wait for its WAL flush.
                 await connection.execute(_ASYNC_COMMIT)
-                # Only Postgres can have concurrent claimers; SQLite has one writer.
-                rows = await self._keep_saga_order(connection, rows)
+            # Rows held by another relay (Postgres) or leased to a dispatcher go first.
+            rows = await self._keep_saga_order(connection, rows)
             if not rows:
                 self.last_claimed = claimed
                 return 0
@@ -124,8 +128,9 @@ class Relay:
         """Keep, per saga, only the claimed rows before its first pending row held elsewhere.
 
         `SKIP LOCKED` can hand this relay a saga's rows with a gap: seq 4 and 6 while
-        another relay holds seq 5. Publishing 6 then would overtake 5, so everything
-        from the first pending row this relay did not claim onwards waits its turn.
+        another relay holds seq 5; a dispatcher's lease holds rows back the same way.
+        Publishing 6 then would overtake 5, so everything from the first pending row this
+        relay did not claim onwards waits its turn.
         """
         outbox = self.tables.outbox
         claimed_ids = [row.id for row in rows]

@@ -19,7 +19,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     insert,
+    select,
     text,
 )
 
@@ -45,9 +47,16 @@ class ServiceTables:
     inbox: Table
     #: Built once: every unit of work that sends messages runs it.
     outbox_insert: Any = field(init=False, repr=False, compare=False)
+    #: Pending rows (correlation id, message id) of the sagas bound as `sagas`.
+    pending_of_sagas: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outbox_insert", insert(self.outbox))
+        outbox = self.outbox
+        pending = select(outbox.c.correlation_id, outbox.c.message_id).where(
+            outbox.c.correlation_id.in_(bindparam("sagas", expanding=True)), outbox.c.sent_at.is_(None)
+        )
+        object.__setattr__(self, "pending_of_sagas", pending)
 
 
 def _outbox_table(service: str) -> Table:
@@ -65,6 +74,12 @@ def _outbox_table(service: str) -> Table:
         Column("headers", Text, nullable=False, server_default="{}"),
         Column("created_at", UtcDateTime(), nullable=False),
         Column("sent_at", UtcDateTime(), nullable=True),
+        Column(
+            "dispatch_after",
+            UtcDateTime(),
+            nullable=True,
+            doc="Leased to the committing process's dispatcher until then; the relay takes the row after (or at once if NULL).",
+        ),
         Index(
             f"ix_{name}_pending",
             "id",

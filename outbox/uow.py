@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from contracts import ContractError, Message, Payload, encode, new_message
 from contracts.clock import Clock
 from contracts.routing import exchange_for
+from outbox.dispatch import Dispatcher
+from outbox.ports import OutgoingMessage
 from outbox.tables import ServiceTables, tables_for
 from outbox.tracing import current_traceparent
 
@@ -57,9 +59,18 @@ def content_digest(message: Message[Any]) -> str:
 
 
 def outbox_row(
-    message: Message[Any], now: datetime, exchange: str | None = None, routing_key: str | None = None
+    message: Message[Any],
+    now: datetime,
+    exchange: str | None = None,
+    routing_key: str | None = None,
+    *,
+    dispatch_after: datetime | None = None,
 ) -> dict[str, Any]:
-    """The outbox row of a message: to its kind's exchange under its type, unless told otherwise."""
+    """The outbox row of a message: to its kind's exchange under its type, unless told otherwise.
+
+    `dispatch_after` leases the row to the committing process's dispatcher: the relay
+    leaves it alone until then.
+    """
     envelope = message.envelope
     headers = {"traceparent": envelope.traceparent} if envelope.traceparent else {}
     return {
@@ -71,7 +82,20 @@ def outbox_row(
         "body": encode(envelope).decode(),
         "headers": json.dumps(headers),
         "created_at": now,
+        "dispatch_after": dispatch_after,
     }
+
+
+def outgoing_from_row(row: dict[str, Any]) -> OutgoingMessage:
+    return OutgoingMessage(
+        message_id=row["message_id"],
+        type=row["type"],
+        correlation_id=row["correlation_id"],
+        exchange=row["exchange"],
+        routing_key=row["routing_key"],
+        body=row["body"].encode(),
+        headers=json.loads(row["headers"]),
+    )
 
 
 class UnitOfWork:
@@ -89,8 +113,12 @@ class UnitOfWork:
         *,
         incoming: Message[Any] | None = None,
         message_ids: Callable[[], uuid.UUID] | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.engine = engine
+        #: Publishes this unit's messages right after commit; None leaves them to the relay.
+        self.dispatcher = dispatcher
+        self._dispatching: list[dict[str, Any]] = []
         self._message_ids = message_ids
         self.tables: ServiceTables = tables_for(service)
         self.service = service
@@ -201,17 +229,34 @@ class UnitOfWork:
     async def flush_outbox(self) -> None:
         if self._pending:
             now = self.now()
+            lease = self.dispatcher.lease_until(now) if await self._may_dispatch() else None
             rows = [
-                outbox_row(message, now, *self._routes.get(index, (None, None))) for index, message in enumerate(self._pending)
+                outbox_row(message, now, *self._routes.get(index, (None, None)), dispatch_after=lease)
+                for index, message in enumerate(self._pending)
             ]
             await self.connection.execute(self.tables.outbox_insert, rows)
+            if lease is not None:
+                self._dispatching.extend(rows)
             self._pending.clear()
             self._routes.clear()
+
+    async def _may_dispatch(self) -> bool:
+        """Whether the dispatcher may publish this unit's messages after commit: only if
+        their sagas have no pending row that would then be overtaken (see outbox/dispatch.py)."""
+        if self.dispatcher is None or not self.dispatcher.in_use:
+            return False
+        sagas = sorted({message.correlation_id for message in self._pending})
+        pending = await self.connection.execute(self.tables.pending_of_sagas, {"sagas": sagas})
+        return self.dispatcher.may_dispatch((row.correlation_id, row.message_id) for row in pending)
 
     async def commit(self) -> None:
         await self.flush_outbox()
         await self.connection.commit()
         self.committed = True
+        if self._dispatching:
+            assert self.dispatcher is not None
+            self.dispatcher.submit([outgoing_from_row(row) for row in self._dispatching])
+            self._dispatching.clear()
 
 
 #: What a consumer runs for a message: change rows and stage messages on the unit of work.

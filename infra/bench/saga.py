@@ -15,6 +15,7 @@ import aio_pika
 from contracts.messages import OrderLine
 from infra import topology as t
 from infra.bench.common import closed_loop, percentile
+from infra.bench.cost import CostMeter, per_saga
 from infra.bootstrap import bootstrap
 from infra.clock import SystemClock
 from infra.db import create_engine
@@ -43,7 +44,6 @@ async def _start_processes(database_url: str, amqp_url: str) -> list[Any]:
         "COMPENSA_DATABASE_URL": database_url,
         "COMPENSA_AMQP_URL": amqp_url,
         "COMPENSA_LOG_LEVEL": "WARNING",
-        "COMPENSA_RELAY_POLL_SECONDS": "0.05",
         "COMPENSA_PREFETCH": "64",
     }
     return [subprocess.Popen([compensa, *args], env=env) for args in PROCESS_LAYOUT]  # noqa: ASYNC220 - returns at once
@@ -62,14 +62,27 @@ async def _stop_processes(processes: list[Any]) -> None:
             process.kill()
 
 
+#: Labels of PROCESS_LAYOUT's processes in the cost figures.
+PROCESS_LABELS = ("saga", "participants", "relay")
+
+
 async def saga_rate(
-    database_url: str, amqp_url: str, inflight: int, seconds: float, *, processes: bool = False
-) -> dict[str, float]:
+    database_url: str,
+    amqp_url: str,
+    inflight: int,
+    seconds: float,
+    *,
+    processes: bool = False,
+    management_url: str | None = None,
+) -> dict[str, Any]:
     """Closed loop: `inflight` clients each place an order and wait for its completion.
 
     In-process (one Runtime with every service) or, with `processes`, the services
     spread over OS processes as in PROCESS_LAYOUT; completion is then observed on a
-    queue of the bench's own bound to `order.completed`.
+    queue of the bench's own bound to `order.completed`. The cost per completed saga
+    (CPU of each process, transactions, statements, publishes, deliveries) is counted
+    over the same window; the bench process places the orders, which is the orders
+    service's own work, so its CPU counts too.
     """
     from sqlalchemy import select
 
@@ -79,7 +92,7 @@ async def saga_rate(
     from sagas.tables import saga_instances
 
     settings = Settings(
-        database_url=database_url, amqp_url=amqp_url, relay_poll_seconds=0.05, deadline_sweep_seconds=1.0, prefetch=64
+        database_url=database_url, amqp_url=amqp_url, deadline_sweep_seconds=1.0, prefetch=64
     )
     engine = create_engine(database_url, pool_size=30)
     transport = RabbitTransport(
@@ -155,11 +168,17 @@ async def saga_rate(
             await one_saga(order_id, c, n + 1)
             placed.append(order_id)
 
+        watched: dict[str, int | None] = {"client" if processes else "compensa": None}
+        watched.update(zip(PROCESS_LABELS, (child.pid for child in children), strict=False))
+        meter = CostMeter(engine, management_url, watched)
+        await meter.settle()
+        before = await meter.snapshot()
         # The loop's own latencies include placing the order; the figures below are the
         # database's: order committed to saga completed.
         started = time.perf_counter()
         await closed_loop(inflight, seconds, client)
         elapsed = time.perf_counter() - started
+        after = await meter.closing_snapshot()
         async with engine.connect() as c:
             rows = (
                 await c.execute(
@@ -175,6 +194,7 @@ async def saga_rate(
             "sagas_per_s": len(rows) / elapsed,
             "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99),
+            "per_saga": per_saga(before, after, len(rows)),
         }
     finally:
         if runtime is not None:

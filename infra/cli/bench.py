@@ -1,25 +1,41 @@
 """`compensa bench relay|saga|simulate|api|replay`: the benchmarks (in `infra/bench/`), printed.
 
 Each needs real servers (scripts/bench.sh starts them); they print figures and ratios
-and are never timed tests.
+and are never timed tests. With `--json`, a command prints every figure it measured
+(the ceiling, the peer's, the ratios) as one JSON document on stdout instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from infra.bench.common import environment_urls, figure
-from infra.cli.common import command, console, err, fail, unwrapped
+from infra.cli.common import JsonOpt, command, err, fail, print_json, unwrapped
 from infra.settings import get_settings
 
 app = typer.Typer(help="Benchmarks (need PostgreSQL and RabbitMQ; see scripts/bench.sh).", no_args_is_help=True)
 
 
-def _figure(label: str, value: float, unit: str = "") -> None:
-    console.print(figure(label, value, unit), highlight=False)
+class Report:
+    """A benchmark's figures: printed as lines as they come, or kept for one JSON document."""
+
+    def __init__(self, benchmark: str, as_json: bool) -> None:
+        self.as_json = as_json
+        self.data: dict[str, Any] = {"benchmark": benchmark}
+
+    def say(self, line: str) -> None:
+        if not self.as_json:
+            unwrapped.print(line, highlight=False, markup=False)
+
+    def figure(self, label: str, value: float, unit: str = "") -> None:
+        self.say(figure(label, value, unit))
+
+    def done(self) -> None:
+        if self.as_json:
+            print_json(self.data)
 
 
 @app.command("relay")
@@ -27,6 +43,7 @@ def _figure(label: str, value: float, unit: str = "") -> None:
 async def bench_relay(
     messages: Annotated[int, typer.Option(min=100, help="Messages per path.")] = 20_000,
     memory_messages: Annotated[int, typer.Option(min=0, help="Rows relayed while sampling RSS (0 = skip).")] = 100_000,
+    as_json: JsonOpt = False,
 ) -> None:
     """Raw publish-with-confirm + consume vs commit → outbox → relay → consume with inbox."""
     from infra.bench.limits import raw_pipelined_rate
@@ -35,32 +52,51 @@ async def bench_relay(
 
     configure_logging("WARNING", "json")
     database_url, amqp_url = environment_urls()
-    console.print(f"relay benchmark: {messages:,} messages per path, same PostgreSQL and RabbitMQ", highlight=False)
+    report = Report("relay", as_json)
+    report.say(f"relay benchmark: {messages:,} messages per path, same PostgreSQL and RabbitMQ")
     raw = await raw_pipelined_rate(amqp_url, messages)
     single = await outbox_rate(database_url, amqp_url, messages, batch=1)
     outbox = await outbox_rate(database_url, amqp_url, messages)
     relayed = await outbox_rate(database_url, amqp_url, messages, precommitted=True)
     raw_again = await raw_pipelined_rate(amqp_url, messages)
     raw_rate = (raw + raw_again) / 2
-    _figure("raw aio-pika publish-with-confirm + consume", raw_rate, "msgs/s")
-    _figure("outbox commit → relay → consume with inbox (batched)", outbox["end_to_end_per_s"], "msgs/s")
-    _figure("  the same, one message per consumer transaction", single["end_to_end_per_s"], "msgs/s")
-    _figure("  outbox commits alone (20 writers, 1 message each)", outbox["outbox_commit_per_s"], "msgs/s")
-    _figure("pre-committed rows → relay → consume with inbox (batched)", relayed["end_to_end_per_s"], "msgs/s")
-    console.print(
-        f"  ratio outbox / raw: {outbox['end_to_end_per_s'] / raw_rate:.2f} batched, "
-        f"{single['end_to_end_per_s'] / raw_rate:.2f} unbatched; relay → consume alone "
-        f"{relayed['end_to_end_per_s'] / raw_rate:.2f}  (raw runs: {raw:,.0f}, {raw_again:,.0f})",
-        highlight=False,
+    report.data.update(
+        messages=messages,
+        raw_per_s=raw_rate,
+        raw_runs_per_s=[raw, raw_again],
+        outbox=outbox,
+        outbox_unbatched=single,
+        precommitted=relayed,
+        ratio_outbox_to_raw=outbox["end_to_end_per_s"] / raw_rate,
+        ratio_unbatched_to_raw=single["end_to_end_per_s"] / raw_rate,
+        ratio_relay_consume_to_raw=relayed["end_to_end_per_s"] / raw_rate,
+    )
+    report.figure("raw aio-pika publish-with-confirm + consume", raw_rate, "msgs/s")
+    report.figure("outbox commit → relay → consume with inbox (batched)", outbox["end_to_end_per_s"], "msgs/s")
+    report.figure("  the same, one message per consumer transaction", single["end_to_end_per_s"], "msgs/s")
+    report.figure("  outbox commits alone (20 writers, 1 message each)", outbox["outbox_commit_per_s"], "msgs/s")
+    report.figure("pre-committed rows → relay → consume with inbox (batched)", relayed["end_to_end_per_s"], "msgs/s")
+    report.say(
+        f"  ratio outbox / raw: {report.data['ratio_outbox_to_raw']:.2f} batched, "
+        f"{report.data['ratio_unbatched_to_raw']:.2f} unbatched; relay → consume alone "
+        f"{report.data['ratio_relay_consume_to_raw']:.2f}  (raw runs: {raw:,.0f}, {raw_again:,.0f})"
     )
     if memory_messages:
         memory = await relay_memory(database_url, amqp_url, memory_messages)
-        _figure(f"relay only, {memory['messages']:,.0f} pre-committed rows", memory["relay_only_per_s"], "msgs/s")
-        console.print(
+        report.data["relay_memory"] = memory
+        report.figure(f"relay only, {memory['messages']:,.0f} pre-committed rows", memory["relay_only_per_s"], "msgs/s")
+        report.say(
             f"  relay RSS: start {memory['rss_start_mb']:.0f} MB, after 10k {memory['rss_after_10k_mb']:.0f} MB, "
-            f"end {memory['rss_end_mb']:.0f} MB, max {memory['rss_max_mb']:.0f} MB",
-            highlight=False,
+            f"end {memory['rss_end_mb']:.0f} MB, max {memory['rss_max_mb']:.0f} MB"
         )
+    report.done()
+
+
+def _saga_line(result: dict[str, Any], ceiling: float) -> str:
+    return (
+        f"  {result['inflight']:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
+        f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; {result['sagas_per_s'] / ceiling:.2f} of ceiling)"
+    )
 
 
 @app.command("saga")
@@ -70,37 +106,48 @@ async def bench_saga(
     seconds: Annotated[float, typer.Option(min=1.0, help="Seconds per level.")] = 15.0,
     processes: Annotated[bool, typer.Option("--processes", help="Also run the services as separate OS processes.")] = False,
     peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run the same saga as a DBOS workflow.")] = True,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Completed sagas/s and p50/p99 latency, with the machine's limit and a DBOS peer."""
+    """Completed sagas/s, p50/p99 latency and the cost per saga, with the machine's limit and a DBOS peer."""
+    from infra.bench.cost import describe
     from infra.bench.limits import postgres_commit_rate, raw_broker_rate
     from infra.bench.saga import saga_rate
     from infra.logging import configure_logging
+    from infra.settings import derive_management_url
 
     configure_logging("WARNING", "json")
     database_url, amqp_url = environment_urls()
+    management_url = get_settings().amqp_management_url or derive_management_url(amqp_url)
+    report = Report("saga", as_json)
     pg = await postgres_commit_rate(database_url)
     broker = await raw_broker_rate(amqp_url, 10_000)
     limit = min(pg / 11, broker["publish_confirm_per_s"] / 9, broker["consume_ack_per_s"] / 9)
-    console.print("limits of this machine for the saga's work (11 transactions, 9 messages per saga):", highlight=False)
-    _figure("PostgreSQL commits/s (inbox + update + outbox, 20 conns)", pg, "tx/s")
-    _figure("RabbitMQ persistent publish-with-confirm", broker["publish_confirm_per_s"], "msgs/s")
-    _figure("RabbitMQ consume with ack", broker["consume_ack_per_s"], "msgs/s")
-    _figure("=> ceiling", limit, "sagas/s")
+    report.data["limits"] = {"postgres_commits_per_s": pg, **broker, "ceiling_sagas_per_s": limit}
+    report.say("limits of this machine for the saga's work (11 transactions, 9 messages per saga):")
+    report.figure("PostgreSQL commits/s (inbox + update + outbox, 20 conns)", pg, "tx/s")
+    report.figure("RabbitMQ persistent publish-with-confirm", broker["publish_confirm_per_s"], "msgs/s")
+    report.figure("RabbitMQ consume with ack", broker["consume_ack_per_s"], "msgs/s")
+    report.figure("=> ceiling", limit, "sagas/s")
     layouts = [("one process", False)] + ([("3 processes", True)] if processes else [])
-    compensa_rates: dict[int, float] = {}
+    compensa: dict[int, dict[str, Any]] = {}
     for label, separate in layouts:
-        console.print(f"compensa, {label}:", highlight=False)
+        report.say(f"compensa, {label}:")
+        results = report.data.setdefault("compensa", {}).setdefault("processes" if separate else "one_process", [])
         for level in inflight:
-            result = await saga_rate(database_url, amqp_url, level, seconds, processes=separate)
-            compensa_rates.setdefault(level, result["sagas_per_s"])
-            console.print(
-                f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
-                f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; "
-                f"{result['sagas_per_s'] / limit:.2f} of ceiling)",
-                highlight=False,
-            )
-    if not peer:
-        return
+            result = await saga_rate(database_url, amqp_url, level, seconds, processes=separate, management_url=management_url)
+            result["of_ceiling"] = result["sagas_per_s"] / limit
+            results.append(result)
+            compensa.setdefault(level, result)
+            report.say(_saga_line(result, limit))
+            report.say(f"       {describe(result['per_saga'])}")
+    if peer:
+        await _dbos_peer(report, database_url, inflight, seconds, compensa)
+    report.done()
+
+
+async def _dbos_peer(
+    report: Report, database_url: str, inflight: list[int], seconds: float, compensa: dict[int, dict[str, Any]]
+) -> None:
     try:
         import dbos  # noqa: F401 - only to know whether the peer can run
 
@@ -108,17 +155,21 @@ async def bench_saga(
     except ImportError:
         err.print("DBOS peer skipped: DBOS is not installed (pip install 'compensa[bench]')", highlight=False, markup=False)
         return
-    console.print("DBOS peer, the same saga as a workflow (5 checkpointed transactions, no broker):", highlight=False)
+    report.say("DBOS peer, the same saga as a workflow (5 checkpointed transactions, no broker):")
     from infra.db import scratch_database
 
+    peers = report.data["dbos"] = []
     async with scratch_database(database_url) as scratch_url:
         for result in await dbos_saga_rate(scratch_url, inflight, seconds):
             level = int(result["inflight"])
-            console.print(
+            ours = compensa[level]
+            result["compensa_to_dbos"] = ours["sagas_per_s"] / result["sagas_per_s"]
+            result["compensa_p50_to_dbos_p50"] = ours["p50_ms"] / result["p50_ms"]
+            peers.append(result)
+            report.say(
                 f"  {level:>3} in flight: {result['sagas_per_s']:7.1f} sagas/s  p50 {result['p50_ms']:6.0f} ms  "
                 f"p99 {result['p99_ms']:6.0f} ms  ({result['completed']:.0f} completed; "
-                f"compensa / DBOS = {compensa_rates[level] / result['sagas_per_s']:.2f})",
-                highlight=False,
+                f"compensa / DBOS = {result['compensa_to_dbos']:.2f}, p50 ratio {result['compensa_p50_to_dbos_p50']:.2f})"
             )
 
 
@@ -127,12 +178,14 @@ def bench_simulate(
     sagas: Annotated[int, typer.Option(min=10)] = 10_000,
     faults: Annotated[str, typer.Option()] = "chaos",
     real_sagas: Annotated[int, typer.Option(min=0, help="Sagas for the real-stack rate in the same run (0: skip).")] = 300,
+    as_json: JsonOpt = False,
 ) -> None:
     """Simulated sagas per wall second, and its ratio to the real stack's end-to-end rate."""
     from infra.bench.simulate import real_stack_rate, simulation_rate
     from infra.logging import configure_logging
 
     configure_logging("CRITICAL", "json")
+    report = Report("simulate", as_json)
     real = None
     if real_sagas:
         try:
@@ -147,22 +200,24 @@ def bench_simulate(
             except RealStackError as exc:
                 err.print(f"real-stack rate skipped: {exc}", highlight=False, markup=False)
         if real is not None:
-            console.print(
+            report.data["real_stack"] = real
+            report.say(
                 f"real stack, {real_sagas:,} sagas ({faults}, faults it can inject): "
                 f"{real['wall_s']:.1f} s from first order to last saga settled, "
                 f"{real['sagas_per_s']:.1f} sagas/s, outcomes {real['outcomes']}, "
-                f"invariants {'hold' if real['invariants_ok'] else 'VIOLATED'}",
-                highlight=False,
+                f"invariants {'hold' if real['invariants_ok'] else 'VIOLATED'}"
             )
     result = simulation_rate(sagas, faults)
-    console.print(
+    report.data["simulated"] = result
+    report.say(
         f"simulated {sagas:,} sagas ({faults}): {result['wall_s']:.1f} s wall, {result['sagas_per_s']:.1f} sagas/s, "
         f"outcomes {result['outcomes']}, RSS growth {result['rss_growth_mb']:.0f} MB, "
-        f"invariants {'hold' if result['invariants_ok'] else 'VIOLATED'}",
-        highlight=False,
+        f"invariants {'hold' if result['invariants_ok'] else 'VIOLATED'}"
     )
     if real is not None:
-        console.print(f"ratio simulated / real stack: {result['sagas_per_s'] / real['sagas_per_s']:.1f}", highlight=False)
+        report.data["ratio_simulated_to_real"] = result["sagas_per_s"] / real["sagas_per_s"]
+        report.say(f"ratio simulated / real stack: {report.data['ratio_simulated_to_real']:.1f}")
+    report.done()
 
 
 @app.command("api")
@@ -171,6 +226,7 @@ async def bench_api(
     clients: Annotated[list[int], typer.Option("--clients", help="Concurrent clients (repeatable).")] = [1, 50],  # noqa: B006
     seconds: Annotated[float, typer.Option(min=1.0, help="Seconds per measurement.")] = 10.0,
     workers: Annotated[int, typer.Option(min=1, max=64, help="`compensa api` worker processes.")] = 1,
+    as_json: JsonOpt = False,
 ) -> None:
     """Accepted events/s through the API (with Idempotency-Keys) vs bare outbox inserts; p50/p99.
 
@@ -182,20 +238,21 @@ async def bench_api(
     settings = get_settings()
     if not settings.database_url.startswith("postgresql") or not settings.redis_url:
         fail("bench api needs COMPENSA_DATABASE_URL=postgresql+asyncpg://… and COMPENSA_REDIS_URL=redis://…")
-    console.print(
+    report = Report("api", as_json)
+    report.say(
         f"api benchmark: {seconds:g} s per level, `compensa api` with {workers} worker(s), "
         "keep-alive HTTP clients in this process; "
-        "bare = one INSERT into ingest_outbox per transaction",
-        highlight=False,
+        "bare = one INSERT into ingest_outbox per transaction"
     )
-    for result in await api_rate(settings, sorted(set(clients)), seconds, workers):
+    report.data["levels"] = results = await api_rate(settings, sorted(set(clients)), seconds, workers)
+    for result in results:
         bare, through = result["bare"], result["api"]
-        console.print(
+        report.say(
             f"  {result['clients']:>3} clients: api {through['per_s']:8.1f} events/s  p50 {through['p50_ms']:6.1f} ms  "
             f"p99 {through['p99_ms']:6.1f} ms | bare outbox {bare['per_s']:8.1f} inserts/s  p50 {bare['p50_ms']:6.1f} ms  "
-            f"p99 {bare['p99_ms']:6.1f} ms | ratio {result['ratio']:.2f}",
-            highlight=False,
+            f"p99 {bare['p99_ms']:6.1f} ms | ratio {result['ratio']:.2f}"
         )
+    report.done()
 
 
 @app.command("replay")
@@ -203,20 +260,22 @@ async def bench_api(
 async def bench_replay(
     messages: Annotated[int, typer.Option(min=100, help="Dead letters to archive and replay.")] = 10_000,
     batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Dead letters per replay transaction.")] = 200,
+    as_json: JsonOpt = False,
 ) -> None:
     """Replay N archived dead letters (with the progress bar), then relay them: replayed/s vs relay msgs/s."""
     from infra.bench.dlq import replay_rate
 
     database_url, amqp_url = environment_urls()
-    unwrapped.print(f"replay benchmark: {messages:,} dead letters, same PostgreSQL and RabbitMQ", highlight=False)
+    report = Report("replay", as_json)
+    report.say(f"replay benchmark: {messages:,} dead letters, same PostgreSQL and RabbitMQ")
     result = await replay_rate(database_url, amqp_url, messages, batch_size=batch_size, console=err)
+    report.data.update(messages=messages, **result, ratio_replay_to_relay=result["replay_per_s"] / result["relay_per_s"])
     for label, key, unit in (
         ("archive (DLQ → dead_letters, acked after commit)", "archive_per_s", "msgs/s"),
         ("replay (validate → dlq outbox + mark replayed)", "replay_per_s", "msgs/s"),
         ("relay of the replayed rows (publish with confirms)", "relay_per_s", "msgs/s"),
     ):
-        unwrapped.print(figure(label, result[key], unit), highlight=False)
-    unwrapped.print(
-        f"  ratio replay / relay: {result['replay_per_s'] / result['relay_per_s']:.2f}  (target ≥ 0.5)", highlight=False
-    )
-    unwrapped.print(f"  delivered to the bench queue: {result['delivered']:,.0f} of {messages:,}", highlight=False)
+        report.figure(label, result[key], unit)
+    report.say(f"  ratio replay / relay: {report.data['ratio_replay_to_relay']:.2f}  (target ≥ 0.5)")
+    report.say(f"  delivered to the bench queue: {result['delivered']:,.0f} of {messages:,}")
+    report.done()

@@ -55,7 +55,12 @@ def test_every_group_has_its_own_typer_and_main_imports() -> None:
         assert app is None or (isinstance(app, typer.Typer) and app is not main.app), group
 
 
+#: What benchmarks share: helpers, and the cost meter (counters, not a benchmark).
+SHARED_BENCH_MODULES = {"infra.bench.common", "infra.bench.cost"}
+
+
 def test_benchmarks_share_only_common() -> None:
-    for module in sorted(modules_of("infra.bench") - {"infra.bench.common"}):
-        assert imported(source(module), "infra.bench") <= {"infra.bench.common"}, f"{module} imports another benchmark"
-    assert imported(source("infra.bench.common"), "infra.bench") == set()
+    for module in sorted(modules_of("infra.bench") - SHARED_BENCH_MODULES):
+        assert imported(source(module), "infra.bench") <= SHARED_BENCH_MODULES, f"{module} imports another benchmark"
+    for shared in SHARED_BENCH_MODULES:
+        assert imported(source(shared), "infra.bench") == set(), f"{shared} imports a benchmark"

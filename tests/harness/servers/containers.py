@@ -63,7 +63,7 @@ def from_docker(name: str) -> Server | None:
                 password="postgres",
                 dbname="compensa",
                 driver="asyncpg",
-            ).with_command("postgres -c max_connections=200")
+            ).with_command("postgres -c max_connections=200 -c shared_preload_libraries=pg_stat_statements")
             container.start()
             url = container.get_connection_url()
         elif name == REDIS:

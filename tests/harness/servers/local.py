@@ -106,6 +106,8 @@ class LocalPostgres(LocalServer):
                 "shared_buffers = 128MB\n"
                 "fsync = on\n"
                 "synchronous_commit = on\n"
+                # Statement counts for `compensa bench saga`.
+                "shared_preload_libraries = 'pg_stat_statements'\n"
             )
         self.start()
         run_command(
