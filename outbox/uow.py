@@ -229,7 +229,8 @@ class UnitOfWork:
     async def flush_outbox(self) -> None:
         if self._pending:
             now = self.now()
-            lease = self.dispatcher.lease_until(now) if await self._may_dispatch() else None
+            dispatcher = self.dispatcher
+            lease = dispatcher.lease_until(now) if dispatcher is not None and await self._may_dispatch(dispatcher) else None
             rows = [
                 outbox_row(message, now, *self._routes.get(index, (None, None)), dispatch_after=lease)
                 for index, message in enumerate(self._pending)
@@ -240,14 +241,14 @@ class UnitOfWork:
             self._pending.clear()
             self._routes.clear()
 
-    async def _may_dispatch(self) -> bool:
+    async def _may_dispatch(self, dispatcher: Dispatcher) -> bool:
         """Whether the dispatcher may publish this unit's messages after commit: only if
         their sagas have no pending row that would then be overtaken (see outbox/dispatch.py)."""
-        if self.dispatcher is None or not self.dispatcher.in_use:
+        if not dispatcher.in_use:
             return False
         sagas = sorted({message.correlation_id for message in self._pending})
         pending = await self.connection.execute(self.tables.pending_of_sagas, {"sagas": sagas})
-        return self.dispatcher.may_dispatch((row.correlation_id, row.message_id) for row in pending)
+        return dispatcher.may_dispatch((row.correlation_id, row.message_id) for row in pending)
 
     async def commit(self) -> None:
         await self.flush_outbox()

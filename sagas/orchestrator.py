@@ -71,7 +71,6 @@ class Orchestrator:
             if definition is None:
                 raise BusinessRuleError(f"{message.type} for unknown saga {saga_id!r}")
             transition = engine.start(definition, message.payload, saga_id, uow.now())
-            await store.insert(transition.state)
             await self._apply(uow, store, transition, None, message)
             return
         if message.type in self._starters:
@@ -84,20 +83,19 @@ class Orchestrator:
         transition = engine.on_message(definition, state, message.payload, uow.now())
         await self._apply(uow, store, transition, state, message)
 
-    async def fire_deadline(self, uow: SagaUnitOfWork, saga_id: str, deadline: Deadline) -> Transition | None:
-        """Apply a due deadline; a stale one (saga moved on) is dropped."""
+    async def fire_deadline(self, uow: SagaUnitOfWork, state: SagaState, deadline: Deadline) -> Transition:
+        """Apply a due deadline to the saga claimed with it; a stale one (saga moved on) is cleared.
+
+        `state` comes from the claim (`SagaStore.due_deadlines`), which holds the saga's
+        row (SQLite: the database's write lock): nothing moves the saga before this
+        transaction ends.
+        """
         store = SagaStore(uow.connection)
-        # A reply being applied to this saga holds its row and will rewrite the
-        # deadline itself: skip it this round instead of waiting (and deadlocking
-        # against that transaction, which wants the deadline row we hold).
-        state = await store.get(saga_id, skip_locked=True)
-        if state is None:
-            return None
         definition = self.definitions[state.definition]
         transition = engine.on_deadline(definition, state, deadline, uow.now())
         if not transition.changed:
-            # The deadline no longer guards anything; keep a live one if the saga has it.
-            await store.set_deadline(saga_id, None)
+            # The deadline no longer guards anything: clear it, or the sweep claims it forever.
+            await store.clear_deadline(state)
             return transition
         await self._apply(uow, store, transition, state, None)
         return transition
@@ -105,14 +103,15 @@ class Orchestrator:
     async def sweep_deadlines(self, begin: Callable[[], SagaTransaction], limit: int = 100) -> int:
         """Fire up to `limit` due deadlines in one transaction opened by `begin()`; return how many fired.
 
-        The deadlines are claimed with SKIP LOCKED, so several sweepers share the work.
+        The due sagas are claimed with SKIP LOCKED, so several sweepers share the work
+        and a saga whose reply is being applied waits for the next round.
         """
         with tracer.start_as_current_span("saga.sweep_deadlines"):
             async with begin() as uow:
                 due = await SagaStore(uow.connection).due_deadlines(uow.now(), limit)
-                for saga_id, deadline in due:
-                    with structlog.contextvars.bound_contextvars(saga_id=saga_id):
-                        await self.fire_deadline(uow, saga_id, deadline)
+                for state, deadline in due:
+                    with structlog.contextvars.bound_contextvars(saga_id=state.saga_id):
+                        await self.fire_deadline(uow, state, deadline)
                 await uow.commit()
         return len(due)
 
@@ -151,8 +150,11 @@ class Orchestrator:
             log.info("saga.ignored", saga_id=transition.state.saga_id, trigger=transition.trigger, note=transition.note)
             return
         new = transition.state
-        if before is not None:
-            await store.save(new, expected_version=before.version)
+        # State and deadline in one write: INSERT for a start, UPDATE (version-checked) after.
+        if before is None:
+            await store.insert(new, transition.deadline)
+        else:
+            await store.save(new, transition.deadline, expected_version=before.version)
         sent = []
         for payload in transition.outgoing:
             outgoing = uow.send(payload, correlation_id=new.saga_id)
@@ -169,7 +171,6 @@ class Orchestrator:
             causation_id=str(message.envelope.causation_id) if message and message.envelope.causation_id else None,
             sent=sent,
         )
-        await store.set_deadline(new.saga_id, transition.deadline)
         log.info(
             "saga.transition",
             saga_id=new.saga_id,

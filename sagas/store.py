@@ -1,4 +1,8 @@
-"""Load and save saga state on the orchestrator's connection, with optimistic locking."""
+"""Load and save saga state on the orchestrator's connection, with optimistic locking.
+
+A saga's single active deadline lives on its row: a transition writes state and
+deadline with one INSERT (a start) or one UPDATE, then its history row.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts import ConflictError
 from sagas.state import Deadline, SagaState, SagaStatus
-from sagas.tables import saga_deadlines, saga_history, saga_instances
+from sagas.tables import saga_history, saga_instances
 
 
 def state_from_row(row: Any) -> SagaState:
@@ -30,6 +34,29 @@ def state_from_row(row: Any) -> SagaState:
         started_at=row.started_at,
         updated_at=row.updated_at,
     )
+
+
+_NO_DEADLINE: dict[str, Any] = dict.fromkeys(("deadline_at", "deadline_kind", "deadline_step", "deadline_attempt"))
+
+
+def deadline_from_row(row: Any) -> Deadline | None:
+    """The saga row's active deadline, or None when it has none."""
+    return None if row.deadline_at is None else _deadline(row)
+
+
+def _deadline(row: Any) -> Deadline:
+    return Deadline(due_at=row.deadline_at, kind=row.deadline_kind, step=row.deadline_step, attempt=row.deadline_attempt)
+
+
+def _deadline_columns(deadline: Deadline | None) -> dict[str, Any]:
+    if deadline is None:
+        return dict(_NO_DEADLINE)
+    return {
+        "deadline_at": deadline.due_at,
+        "deadline_kind": deadline.kind,
+        "deadline_step": deadline.step,
+        "deadline_attempt": deadline.attempt,
+    }
 
 
 def _columns(state: SagaState) -> dict[str, Any]:
@@ -51,14 +78,23 @@ def _columns(state: SagaState) -> dict[str, Any]:
 # Built once: constructing a statement costs more than executing it.
 _SELECT = select(saga_instances).where(saga_instances.c.saga_id == bindparam("b_saga_id"))
 _SELECT_FOR_UPDATE = _SELECT.with_for_update()
-_SELECT_SKIP_LOCKED = _SELECT.with_for_update(skip_locked=True)
 _INSERT = insert(saga_instances)
 _UPDATE = update(saga_instances).where(
     saga_instances.c.saga_id == bindparam("b_saga_id"), saga_instances.c.version == bindparam("b_version")
 )
+_CLEAR_DEADLINE = (
+    update(saga_instances)
+    .where(saga_instances.c.saga_id == bindparam("b_saga_id"), saga_instances.c.version == bindparam("b_version"))
+    .values(_NO_DEADLINE)
+)
+_DUE = (
+    select(saga_instances)
+    .where(saga_instances.c.deadline_at <= bindparam("b_now"))
+    .order_by(saga_instances.c.deadline_at)
+    .limit(bindparam("b_limit"))
+    .with_for_update(skip_locked=True)
+)
 _RECORD = insert(saga_history)
-_CLEAR_DEADLINE = delete(saga_deadlines).where(saga_deadlines.c.saga_id == bindparam("b_saga_id"))
-_SET_DEADLINE = insert(saga_deadlines)
 _COUNT_IN_FLIGHT = (
     select(func.count())
     .select_from(saga_instances)
@@ -70,22 +106,21 @@ class SagaStore:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
 
-    async def get(self, saga_id: str, *, lock: bool = True, skip_locked: bool = False) -> SagaState | None:
-        """Load a saga; on Postgres lock its row so concurrent replies queue, not conflict.
-
-        With `skip_locked`, a saga another transaction holds comes back as None.
-        """
-        query = _SELECT if not lock else _SELECT_SKIP_LOCKED if skip_locked else _SELECT_FOR_UPDATE
+    async def get(self, saga_id: str, *, lock: bool = True) -> SagaState | None:
+        """Load a saga; on Postgres lock its row so concurrent replies queue, not conflict."""
+        query = _SELECT_FOR_UPDATE if lock else _SELECT
         row = (await self.connection.execute(query, {"b_saga_id": saga_id})).one_or_none()
         return state_from_row(row) if row else None
 
-    async def insert(self, state: SagaState) -> None:
-        await self.connection.execute(_INSERT, {"saga_id": state.saga_id, **_columns(state)})
+    async def insert(self, state: SagaState, deadline: Deadline | None) -> None:
+        """Write a new saga with its active deadline (None: it has none)."""
+        await self.connection.execute(_INSERT, {"saga_id": state.saga_id, **_columns(state), **_deadline_columns(deadline)})
 
-    async def save(self, state: SagaState, *, expected_version: int) -> None:
-        """Write the new state only if nobody else moved the saga since we read it."""
+    async def save(self, state: SagaState, deadline: Deadline | None, *, expected_version: int) -> None:
+        """Write the new state and its deadline only if nobody else moved the saga since we read it."""
         result = await self.connection.execute(
-            _UPDATE, {"b_saga_id": state.saga_id, "b_version": expected_version, **_columns(state)}
+            _UPDATE,
+            {"b_saga_id": state.saga_id, "b_version": expected_version, **_columns(state), **_deadline_columns(deadline)},
         )
         if result.rowcount != 1:
             raise ConflictError(f"saga {state.saga_id} changed concurrently (expected version {expected_version})")
@@ -119,32 +154,23 @@ class SagaStore:
             },
         )
 
-    async def set_deadline(self, saga_id: str, deadline: Deadline | None) -> None:
-        await self.connection.execute(_CLEAR_DEADLINE, {"b_saga_id": saga_id})
-        if deadline is not None:
-            await self.connection.execute(
-                _SET_DEADLINE,
-                {
-                    "saga_id": saga_id,
-                    "due_at": deadline.due_at,
-                    "kind": deadline.kind,
-                    "step": deadline.step,
-                    "attempt": deadline.attempt,
-                },
-            )
+    async def clear_deadline(self, state: SagaState) -> None:
+        """Drop a stale deadline: only the deadline columns, and only at the version read.
 
-    async def due_deadlines(self, now: datetime, limit: int) -> list[tuple[str, Deadline]]:
-        """Claim due deadlines; SKIP LOCKED lets several sweepers share the work."""
-        rows = (
-            await self.connection.execute(
-                select(saga_deadlines)
-                .where(saga_deadlines.c.due_at <= now)
-                .order_by(saga_deadlines.c.due_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-        ).all()
-        return [(row.saga_id, Deadline(due_at=row.due_at, kind=row.kind, step=row.step, attempt=row.attempt)) for row in rows]
+        A saga moved on since (a newer version) wrote its own deadline: leave that one.
+        """
+        await self.connection.execute(_CLEAR_DEADLINE, {"b_saga_id": state.saga_id, "b_version": state.version})
+
+    async def due_deadlines(self, now: datetime, limit: int) -> list[tuple[SagaState, Deadline]]:
+        """Claim sagas whose deadline is due, with their state, oldest deadline first.
+
+        The claim locks the saga rows (FOR UPDATE, on PostgreSQL), so firing needs no
+        second read. SKIP LOCKED lets several sweepers share the work, and skips a saga
+        whose reply is being applied (that transaction holds the row and rewrites the
+        deadline itself): it is swept next round if still due, never waited for.
+        """
+        rows = (await self.connection.execute(_DUE, {"b_now": now, "b_limit": limit})).all()
+        return [(state_from_row(row), _deadline(row)) for row in rows]
 
 
 async def count_in_flight(connection: AsyncConnection) -> int:

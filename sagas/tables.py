@@ -1,8 +1,8 @@
-"""Saga tables an operator can query: instances, history of every transition, deadlines."""
+"""Saga tables an operator can query: instances (with their active deadline) and the history of every transition."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text, text
 
 from contracts.columns import UtcDateTime
 
@@ -25,7 +25,20 @@ saga_instances = Table(
     Column("version", Integer, nullable=False),
     Column("started_at", UtcDateTime(), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
+    # The saga's single active deadline (sagas.state.Deadline), all four NULL when it has
+    # none: on the saga row, so a transition writes its state and deadline in one statement.
+    Column("deadline_at", UtcDateTime(), nullable=True),
+    Column("deadline_kind", String(16), nullable=True),
+    Column("deadline_step", String(64), nullable=True),
+    Column("deadline_attempt", Integer, nullable=True),
     Index("ix_saga_instances_status_updated", "status", "updated_at"),
+    # The sweep's index: only sagas with a deadline (finished ones have none).
+    Index(
+        "ix_saga_instances_deadline_due",
+        "deadline_at",
+        postgresql_where=text("deadline_at IS NOT NULL"),
+        sqlite_where=text("deadline_at IS NOT NULL"),
+    ),
 )
 
 saga_history = Table(
@@ -44,15 +57,4 @@ saga_history = Table(
     Column("note", Text, nullable=False),
     Column("sent", Text, nullable=False, doc="JSON list of {type, message_id} sent by this transition"),
     Index("ix_saga_history_saga", "saga_id", "version", unique=True),
-)
-
-saga_deadlines = Table(
-    "saga_deadlines",
-    metadata,
-    Column("saga_id", String(64), primary_key=True),
-    Column("due_at", UtcDateTime(), nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("step", String(64), nullable=False),
-    Column("attempt", Integer, nullable=False),
-    Index("ix_saga_deadlines_due", "due_at"),
 )

@@ -19,6 +19,7 @@ from infra.db import create_engine
 from infra.pipeline import BatchingConsumer, MessageProcessor
 from infra.schema import upgrade
 from infra.transport.rabbit import RabbitTransport
+from outbox.dispatch import Dispatcher
 from outbox.relay import Relay
 from outbox.uow import UnitOfWork
 
@@ -33,11 +34,14 @@ async def outbox_rate(
     prefetch: int = 100,
     batch: int = 50,
     precommitted: bool = False,
+    dispatch: bool = False,
 ) -> dict[str, float]:
     """Commit to the outbox → relay → consume with the inbox, all running at once.
 
-    With `precommitted`, the rows are committed in bulk first and only relay →
-    consume is timed: the pipeline without the producers' own commits.
+    With `dispatch`, the writers' commits are published at once by a dispatcher, as the
+    services do (the relay running beside it finds nothing left). With `precommitted`,
+    the rows are committed in bulk first and only relay → consume is timed: the
+    pipeline without the producers' own commits.
     """
     engine = create_engine(database_url, pool_size=writers + 10)
     transport = RabbitTransport(amqp_url)
@@ -69,10 +73,11 @@ async def outbox_rate(
         if precommitted:
             await _precommit(engine, messages, clock)
         counter = iter(range(0 if precommitted else messages))
+        dispatcher = Dispatcher(engine, "ledger", transport, clock) if dispatch else None
 
         async def writer() -> None:
             for n in counter:
-                async with UnitOfWork(engine, "ledger", clock) as uow:
+                async with UnitOfWork(engine, "ledger", clock, dispatcher=dispatcher) as uow:
                     uow.send(ledger_event(n), correlation_id=bench_saga(n))
                     await uow.commit()
 
@@ -82,6 +87,8 @@ async def outbox_rate(
         await asyncio.wait_for(done.wait(), timeout=600)
         elapsed = time.perf_counter() - started
         stop.set()
+        if dispatcher is not None:
+            await dispatcher.close()
         await asyncio.gather(relay_task, listen_task)
         await subscription.stop(5)
         batching.close()

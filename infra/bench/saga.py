@@ -91,9 +91,7 @@ async def saga_rate(
     from consumers.stock import seed_stock
     from sagas.tables import saga_instances
 
-    settings = Settings(
-        database_url=database_url, amqp_url=amqp_url, deadline_sweep_seconds=1.0, prefetch=64
-    )
+    settings = Settings(database_url=database_url, amqp_url=amqp_url, deadline_sweep_seconds=1.0, prefetch=64)
     engine = create_engine(database_url, pool_size=30)
     transport = RabbitTransport(
         amqp_url,

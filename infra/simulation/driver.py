@@ -40,7 +40,7 @@ from sagas.orchestrator import Orchestrator
 from sagas.simulation.faults import FaultRates
 from sagas.simulation.invariants import Snapshot, Violation
 from sagas.simulation.workload import Workload, WorkloadSpec, generate
-from sagas.tables import saga_deadlines
+from sagas.tables import saga_instances
 
 log = structlog.get_logger("compensa.simulate")
 
@@ -291,7 +291,7 @@ class Simulation:
 
     async def _earliest_deadline(self, engine: Any, origin: Any) -> Any:
         async with engine.connect() as connection:
-            due = (await connection.execute(select(func.min(saga_deadlines.c.due_at)))).scalar()
+            due = (await connection.execute(select(func.min(saga_instances.c.deadline_at)))).scalar()
         if due is None:
             return None
         return due if due.tzinfo else due.replace(tzinfo=origin.tzinfo)

@@ -13,6 +13,7 @@ from infra.bench.relay import outbox_rate, relay_memory
 from infra.bench.saga import saga_rate
 from infra.bench.simulate import real_stack_rate
 from infra.db import scratch_database
+from tests.harness.servers import Servers
 
 pytestmark = pytest.mark.integration
 
@@ -26,17 +27,28 @@ async def test_relay_benchmarks_move_every_message(pg_engine: AsyncEngine, amqp_
     assert raw["publish_confirm_per_s"] > 0 and raw["consume_ack_per_s"] > 0
     assert await raw_pipelined_rate(amqp_url, 200) > 0
     for batch in (1, 50):
-        outbox = await outbox_rate(url_of(pg_engine), amqp_url, 300, writers=5, batch=batch)
-        assert outbox["end_to_end_per_s"] > 0
+        for dispatch in (False, True):
+            outbox = await outbox_rate(url_of(pg_engine), amqp_url, 300, writers=5, batch=batch, dispatch=dispatch)
+            assert outbox["end_to_end_per_s"] > 0
     relayed = await outbox_rate(url_of(pg_engine), amqp_url, 300, precommitted=True)
     assert relayed["end_to_end_per_s"] > 0
     memory = await relay_memory(url_of(pg_engine), amqp_url, 1_000)
     assert memory["messages"] == 1_000 and memory["rss_max_mb"] > 0
 
 
-async def test_saga_benchmark_completes_sagas_in_process(pg_engine: AsyncEngine, amqp_url: str) -> None:
-    result = await saga_rate(url_of(pg_engine), amqp_url, inflight=2, seconds=2.0)
+async def test_saga_benchmark_completes_sagas_in_process_and_counts_their_cost(
+    pg_engine: AsyncEngine, amqp_url: str, servers: Servers
+) -> None:
+    result = await saga_rate(url_of(pg_engine), amqp_url, inflight=2, seconds=2.0, management_url=servers.amqp_management_url)
     assert result["completed"] >= 2 and result["p50_ms"] > 0
+    cost = result["per_saga"]
+    assert cost["cpu_ms"]["compensa"] > 0 and cost["cpu_ms_total"] == cost["cpu_ms"]["compensa"]
+    # The harness preloads pg_stat_statements: every saga commits several transactions.
+    assert cost["transactions"] is not None and cost["transactions"] >= 5
+    assert cost["statements"] is not None and cost["statements"] > cost["transactions"]
+    # Nine messages per completed saga at least (the broker's counters cover the window).
+    assert cost["publishes"] is not None and cost["publishes"] >= 5
+    assert cost["deliveries"] is not None and cost["deliveries"] >= 5
 
 
 async def test_dbos_peer_runs_the_saga_on_a_scratch_database(pg_engine: AsyncEngine) -> None:

@@ -49,7 +49,7 @@ from infra.transport.rabbit import RabbitTransport
 from outbox.relay import Relay
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
-from sagas.tables import saga_deadlines, saga_history, saga_instances
+from sagas.tables import saga_history, saga_instances
 from tests.harness.servers import Servers
 from tests.integration.support import archived, dead_letter_headers, publish_dead_letter, purge, stack_env
 from tests.support import COMPENSA, Run, assert_one_line_error, compensa, eventually
@@ -201,7 +201,7 @@ async def test_saga_retry_resends_the_compensations_of_a_compensation_failed_sag
             )
         ).scalar_one()
         deadline = (
-            await connection.execute(select(saga_deadlines.c.kind).where(saga_deadlines.c.saga_id == "failed-1"))
+            await connection.execute(select(saga_instances.c.deadline_kind).where(saga_instances.c.saga_id == "failed-1"))
         ).scalar_one()
     assert (sent, status, last, deadline) == (["stock.release"], "compensating", "operator:retry_compensation", "compensation")
 

@@ -35,7 +35,7 @@ from infra.settings import Settings, derive_management_url
 from infra.transport.rabbit import RabbitTransport
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
-from sagas.tables import saga_deadlines, saga_history, saga_instances
+from sagas.tables import saga_history, saga_instances
 from tests.harness.servers import Servers, free_port
 from tests.integration.support import stack_env
 from tests.support import compensa, eventually
@@ -95,7 +95,6 @@ async def engine(pg_engine: AsyncEngine) -> AsyncEngine:
             orders_orders,
             saga_instances,
             saga_history,
-            saga_deadlines,
             *(tables_for(s).outbox for s in ("orders", "ingest", "saga")),
         ):
             await connection.execute(delete(table))

@@ -2,12 +2,13 @@
 
 Up to head, down to base and up again leaves the same schema; at head the database
 holds exactly what the SQLAlchemy tables describe (Alembic's autogenerate comparison
-finds nothing to add, drop or alter).
+finds nothing to add, drop or alter). Migrations that move data carry it both ways.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ from alembic.autogenerate import compare_metadata, produce_migrations, render_py
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import Integer, String, column, insert, inspect, select, table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.columns import UtcDateTime
 from infra.db import create_engine, scratch_database
 from infra.schema import alembic_config, all_metadata, current_revision, render_item, upgrade
+from sagas.tables import saga_instances
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +163,58 @@ async def test_autogenerate_writes_utc_columns_as_plain_timestamps(empty_engine:
     ]
     assert "UtcDateTime" not in code
     assert code.count("sa.DateTime(timezone=True)") == len(utc_columns) > 0
+
+
+#: `saga_deadlines` as 0001 made it (0005 moves its rows onto `saga_instances`).
+saga_deadlines_0004 = table(
+    "saga_deadlines",
+    column("saga_id", String()),
+    column("due_at", UtcDateTime()),
+    column("kind", String()),
+    column("step", String()),
+    column("attempt", Integer()),
+)
+
+
+async def test_0005_moves_each_saga_deadline_onto_its_saga_row_and_back(empty_engine: AsyncEngine) -> None:
+    engine = empty_engine
+    due = datetime(2026, 5, 1, 12, 0, 30, 250000, tzinfo=UTC)
+    await upgrade(engine, "0004")
+    async with engine.begin() as connection:
+        for saga_id in ("waiting", "finished"):
+            await connection.execute(
+                insert(saga_instances).values(
+                    saga_id=saga_id,
+                    definition="order",
+                    status="compensating" if saga_id == "waiting" else "completed",
+                    step=1,
+                    data="{}",
+                    done_steps="[]",
+                    pending_compensations="[]",
+                    compensation_attempts=2,
+                    reason=None,
+                    version=4,
+                    started_at=due,
+                    updated_at=due,
+                )
+            )
+        await connection.execute(
+            insert(saga_deadlines_0004).values(saga_id="waiting", due_at=due, kind="compensation", step="charge", attempt=2)
+        )
+
+    await upgrade(engine, "0005")
+    assert "saga_deadlines" not in await inspected(engine, lambda i: i.get_table_names())
+    async with engine.connect() as connection:
+        rows = (await connection.execute(select(saga_instances).order_by(saga_instances.c.saga_id))).all()
+    assert [(r.saga_id, r.deadline_at, r.deadline_kind, r.deadline_step, r.deadline_attempt) for r in rows] == [
+        ("finished", None, None, None, None),
+        ("waiting", due, "compensation", "charge", 2),
+    ]
+    assert [(r.saga_id, r.status, r.version) for r in rows] == [("finished", "completed", 4), ("waiting", "compensating", 4)]
+
+    await downgrade(engine, "0004")
+    columns = [c["name"] for c in await inspected(engine, lambda i: i.get_columns("saga_instances"))]
+    assert not [name for name in columns if name.startswith("deadline_")]
+    async with engine.connect() as connection:
+        back = (await connection.execute(select(saga_deadlines_0004))).all()
+    assert [tuple(row) for row in back] == [("waiting", due, "compensation", "charge", 2)]
