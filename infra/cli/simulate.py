@@ -31,7 +31,12 @@ def simulate(
     faults: Annotated[str, typer.Option(help="Fault profile: none, default or chaos.")] = "default",
     fault: Annotated[list[str], typer.Option("--fault", help="Override one fault rate, NAME=RATE (repeatable).")] = [],  # noqa: B006
     skus: Annotated[int, typer.Option(min=1, max=10_000)] = 8,
-    stock_per_sku: Annotated[int, typer.Option(min=0)] = 60,
+    stock_per_sku: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=2**63 - 1, help="Units per SKU at the start (default: a little under what the paying orders ask for)."
+        ),
+    ] = None,
     decline_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")] = False,
     report: Annotated[Path | None, typer.Option(help="Write report.json and report.html into this directory.")] = None,

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
 from contracts.messages import OrderLine
+
+#: Safety stock, in standard deviations of the units all orders ask of one SKU.
+SAFETY_SDS = 1.0
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
     sagas: int = 200
     skus: int = 8
-    #: Units on hand per SKU at the start; low enough that some orders run out.
-    stock_per_sku: int = 60
+    #: Units on hand per SKU at the start; None: scaled to the orders (`initial_stock_per_sku`).
+    stock_per_sku: int | None = None
+    #: Scaled stock as a share of the units the paying orders (neither declined nor over
+    #: the limit) ask for. Timed-out and compensated orders give their units back too, so
+    #: a share a little below 1 sells out only near the end of a run: most orders complete
+    #: and the last ones find SKUs sold out, at 200 orders as at 100,000.
+    stock_cover: float = 0.9
     max_lines: int = 3
     max_quantity: int = 3
     #: Share of customers whose card always declines.
@@ -23,6 +32,29 @@ class WorkloadSpec:
     #: Mean seconds of virtual time between two orders.
     mean_interarrival_seconds: float = 0.5
     currency: str = "EUR"
+
+    def initial_stock_per_sku(self) -> int:
+        """Units each SKU starts with: `stock_per_sku`, or scaled to the orders.
+
+        Scaled: what the paying orders ask of an average SKU times `stock_cover`, plus a
+        safety stock of `SAFETY_SDS` standard deviations of what all the orders ask of one,
+        as a shop keeps against demand it cannot foresee. Without it a small run, whose
+        SKUs' demands differ most, would sell out earliest.
+        """
+        if self.stock_per_sku is not None:
+            return self.stock_per_sku
+        # An order has 1..max_lines distinct SKUs, and each line 1..max_quantity units, uniformly.
+        lines = sum(min(self.skus, count) for count in range(1, self.max_lines + 1)) / self.max_lines
+        quantity = (1 + self.max_quantity) / 2
+        quantity_squared = (1 + self.max_quantity) * (1 + 2 * self.max_quantity) / 6
+        # Units one order asks of a given SKU: its mean and variance.
+        share = lines / self.skus
+        mean = share * quantity
+        variance = share * quantity_squared - mean**2
+        paying = (1 - self.decline_rate) * (1 - self.over_limit_rate)
+        stock = self.sagas * paying * mean * self.stock_cover + SAFETY_SDS * math.sqrt(self.sagas * variance)
+        # Never less than one line can ask for, so even a tiny run completes orders.
+        return max(self.max_quantity, math.ceil(stock))
 
 
 @dataclass(frozen=True)
@@ -52,7 +84,7 @@ def sku_name(index: int) -> str:
 def generate(spec: WorkloadSpec, rng: random.Random) -> Workload:
     """Draw every order up front from the one seeded RNG, so runs repeat exactly."""
     prices = {sku_name(i): rng.randrange(100, 20_000, 50) for i in range(spec.skus)}
-    stock = dict.fromkeys(prices, spec.stock_per_sku)
+    stock = dict.fromkeys(prices, spec.initial_stock_per_sku())
     orders = []
     at = 0.0
     width = len(str(spec.sagas))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from infra.simulation.driver import SimulationResult
 from sagas.simulation.faults import profile
@@ -45,20 +48,22 @@ def test_document_keeps_wall_time_apart(first: SimulationResult) -> None:
     assert full["stack"] == "simulated"
 
 
-def test_statement_runner_changes_nothing_but_speed(first: SimulationResult, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The simulator's direct statement runner and SQLAlchemy's own path give the same run."""
+def test_the_inline_engine_changes_nothing_but_speed(
+    first: SimulationResult, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The simulator's inline SQLite facade and the aiosqlite engine production uses give the same run."""
     import infra.simulation.driver
-    from infra.simulation.sqlite_facade import create_direct_sqlite_engine
+    from infra.db import create_engine
 
     engines = []
 
-    def engine_without_runner(path: str, **options):  # type: ignore[no-untyped-def]
-        engine = create_direct_sqlite_engine(path, **options, statement_runner=False)
+    def async_engine(path: str, **_options: object) -> AsyncEngine:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'async.db'}")
         engines.append(engine)
         return engine
 
-    monkeypatch.setattr(infra.simulation.driver, "create_direct_sqlite_engine", engine_without_runner)
-    through_sqlalchemy = simulate(seed=11, sagas=SAGAS, faults=profile("chaos"))
+    monkeypatch.setattr(infra.simulation.driver, "create_direct_sqlite_engine", async_engine)
+    through_asyncio = simulate(seed=11, sagas=SAGAS, faults=profile("chaos"))
 
-    assert engines and engines[0].runner is None
-    assert document(through_sqlalchemy) == document(first)
+    assert engines and isinstance(engines[0], AsyncEngine)
+    assert document(through_asyncio) == document(first)

@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
+from infra.db import create_engine
 from infra.simulation.sqlite_facade import create_direct_sqlite_engine
 
 metadata = MetaData()
@@ -96,7 +97,7 @@ async def test_a_second_connection_while_one_is_open_is_refused(engine) -> None:
         assert (await connection.execute(select(func.count()).select_from(notes))).scalar_one() == 1
 
 
-# --- the statement runner: the same answers as SQLAlchemy's own path -------------------
+# --- the same answers as the async engine ----------------------------------------------
 
 typed = Table(
     "typed",
@@ -155,22 +156,22 @@ async def run_statements(engine) -> list[object]:  # type: ignore[no-untyped-def
     return answers
 
 
-async def test_the_statement_runner_answers_like_sqlalchemy(tmp_path: Path) -> None:
+async def test_the_facade_answers_like_the_async_engine(tmp_path: Path) -> None:
+    """Every statement shape, on the facade and on the aiosqlite engine production uses."""
     results = []
-    for runner in (True, False):
-        engine = create_direct_sqlite_engine(str(tmp_path / f"runner-{runner}.db"), statement_runner=runner)
+    for engine in (
+        create_direct_sqlite_engine(str(tmp_path / "direct-answers.db")),
+        create_engine(f"sqlite+aiosqlite:///{tmp_path / 'async-answers.db'}"),
+    ):
         async with engine.begin() as connection:
             await connection.run_sync(metadata.create_all)
         results.append(await run_statements(engine))
-        if runner:
-            # It really ran them (only the Python-side-default-free shapes exist here).
-            assert engine.runner is not None and engine.runner.fast >= 10 and engine.runner.fallbacks == 0
         await engine.dispose()
-    fast, through_sqlalchemy = results
-    assert fast == through_sqlalchemy
-    assert fast[3:9] == [["a"], ["b", "c"], [], ["b"], ["a", "b"], []]
-    assert fast[2][0][2] == datetime(2026, 1, 2, 3, 4, 5, 600000)  # typed values, not strings
-    assert fast[12] == Decimal("1.10")
+    direct, through_asyncio = results
+    assert direct == through_asyncio
+    assert direct[3:9] == [["a"], ["b", "c"], [], ["b"], ["a", "b"], []]
+    assert direct[2][0][2] == datetime(2026, 1, 2, 3, 4, 5, 600000)  # typed values, not strings
+    assert direct[12] == Decimal("1.10")
 
 
 async def test_a_failing_statement_raises_sqlalchemys_error_and_rolls_back(engine) -> None:  # type: ignore[no-untyped-def]
@@ -194,11 +195,10 @@ async def test_a_statement_outside_a_transaction_opens_one_and_close_rolls_it_ba
     assert await count(engine) == 1
 
 
-async def test_statements_sqlalchemy_runs_itself_share_the_transaction(engine) -> None:  # type: ignore[no-untyped-def]
-    # exec_driver_sql and run_sync take SQLAlchemy's path; commit and rollback must
-    # still end the one transaction SQLite has.
+async def test_driver_sql_shares_the_transaction(engine) -> None:  # type: ignore[no-untyped-def]
+    # exec_driver_sql and Core statements run in one transaction; commit and rollback end it.
     async with engine.begin() as connection:
-        await connection.execute(insert(notes).values(text="runner"))
+        await connection.execute(insert(notes).values(text="core"))
         await connection.exec_driver_sql("INSERT INTO notes (text) VALUES ('driver sql')")
     with pytest.raises(RuntimeError):
         async with engine.begin() as connection:
