@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Row, bindparam, func, or_, select, text, update
+from sqlalchemy import Row, bindparam, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.clock import Clock
@@ -84,18 +84,35 @@ class Relay:
         self.published_total = 0
         self.last_claimed = 0
         outbox = self.tables.outbox
+        older = outbox.alias("older")
         self._claim = (
             select(outbox)
             .where(
                 outbox.c.sent_at.is_(None),
-                # A leased row is its dispatcher's until the lease ends (outbox/dispatch.py).
+                # A leased row is its dispatcher's until the lease ends (outbox/dispatch.py),
+                # and the rows of its saga after it wait for it.
                 or_(outbox.c.dispatch_after.is_(None), outbox.c.dispatch_after <= bindparam("now")),
+                ~exists().where(
+                    older.c.correlation_id == outbox.c.correlation_id,
+                    older.c.id < outbox.c.id,
+                    older.c.sent_at.is_(None),
+                    older.c.dispatch_after > bindparam("now"),
+                ),
             )
             .order_by(outbox.c.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
         )
         self._mark_sent = update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(sent_at=bindparam("now"))
+        self._first_held_elsewhere = (
+            select(outbox.c.correlation_id, func.min(outbox.c.id))
+            .where(
+                outbox.c.sent_at.is_(None),
+                outbox.c.correlation_id.in_(bindparam("sagas", expanding=True)),
+                outbox.c.id.not_in(bindparam("claimed", expanding=True)),
+            )
+            .group_by(outbox.c.correlation_id)
+        )
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked sent."""
@@ -109,8 +126,8 @@ class Relay:
                 # Losing a "sent" mark in a crash only re-publishes (the inboxes
                 # dedupe), so this commit need not wait for its WAL flush.
                 await connection.execute(_ASYNC_COMMIT)
-            # Rows held by another relay (Postgres) or leased to a dispatcher go first.
-            rows = await self._keep_saga_order(connection, rows)
+                # Only Postgres can have concurrent claimers; SQLite has one writer.
+                rows = await self._keep_saga_order(connection, rows)
             if not rows:
                 self.last_claimed = claimed
                 return 0
@@ -128,25 +145,15 @@ class Relay:
         """Keep, per saga, only the claimed rows before its first pending row held elsewhere.
 
         `SKIP LOCKED` can hand this relay a saga's rows with a gap: seq 4 and 6 while
-        another relay holds seq 5; a dispatcher's lease holds rows back the same way.
-        Publishing 6 then would overtake 5, so everything from the first pending row this
-        relay did not claim onwards waits its turn.
+        another relay holds seq 5. Publishing 6 then would overtake 5, so everything
+        from the first pending row this relay did not claim onwards waits its turn.
+        (Rows behind a dispatcher's lease are left out by the claim itself.)
         """
-        outbox = self.tables.outbox
-        claimed_ids = [row.id for row in rows]
-        first_foreign = dict(
-            (
-                await connection.execute(
-                    select(outbox.c.correlation_id, func.min(outbox.c.id))
-                    .where(
-                        outbox.c.sent_at.is_(None),
-                        outbox.c.correlation_id.in_({row.correlation_id for row in rows}),
-                        outbox.c.id.not_in(claimed_ids),
-                    )
-                    .group_by(outbox.c.correlation_id)
-                )
-            ).all()
+        held = await connection.execute(
+            self._first_held_elsewhere,
+            {"sagas": sorted({row.correlation_id for row in rows}), "claimed": [row.id for row in rows]},
         )
+        first_foreign: dict[str, int] = dict(held.all())
         return [row for row in rows if row.id < first_foreign.get(row.correlation_id, row.id + 1)]
 
     async def drain(self, max_batches: int | None = None) -> int:
