@@ -60,8 +60,11 @@ class Dispatcher:
         self.lease = lease
         self.cooldown_seconds = cooldown_seconds
         self.mark_every_seconds = mark_every_seconds
-        # Marks run one UPDATE each, outside any transaction: no BEGIN and COMMIT round trips.
-        self._marks_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # On PostgreSQL a mark is one UPDATE outside any transaction: no BEGIN and COMMIT
+        # round trips. SQLite takes its write lock at BEGIN (infra.db), so it keeps one.
+        self._marks_engine = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
+        )
         outbox = tables_for(service).outbox
         unsent = (outbox.c.message_id.in_(bindparam("ids", expanding=True)), outbox.c.sent_at.is_(None))
         self._mark_sent = update(outbox).where(*unsent).values(sent_at=bindparam("now"))
@@ -154,7 +157,7 @@ class Dispatcher:
 
     async def _mark(self, batch: list[OutgoingMessage]) -> None:
         try:
-            async with self._marks_engine.connect() as connection:
+            async with self._marks_engine.begin() as connection:
                 await connection.execute(self._mark_sent, {"ids": [m.message_id for m in batch], "now": self.clock.now()})
         except Exception as exc:  # noqa: BLE001 - unmarked rows are published again by the relay: duplicates, not losses
             log.warning("dispatch.mark_failed", service=self.service, count=len(batch), error=repr(exc))

@@ -146,3 +146,24 @@ def spans(span_exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]
     """The shared span exporter, emptied before the test."""
     span_exporter.clear()
     yield span_exporter
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+async def migrated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AsyncEngine]:
+    """A database at head: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("migrated") / "compensa.db"
+        engine = create_engine(f"sqlite+aiosqlite:///{path}")
+        try:
+            await upgrade(engine)
+            yield engine
+        finally:
+            await engine.dispose()
+        return
+    async with scratch_database(request.getfixturevalue("database_url"), "it_migrated") as url:
+        engine = create_engine(url)
+        try:
+            await upgrade(engine)
+            yield engine
+        finally:
+            await engine.dispose()

@@ -193,3 +193,45 @@ async def test_closing_publishes_what_was_committed_before_it_returns(
     assert await pending(engine) == 0
     await eventually(lambda: len(received) == 20)
     assert received == [str(m.message_id) for m in messages]
+
+
+class RecordingLink:
+    """A broker that records what it is handed, in order."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        self.published.extend(m.message_id for m in messages)
+
+
+async def test_on_sqlite_and_postgresql_dispatched_rows_are_marked_and_older_pending_rows_go_first(
+    migrated: AsyncEngine,
+) -> None:
+    """The embedded default (SQLite takes its write lock at BEGIN) marks like PostgreSQL."""
+    async with migrated.begin() as connection:
+        await connection.execute(delete(outbox))
+    link = RecordingLink()
+    publisher = Dispatcher(migrated, PRODUCER, link, clock)
+    dispatched = [await commit(migrated, f"order-{n}", 1, publisher) for n in range(3)]
+
+    await eventually(lambda: len(link.published) == 3)
+
+    async def all_marked() -> bool:
+        return await pending_summary(migrated, PRODUCER, clock.now()) == {
+            "service": PRODUCER,
+            "pending": 0,
+            "oldest_pending_age_seconds": 0.0,
+        }
+
+    await eventually(all_marked, message="dispatched rows marked sent")
+    assert link.published == [str(m.message_id) for m in dispatched]
+
+    first = await commit(migrated, "order-9", 1, None)  # the relay's: no dispatcher
+    second = await commit(migrated, "order-9", 2, publisher)  # must not overtake it
+    assert (await row_of(migrated, second)).dispatch_after is None
+    relay_link = RecordingLink()
+    assert await Relay(migrated, PRODUCER, relay_link, clock).drain() == 2
+    assert relay_link.published == [str(first.message_id), str(second.message_id)]
+    assert link.published == [str(m.message_id) for m in dispatched]
+    await publisher.close()

@@ -7,9 +7,8 @@ statements are counted with SQLAlchemy's `before_cursor_execute` event.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import Money, OrderCreated, OrderLine, Payload, StockLine, StockReserved, new_message
 from infra.clock import VirtualClock
-from infra.db import create_engine, scratch_database
-from infra.schema import upgrade
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
 from sagas.orchestrator import Orchestrator
@@ -32,27 +29,6 @@ pytestmark = pytest.mark.integration
 
 ORCHESTRATOR = Orchestrator([ORDER_SAGA])
 SAGA_OUTBOX = tables_for("saga").outbox
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-async def migrated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AsyncEngine]:
-    """A database at head: a new SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        path: Path = tmp_path_factory.mktemp("saga_store") / "compensa.db"
-        engine = create_engine(f"sqlite+aiosqlite:///{path}")
-        try:
-            await upgrade(engine)
-            yield engine
-        finally:
-            await engine.dispose()
-        return
-    async with scratch_database(request.getfixturevalue("database_url"), "it_saga_store") as url:
-        engine = create_engine(url)
-        try:
-            await upgrade(engine)
-            yield engine
-        finally:
-            await engine.dispose()
 
 
 @pytest.fixture
