@@ -151,7 +151,8 @@ class MessageProcessor:
                     await self._dead_letter(delivery, exc.reason_class, str(exc), message)
                 except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
                     if is_dead_connection(exc) and not reconnected:
-                        # Nothing was applied on a dead connection: run it again on a new one.
+                        # Run it again on a new connection. If the lost connection had
+                        # committed after all, the inbox turns the rerun into a duplicate.
                         reconnected = True
                         continue
                     if is_unavailable(exc) and await self.wait_for_database(failed_at=time.monotonic()):

@@ -15,7 +15,10 @@ How it stays at-least-once and in order per saga:
   ones this dispatcher is already publishing (`may_dispatch`). Otherwise its rows go
   to the relay, which publishes a saga's rows in id order, behind the older ones;
 - a failed publish puts the dispatcher out of use for `cooldown` (everything goes to
-  the relay meanwhile); its unconfirmed rows are the relay's once their lease ends.
+  the relay meanwhile) and releases the leases of every row it held, for the relay. A
+  unit of work that was granted a lease before the failure and commits after it is not
+  published here either (it might overtake a released row): its rows are released
+  too, and the relay publishes all of them in id order.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.clock import Clock
@@ -34,6 +37,8 @@ from outbox.ports import OutgoingMessage, Publisher
 from outbox.tables import RESENDING_SERVICES, tables_for
 
 log = structlog.get_logger("compensa.dispatch")
+
+_NOTIFY = text("SELECT pg_notify('compensa_outbox', :service)")
 
 
 class Dispatcher:
@@ -76,9 +81,14 @@ class Dispatcher:
         self._publish_wakeup = asyncio.Event()
         self._mark_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: The batch being published now (unconfirmed).
+        self._publishing: list[OutgoingMessage] = []
+        #: Lease releases running in the background (kept so they are not collected).
+        self._releases: set[asyncio.Task[None]] = set()
         self._out_of_use_until = -float("inf")
         self._closing = False
         self.published = 0
+        #: Publishes that failed so far; a unit of work's grant is valid only while this is unchanged.
         self.failed_batches = 0
 
     # ---------------------------------------------------------------- units of work
@@ -90,15 +100,25 @@ class Dispatcher:
     def lease_until(self, now: datetime) -> datetime:
         return now + self.lease
 
-    def may_dispatch(self, pending: Iterable[tuple[str, str]]) -> bool:
-        """Whether rows of these sagas may go out now, given their pending rows
-        (correlation id, message id) as the unit of work read them: only if each one is
-        already on its way through this dispatcher (so it leaves first)."""
-        return self.in_use and all(message_id in self._unmarked.get(saga, ()) for saga, message_id in pending)
+    def may_dispatch(self, pending: Iterable[tuple[str, str]]) -> int | None:
+        """A grant to publish rows of these sagas after commit, or None: given their
+        pending rows (correlation id, message id) as the unit of work read them, only if
+        each one is already on its way through this dispatcher (so it leaves first).
 
-    def submit(self, messages: Sequence[OutgoingMessage]) -> None:
-        """Publish committed rows (leased by their unit of work), in this order, soon."""
+        The grant is handed back to `submit`; a publish that fails in between voids it.
+        """
+        if self.in_use and all(message_id in self._unmarked.get(saga, ()) for saga, message_id in pending):
+            return self.failed_batches
+        return None
+
+    def submit(self, messages: Sequence[OutgoingMessage], grant: int) -> None:
+        """Publish committed rows (leased under `grant`), in this order, soon."""
         if not messages:
+            return
+        if grant != self.failed_batches or self._closing:
+            # A publish failed since the grant (rows it released may be older than
+            # these), or the dispatcher is stopping: the relay takes these, in id order.
+            self._release_soon(list(messages))
             return
         for message in messages:
             self._unmarked.setdefault(message.correlation_id, set()).add(message.message_id)
@@ -108,7 +128,21 @@ class Dispatcher:
                 asyncio.create_task(self._publish_loop(), name=f"dispatch:{self.service}"),
                 asyncio.create_task(self._mark_loop(), name=f"dispatch-marks:{self.service}"),
             ]
+            for task in self._tasks:
+                task.add_done_callback(self._loop_ended)
         self._publish_wakeup.set()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop that died (not stopped) leaves everything to the relay from now on."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("dispatch.loop_died", service=self.service, error=repr(task.exception()))
+        self._out_of_use_until = float("inf")
+        self.failed_batches += 1
+        held = [*self._publishing, *self._to_publish, *self._to_mark]
+        self._publishing, self._to_publish, self._to_mark = [], [], []
+        self._forget(held)
+        self._release_soon(held)
 
     # ---------------------------------------------------------------- the two loops
 
@@ -118,12 +152,15 @@ class Dispatcher:
             self._publish_wakeup.clear()
             while self._to_publish:
                 batch, self._to_publish = self._to_publish, []
+                self._publishing = batch
                 await self._publish(batch)
+                self._publishing = []
 
     async def _publish(self, batch: list[OutgoingMessage]) -> None:
         try:
             await self.publisher.publish_batch(batch)
         except Exception as exc:  # noqa: BLE001 - the relay takes these rows once their lease ends
+            # Before any await: a unit of work committing meanwhile must see its grant void.
             self.failed_batches += 1
             self._out_of_use_until = time.monotonic() + self.cooldown_seconds
             log.warning(
@@ -163,10 +200,19 @@ class Dispatcher:
             log.warning("dispatch.mark_failed", service=self.service, count=len(batch), error=repr(exc))
         self._forget(batch)
 
+    def _release_soon(self, batch: list[OutgoingMessage]) -> None:
+        if batch:
+            task = asyncio.create_task(self._release_leases(batch), name=f"dispatch-release:{self.service}")
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
     async def _release_leases(self, batch: list[OutgoingMessage]) -> None:
         try:
             async with self.engine.begin() as connection:
                 await connection.execute(self._release, {"ids": [m.message_id for m in batch]})
+                if connection.dialect.name == "postgresql":
+                    # Wake the relays as an insert would (the trigger fires on INSERT only).
+                    await connection.execute(_NOTIFY, {"service": self.service})
         except Exception as exc:  # noqa: BLE001 - the leases then end on their own
             log.warning("dispatch.release_failed", service=self.service, count=len(batch), error=repr(exc))
 
@@ -181,14 +227,26 @@ class Dispatcher:
     # ---------------------------------------------------------------- stopping
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Publish and mark what is queued (within `timeout`), then stop; the relay has the rest."""
+        """Publish and mark what is queued (within `timeout`), then stop.
+
+        What could not be published in time has its lease released, so the relays'
+        final flush (or any relay later) takes it at once; commits that arrive after
+        this are released the same way (`submit`).
+        """
         self._closing = True
         deadline = time.monotonic() + timeout
         while (self._to_publish or self._to_mark or self._unmarked) and time.monotonic() < deadline and self._tasks:
             self._publish_wakeup.set()
             self._mark_wakeup.set()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # a bounded wait at shutdown for the two loops to drain
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        unconfirmed = [*self._publishing, *self._to_publish]
+        self._publishing, self._to_publish = [], []
+        self._forget(unconfirmed)
+        if unconfirmed:
+            await self._release_leases(unconfirmed)
+        if self._releases:
+            await asyncio.wait(set(self._releases), timeout=max(0.5, deadline - time.monotonic()))

@@ -119,6 +119,7 @@ class UnitOfWork:
         #: Publishes this unit's messages right after commit; None leaves them to the relay.
         self.dispatcher = dispatcher
         self._dispatching: list[dict[str, Any]] = []
+        self._grant: int | None = None
         self._message_ids = message_ids
         self.tables: ServiceTables = tables_for(service)
         self.service = service
@@ -230,7 +231,8 @@ class UnitOfWork:
         if self._pending:
             now = self.now()
             dispatcher = self.dispatcher
-            lease = dispatcher.lease_until(now) if dispatcher is not None and await self._may_dispatch(dispatcher) else None
+            self._grant = await self._may_dispatch(dispatcher) if dispatcher is not None else None
+            lease = dispatcher.lease_until(now) if dispatcher is not None and self._grant is not None else None
             rows = [
                 outbox_row(message, now, *self._routes.get(index, (None, None)), dispatch_after=lease)
                 for index, message in enumerate(self._pending)
@@ -241,11 +243,12 @@ class UnitOfWork:
             self._pending.clear()
             self._routes.clear()
 
-    async def _may_dispatch(self, dispatcher: Dispatcher) -> bool:
-        """Whether the dispatcher may publish this unit's messages after commit: only if
-        their sagas have no pending row that would then be overtaken (see outbox/dispatch.py)."""
+    async def _may_dispatch(self, dispatcher: Dispatcher) -> int | None:
+        """The dispatcher's grant to publish this unit's messages after commit, or None:
+        only if their sagas have no pending row that would then be overtaken (see
+        outbox/dispatch.py)."""
         if not dispatcher.in_use:
-            return False
+            return None
         sagas = sorted({message.correlation_id for message in self._pending})
         pending = await self.connection.execute(self.tables.pending_of_sagas, {"sagas": sagas})
         return dispatcher.may_dispatch((row.correlation_id, row.message_id) for row in pending)
@@ -256,7 +259,8 @@ class UnitOfWork:
         self.committed = True
         if self._dispatching:
             assert self.dispatcher is not None
-            self.dispatcher.submit([outgoing_from_row(row) for row in self._dispatching])
+            assert self._grant is not None
+            self.dispatcher.submit([outgoing_from_row(row) for row in self._dispatching], self._grant)
             self._dispatching.clear()
 
 

@@ -235,3 +235,61 @@ async def test_on_sqlite_and_postgresql_dispatched_rows_are_marked_and_older_pen
     assert relay_link.published == [str(first.message_id), str(second.message_id)]
     assert link.published == [str(m.message_id) for m in dispatched]
     await publisher.close()
+
+
+class FailsWhenTold:
+    """A broker link whose first publish hangs until told to fail."""
+
+    def __init__(self) -> None:
+        self.handed: list[str] = []
+        self.fail = asyncio.Event()
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        self.handed.extend(m.message_id for m in messages)
+        await self.fail.wait()
+        raise TransientError("publish failed: channel closed")
+
+
+async def test_a_commit_granted_before_a_failed_publish_does_not_overtake_the_failed_row(
+    engine: AsyncEngine,
+) -> None:
+    link = FailsWhenTold()
+    publisher = dispatcher(engine, link)
+    first = await commit(engine, "order-1", 1, publisher)
+    await eventually(lambda: link.handed == [str(first.message_id)], message="the first row is being published")
+    async with UnitOfWork(engine, PRODUCER, clock, dispatcher=publisher) as uow:
+        second = uow.send(reserve("order-1", 2), correlation_id="order-1")
+        await uow.flush_outbox()  # granted: the first row is on its way through this dispatcher
+        link.fail.set()  # that publish fails while this unit of work is still open
+
+        async def first_released() -> bool:
+            return (await row_of(engine, first)).dispatch_after is None
+
+        await eventually(first_released, message="the failed row released to the relay")
+        await uow.commit()
+
+    async def second_released() -> bool:
+        return (await row_of(engine, second)).dispatch_after is None
+
+    await eventually(second_released, message="the granted row released too, not published after the failure")
+    assert link.handed == [str(first.message_id)]
+    relay_link = RecordingLink()
+    assert await Relay(engine, PRODUCER, relay_link, clock).drain() == 2
+    assert relay_link.published == [str(first.message_id), str(second.message_id)]
+    await publisher.close()
+
+
+async def test_a_commit_that_lands_after_close_is_left_to_the_relay_at_once(engine: AsyncEngine, rabbit: RabbitTransport) -> None:
+    publisher = dispatcher(engine, rabbit)
+    async with UnitOfWork(engine, PRODUCER, clock, dispatcher=publisher) as uow:
+        late = uow.send(reserve("order-1"), correlation_id="order-1")
+        await uow.flush_outbox()  # granted while the dispatcher ran
+        await publisher.close()  # the service stops meanwhile
+        await uow.commit()
+
+    async def released() -> bool:
+        return (await row_of(engine, late)).dispatch_after is None
+
+    await eventually(released, message="its lease released for the relays' final flush")
+    assert publisher.published == 0
+    assert await Relay(engine, PRODUCER, RecordingLink(), clock).drain() == 1
