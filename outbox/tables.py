@@ -87,6 +87,15 @@ def _outbox_table(service: str) -> Table:
             sqlite_where=text("sent_at IS NULL"),
         ),
         Index(f"ix_{name}_correlation", "correlation_id", "id"),
+        # A saga's pending rows: what a unit of work checks before dispatching its own,
+        # and what the relay's claim checks for an older leased row. Small: pending only.
+        Index(
+            f"ix_{name}_pending_correlation",
+            "correlation_id",
+            "id",
+            postgresql_where=text("sent_at IS NULL"),
+            sqlite_where=text("sent_at IS NULL"),
+        ),
         Index(f"ix_{name}_sent_at", "sent_at"),
         *([Index(f"ix_{name}_message_id", "message_id")] if service in RESENDING_SERVICES else []),
     )

@@ -1,6 +1,6 @@
 """outbox dispatch lease
 
-Every outbox gets `dispatch_after`: a row committed by a process that publishes it
+Every outbox gets `dispatch_after` and a partial index of its pending rows by saga: a row committed by a process that publishes it
 itself right after the commit (outbox/dispatch.py) is leased to that process until
 then, and the relay leaves it alone meanwhile. On PostgreSQL the NOTIFY that wakes
 the relays now fires only for rows without a lease: waking a relay for a row it may
@@ -28,6 +28,14 @@ def upgrade() -> None:
     for service in SERVICES:
         with op.batch_alter_table(f"{service}_outbox") as batch_op:
             batch_op.add_column(sa.Column("dispatch_after", sa.DateTime(timezone=True), nullable=True))
+            # A saga's pending rows, read before every dispatch and by the relay's claim.
+            batch_op.create_index(
+                f"ix_{service}_outbox_pending_correlation",
+                ["correlation_id", "id"],
+                unique=False,
+                postgresql_where=sa.text("sent_at IS NULL"),
+                sqlite_where=sa.text("sent_at IS NULL"),
+            )
     if op.get_bind().dialect.name == "postgresql":
         for service in SERVICES:
             op.execute(f"DROP TRIGGER IF EXISTS {service}_outbox_notify ON {service}_outbox")
@@ -48,4 +56,5 @@ def downgrade() -> None:
             )
     for service in SERVICES:
         with op.batch_alter_table(f"{service}_outbox") as batch_op:
+            batch_op.drop_index(f"ix_{service}_outbox_pending_correlation")
             batch_op.drop_column("dispatch_after")
