@@ -19,6 +19,7 @@ from contracts.errors import (
     CompensaError,
     ConflictError,
     ContractError,
+    Deferred,
     TransientError,
 )
 from contracts.messages import *  # noqa: F403
@@ -33,6 +34,7 @@ __all__ = [
     "CompensaError",
     "ConflictError",
     "ContractError",
+    "Deferred",
     "Envelope",
     "Message",
     "Money",

@@ -28,6 +28,20 @@ class TransientError(CompensaError):
     reason_class = "transient"
 
 
+class Deferred(TransientError):
+    """Refused before any work began (a circuit breaker is open): try again after `retry_after_seconds`.
+
+    The consumer retries it through the delay queues without using an attempt, for as
+    long as its outage budget allows (then it counts attempts like any transient failure).
+    """
+
+    reason_class = "deferred"
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = max(0.0, retry_after_seconds)
+
+
 class ConflictError(TransientError):
     """An optimistic-lock conflict: someone else changed the row first. Retry it."""
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from infra.settings import Settings, get_settings
+from infra.telemetry.http import RequestTelemetry
 
 
 def ingest_config(settings: Settings) -> Any:
@@ -59,7 +60,7 @@ def build_app(settings: Settings | None = None) -> Any:
             await redis.aclose()
             await engine.dispose()
 
-    return create_app(
+    app = create_app(
         engine=engine,
         redis=redis,
         producers=directory,
@@ -67,12 +68,16 @@ def build_app(settings: Settings | None = None) -> Any:
         clock=SystemClock(),
         lifespan=lifespan,
     )
+    app.add_middleware(RequestTelemetry)
+    return app
 
 
 def app_from_environment() -> Any:
     """uvicorn factory: `uvicorn --factory infra.api:app_from_environment`."""
     from infra.logging import configure_logging
+    from infra.telemetry.setup import configure_telemetry
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
+    configure_telemetry("compensa-api", metrics_port=settings.metrics_port, metrics_host=settings.metrics_host)
     return build_app(settings)

@@ -3,15 +3,19 @@
 ``bootstrap(settings)`` returns a `Registry`: per consuming service its queues, its
 handlers and how they are batched and admitted. Importing this module reads nothing
 from the environment; entry points read the settings and call it. Faults are wired in
-here too, never patched in later: `wrap_handlers` and `wrap_publisher` decide what the
-registry hands out (see infra/simulation/faults.py).
+here too, never patched in later: `wrap_handlers`, `wrap_publisher` and `wrap_gateway`
+decide what the registry hands out (see infra/simulation/faults.py).
+
+The payment gateway is guarded by a circuit breaker (consumers/payments/breaker.py)
+unless the settings turn it off; `Registry.breakers` holds it by circuit name, for
+listeners (metrics, the simulator's report) to subscribe to.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,20 +24,35 @@ import consumers.ledger as ledger
 import consumers.orders as orders
 import consumers.payments as payments
 import consumers.stock as stock
+from consumers.payments.breaker import PAYMENT_GATEWAY, BreakerGateway, CircuitBreaker
+from consumers.payments.gateway import PaymentGateway
 from contracts.clock import Clock
 from infra import topology as t
+from infra.clock import SystemClock
 from infra.pipeline import BatchLock, MessageProcessor, RetryPolicy
 from infra.settings import Settings
+from infra.telemetry import instruments
+from infra.telemetry.gateway_metrics import STATE_VALUES, MeasuredGateway, record_circuit_transition
 from outbox.ports import Publisher
 from outbox.tables import SERVICES as OUTBOX_TABLES
 from outbox.uow import Handler, UnitOfWork
-from sagas.orchestrator import Orchestrator
+from sagas.orchestrator import Orchestrator, TransitionObserver
 from sagas.order_saga import order_saga
 
 #: Replaces a service's handlers (service name, handlers by message type) when it is built.
 WrapHandlers = Callable[[str, Mapping[str, Handler]], Mapping[str, Handler]]
 #: Replaces the publisher the relays hand their batches to.
 WrapPublisher = Callable[[Publisher], Publisher]
+#: Replaces the payment gateway (inside the circuit breaker, which guards what it returns).
+WrapGateway = Callable[[PaymentGateway], PaymentGateway]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What the services are built from besides the settings."""
+
+    orchestrator: Orchestrator
+    gateway: PaymentGateway
 
 
 @dataclass(frozen=True)
@@ -41,7 +60,7 @@ class _Wiring:
     """How one consuming service is put together; its name is its queue's."""
 
     queue: t.QueueSpec
-    handlers: Callable[[Settings, Orchestrator], Mapping[str, Handler]]
+    handlers: Callable[[Settings, _Parts], Mapping[str, Handler]]
     #: One batch in flight per process: its handlers lock rows that many messages share
     #: (stock's SKU counters, the ledger's balances) in per-message order, so two batches
     #: at once take them in different orders and deadlock (measured: hundreds of
@@ -55,17 +74,17 @@ class _Wiring:
     starts: t.QueueSpec | None = None
 
 
-def _stock_handlers(settings: Settings, _orchestrator: Orchestrator) -> Mapping[str, Handler]:
+def _stock_handlers(settings: Settings, _parts: _Parts) -> Mapping[str, Handler]:
     return stock.make_handlers(reservation_ttl=timedelta(seconds=settings.reservation_ttl_seconds))
 
 
-def _payments_handlers(settings: Settings, _orchestrator: Orchestrator) -> Mapping[str, Handler]:
-    return payments.make_handlers(payments.RuleBasedGateway(limit=settings.payment_amount_limit))
+def _payments_handlers(_settings: Settings, parts: _Parts) -> Mapping[str, Handler]:
+    return payments.make_handlers(parts.gateway)
 
 
 #: Every consuming service, in the order they are listed and started.
 _WIRING: tuple[_Wiring, ...] = (
-    _Wiring(t.SAGA_EVENTS, lambda _settings, orchestrator: orchestrator.handlers(), starts=t.SAGA_STARTS),
+    _Wiring(t.SAGA_EVENTS, lambda _settings, parts: parts.orchestrator.handlers(), starts=t.SAGA_STARTS),
     _Wiring(t.STOCK_COMMANDS, _stock_handlers, serial_batches=True, lock_batch=stock.lock_batch),
     _Wiring(t.PAYMENTS_COMMANDS, _payments_handlers),
     _Wiring(t.LEDGER_EVENTS, lambda _s, _o: ledger.HANDLERS, serial_batches=True, lock_batch=ledger.lock_batch),
@@ -89,8 +108,8 @@ def outboxes_of(services: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in services if name in OUTBOX_SERVICES)
 
 
-def orchestrator_for(settings: Settings) -> Orchestrator:
-    """The orchestrator with the saga timings the settings ask for."""
+def orchestrator_for(settings: Settings, observers: Sequence[TransitionObserver] = ()) -> Orchestrator:
+    """The orchestrator with the saga timings the settings ask for (and `observers` of its transitions)."""
     return Orchestrator(
         [
             order_saga(
@@ -98,7 +117,8 @@ def orchestrator_for(settings: Settings) -> Orchestrator:
                 compensation_deadline=timedelta(seconds=settings.saga_compensation_deadline_seconds),
                 max_compensation_attempts=settings.saga_max_compensation_attempts,
             )
-        ]
+        ],
+        observers,
     )
 
 
@@ -127,6 +147,8 @@ class Registry:
     orchestrator: Orchestrator
     services: Mapping[str, Service]
     wrap_publisher: WrapPublisher | None = None
+    #: Circuit breakers by circuit name (the payment gateway's, unless turned off).
+    breakers: Mapping[str, CircuitBreaker] = field(default_factory=dict)
 
     @property
     def retry(self) -> RetryPolicy:
@@ -166,24 +188,66 @@ class Registry:
         return self.wrap_publisher(transport) if self.wrap_publisher is not None else transport
 
 
+def payment_gateway(
+    settings: Settings,
+    clock: Clock,
+    *,
+    wrap: WrapGateway | None = None,
+    record_breakers: bool = True,
+) -> tuple[PaymentGateway, CircuitBreaker | None]:
+    """The gateway payments calls, and the breaker guarding it (None when the settings turn it off).
+
+    The deterministic gateway, wrapped by `wrap` (faults), behind a circuit breaker timed
+    by `clock`. With `record_breakers` the breaker's transitions are written to the
+    database of the settings, where `compensa health` reads them.
+    """
+    gateway: PaymentGateway = payments.RuleBasedGateway(limit=settings.payment_amount_limit)
+    if wrap is not None:
+        gateway = wrap(gateway)
+    if not settings.payment_breaker_enabled:
+        return MeasuredGateway(gateway), None
+    breaker = CircuitBreaker(
+        PAYMENT_GATEWAY,
+        failures=settings.payment_breaker_failures,
+        cool_down=timedelta(seconds=settings.payment_breaker_cool_down_seconds),
+        clock=clock,
+    )
+    breaker.subscribe(record_circuit_transition)
+    instruments.circuit_state.set(STATE_VALUES[breaker.state], {"circuit": breaker.name})
+    if record_breakers:
+        from infra.circuit_breakers import BreakerRecorder
+
+        breaker.subscribe(BreakerRecorder(settings.database_url, clock))
+    # Measured outside the breaker, so its refusals count as `rejected` calls.
+    return MeasuredGateway(BreakerGateway(gateway, breaker)), breaker
+
+
 def bootstrap(
     settings: Settings,
     *,
     orchestrator: Orchestrator | None = None,
     wrap_handlers: WrapHandlers | None = None,
     wrap_publisher: WrapPublisher | None = None,
+    wrap_gateway: WrapGateway | None = None,
+    clock: Clock | None = None,
+    record_breakers: bool = True,
 ) -> Registry:
     """Build every consuming service from `settings`.
 
     `orchestrator` replaces the order saga the settings time; `wrap_handlers` gets each
     service's handlers as they are built and returns the ones it will run;
-    `wrap_publisher` wraps the publisher the relays are given.
+    `wrap_publisher` wraps the publisher the relays are given; `wrap_gateway` wraps the
+    payment gateway inside its circuit breaker. `clock` times the breaker's cool-down
+    (the system clock by default; the simulator's virtual one there), and
+    `record_breakers=False` keeps its transitions out of the database.
     """
     orchestrator = orchestrator or orchestrator_for(settings)
+    gateway, breaker = payment_gateway(settings, clock or SystemClock(), wrap=wrap_gateway, record_breakers=record_breakers)
+    parts = _Parts(orchestrator, gateway)
     services = {}
     for wiring in _WIRING:
         name = wiring.queue.service
-        handlers = wiring.handlers(settings, orchestrator)
+        handlers = wiring.handlers(settings, parts)
         if wrap_handlers is not None:
             handlers = wrap_handlers(name, handlers)
         services[name] = Service(
@@ -196,4 +260,5 @@ def bootstrap(
             starts=wiring.starts,
             max_in_flight=settings.saga_max_in_flight if wiring.starts is not None else None,
         )
-    return Registry(settings, orchestrator, services, wrap_publisher)
+    breakers = {breaker.name: breaker} if breaker is not None else {}
+    return Registry(settings, orchestrator, services, wrap_publisher, breakers)

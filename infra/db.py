@@ -24,7 +24,9 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
-def create_engine(url: str, *, pool_size: int = 10, echo: bool = False, pre_ping: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, echo: bool = False, pre_ping: bool = False, pooled: bool = True
+) -> AsyncEngine:
     """Create an async engine; on SQLite turn on WAL and a busy timeout.
 
     `pre_ping` tests each pooled PostgreSQL connection before use. On asyncpg that is
@@ -33,16 +35,22 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False, pre_ping
     server restart the first statement on a dead connection fails, SQLAlchemy discards
     the pool's connections, and the pipeline runs the delivery again at once (relays and
     sweepers retry on their next turn). The HTTP API keeps it: a client would see that error.
+
+    `pooled=False` opens a connection per use and keeps none: for rare writes (a circuit
+    breaker's transitions) by an engine nobody disposes.
     """
     parsed = make_url(url)
+    pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+        engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30}, **pool)
         configure_sqlite(engine.sync_engine, synchronous="NORMAL")
         return engine
     if parsed.get_backend_name() == "postgresql":
+        if not pooled:
+            return create_async_engine(url, echo=echo, **pool)
         return create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping)
     raise ValueError(
         f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "

@@ -1,4 +1,4 @@
-"""Health: database, broker, queues, redis (when configured), relay lag, sagas, dead letters.
+"""Health: database, broker, queues, redis (when configured), relay lag, sagas, dead letters, circuit breakers.
 
 `check_health(settings)` runs every check at once, each bounded by a timeout, and
 returns a JSON-able report with a `status`:
@@ -8,8 +8,12 @@ returns a JSON-able report with a `status`:
   messages and no ack over the observation window, or ready messages and no consumer
   over it), an order waits for its saga longer than the bound, or a saga deadline is
   overdue by more than the bound (no sweeper runs);
-- `degraded` when nothing is known to be wrong but something could not be observed:
-  the broker's management API (queue statistics) did not answer;
+- `degraded` when nothing of compensa's is known to be wrong but something could not
+  be observed (the broker's management API, queue statistics, did not answer) or an
+  outside dependency is failing: a running process's circuit breaker on the payment
+  gateway is open or half-open (charges and refunds wait in the delay queues). Rows of
+  breakers not refreshed for `STALE_AFTER_SECONDS` belong to stopped processes: they are
+  listed, never counted;
 - `healthy` otherwise. `ok` is true only when healthy: a check that could not look
   never counts as a pass.
 
@@ -41,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from contracts.messages import OrderCreated
 from infra import topology as t
 from infra.bootstrap import OUTBOX_SERVICES
+from infra.circuit_breakers import STALE_AFTER_SECONDS, breaker_rows
 from infra.dlq.query import open_counts
 from infra.saga_starts import orders_without_saga
 from infra.schema import alembic_config
@@ -131,7 +136,15 @@ async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: floa
         archived = await open_counts(connection)
         saga_starts = await _saga_starts(connection, now, stuck_seconds)
         deadlines = await _overdue_deadlines(connection, now, stuck_seconds)
-    return {"database": database, "relay": relay, "archived": archived, "saga_starts": saga_starts, "deadlines": deadlines}
+        breakers = await _circuit_breakers(connection, now)
+    return {
+        "database": database,
+        "relay": relay,
+        "archived": archived,
+        "saga_starts": saga_starts,
+        "deadlines": deadlines,
+        "circuit_breakers": breakers,
+    }
 
 
 def _age(now: datetime, moment: datetime) -> float:
@@ -206,6 +219,46 @@ async def _overdue_deadlines(connection: AsyncConnection, now: datetime, bound: 
             f"{count} saga deadlines overdue by more than {bound:g}s, up to {report['max_overdue_seconds']:.0f}s (oldest: {ids})"
         )
         report["fix"] = "run the deadline sweeper: it runs with the saga service (`compensa run --service saga`)"
+    return report
+
+
+def _tripped(view: dict[str, Any]) -> str:
+    """One open or half-open breaker in a line: where, since when, why, and the failures in a row."""
+    line = (
+        f"{view['circuit']} circuit {view['state'].replace('_', '-')} in {view['holder']} since {view['since']}: {view['reason']}"
+    )
+    count = f"{view['failures']} transient failures in a row"
+    return line if count in view["reason"] else f"{line} ({count})"
+
+
+async def _circuit_breakers(connection: AsyncConnection, now: datetime) -> dict[str, Any]:
+    """Circuit breakers as their processes recorded them (infra/circuit_breakers.py); open or half-open ones degrade."""
+    live: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
+    for row in await breaker_rows(connection):
+        view: dict[str, Any] = {
+            "circuit": _printable(row.circuit),
+            "holder": _printable(row.holder, 255),
+            "state": _printable(row.state),
+            "since": row.since.isoformat(),
+            "seconds_in_state": _age(now, row.since),
+            "failures": row.failures,
+            "reason": _printable(row.reason, 200),
+            "updated_seconds_ago": _age(now, row.updated_at),
+        }
+        if (now - row.updated_at).total_seconds() <= STALE_AFTER_SECONDS:
+            live.append(view)
+        elif row.state != "closed":
+            stale.append(view)
+    tripped = [view for view in live if view["state"] != "closed"]
+    report: dict[str, Any] = {"ok": not tripped, "stale_after_seconds": STALE_AFTER_SECONDS, "circuits": live, "stale": stale}
+    if tripped:
+        report["degraded"] = True
+        report["error"] = "; ".join(_tripped(view) for view in tripped)
+        report["fix"] = (
+            "the payment gateway is failing: charges and refunds wait in the delay queues (past the retries they are "
+            "dead-lettered and their sagas compensate); check the gateway, and the payments log (circuit_breaker.*)"
+        )
     return report
 
 
@@ -437,7 +490,7 @@ async def check_health(
     if "database" in db:
         checks["database"] = db["database"]
         checks["database"]["latency_ms"] = db["latency_ms"]
-        for name in ("relay", "saga_starts", "deadlines"):
+        for name in ("relay", "saga_starts", "deadlines", "circuit_breakers"):
             if name in db:
                 checks[name] = db[name]
     else:
@@ -489,7 +542,7 @@ async def check_health(
     failed = [name for name, check in checks.items() if not check.get("ok", False)]
     if not failed:
         status = "healthy"
-    elif all(checks[name].get("unavailable") for name in failed):
+    elif all(checks[name].get("unavailable") or checks[name].get("degraded") for name in failed):
         status = "degraded"
     else:
         status = "unhealthy"

@@ -9,6 +9,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|api[-_]?key|authorization|cookie|credential", re.I)
 # `scheme://user:password@host`, the user possibly empty (`redis://:password@host`); the
@@ -43,6 +44,15 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return event_dict
 
 
+def add_trace_context(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`trace_id` and `span_id` of the active span, so a log line finds its trace."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    return event_dict
+
+
 def _current_stderr(*_args: Any) -> structlog.PrintLogger:
     # Whatever sys.stderr is when a logger is made, not when logging was configured: a
     # stream swapped in for a while (a CLI runner capturing output) may be closed later.
@@ -56,6 +66,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            add_trace_context,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             redact_secrets,

@@ -17,9 +17,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Stateme
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from contracts import BusinessRuleError, ContractError, Message, TransientError, decode
+from contracts import BusinessRuleError, ContractError, Deferred, Message, TransientError, decode
 from contracts.clock import Clock
 from infra.db import sqlstate
+from infra.telemetry import instruments
+from infra.telemetry.catalogue import reason_class_label
 from infra.transport.base import Delivery
 from outbox.tracing import context_from
 from outbox.uow import Handler, UnitOfWork
@@ -223,8 +225,12 @@ class MessageProcessor:
             kind=trace.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
                 "messaging.destination.name": delivery.queue.name,
+                "messaging.consumer.group.name": self.consumer,
                 "messaging.message.id": str(message.message_id),
+                "messaging.message.conversation_id": message.correlation_id,
                 "compensa.saga_id": message.correlation_id,
                 "compensa.attempt": delivery.attempt,
             },
@@ -232,26 +238,34 @@ class MessageProcessor:
 
     async def _apply(self, uow: UnitOfWork, delivery: Delivery, message: Message[Any]) -> bool:
         """Record the message in the inbox and run its handler; False for a duplicate."""
+        started = time.perf_counter()
         with self._span(delivery, message):
             if await uow.seen(self.consumer, message):
                 log.info("message.duplicate_skipped", message_id=str(message.message_id))
                 return False
-            await self.handlers[message.type](uow, message)
-            return True
+            with tracer.start_as_current_span(f"handle {message.type}", attributes={"compensa.handler": self.service}):
+                await self.handlers[message.type](uow, message)
+        instruments.consumer_handler_duration.record(
+            time.perf_counter() - started, {"queue": delivery.queue.name, "message_type": message.type}
+        )
+        return True
 
     async def _process(self, delivery: Delivery, message: Message[Any]) -> None:
         async with self.uow_factory(self.engine, self.service, self.clock, incoming=message) as uow:
             applied = await self._apply(uow, delivery, message)
             if applied:
                 await uow.commit()
-        self._count(applied)
+        self._count(applied, delivery)
         await _ack_committed(delivery)
 
-    def _count(self, applied: bool) -> None:
+    def _count(self, applied: bool, delivery: Delivery) -> None:
         if applied:
             self.processed += 1
         else:
             self.duplicates += 1
+        instruments.consumer_messages.add(
+            1, {"queue": delivery.queue.name, "outcome": "processed" if applied else "duplicate", "reason_class": ""}
+        )
 
     async def process_batch(self, deliveries: list[Delivery]) -> None:
         """Apply deliveries that arrived together in one transaction, then ack them all.
@@ -285,8 +299,8 @@ class MessageProcessor:
             log.info("batch.split", size=len(decoded), error=repr(exc))
             await self._each([*alone, *decoded])
             return
-        for applied in outcomes:
-            self._count(applied)
+        for applied, (delivery, _) in zip(outcomes, decoded, strict=True):
+            self._count(applied, delivery)
         for delivery, _ in decoded:
             await _ack_committed(delivery)
         await self._each(alone)
@@ -307,6 +321,9 @@ class MessageProcessor:
 
     async def _retry_or_dead_letter(self, delivery: Delivery, exc: BaseException, message: Message[Any] | None) -> None:
         reason = failure_reason(exc)
+        if isinstance(exc, Deferred) and self._may_defer(delivery):
+            await self._defer(delivery, exc, reason)
+            return
         if delivery.attempt >= self.retry.max_attempts:
             await self._dead_letter(
                 delivery, "transient_exhausted", f"gave up after {delivery.attempt} attempts: {reason}", message
@@ -316,11 +333,33 @@ class MessageProcessor:
         expiration_ms = self.retry.jittered_ms(delivery.attempt, self.rng)
         log.warning("message.retry_scheduled", error=reason, delay_ms=expiration_ms)
         await delivery.retry(delay_ms, expiration_ms, delivery.retry_headers("transient", reason, self.clock.now()))
+        instruments.consumer_messages.add(1, {"queue": delivery.queue.name, "outcome": "retried", "reason_class": "transient"})
+
+    def _may_defer(self, delivery: Delivery) -> bool:
+        """A deferral uses no attempt, within one outage budget (`RetryPolicy.unavailable_seconds`)."""
+        if self.retry.max_attempts < 2:
+            return False  # no delay queue to wait in
+        since = delivery.deferred_since()
+        return since is None or (self.clock.now() - since).total_seconds() < self.retry.unavailable_seconds
+
+    async def _defer(self, delivery: Delivery, exc: Deferred, reason: str) -> None:
+        """Wait in the longest delay queue until the refusal may have passed (jittered, so a burst spreads)."""
+        longest = self.retry.delay_ms(self.retry.max_attempts - 1)
+        wanted = exc.retry_after_seconds * 1000 * (1 + self.rng.random() / 4)
+        expiration_ms = int(min(max(wanted, 50), longest))
+        log.info("message.deferred", reason_class=exc.reason_class, error=reason, delay_ms=expiration_ms)
+        await delivery.retry(longest, expiration_ms, delivery.deferral_headers(exc.reason_class, reason, self.clock.now()))
+        instruments.consumer_messages.add(
+            1, {"queue": delivery.queue.name, "outcome": "deferred", "reason_class": reason_class_label(exc.reason_class)}
+        )
 
     async def _dead_letter(self, delivery: Delivery, reason_class: str, reason: str, message: Message[Any] | None) -> None:
         saga_id = message.correlation_id if message else _guess_saga_id(delivery)
         log.error("message.dead_lettered", reason_class=reason_class, reason=reason, saga_id=saga_id)
         await delivery.dead_letter(delivery.dead_letter_headers(reason_class, reason, self.clock.now(), saga_id))
+        instruments.consumer_messages.add(
+            1, {"queue": delivery.queue.name, "outcome": "dead_lettered", "reason_class": reason_class_label(reason_class)}
+        )
 
 
 async def _ack_committed(delivery: Delivery) -> None:

@@ -16,11 +16,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import consumers.stock as stock
 from contracts.clock import Clock
-from infra.bootstrap import ARCHIVE_SERVICE, Registry, bootstrap, outboxes_of
+from infra.bootstrap import ARCHIVE_SERVICE, Registry, bootstrap, orchestrator_for, outboxes_of
 from infra.pipeline import AdmissionGate, BatchingConsumer, MessageProcessor
 from infra.settings import Settings
+from infra.telemetry import instruments
+from infra.telemetry.saga_metrics import record_saga_metrics
+from infra.telemetry.sampler import sample_dead_letters, sample_outboxes, sample_sagas
+from infra.telemetry.setup import metrics_installed
+from infra.topology import WORK_QUEUES
 from infra.transport.base import DeliveryHandler, Subscription, Transport
 from outbox.dispatch import Dispatcher
+from outbox.ports import OutgoingMessage
 from outbox.relay import Relay
 from outbox.tables import RESENDING_SERVICES
 from outbox.uow import UnitOfWork, prune
@@ -28,6 +34,11 @@ from sagas.orchestrator import SERVICE as SAGA_SERVICE
 from sagas.store import count_in_flight
 
 log = structlog.get_logger("compensa.runtime")
+
+
+def _count_published(service: str, path: str, batch: Sequence[OutgoingMessage]) -> None:
+    instruments.outbox_published.add(len(batch), {"service": service, "path": path})
+
 
 #: The deadline sweeper fires at most this many deadlines per transaction.
 SWEEP_LIMIT = 100
@@ -67,7 +78,8 @@ class Runtime:
     def __post_init__(self) -> None:
         self.consumers = tuple(self.consumers)
         if self.registry is None:
-            self.registry = bootstrap(self.settings)
+            orchestrator = orchestrator_for(self.settings, observers=(record_saga_metrics,))
+            self.registry = bootstrap(self.settings, orchestrator=orchestrator)
         if not self.relays:
             self.outboxes = ()
         elif self.outboxes is None:
@@ -92,6 +104,7 @@ class Runtime:
                         publisher,
                         self.clock,
                         lease=timedelta(seconds=self.settings.dispatch_lease_seconds),
+                        on_published=functools.partial(_count_published, name, "dispatch"),
                     )
         for name in self.consumers:
             await self._consume(name)
@@ -105,6 +118,7 @@ class Runtime:
                 poll_seconds=self.settings.relay_poll_seconds,
                 retry_base_seconds=self.settings.relay_retry_base_seconds,
                 retry_max_seconds=self.settings.relay_retry_max_seconds,
+                on_published=functools.partial(_count_published, name, "relay"),
             )
             self.relay_objects.append(relay)
             self._tasks.append(asyncio.create_task(relay.run(self.stop_event), name=f"relay:{name}"))
@@ -117,6 +131,9 @@ class Runtime:
             self._tasks.append(asyncio.create_task(self._every(5.0, self._expire_reservations), name="reservations"))
         if self._pruned():
             self._tasks.append(asyncio.create_task(self._every(300.0, self._prune), name="prune"))
+        if metrics_installed():
+            sampler = self._every(self.settings.metrics_sample_seconds, self._sample_gauges)
+            self._tasks.append(asyncio.create_task(sampler, name="metrics:sample"))
         log.info("runtime.started", services=list(self.consumers), outboxes=list(self.outboxes or ()))
 
     async def _consume(self, name: str) -> None:
@@ -163,6 +180,14 @@ class Runtime:
 
         while await self._wired.orchestrator.sweep_deadlines(begin, SWEEP_LIMIT) >= SWEEP_LIMIT:
             pass
+
+    async def _sample_gauges(self) -> None:
+        """The gauges this process answers for: its relayed outboxes, its sagas, its archive."""
+        await sample_outboxes(self.engine, tuple(self.outboxes or ()), self.clock.now())
+        if SAGA_SERVICE in self.consumers:
+            await sample_sagas(self.engine, tuple(self._wired.orchestrator.definitions.values()))
+        if ARCHIVE_SERVICE in self.consumers:
+            await sample_dead_letters(self.engine, [queue.name for queue in WORK_QUEUES])
 
     async def _expire_reservations(self) -> None:
         await stock.expire_reservations(self.engine, self.clock)

@@ -16,6 +16,7 @@ import consumers.ledger.tables
 import consumers.orders.tables
 import consumers.payments.tables
 import consumers.stock.tables  # noqa: F401
+import infra.circuit_breakers
 import infra.dlq.tables  # noqa: F401
 import producers.ingest.tables  # noqa: F401
 from outbox.tables import metadata

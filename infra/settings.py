@@ -102,6 +102,19 @@ class Settings(BaseSettings):
     )
     reservation_ttl_seconds: float = Field(default=900.0, gt=0, description="Stock reservations expire after this.")
     payment_amount_limit: int = Field(default=500_000, ge=0, description="The default gateway declines above this (minor units).")
+    payment_breaker_enabled: bool = Field(
+        default=True, description="Guard the payment gateway with a circuit breaker (off: every charge calls the gateway)."
+    )
+    payment_breaker_failures: int = Field(
+        default=5, ge=1, le=1_000, description="Transient gateway failures in a row that open the payment circuit breaker."
+    )
+    payment_breaker_cool_down_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3_600,
+        description="How long the open breaker refuses charges and refunds before one probe may call the gateway "
+        "(refused messages wait for it in the delay queues without using an attempt).",
+    )
     shutdown_grace_seconds: float = Field(default=20.0, gt=0)
     health_stuck_seconds: float = Field(
         default=60.0,
@@ -140,6 +153,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    #: Serve Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics (`--metrics-port`).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Port of /metrics; unset: not served.")
+    metrics_host: str = Field(default="0.0.0.0", description="Address /metrics listens on.")  # noqa: S104
+    metrics_sample_seconds: float = Field(
+        default=15.0, gt=0, description="How often gauges read from the database (outbox lag, sagas, dead letters) are sampled."
+    )
 
 
 @lru_cache(maxsize=1)

@@ -120,6 +120,8 @@ def retry_delays_ms(max_attempts: int, base_seconds: float, max_seconds: float) 
 
 # Headers compensa adds to a message on retry and dead-lettering.
 H_ATTEMPT = "x-compensa-attempt"
+#: When a message was first deferred (a `Deferred`: retried without using an attempt).
+H_DEFERRED_SINCE = "x-compensa-deferred-since"
 H_REASON_CLASS = "x-compensa-reason-class"
 H_REASON = "x-compensa-reason"
 H_ORIGINAL_EXCHANGE = "x-compensa-original-exchange"

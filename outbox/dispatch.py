@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
 import structlog
@@ -54,6 +54,7 @@ class Dispatcher:
         lease: timedelta = timedelta(seconds=10),
         cooldown_seconds: float = 5.0,
         mark_every_seconds: float = 0.05,
+        on_published: Callable[[Sequence[OutgoingMessage]], None] | None = None,
     ) -> None:
         if service in RESENDING_SERVICES:
             # Marks go by message id, which is unique only in the other outboxes.
@@ -65,6 +66,7 @@ class Dispatcher:
         self.lease = lease
         self.cooldown_seconds = cooldown_seconds
         self.mark_every_seconds = mark_every_seconds
+        self.on_published = on_published
         # On PostgreSQL a mark is one UPDATE outside any transaction: no BEGIN and COMMIT
         # round trips. SQLite takes its write lock at BEGIN (infra.db), so it keeps one.
         self._marks_engine = (
@@ -177,6 +179,8 @@ class Dispatcher:
             await self._release_leases(batch)
             return
         self.published += len(batch)
+        if self.on_published is not None:
+            self.on_published(batch)
         self._to_mark.extend(batch)
         self._mark_wakeup.set()
 

@@ -18,7 +18,7 @@ from contracts.routing import exchange_for
 from outbox.dispatch import Dispatcher
 from outbox.ports import OutgoingMessage
 from outbox.tables import ServiceTables, tables_for
-from outbox.tracing import current_traceparent
+from outbox.tracing import create_span_traceparent
 
 _IGNORING_INSERTS: dict[tuple[str, str], Any] = {}
 
@@ -168,14 +168,22 @@ class UnitOfWork:
             if self.incoming is None:
                 raise ValueError("correlation_id is required outside a message handler")
             correlation_id = self.incoming.correlation_id
+        message_id = message_id or (self._message_ids() if self._message_ids else uuid.uuid4())
+        traceparent = create_span_traceparent(
+            payload.message_type,
+            exchange_for(payload.kind),
+            str(message_id),
+            correlation_id,
+            parent=self.incoming.envelope.traceparent if self.incoming else None,
+        )
         message = new_message(
             payload,
             correlation_id=correlation_id,
             producer=self.service,
             causation_id=self.incoming.message_id if self.incoming else None,
-            traceparent=current_traceparent() or (self.incoming.envelope.traceparent if self.incoming else None),
+            traceparent=traceparent,
             occurred_at=self.now(),
-            message_id=message_id or (self._message_ids() if self._message_ids else None),
+            message_id=message_id,
         )
         self._pending.append(message)
         return message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -43,10 +44,27 @@ class SagaTransaction(SagaUnitOfWork, Protocol):
     async def commit(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class AppliedTransition:
+    """A transition the orchestrator stored, as observers (metrics) see it."""
+
+    definition: SagaDefinition
+    before: SagaState | None
+    after: SagaState
+    trigger: str
+    #: When the saga began compensating, for a saga that ends now after compensating.
+    compensation_started_at: datetime | None = None
+
+
+#: Called inside the transaction after each stored transition; must not raise or block.
+TransitionObserver = Callable[[AppliedTransition], None]
+
+
 class Orchestrator:
     """Route saga events to their saga definition and store what the engine decides."""
 
-    def __init__(self, definitions: Sequence[SagaDefinition]) -> None:
+    def __init__(self, definitions: Sequence[SagaDefinition], observers: Sequence[TransitionObserver] = ()) -> None:
+        self.observers = tuple(observers)
         self.definitions = {d.name: d for d in definitions}
         self._starters = {d.starts_with.message_type: d for d in definitions}
         self._interested: dict[str, list[SagaDefinition]] = {}
@@ -106,9 +124,12 @@ class Orchestrator:
         The due sagas are claimed with SKIP LOCKED, so several sweepers share the work
         and a saga whose reply is being applied waits for the next round.
         """
-        with tracer.start_as_current_span("saga.sweep_deadlines"):
-            async with begin() as uow:
-                due = await SagaStore(uow.connection).due_deadlines(uow.now(), limit)
+        async with begin() as uow:
+            due = await SagaStore(uow.connection).due_deadlines(uow.now(), limit)
+            if not due:
+                return 0
+            # A span only for a sweep that fires: an idle sweep every second is no trace.
+            with tracer.start_as_current_span("saga.fire_deadlines", attributes={"compensa.deadlines": len(due)}):
                 for state, deadline in due:
                     with structlog.contextvars.bound_contextvars(saga_id=state.saga_id):
                         await self.fire_deadline(uow, state, deadline)
@@ -171,6 +192,9 @@ class Orchestrator:
             causation_id=str(message.envelope.causation_id) if message and message.envelope.causation_id else None,
             sent=sent,
         )
+        _annotate_span(before, new, transition.trigger, step)
+        if self.observers:
+            await self._observe(store, definition, before, new, transition.trigger)
         log.info(
             "saga.transition",
             saga_id=new.saga_id,
@@ -179,4 +203,40 @@ class Orchestrator:
             to_status=new.status.value,
             note=transition.note,
             sent=[s["type"] for s in sent],
+        )
+
+    async def _observe(
+        self, store: SagaStore, definition: SagaDefinition, before: SagaState | None, after: SagaState, trigger: str
+    ) -> None:
+        started = None
+        if after.is_terminal and before is not None and before.status is SagaStatus.COMPENSATING:
+            started = await store.compensation_started_at(after.saga_id)
+        applied = AppliedTransition(definition, before, after, trigger, started)
+        for observer in self.observers:
+            try:
+                observer(applied)
+            except Exception:
+                log.exception("saga.observer_failed", saga_id=after.saga_id, observer=repr(observer))
+
+
+def _annotate_span(before: SagaState | None, after: SagaState, trigger: str, step: str | None) -> None:
+    """The transition as an event of the span handling it (a no-op when it is not recorded)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute("compensa.saga.type", after.definition)
+    span.set_attribute("compensa.saga.status", after.status.value)
+    span.add_event(
+        "saga.transition",
+        {
+            "compensa.saga.trigger": trigger,
+            "compensa.saga.from_status": before.status.value if before else "",
+            "compensa.saga.to_status": after.status.value,
+            "compensa.saga.step": step or "",
+        },
+    )
+    if after.status is SagaStatus.COMPENSATING and (before is None or before.status is not SagaStatus.COMPENSATING):
+        span.add_event(
+            "saga.compensation_started",
+            {"compensa.saga.reason": after.reason or "", "compensa.saga.pending": list(after.pending_compensations)},
         )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts import ConflictError
@@ -154,6 +154,17 @@ class SagaStore:
             },
         )
 
+    async def compensation_started_at(self, saga_id: str) -> datetime | None:
+        """When the saga last began compensating (from its history)."""
+        history = saga_history.c
+        query = select(func.max(history.at)).where(
+            history.saga_id == saga_id,
+            history.to_status == SagaStatus.COMPENSATING.value,
+            or_(history.from_status.is_(None), history.from_status != SagaStatus.COMPENSATING.value),
+        )
+        started: datetime | None = (await self.connection.execute(query)).scalar_one_or_none()
+        return started
+
     async def clear_deadline(self, state: SagaState) -> None:
         """Drop a stale deadline: only the deadline columns, and only at the version read.
 
@@ -176,3 +187,18 @@ class SagaStore:
 async def count_in_flight(connection: AsyncConnection) -> int:
     """Sagas started and not yet finished (running or compensating)."""
     return int((await connection.execute(_COUNT_IN_FLIGHT)).scalar_one())
+
+
+#: The statuses of sagas an operator may have to look at: unfinished, and compensation_failed.
+ACTIVE_STATUSES = (SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.COMPENSATION_FAILED)
+
+
+async def count_active(connection: AsyncConnection) -> dict[tuple[str, str], int]:
+    """(saga type, status) -> number of sagas, for the statuses in ACTIVE_STATUSES."""
+    c = saga_instances.c
+    query = (
+        select(c.definition, c.status, func.count())
+        .where(c.status.in_([s.value for s in ACTIVE_STATUSES]))
+        .group_by(c.definition, c.status)
+    )
+    return {(definition, status): int(count) for definition, status, count in (await connection.execute(query)).all()}

@@ -27,6 +27,8 @@ missing_packages() {
   { [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && command -v epmd >/dev/null 2>&1; } \
     || missing+=(rabbitmq-server)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # prometheus ships promtool too: the monitoring tests check the configuration with both.
+  { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
   if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
   fi
@@ -61,7 +63,7 @@ install_packages() {
   created_policy=
 }
 
-phase "system packages (postgresql, rabbitmq-server, redis-server)"
+phase "system packages (postgresql, rabbitmq-server, redis-server, prometheus)"
 read -r -a missing <<<"$(missing_packages)"
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "all present"

@@ -9,9 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from infra.telemetry.tracing import configure_tracing
 from tests.harness.servers import Server, Servers, local_servers
 
 _SERVERS = pytest.StashKey[Servers]()
+
+# The test process records spans from the start: OpenTelemetry lets a process install
+# its tracer provider once, and a CLI command run in-process (which configures telemetry
+# as `compensa-cli`) must keep this one. Tests that look at spans add an exporter to it.
+configure_tracing("compensa-tests")
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import aio_pika
+import httpx
 
 from contracts.messages import OrderLine
 from infra import topology as t
@@ -33,7 +37,10 @@ PROCESS_LAYOUT: tuple[tuple[str, ...], ...] = (
 )
 
 
-async def _start_processes(database_url: str, amqp_url: str) -> list[Any]:
+async def _start_processes(
+    database_url: str, amqp_url: str, extra_env: Mapping[str, str], metrics_ports: Sequence[int] = ()
+) -> list[Any]:
+    """PROCESS_LAYOUT's processes; with `metrics_ports`, each serves /metrics on its own."""
     import subprocess
     import sys
     from pathlib import Path
@@ -45,8 +52,13 @@ async def _start_processes(database_url: str, amqp_url: str) -> list[Any]:
         "COMPENSA_AMQP_URL": amqp_url,
         "COMPENSA_LOG_LEVEL": "WARNING",
         "COMPENSA_PREFETCH": "64",
+        **extra_env,
     }
-    return [subprocess.Popen([compensa, *args], env=env) for args in PROCESS_LAYOUT]  # noqa: ASYNC220 - returns at once
+    children = []
+    for n, args in enumerate(PROCESS_LAYOUT):
+        metrics = ["--metrics-port", str(metrics_ports[n])] if metrics_ports else []
+        children.append(subprocess.Popen([compensa, *args, *metrics], env=env))  # noqa: ASYNC220 - returns at once
+    return children
 
 
 async def _stop_processes(processes: list[Any]) -> None:
@@ -74,6 +86,8 @@ async def saga_rate(
     *,
     processes: bool = False,
     management_url: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    metrics_ports: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Closed loop: `inflight` clients each place an order and wait for its completion.
 
@@ -82,7 +96,8 @@ async def saga_rate(
     queue of the bench's own bound to `order.completed`. The cost per completed saga
     (CPU of each process, transactions, statements, publishes, deliveries) is counted
     over the same window; the bench process places the orders, which is the orders
-    service's own work, so its CPU counts too.
+    service's own work, so its CPU counts too. `extra_env` and `metrics_ports` go to
+    the processes (telemetry on or off: `bench telemetry`).
     """
     from sqlalchemy import select
 
@@ -122,7 +137,7 @@ async def saga_rate(
                 completed(message.correlation_id or "")
 
             await queue.consume(on_completed_message)
-            children = await _start_processes(database_url, amqp_url)
+            children = await _start_processes(database_url, amqp_url, extra_env or {}, metrics_ports)
         else:
 
             def observe_completions(service: str, handlers: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -200,3 +215,116 @@ async def saga_rate(
         await _stop_processes(children)
         await transport.close()
         await engine.dispose()
+
+
+# ---------------------------------------------------------------- telemetry off vs on
+#
+# "On" is production with a collector and Prometheus: spans and metrics pushed over
+# OTLP/HTTP to a local receiver, every process's /metrics scraped once a second. "Off"
+# is the default: nothing exported (spans get ids, nothing is recorded). The receiver
+# here only answers and counts; decoding is the tests' business (tests/otlp_receiver.py).
+
+
+class OtlpSink:
+    """An OTLP/HTTP endpoint that accepts every export (an empty protobuf answer is a valid one)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length", "0"))
+                self.rfile.read(size)
+                sink.requests += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[OtlpSink]:
+        thread = threading.Thread(target=self._server.serve_forever, name="otlp-sink", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+async def scrape_every(ports: list[int], seconds: float, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    """GET each /metrics every `seconds`, as Prometheus would, until `stop`; count what answered."""
+    answered: set[int] = set()
+    async with httpx.AsyncClient(timeout=5) as client:
+        while not stop.is_set():
+            for port in ports:
+                try:
+                    answer = await client.get(f"http://127.0.0.1:{port}/metrics")
+                    answer.raise_for_status()
+                    counts["scrapes"] += 1
+                    counts["bytes"] += len(answer.content)
+                    answered.add(port)
+                except httpx.HTTPError:
+                    # Before a process first answers it is still starting; after, a failure is one.
+                    counts["failed"] += port in answered
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    ports = []
+    for _ in range(n):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    return ports
+
+
+async def telemetry_cost(
+    database_url: str, amqp_url: str, inflight: int, seconds: float, rounds: int, management_url: str | None
+) -> dict[str, Any]:
+    """Alternate off and on `rounds` times; each run's per-saga cost, and what the exporters carried."""
+    runs: list[dict[str, Any]] = []
+    sink = OtlpSink()
+    with sink.running():
+        for _ in range(rounds):
+            for mode in ("off", "on"):
+                env = {"OTEL_SDK_DISABLED": "false"}
+                ports: list[int] = []
+                scraper = None
+                stop = asyncio.Event()
+                counts = {"scrapes": 0, "bytes": 0, "failed": 0}
+                if mode == "on":
+                    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
+                    ports = _free_ports(len(PROCESS_LAYOUT))
+                    scraper = asyncio.create_task(scrape_every(ports, 1.0, stop, counts))
+                try:
+                    result = await saga_rate(
+                        database_url,
+                        amqp_url,
+                        inflight,
+                        seconds,
+                        processes=True,
+                        management_url=management_url,
+                        extra_env=env,
+                        metrics_ports=ports,
+                    )
+                finally:
+                    stop.set()
+                    if scraper is not None:
+                        await scraper
+                result["mode"] = mode
+                result["scrapes"] = counts
+                runs.append(result)
+    return {"runs": runs, "otlp_requests": sink.requests, "otlp_bytes": sink.bytes}

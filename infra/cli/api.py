@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from infra.cli.common import err
+from infra.cli.common import MetricsPortOpt, err
 from infra.settings import get_settings
 
 
@@ -15,14 +15,28 @@ def api(
     port: Annotated[int | None, typer.Option(help="Port (default COMPENSA_API_PORT).")] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="uvicorn's per-request log line.")] = False,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Serve the HTTP ingest API (POST /v1/events, /v1/events:batch; docs at /docs)."""
+    import os
+
     import uvicorn
 
     settings = get_settings()
     if not settings.redis_url:
         err.print("[red]error:[/red] the ingest API needs Redis: set COMPENSA_REDIS_URL", highlight=False)
         raise typer.Exit(1)
+    if metrics_port is not None:
+        # The app factory runs in the serving process and reads its settings from there.
+        os.environ["COMPENSA_METRICS_PORT"] = str(metrics_port)
+        get_settings.cache_clear()
+    if workers > 1 and (metrics_port or settings.metrics_port):
+        err.print(
+            "[red]error:[/red] /metrics is served by one process: run --workers 1 per process (scale with processes) "
+            "or leave the metrics port unset",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     uvicorn.run(
         "infra.api:app_from_environment",
         factory=True,

@@ -178,6 +178,44 @@ async def _dbos_peer(
             )
 
 
+@app.command("telemetry")
+@command
+async def bench_telemetry(
+    inflight: Annotated[int, typer.Option(min=1, help="Concurrent sagas.")] = 10,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Measured seconds per run.")] = 15.0,
+    rounds: Annotated[int, typer.Option(min=1, help="Off/on pairs, alternated.")] = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """CPU per saga with exporters off vs on (OTLP to a local receiver, /metrics scraped each second)."""
+    from statistics import median
+
+    from infra.bench.cost import describe
+    from infra.bench.saga import PROCESS_LABELS, telemetry_cost
+    from infra.logging import configure_logging
+    from infra.settings import derive_management_url
+
+    configure_logging("WARNING", "json")
+    database_url, amqp_url = environment_urls()
+    management_url = get_settings().amqp_management_url or derive_management_url(amqp_url)
+    report = Report("telemetry", as_json)
+    report.say(f"telemetry cost: bench saga --processes at {inflight} in flight, {seconds:g} s a run, {rounds} off/on pairs")
+    result = await telemetry_cost(database_url, amqp_url, inflight, seconds, rounds, management_url)
+    report.data.update(result)
+    totals: dict[str, list[float]] = {"off": [], "on": []}
+    for run in result["runs"]:
+        cost = run["per_saga"]
+        totals[run["mode"]].append(cost["cpu_ms_total"])
+        rate = f"{run['sagas_per_s']:6.1f} sagas/s  p99 {run['p99_ms']:5.0f} ms"
+        report.say(f"  {run['mode']:>3}: {rate}  {describe(cost, ['client', *PROCESS_LABELS])}")
+    off, on = median(totals["off"]), median(totals["on"])
+    report.data["cpu_ms_per_saga"] = {"off": off, "on": on, "ratio": on / off if off else None}
+    report.say(f"OTLP receiver: {result['otlp_requests']} exports, {result['otlp_bytes'] / 1e6:.1f} MB")
+    report.figure("CPU per saga, exporters off (median)", off, "ms")
+    report.figure("CPU per saga, exporters on (median)", on, "ms")
+    report.figure("=> on / off", on / off if off else float("nan"))
+    report.done()
+
+
 @app.command("simulate")
 def bench_simulate(
     sagas: Annotated[int, typer.Option(min=10)] = 10_000,

@@ -38,6 +38,13 @@ console = Console()
 unwrapped = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
+#: `--metrics-port` of the long-running commands.
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port (default COMPENSA_METRICS_PORT)."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
 
@@ -74,8 +81,32 @@ def print_error(explained: str) -> None:
     err.print(Text.assemble(("error:", "red"), " ", visible(redact(explained))), highlight=False)
 
 
+LONG_RUNNING = "compensa_long_running"
+
+
+def long_running(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Mark a command that runs until stopped: it starts telemetry itself (`start_telemetry`)."""
+    setattr(fn, LONG_RUNNING, True)
+    return fn
+
+
+def start_telemetry(service_name: str, metrics_port: int | None = None) -> Any:
+    """Traces and metrics for this process from OTEL_* and COMPENSA_METRICS_* (`infra.telemetry.setup`)."""
+    from infra.settings import get_settings
+    from infra.telemetry.setup import configure_telemetry
+
+    settings = get_settings()
+    port = metrics_port if metrics_port is not None else settings.metrics_port
+    return configure_telemetry(service_name, metrics_port=port, metrics_host=settings.metrics_host)
+
+
 def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
-    """Run an async command body; print known failures as one line instead of a traceback."""
+    """Run an async command body; print known failures as one line instead of a traceback.
+
+    Logging is configured first, then telemetry as the process ``compensa-cli`` (what a
+    command publishes carries a trace from it), except for a `long_running` command,
+    which starts its own under its name and with its metrics port (`start_telemetry`).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -85,6 +116,8 @@ def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
         settings = get_settings()
         configure_logging(settings.log_level, settings.log_format)
         try:
+            if not getattr(fn, LONG_RUNNING, False):
+                start_telemetry("compensa-cli")
             return asyncio.run(fn(*args, **kwargs))
         except typer.Exit:
             raise

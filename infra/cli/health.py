@@ -1,4 +1,4 @@
-"""`compensa health`: database, broker, queues, redis, relay lag, saga starts, deadlines, dead letters.
+"""`compensa health`: database, broker, queues, redis, relay lag, saga starts, deadlines, dead letters, breakers.
 
 The checks are `infra/health.py`; this module runs them once (or serves them) and prints.
 """
@@ -10,11 +10,12 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from infra.cli.common import JsonOpt, command, err, print_json
+from infra.cli.common import JsonOpt, MetricsPortOpt, command, err, long_running, print_json, start_telemetry
 from infra.cli.common import unwrapped as console
 
 
 @command
+@long_running
 async def health(
     as_json: JsonOpt = False,
     serve: Annotated[bool, typer.Option("--serve", help="Serve GET /health over HTTP instead (container checks).")] = False,
@@ -23,12 +24,17 @@ async def health(
     max_relay_lag: Annotated[
         float, typer.Option(min=0.1, help="Seconds a pending outbox row may wait before the relay counts as lagging.")
     ] = 60.0,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Check database, broker, redis (when configured), relay lag and dead letters; exit 1 when unhealthy."""
     from infra.health import check_health, health_app
     from infra.settings import get_settings
 
     settings = get_settings()
+    if metrics_port is not None and not serve:
+        err.print("[red]error:[/red] --metrics-port needs --serve (a one-off check has nothing to scrape)", highlight=False)
+        raise typer.Exit(2)
+    start_telemetry("compensa-health" if serve else "compensa-cli", metrics_port if serve else None)
     if serve:
         import uvicorn
 
@@ -73,6 +79,12 @@ def print_health(report: dict[str, Any]) -> None:
             detail = f"every order older than {check['limit_seconds']:g}s has its saga"
         elif name == "deadlines":
             detail = f"none overdue by more than {check['limit_seconds']:g}s"
+        elif name == "circuit_breakers":
+            detail = (
+                "all closed: " + ", ".join(f"{c['circuit']} in {c['holder']}" for c in check["circuits"])
+                if check["circuits"]
+                else "none open (no transition recorded lately)"
+            )
         elif name == "dead_letters":
             waiting = {q: v["waiting_in_dlq"] for q, v in check["queues"].items() if v["waiting_in_dlq"]}
             archived = {q: v["archived_new"] for q, v in check["queues"].items() if v["archived_new"]}
@@ -83,6 +95,8 @@ def print_health(report: dict[str, Any]) -> None:
             mark = "[green]yes[/green]"
         elif check.get("unavailable"):
             mark = "[yellow]unknown[/yellow]"
+        elif check.get("degraded"):
+            mark = "[yellow]degraded[/yellow]"
         else:
             mark = "[red]NO[/red]"
         table.add_row(name, mark, escape(str(detail)))

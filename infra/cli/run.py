@@ -6,13 +6,15 @@ from typing import Annotated
 
 import typer
 
-from infra.cli.common import command, fail, open_engine, open_transport
+from infra.cli.common import MetricsPortOpt, command, fail, long_running, open_engine, open_transport, start_telemetry
 
 
 @command
+@long_running
 async def run(
     service: Annotated[list[str], typer.Option("--service", "-s", help="Run only these services (repeatable).")] = [],  # noqa: B006
     no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not run relays in this process.")] = False,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Run services (all by default) until SIGTERM/SIGINT, then stop gracefully."""
     from infra.bootstrap import RUNNABLE_SERVICES
@@ -23,6 +25,9 @@ async def run(
     unknown = sorted(set(service) - set(RUNNABLE_SERVICES))
     if unknown:
         fail(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(RUNNABLE_SERVICES)}")
+    # Named after what it runs (OTEL_SERVICE_NAME wins): "compensa" runs everything.
+    chosen = sorted(set(service))
+    start_telemetry("compensa-" + "-".join(chosen) if chosen else "compensa", metrics_port)
     settings = get_settings()
     engine = open_engine()
     transport = await open_transport()
@@ -35,8 +40,10 @@ async def run(
 
 
 @command
+@long_running
 async def relay(
     service: Annotated[list[str], typer.Option("--service", "-s", help="Outboxes to relay (default: all).")] = [],  # noqa: B006
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Relay outbox rows to the broker until SIGTERM/SIGINT."""
     from infra.bootstrap import OUTBOX_SERVICES
@@ -48,6 +55,7 @@ async def relay(
     unknown = sorted(set(names) - set(OUTBOX_SERVICES))
     if unknown:
         fail(f"unknown outbox(es) {', '.join(unknown)}; choose from {', '.join(OUTBOX_SERVICES)}")
+    start_telemetry("compensa-relay", metrics_port)
     engine = open_engine()
     transport = await open_transport()
     try:

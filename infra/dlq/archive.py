@@ -40,6 +40,8 @@ from infra import topology as t
 from infra.db import sqlstate
 from infra.dlq.tables import INTEGER_MAX, INTEGER_MIN, NEW, QUARANTINED, UNDECODABLE, dead_letters
 from infra.pipeline import is_transient
+from infra.telemetry import instruments
+from infra.telemetry.catalogue import reason_class_label
 from infra.transport.base import Delivery, Subscription, Transport
 from outbox.uow import insert_ignoring_duplicates
 
@@ -407,6 +409,9 @@ class DeadLetterArchive:
             log.info("dlq.duplicate_skipped", dlq=row["dlq"], message_id=row["message_id"])
         else:
             self.archived += 1
+            # The DLQ it came from, not the queue its headers name: label values stay a closed set.
+            labels = {"queue": row["dlq"].removesuffix(".dlq"), "reason_class": reason_class_label(row["reason_class"])}
+            instruments.dead_letters_archived.add(1, labels)
             if outcome == "quarantined":
                 self.quarantined += 1
                 log.error("dlq.quarantined", dlq=row["dlq"], message_id=row["message_id"], reason=row["reason"])

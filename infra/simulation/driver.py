@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from sqlalchemy.engine import make_url
 
 import consumers.orders as orders
 import consumers.stock as stock
+from consumers.payments.breaker import BreakerState, CircuitBreaker, Transition
+from consumers.payments.gateway import PaymentGateway
 from infra import topology as t
 from infra.bootstrap import Registry, bootstrap
 from infra.clock import VirtualClock
@@ -28,7 +30,7 @@ from infra.db import create_engine
 from infra.pipeline import MessageProcessor
 from infra.schema import upgrade
 from infra.settings import Settings
-from infra.simulation.faults import FaultInjector, RelayCrash
+from infra.simulation.faults import FaultInjector, GatewayOutages, RelayCrash
 from infra.simulation.readback import Observed, dead_letter_record, read_back
 from infra.simulation.sqlite_facade import create_direct_sqlite_engine
 from infra.transport.memory import MemoryBroker
@@ -104,6 +106,8 @@ class SimulationResult:
     stack: str = "simulated"
     #: What only one kind of run knows (the real stack: queue depths, dead letters per queue).
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Per circuit breaker: its transitions, counted and listed (`breaker_report`).
+    breakers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -122,7 +126,11 @@ class Simulation:
         # the same run on any machine (gateway limit, reservation TTL, ...).
         self.settings = Settings.model_construct(max_attempts=options.max_attempts, retry_base_seconds=0.5, retry_max_seconds=8.0)
         self.faults = FaultInjector(options.faults, self.rng)
+        self.gateway: GatewayOutages | None = None
+        self.transitions: list[Transition] = []
         self.registry = self._bootstrap()
+        for breaker in self.registry.breakers.values():
+            breaker.subscribe(self.transitions.append)
         self.on_progress = on_progress
         self.finished: set[str] = set()
         self.dirty_outboxes: set[str] = set()
@@ -142,11 +150,19 @@ class Simulation:
             publisher = self.faults.publisher(inner)
             return relay_publisher(publisher) if relay_publisher is not None else publisher
 
+        def wrap_gateway(inner: PaymentGateway) -> PaymentGateway:
+            self.gateway = self.faults.gateway(inner, self.clock)
+            return self.gateway
+
+        # The breaker runs on virtual time; its transitions go to the report, not a database.
         return bootstrap(
             self.settings,
             orchestrator=self.options.orchestrator,
             wrap_handlers=wrap_handlers,
             wrap_publisher=wrap_publisher,
+            wrap_gateway=wrap_gateway,
+            clock=self.clock,
+            record_breakers=False,
         )
 
     def _uow_factory(self) -> Callable[..., UnitOfWork]:
@@ -371,7 +387,41 @@ class Simulation:
             wall_seconds=time.perf_counter() - started,
             history=found.history,
             dead_letters=dead_letters,
+            breakers={
+                name: breaker_report(breaker, self.transitions, VirtualClock().now(), self.gateway)
+                for name, breaker in self.registry.breakers.items()
+            },
         )
+
+
+#: The most transitions a report lists one by one (all are counted).
+LISTED_TRANSITIONS = 50
+
+
+def breaker_report(
+    breaker: CircuitBreaker, transitions: list[Transition], origin: datetime, gateway: GatewayOutages | None
+) -> dict[str, Any]:
+    """What `breaker` did in a run: transitions counted and listed, calls refused, calls that reached the gateway."""
+    mine = [step for step in transitions if step.circuit == breaker.name]
+
+    def seconds(at: datetime) -> float:
+        return round((at - origin).total_seconds(), 6)
+
+    opened = [step for step in mine if step.new is BreakerState.OPEN]
+    return {
+        "opened": len(opened),
+        "half_opened": sum(step.new is BreakerState.HALF_OPEN for step in mine),
+        "closed": sum(step.new is BreakerState.CLOSED for step in mine),
+        "first_opened_at_seconds": seconds(opened[0].at) if opened else None,
+        "final_state": breaker.state.value,
+        "refused_calls": breaker.rejected,
+        "gateway_calls": gateway.calls if gateway is not None else None,
+        "gateway_failures": gateway.failed if gateway is not None else None,
+        "transitions": [
+            {"at_seconds": seconds(step.at), "from": step.old.value, "to": step.new.value, "reason": step.reason}
+            for step in mine[:LISTED_TRANSITIONS]
+        ],
+    }
 
 
 def run_simulation(options: SimulationOptions, on_progress: Callable[[int, int], None] | None = None) -> SimulationResult:

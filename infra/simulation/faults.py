@@ -3,7 +3,8 @@
 Faults are injected around the real code, never inside it, and never by patching a
 live object: `FaultInjector.wrap_handlers` and `FaultInjector.publisher` are the hooks
 `infra.bootstrap.bootstrap` applies when it builds the services, so what the registry
-hands out is already faulty. The simulated run (driver.py) also draws its delivery
+hands out is already faulty (`FaultInjector.gateway` likewise wraps the payment
+gateway, inside its circuit breaker). The simulated run (driver.py) also draws its delivery
 faults (reordering, delay, silence, duplicates, lost acks) from `chance`, so one rng
 decides everything in a fixed order and a seed replays the run.
 """
@@ -13,9 +14,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from contracts import BusinessRuleError, TransientError
+from consumers.payments.gateway import Authorization, Decline, PaymentGateway
+from contracts import BusinessRuleError, Money, TransientError
+from contracts.clock import Clock
 from outbox.ports import OutgoingMessage, Publisher
 from outbox.uow import Handler, UnitOfWork
 from sagas.simulation.faults import FaultRates
@@ -70,6 +74,45 @@ class FaultInjector:
     def publisher(self, inner: Publisher) -> Publisher:
         """The bootstrap hook: the relays' publisher, duplicating and crashing at its rates."""
         return FaultyPublisher(inner, self)
+
+    def gateway(self, inner: PaymentGateway, clock: Clock) -> GatewayOutages:
+        """The payment gateway, down for `gateway_outage_seconds` of `clock` time when an outage strikes."""
+        return GatewayOutages(inner, self, clock)
+
+
+class GatewayOutages:
+    """A payment gateway that has outages: while one lasts, every call fails transiently.
+
+    Each call made while the gateway is up may start an outage, at the `gateway_outage`
+    rate; it lasts `gateway_outage_seconds` by the clock, then the gateway answers again.
+    """
+
+    def __init__(self, inner: PaymentGateway, faults: FaultInjector, clock: Clock) -> None:
+        self.inner = inner
+        self.faults = faults
+        self.clock = clock
+        self.down_until: datetime | None = None
+        #: Calls that reached the gateway, and those of them that failed in an outage.
+        self.calls = 0
+        self.failed = 0
+
+    def _check(self) -> None:
+        self.calls += 1
+        now = self.clock.now()
+        if self.down_until is None or now >= self.down_until:
+            if not self.faults.chance("gateway_outage"):
+                return
+            self.down_until = now + timedelta(seconds=self.faults.rates.gateway_outage_seconds)
+        self.failed += 1
+        raise TransientError(f"injected: payment gateway outage until {self.down_until.isoformat()}")
+
+    async def authorize(self, order_id: str, amount: Money, token: str) -> Authorization | Decline:
+        self._check()
+        return await self.inner.authorize(order_id, amount, token)
+
+    async def refund(self, payment_id: str, amount: Money) -> None:
+        self._check()
+        await self.inner.refund(payment_id, amount)
 
 
 class FaultyPublisher:

@@ -66,6 +66,22 @@ class Delivery(abc.ABC):
         headers[t.H_ATTEMPT] = self.attempt + 1
         return headers
 
+    def deferral_headers(self, reason_class: str, reason: str, now: datetime) -> dict[str, Any]:
+        """Headers of a retry that uses no attempt; the first deferral's time is kept."""
+        headers = self._failure_headers(reason_class, reason, now)
+        headers[t.H_ATTEMPT] = self.attempt
+        headers.setdefault(t.H_DEFERRED_SINCE, now.isoformat())
+        return headers
+
+    def deferred_since(self) -> datetime | None:
+        value = _text(self.headers.get(t.H_DEFERRED_SINCE))
+        try:
+            since = datetime.fromisoformat(value) if value else None
+        except ValueError:
+            return None
+        # A header is input: a time without its zone is not one this side wrote.
+        return since if since is not None and since.tzinfo is not None else None
+
     def dead_letter_headers(self, reason_class: str, reason: str, now: datetime, saga_id: str | None) -> dict[str, Any]:
         headers = self._failure_headers(reason_class, reason, now)
         headers[t.H_ATTEMPT] = self.attempt

@@ -18,6 +18,7 @@ from infra.clock import SystemClock
 from infra.topology import QueueSpec
 from infra.transport.base import Delivery, DeliveryHandler
 from outbox.ports import OutgoingMessage
+from outbox.tracing import end_spans, publish_spans
 
 log = structlog.get_logger("compensa.rabbit")
 
@@ -215,6 +216,7 @@ class RabbitTransport:
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
         """Publish all messages on one confirm channel, in order, and await every confirm."""
         await self.connect()
+        spans = publish_spans(messages)
         try:
             pending = []
             for message in messages:
@@ -244,8 +246,14 @@ class RabbitTransport:
                 )
             results = await asyncio.gather(*pending, return_exceptions=True)
         except _PUBLISH_ERRORS as exc:
+            end_spans(spans, exc)
             self._exchanges.clear()
             raise TransientError(f"publish failed: {exc!r}") from exc
+        except BaseException as exc:
+            end_spans(spans, exc)
+            raise
+        for span, result in zip(spans, results, strict=True):
+            end_spans([span], result if isinstance(result, BaseException) else None)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             self._exchanges.clear()

@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect
 from contracts.clock import Clock
 from contracts.export import json_schemas
 from outbox.tables import tables_for
+from outbox.tracing import current_traceparent
 from outbox.uow import outbox_row
 from producers.ingest.auth import Producer, ProducerDirectory
 from producers.ingest.business_keys import duplicate_starts, taken_keys
@@ -219,6 +220,8 @@ class Ingest:
             else:
                 ids = lambda _index: uuid.uuid4()  # noqa: E731
             now = self.clock.now()
+            # The request's span (infra's middleware) when there is one, else the caller's header.
+            traceparent = current_traceparent() or traceparent
             messages = build_messages(events, batch=batch, producer=producer, now=now, ids=ids, traceparent=traceparent)
             await self._refuse_second_starts(messages)
             await self._write(messages, now)
@@ -420,6 +423,7 @@ def create_app(
     ) -> JSONResponse:
         """Accept one event (a full envelope or `{type, version?, correlation_id, payload}`)."""
         producer = await ingest.authenticate(api_key, bearer)
+        request.state.producer = producer.name  # the request metrics' producer label
         return await ingest.handle(request, batch=False, producer=producer, key=idempotency_key, traceparent=traceparent)
 
     @app.post("/v1/events:batch", status_code=202, responses=responses, openapi_extra=body_doc("BatchIn"), tags=["events"])
@@ -432,6 +436,7 @@ def create_app(
     ) -> JSONResponse:
         """Accept several events in one transaction: all of them or none."""
         producer = await ingest.authenticate(api_key, bearer)
+        request.state.producer = producer.name  # the request metrics' producer label
         return await ingest.handle(request, batch=True, producer=producer, key=idempotency_key, traceparent=traceparent)
 
     @app.get("/v1/contracts", tags=["contracts"])

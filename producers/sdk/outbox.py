@@ -12,8 +12,9 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from contracts import REGISTRY, ContractError, Message, Payload, new_message
+from contracts.routing import exchange_for
 from outbox.tables import tables_for
-from outbox.tracing import current_traceparent
+from outbox.tracing import create_span_traceparent
 from outbox.uow import outbox_row
 
 Target = AsyncConnection | AsyncSession
@@ -49,12 +50,16 @@ def _message(
         return payload
     if not correlation_id or not producer:
         raise ContractError("correlation_id and producer are required")
+    validated = _payload(payload, type_, version)
+    message_id = message_id or uuid.uuid4()
+    # The create span: a child of the caller's span, or the root of the saga's trace.
+    traceparent = create_span_traceparent(validated.message_type, exchange_for(validated.kind), str(message_id), correlation_id)
     return new_message(
-        _payload(payload, type_, version),
+        validated,
         correlation_id=correlation_id,
         producer=producer,
         causation_id=causation_id,
-        traceparent=current_traceparent(),
+        traceparent=traceparent,
         occurred_at=occurred_at,
         message_id=message_id,
     )

@@ -26,9 +26,14 @@ class FaultRates:
     permanent_error: float = 0.0
     #: A participant stays silent past the step deadline, then answers late.
     silence: float = 0.0
+    #: A payment gateway call starts an outage: every call fails transiently for
+    #: `gateway_outage_seconds`, then the gateway recovers (the circuit breaker opens and closes).
+    gateway_outage: float = 0.0
     max_delay_seconds: float = 5.0
     #: How long a silent participant waits before it answers (past the 30 s deadline).
     silence_seconds: float = 45.0
+    #: How long a gateway outage lasts.
+    gateway_outage_seconds: float = 10.0
 
     def with_overrides(self, overrides: dict[str, float]) -> FaultRates:
         known = {f.name for f in fields(self)}
@@ -56,6 +61,7 @@ RATE_NAMES = (
     "transient_error",
     "permanent_error",
     "silence",
+    "gateway_outage",
 )
 
 PROFILES: dict[str, FaultRates] = {
@@ -81,6 +87,7 @@ PROFILES: dict[str, FaultRates] = {
         transient_error=0.08,
         permanent_error=0.005,
         silence=0.02,
+        gateway_outage=0.01,
     ),
 }
 

@@ -40,6 +40,7 @@ def to_document(result: Any) -> dict[str, Any]:
         "faults_injected": dict(sorted(result.faults_injected.items())),
         "counters": result.counters,
         "dead_letters": {"total": len(result.dead_letters), "groups": dict(sorted(dlq_groups.items()))},
+        "circuit_breakers": result.breakers,
         "stack": result.stack,
         "virtual_seconds": result.virtual_seconds,
         "saga_duration_seconds": duration_stats(result.durations),
@@ -84,6 +85,8 @@ def terminal_summary(document: Mapping[str, Any]) -> str:
         f"time:            {document['virtual_seconds']:.1f} s {clock}, {document['wall']['seconds']:.2f} s wall "
         f"({document['wall']['sagas_per_second']} sagas/s)",
     ]
+    for name, breaker in document.get("circuit_breakers", {}).items():
+        lines.insert(-2, f"circuit breaker: {name} {breaker_line(breaker)}")
     invariants = document["invariants"]
     if invariants["ok"]:
         lines.append("invariants:      all hold")
@@ -99,6 +102,17 @@ def terminal_summary(document: Mapping[str, Any]) -> str:
                     f"{entry['from'] or '-':>13} → {entry['to']:<20} sent {', '.join(entry['sent']) or '-'}"
                 )
     return "\n".join(lines)
+
+
+def breaker_line(breaker: Mapping[str, Any]) -> str:
+    """One circuit breaker's run in a line: opened and closed how often, first opened when, calls refused."""
+    if not breaker["opened"]:
+        return f"never opened, {breaker['gateway_calls']} gateway calls"
+    return (
+        f"opened {breaker['opened']}, half-opened {breaker['half_opened']}, closed {breaker['closed']} "
+        f"(first opened at {breaker['first_opened_at_seconds']:.3f} s), {breaker['refused_calls']} calls refused, "
+        f"{breaker['gateway_calls']} gateway calls, ends {breaker['final_state']}"
+    )
 
 
 # ---------------------------------------------------------------- HTML with inline SVG
@@ -189,6 +203,21 @@ def _timeline(saga_id: str | None, timeline: Sequence[Mapping[str, Any]]) -> str
     )
 
 
+def _breakers(breakers: Mapping[str, Mapping[str, Any]]) -> str:
+    parts = []
+    for name, breaker in breakers.items():
+        rows = "".join(
+            f"<tr><td>{t['at_seconds']:.3f}s</td><td>{html.escape(t['from'])} → {html.escape(t['to'])}</td>"
+            f"<td>{html.escape(t['reason'])}</td></tr>"
+            for t in breaker["transitions"]
+        )
+        table = (
+            "<table><tr><th>at</th><th>state</th><th>reason</th></tr>" + rows + "</table>" if rows else "<p>no transitions</p>"
+        )
+        parts.append(f"<h3>Circuit breaker: {html.escape(name)}</h3><p>{html.escape(breaker_line(breaker))}</p>{table}")
+    return "".join(parts)
+
+
 def html_page(document: Mapping[str, Any], durations: Sequence[float]) -> str:
     invariants = document["invariants"]
     verdict = (
@@ -224,6 +253,7 @@ table {{ border-collapse: collapse; font-size: 13px }} td, th {{ border: 1px sol
 {_bar_chart("Outcomes", document["outcomes"])}
 {_histogram("Saga duration (virtual seconds)", list(durations))}
 {_bar_chart("Faults injected vs. recovery work", faults_vs_retries, "#a05a2c")}
+{_breakers(document.get("circuit_breakers", {}))}
 {_timeline(document["slowest_saga"]["saga_id"], document["slowest_saga"]["timeline"])}
 <h3>Raw report</h3><pre>{html.escape(dumps(document))}</pre>
 </body></html>

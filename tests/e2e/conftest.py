@@ -23,7 +23,7 @@ import aio_pika
 import pytest
 import structlog
 
-from infra.bootstrap import MESSAGE_SERVICES
+from infra.bootstrap import MESSAGE_SERVICES, Registry
 from infra.clock import SystemClock
 from infra.db import create_engine, scratch_database
 from infra.logging import configure_logging
@@ -73,10 +73,12 @@ async def stack(database_url: str, amqp_url: str, request: pytest.FixtureRequest
 
 @pytest.fixture
 async def services(stack: Stack) -> AsyncIterator[StartServices]:
-    """``await services(*names, settings=None, wrap=None)``: start an in-process runtime.
+    """``await services(*names, settings=None, wrap=None, registry=None)``: start an in-process runtime.
 
     No names means every service. `wrap` takes the connected RabbitTransport and
     returns the transport the runtime uses (to inject duplicate or reordered delivery).
+    `registry` is the services as `bootstrap` built them (with fault hooks, say);
+    by default, built from the settings.
     """
     started: list[tuple[Runtime, Transport]] = []
 
@@ -84,11 +86,12 @@ async def services(stack: Stack) -> AsyncIterator[StartServices]:
         *names: str,
         settings: Settings | None = None,
         wrap: Callable[[Transport], Transport] | None = None,
+        registry: Registry | None = None,
     ) -> Runtime:
         settings = settings or stack.settings()
         rabbit = await transport_from_settings(settings)
         transport = wrap(rabbit) if wrap else rabbit
-        runtime = Runtime(stack.engine, transport, SystemClock(), settings, names or MESSAGE_SERVICES)
+        runtime = Runtime(stack.engine, transport, SystemClock(), settings, names or MESSAGE_SERVICES, registry=registry)
         started.append((runtime, rabbit))
         await runtime.start()
         return runtime

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from infra.db import create_engine, scratch_database
 from infra.pipeline import RetryPolicy
 from infra.schema import upgrade
-from infra.telemetry import configure_tracing
+from infra.telemetry.tracing import configure_tracing
 from infra.topology import STOCK_COMMANDS, retry_delays_ms
 from infra.transport.base import DeliveryHandler
 from infra.transport.rabbit import RabbitSubscription, RabbitTransport

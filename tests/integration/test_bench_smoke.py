@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from infra.bench.limits import raw_broker_rate, raw_pipelined_rate
 from infra.bench.relay import outbox_rate, relay_memory
-from infra.bench.saga import saga_rate
+from infra.bench.saga import saga_rate, telemetry_cost
 from infra.bench.simulate import real_stack_rate
 from infra.db import scratch_database
 from tests.harness.servers import Servers
@@ -49,6 +49,20 @@ async def test_saga_benchmark_completes_sagas_in_process_and_counts_their_cost(
     # Nine messages per completed saga at least (the broker's counters cover the window).
     assert cost["publishes"] is not None and cost["publishes"] >= 5
     assert cost["deliveries"] is not None and cost["deliveries"] >= 5
+
+
+async def test_telemetry_benchmark_runs_off_and_on_and_the_exporters_carry_data(
+    pg_engine: AsyncEngine, amqp_url: str, servers: Servers
+) -> None:
+    result = await telemetry_cost(url_of(pg_engine), amqp_url, 2, 2.0, 1, servers.amqp_management_url)
+    off, on = result["runs"]
+    assert (off["mode"], on["mode"]) == ("off", "on")
+    assert off["completed"] >= 2 and on["completed"] >= 2
+    assert on["per_saga"]["cpu_ms"]["relay"] > 0
+    # On: spans and metrics reached the receiver, and every process answered its scrapes.
+    assert result["otlp_requests"] > 0 and result["otlp_bytes"] > 0
+    assert on["scrapes"]["scrapes"] >= 3 and on["scrapes"]["failed"] == 0
+    assert off["scrapes"]["scrapes"] == 0
 
 
 async def test_dbos_peer_runs_the_saga_on_a_scratch_database(pg_engine: AsyncEngine) -> None:

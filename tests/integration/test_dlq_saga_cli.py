@@ -329,6 +329,7 @@ async def test_health_reports_a_lagging_relay_then_healthy_and_so_does_get_healt
         "deadlines",
         "redis",
         "dead_letters",
+        "circuit_breakers",
     }
     assert set(body["checks"]["dead_letters"]["queues"]) == {q.name for q in t.WORK_QUEUES}
 

@@ -103,11 +103,12 @@ async def test_committed_send_writes_one_pending_row_holding_the_exact_message(e
     assert row.exchange == COMMANDS_EXCHANGE
     assert row.routing_key == "stock.reserve"
     assert row.body == encode(message.envelope).decode()
-    assert json.loads(row.headers) == {}
+    # Outside any span the outbox write starts the message's trace (its create span).
+    assert message.envelope.traceparent is not None
+    assert json.loads(row.headers) == {"traceparent": message.envelope.traceparent}
     assert row.created_at == START and row.created_at.tzinfo is UTC  # aware UTC on SQLite too
     assert row.sent_at is None
     assert message.envelope.producer == SERVICE
-    assert message.envelope.traceparent is None
 
 
 async def test_send_inside_a_span_carries_its_traceparent_in_envelope_and_headers(
@@ -116,7 +117,10 @@ async def test_send_inside_a_span_carries_its_traceparent_in_envelope_and_header
     with trace.get_tracer("tests.producer").start_as_current_span("produce") as span:
         [message] = await send_and_commit(engine, clock, "order-1")
     context = span.get_span_context()
-    expected = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    [create] = [s for s in spans.get_finished_spans() if s.name == "create stock.reserve"]
+    assert create.parent is not None and create.parent.span_id == context.span_id
+    assert create.attributes["messaging.message.id"] == str(message.message_id)
+    expected = f"00-{context.trace_id:032x}-{create.context.span_id:016x}-{create.context.trace_flags:02x}"
 
     [row] = await outbox_rows(engine)
     assert message.envelope.traceparent == expected

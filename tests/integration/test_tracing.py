@@ -64,15 +64,33 @@ async def relay_and_consume(engine: AsyncEngine, rabbit: RabbitTransport, consum
     await eventually(lambda: processor.processed == 1)
 
 
-def consumer_span(spans: InMemorySpanExporter, message_id: uuid.UUID) -> ReadableSpan | None:
+def finished(spans: InMemorySpanExporter, kind: trace.SpanKind, message_id: uuid.UUID, operation: str) -> ReadableSpan | None:
     for span in spans.get_finished_spans():
-        if span.kind is trace.SpanKind.CONSUMER and span.attributes.get("messaging.message.id") == str(message_id):
+        attributes = span.attributes or {}
+        if (
+            span.kind is kind
+            and attributes.get("messaging.message.id") == str(message_id)
+            and attributes.get("messaging.operation.type") == operation
+        ):
             return span
     return None
 
 
+def consumer_span(spans: InMemorySpanExporter, message_id: uuid.UUID) -> ReadableSpan | None:
+    return finished(spans, trace.SpanKind.CONSUMER, message_id, "process")
+
+
+def child_of(spans: InMemorySpanExporter, parent: ReadableSpan, name: str) -> ReadableSpan:
+    [child] = [
+        s
+        for s in spans.get_finished_spans()
+        if s.parent is not None and s.parent.span_id == parent.context.span_id and s.name == name
+    ]
+    return child
+
+
 async def reply_traceparent(engine: AsyncEngine) -> tuple[int, int]:
-    """(trace id, parent span id) of the `stock.reserved` the handler sent, as stored."""
+    """(trace id, span id) of the `stock.reserved` the handler sent, as stored."""
     outbox = tables_for(CONSUMER).outbox
     async with engine.connect() as connection:
         [row] = (await connection.execute(select(outbox))).all()
@@ -83,7 +101,7 @@ async def reply_traceparent(engine: AsyncEngine) -> tuple[int, int]:
     return int(trace_id, 16), int(span_id, 16)
 
 
-async def test_a_trace_started_at_the_producer_continues_in_the_consumer_and_its_replies(
+async def test_a_trace_started_at_the_producer_runs_through_create_send_process_handle_and_the_reply(
     pg_engine: AsyncEngine, rabbit: RabbitTransport, consume: Any, spans: InMemorySpanExporter
 ) -> None:
     with trace.get_tracer("tests.producer").start_as_current_span("produce") as produce:
@@ -92,23 +110,45 @@ async def test_a_trace_started_at_the_producer_continues_in_the_consumer_and_its
 
     await relay_and_consume(pg_engine, rabbit, consume)
 
+    # The outbox write is the message's create span; its context travels with the message.
+    create = finished(spans, trace.SpanKind.PRODUCER, command.message_id, "create")
+    assert create is not None and create.name == "create stock.reserve"
+    assert create.parent is not None and create.parent.span_id == producer.span_id
+    assert (
+        command.envelope.traceparent
+        == f"00-{producer.trace_id:032x}-{create.context.span_id:016x}-{int(create.context.trace_flags):02x}"
+    )
+    # The relay's publish and the consumer's process are both children of the creation context.
+    send = await eventually(lambda: finished(spans, trace.SpanKind.PRODUCER, command.message_id, "send"), message="send span")
+    assert send.name == "send compensa.commands"
+    assert send.parent is not None and send.parent.span_id == create.context.span_id
+    assert send.attributes["messaging.rabbitmq.destination.routing_key"] == "stock.reserve"
     span = await eventually(lambda: consumer_span(spans, command.message_id), message="consumer span exported")
     assert span.name == "stock.commands process stock.reserve"
     assert span.context.trace_id == producer.trace_id
-    assert span.parent is not None and span.parent.span_id == producer.span_id
+    assert span.parent is not None and span.parent.span_id == create.context.span_id
     assert span.attributes["compensa.saga_id"] == "order-1"
+    assert span.attributes["messaging.message.conversation_id"] == "order-1"
     assert span.attributes["compensa.attempt"] == 1
-    assert await reply_traceparent(pg_engine) == (producer.trace_id, span.context.span_id)
+    # The handler runs in its own span; what it sends is created inside it.
+    handle = child_of(spans, span, "handle stock.reserve")
+    reply_trace, reply_span = await reply_traceparent(pg_engine)
+    assert reply_trace == producer.trace_id
+    reply_create = next(s for s in spans.get_finished_spans() if s.context.span_id == reply_span)
+    assert reply_create.name == "create stock.reserved"
+    assert reply_create.parent is not None and reply_create.parent.span_id == handle.context.span_id
 
 
-async def test_a_message_sent_outside_any_trace_starts_a_new_trace_at_the_consumer(
+async def test_a_message_sent_outside_any_trace_starts_its_trace_at_the_outbox_write(
     pg_engine: AsyncEngine, rabbit: RabbitTransport, consume: Any, spans: InMemorySpanExporter
 ) -> None:
     command = await send_reservation(pg_engine, "order-2")
-    assert command.envelope.traceparent is None
+    create = finished(spans, trace.SpanKind.PRODUCER, command.message_id, "create")
+    assert create is not None and create.parent is None, "the outbox write is the root"
+    assert command.envelope.traceparent is not None
 
     await relay_and_consume(pg_engine, rabbit, consume)
 
     span = await eventually(lambda: consumer_span(spans, command.message_id), message="consumer span exported")
-    assert span.parent is None
-    assert await reply_traceparent(pg_engine) == (span.context.trace_id, span.context.span_id)
+    assert span.parent is not None and span.parent.span_id == create.context.span_id
+    assert (await reply_traceparent(pg_engine))[0] == create.context.trace_id

@@ -18,6 +18,7 @@ EVIDENCE = {
     "relay_crash": "duplicates_skipped",
     "transient_error": "retried",
     "permanent_error": "dead_lettered",
+    "gateway_outage": "retried",
 }
 
 

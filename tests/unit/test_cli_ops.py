@@ -292,6 +292,36 @@ def test_health_names_each_unreachable_server_and_its_variable(migrated: None, m
     assert "hunter2" not in result.stdout + result.stderr and "Traceback" not in result.stdout + result.stderr
 
 
+def test_health_shows_an_open_payment_breaker_as_degraded(migrated: None) -> None:
+    """A payments process recorded its breaker open (infra/circuit_breakers.py): health says so, in one row."""
+    from consumers.payments.breaker import PAYMENT_GATEWAY, BreakerState, Transition
+    from infra.circuit_breakers import record
+    from infra.db import create_engine
+
+    async def opened() -> None:
+        engine = create_engine(get_settings().database_url)
+        now = datetime.now(UTC)
+        opening = Transition(PAYMENT_GATEWAY, BreakerState.CLOSED, BreakerState.OPEN, "5 in a row: timeout", now, 5)
+        try:
+            async with engine.begin() as connection:
+                await record(connection, "pay-host:7", opening, now)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(opened())
+    result = cli("health")
+    report = json.loads(cli("health", "--json").stdout)
+
+    assert result.exit_code == 1
+    text = " ".join(result.stdout.split())
+    assert "circuit_breakers" in text and "payment_gateway circuit open in pay-host:7" in text
+    assert text.endswith("degraded") and "unhealthy" not in text
+    assert report["status"] == "degraded"
+    assert [(c["holder"], c["state"], c["failures"]) for c in report["checks"]["circuit_breakers"]["circuits"]] == [
+        ("pay-host:7", "open", 5)
+    ]
+
+
 def test_purge_without_a_terminal_needs_yes(migrated: None) -> None:
     from infra.db import create_engine
     from infra.dlq.archive import DeadLetterArchive

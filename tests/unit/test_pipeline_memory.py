@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.exc import DBAPIError
 
-from contracts import BusinessRuleError, TransientError, encode, new_message
+from contracts import BusinessRuleError, Deferred, TransientError, encode, new_message
 from contracts.messages import ReserveStock, StockLine
 from infra import topology as t
 from infra.clock import VirtualClock
@@ -139,6 +139,58 @@ async def test_exhausted_retries_and_permanent_errors_go_to_the_dlq_with_reasons
     business = broker.dead_letters("stock.commands")[-1]
     assert business.headers[t.H_REASON_CLASS] == "business_rule"
     assert business.headers[t.H_ATTEMPT] == 1 and await count_effects(engine) == 0
+
+
+async def test_a_deferred_message_waits_as_long_as_asked_without_using_an_attempt(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    refusals = []
+
+    async def circuit_open(uow, message):
+        refusals.append(clock.now())
+        if len(refusals) <= 3:
+            raise Deferred("gateway circuit open", retry_after_seconds=2.0)
+        await apply_effect(uow, message)
+
+    await broker.publish_batch([outgoing(reserve("o-d"))])
+    # Three counted retries would dead-letter it (3 attempts); the longest delay queue waits 2 s.
+    consume = processor(engine, clock, circuit_open, max_attempts=3)
+    await consume(broker.get("stock.commands"))
+    for _ in range(3):
+        clock.advance(1.9)  # not before the 2 s it asked for
+        assert broker.release_due() == 0
+        clock.advance(0.7)  # jittered by at most a quarter, capped by the longest delay queue
+        assert broker.release_due() == 1
+        retried = broker.get("stock.commands")
+        assert retried.attempt == 1, "a deferral uses no attempt"
+        assert retried.headers[t.H_REASON_CLASS] == "deferred"
+        assert retried.headers[t.H_DEFERRED_SINCE] == refusals[0].isoformat()
+        await consume(retried)
+    assert await count_effects(engine) == 1 and broker.dead_letters("stock.commands") == []
+
+
+async def test_deferrals_past_the_outage_budget_count_attempts_again(engine):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+
+    async def always_open(uow, message):
+        raise Deferred("gateway circuit open", retry_after_seconds=5.0)
+
+    consume = MessageProcessor(
+        engine, "stock", "stock.commands", {"stock.reserve": always_open}, clock, retry=RetryPolicy(2, 1.0, 8.0, 10.0)
+    )
+    await broker.publish_batch([outgoing(reserve("o-e"))])
+    deferrals = 0
+    while not broker.dead_letters("stock.commands"):
+        await consume(broker.get("stock.commands"))
+        clock.advance(8)
+        broker.release_due()
+        deferrals += 1
+        assert deferrals < 10, "deferred forever"
+    [dead] = broker.dead_letters("stock.commands")
+    # Deferred twice (8 s apart, inside the 10 s budget), then one counted retry, then the DLQ.
+    assert deferrals == 4
+    assert dead.headers[t.H_REASON_CLASS] == "transient_exhausted" and dead.headers[t.H_ATTEMPT] == 2
 
 
 @pytest.mark.parametrize(

@@ -13,17 +13,23 @@ in this order:
 RabbitMQ always comes with its management plugin (``Server.management_url``): `compensa
 health` reads queue statistics through its HTTP API.
 
+Prometheus is not a session service: a test that checks what compensa exports starts
+its own with :func:`local_prometheus` (module ``prometheus``), scraping the targets it
+sets, and runs ``promtool`` with :func:`promtool`.
+
 Use :func:`local_servers` as a context manager, or run ``python -m tests.harness.servers``
 to keep a set of servers running for a shell session or a benchmark.
 
 One module per concern: ``base`` (service names, errors, ``Server``), ``process`` (ports,
 commands, readiness, stopping), ``install`` (apt-get), ``local`` (servers from local
 binaries), ``containers`` (Docker), ``resolve`` (environment → Docker → local, the
-session), ``__main__`` (the ``python -m`` entry).
+session), ``prometheus`` (a Prometheus a test configures, promtool), ``__main__`` (the
+``python -m`` entry).
 """
 
 from tests.harness.servers.base import (
     POSTGRES,
+    PROMETHEUS,
     RABBITMQ,
     REDIS,
     SERVICES,
@@ -35,16 +41,19 @@ from tests.harness.servers.containers import DockerServer, docker_available
 from tests.harness.servers.install import ensure_installed
 from tests.harness.servers.local import LocalPostgres, LocalRabbitMQ, LocalRedis, LocalServer
 from tests.harness.servers.process import free_port
+from tests.harness.servers.prometheus import LocalPrometheus, local_prometheus, promtool
 from tests.harness.servers.resolve import Servers, local_servers
 
 __all__ = [
     "POSTGRES",
+    "PROMETHEUS",
     "RABBITMQ",
     "REDIS",
     "SERVICES",
     "DockerServer",
     "HarnessError",
     "LocalPostgres",
+    "LocalPrometheus",
     "LocalRabbitMQ",
     "LocalRedis",
     "LocalServer",
@@ -54,5 +63,7 @@ __all__ = [
     "docker_available",
     "ensure_installed",
     "free_port",
+    "local_prometheus",
     "local_servers",
+    "promtool",
 ]

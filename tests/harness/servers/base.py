@@ -4,6 +4,8 @@ from __future__ import annotations
 
 POSTGRES, RABBITMQ, REDIS = "postgres", "rabbitmq", "redis"
 SERVICES = frozenset({POSTGRES, RABBITMQ, REDIS})
+#: Not a session service (no URL to resolve): a test starts its own with `local_prometheus`.
+PROMETHEUS = "prometheus"
 ENV_URLS = {
     POSTGRES: "COMPENSA_TEST_DATABASE_URL",
     RABBITMQ: "COMPENSA_TEST_AMQP_URL",

@@ -10,12 +10,17 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tests.harness.servers.base import ENV_URLS, POSTGRES, RABBITMQ, REDIS, HarnessError
+from tests.harness.servers.base import ENV_URLS, POSTGRES, PROMETHEUS, RABBITMQ, REDIS, HarnessError
 from tests.harness.servers.process import is_root, run_command
 
 log = logging.getLogger(__name__)
 
-DEBIAN_PACKAGES = {POSTGRES: "postgresql", RABBITMQ: "rabbitmq-server", REDIS: "redis-server"}
+DEBIAN_PACKAGES = {
+    POSTGRES: "postgresql",
+    RABBITMQ: "rabbitmq-server",
+    REDIS: "redis-server",
+    PROMETHEUS: "prometheus",  # ships promtool too
+}
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
@@ -34,11 +39,18 @@ def redis_bin() -> str | None:
     return shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin:/usr/sbin")
 
 
+def prometheus_bin(tool: str = "prometheus") -> str | None:
+    """``prometheus`` or ``promtool`` from the Debian package (/usr/bin)."""
+    return shutil.which(tool) or shutil.which(tool, path="/usr/bin:/usr/sbin")
+
+
 def _installed(service: str) -> bool:
     if service == POSTGRES:
         return postgres_bin() is not None
     if service == RABBITMQ:
         return RABBITMQ_SERVER.exists() and shutil.which("epmd") is not None
+    if service == PROMETHEUS:
+        return prometheus_bin() is not None and prometheus_bin("promtool") is not None
     return redis_bin() is not None
 
 
@@ -73,9 +85,10 @@ def ensure_installed(services: Iterable[str]) -> None:
         if not missing:
             return
         if shutil.which("apt-get") is None:
+            urls = [ENV_URLS[name] for name in services if name in ENV_URLS]
             raise HarnessError(
-                f"{', '.join(missing)} not installed and no apt-get here: install them, or set "
-                + ", ".join(ENV_URLS[name] for name in services)
+                f"{', '.join(missing)} not installed and no apt-get here: install "
+                + ("them, or set " + ", ".join(urls) if urls else "them")
             )
         if is_root():
             sudo: list[str] = []
