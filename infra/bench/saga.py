@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import threading
 import time
 import uuid
@@ -15,6 +16,8 @@ from typing import Any
 
 import aio_pika
 import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from contracts.messages import OrderLine
 from infra import topology as t
@@ -74,6 +77,17 @@ async def _stop_processes(processes: list[Any]) -> None:
             process.kill()
 
 
+def sampled_parent() -> otel_context.Context:
+    """A context whose (remote) parent span is sampled: an upstream caller that records its traces."""
+    parent = trace.SpanContext(
+        trace_id=random.getrandbits(128) or 1,
+        span_id=random.getrandbits(64) or 1,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
+
+
 #: Labels of PROCESS_LAYOUT's processes in the cost figures.
 PROCESS_LABELS = ("saga", "participants", "relay")
 
@@ -88,6 +102,7 @@ async def saga_rate(
     management_url: str | None = None,
     extra_env: Mapping[str, str] | None = None,
     metrics_ports: Sequence[int] = (),
+    sampled: bool = False,
 ) -> dict[str, Any]:
     """Closed loop: `inflight` clients each place an order and wait for its completion.
 
@@ -97,7 +112,8 @@ async def saga_rate(
     (CPU of each process, transactions, statements, publishes, deliveries) is counted
     over the same window; the bench process places the orders, which is the orders
     service's own work, so its CPU counts too. `extra_env` and `metrics_ports` go to
-    the processes (telemetry on or off: `bench telemetry`).
+    the processes, and `sampled` places each order inside a sampled caller's trace, as
+    an upstream that samples would (telemetry on or off: `bench telemetry`).
     """
     from sqlalchemy import select
 
@@ -162,15 +178,21 @@ async def saga_rate(
 
         async def one_saga(order_id: str, c: int, n: int) -> None:
             waiting[order_id] = asyncio.get_running_loop().create_future()
-            await place_order(
-                engine,
-                clock,
-                order_id=order_id,
-                customer_id=f"c{c}",
-                lines=[OrderLine(sku=f"BENCH-{(c + n) % 20}", quantity=1, unit_price=1000)],
-                currency="EUR",
-                payment_token=f"tok_ok_{c}",
-            )
+            # A sampled caller's trace when asked: every span of the saga is then recorded.
+            token = otel_context.attach(sampled_parent()) if sampled else None
+            try:
+                await place_order(
+                    engine,
+                    clock,
+                    order_id=order_id,
+                    customer_id=f"c{c}",
+                    lines=[OrderLine(sku=f"BENCH-{(c + n) % 20}", quantity=1, unit_price=1000)],
+                    currency="EUR",
+                    payment_token=f"tok_ok_{c}",
+                )
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
             await asyncio.wait_for(waiting[order_id], timeout=60)
 
         # Warm up: the services (or processes) are consuming once one saga went through.
@@ -319,6 +341,7 @@ async def telemetry_cost(
                         management_url=management_url,
                         extra_env=env,
                         metrics_ports=ports,
+                        sampled=mode == "on",
                     )
                 finally:
                     stop.set()
