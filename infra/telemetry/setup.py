@@ -201,7 +201,9 @@ def configure_telemetry(
         telemetry.tracer_provider = installed_provider() or install_tracer_provider(resource, config.trace_exporters)
         telemetry.meter_provider, telemetry._server, telemetry.metrics_address = _install_metrics(resource, config)
     _installed = telemetry
-    log.info(
+    # Worth a line only when something leaves the process (a CLI command says nothing).
+    exporting = bool(config.trace_exporters or config.metric_exporters or telemetry.metrics_address)
+    (log.info if exporting else log.debug)(
         "telemetry.configured",
         service_name=config.service_name,
         disabled=config.disabled,
