@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from contracts import messages as m
+from contracts.envelope import TRACEPARENT_PATTERN
+from contracts.export import AmqpExchange, AmqpQueue, AmqpTopology
 from contracts.routing import COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, EVENTS_EXCHANGE
 
 
@@ -130,3 +134,116 @@ H_ORIGINAL_QUEUE = "x-compensa-original-queue"
 H_FIRST_FAILURE = "x-compensa-first-failure-at"
 H_LAST_FAILURE = "x-compensa-last-failure-at"
 H_SAGA_ID = "x-compensa-saga-id"
+
+#: What each header a message may carry holds: the schema the AsyncAPI document gives it.
+HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "traceparent": {
+        "type": "string",
+        "pattern": TRACEPARENT_PATTERN,
+        "description": "W3C trace context of the message's creation (the envelope's traceparent).",
+    },
+    H_ATTEMPT: {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Which delivery attempt this is: 2 after the first retry; on a dead letter, the attempts made.",
+    },
+    H_DEFERRED_SINCE: {
+        "type": "string",
+        "format": "date-time",
+        "description": "When the message was first deferred (retried without using an attempt, e.g. an open breaker).",
+    },
+    H_REASON_CLASS: {
+        "type": "string",
+        "description": "Class of the last failure: transient, contract, a deferral's reason, retry_unroutable, …",
+    },
+    H_REASON: {"type": "string", "maxLength": 2000, "description": "Text of the last failure."},
+    H_ORIGINAL_EXCHANGE: {"type": "string", "description": "The exchange the message was first published to."},
+    H_ORIGINAL_ROUTING_KEY: {"type": "string", "description": "The routing key it was first published with."},
+    H_ORIGINAL_QUEUE: {"type": "string", "description": "The work queue it failed in."},
+    H_FIRST_FAILURE: {"type": "string", "format": "date-time", "description": "When it first failed."},
+    H_LAST_FAILURE: {"type": "string", "format": "date-time", "description": "When it last failed."},
+    H_SAGA_ID: {"type": "string", "description": "The saga it belongs to, when known."},
+}
+#: The headers every dead letter carries (the saga id only when it is known).
+DEAD_LETTER_HEADERS = (
+    H_ATTEMPT,
+    H_REASON_CLASS,
+    H_REASON,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_ORIGINAL_QUEUE,
+    H_FIRST_FAILURE,
+    H_LAST_FAILURE,
+)
+
+#: Where the document says the broker is: the compose service and a local one.
+SERVERS = {
+    "compose": ("rabbitmq:5672", "RabbitMQ of compose.yaml, as the services reach it."),
+    "local": ("localhost:5672", "A RabbitMQ on this machine (COMPENSA_AMQP_URL)."),
+}
+
+_EXCHANGE_DESCRIPTIONS = {
+    EVENTS.name: "Durable topic exchange of every event.",
+    COMMANDS.name: "Durable direct exchange of every command.",
+    DLX.name: "Durable direct exchange every work queue dead-letters to; it routes to <queue>.dlq.",
+}
+
+
+def amqp_topology(retry_delays_ms: Sequence[int], queue_type: str = "classic") -> AmqpTopology:
+    """The topology `declare_topology` declares with these retry delays, for the AsyncAPI document."""
+
+    def exchange(spec: ExchangeSpec) -> AmqpExchange:
+        return AmqpExchange(spec.name, spec.type, _EXCHANGE_DESCRIPTIONS[spec.name])
+
+    queues: list[AmqpQueue] = []
+    for queue in WORK_QUEUES:
+        queues.append(
+            AmqpQueue(
+                queue.name,
+                "work",
+                queue.service,
+                queue.routing_keys,
+                queue.exchange.name,
+                queue.routing_keys,
+                {"x-queue-type": queue_type, "x-dead-letter-exchange": DLX.name, "x-dead-letter-routing-key": queue.name},
+            )
+        )
+        for delay_ms in retry_delays_ms:
+            queues.append(
+                AmqpQueue(
+                    queue.delay_queue(delay_ms),
+                    "delay",
+                    queue.service,
+                    queue.routing_keys,
+                    None,
+                    (),
+                    {
+                        "x-queue-type": queue_type,
+                        "x-message-ttl": delay_ms,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": queue.name,
+                    },
+                    returns_to=queue.name,
+                    delay_ms=delay_ms,
+                )
+            )
+        queues.append(
+            AmqpQueue(
+                queue.dlq,
+                "dead_letter",
+                "dlq",
+                queue.routing_keys,
+                DLX.name,
+                (queue.name,),
+                {"x-queue-type": queue_type},
+                returns_to=queue.name,
+            )
+        )
+    return AmqpTopology(
+        servers=SERVERS,
+        exchanges=(exchange(EVENTS), exchange(COMMANDS)),
+        dead_letter_exchange=exchange(DLX),
+        queues=tuple(queues),
+        headers=HEADER_SCHEMAS,
+        dead_letter_headers=DEAD_LETTER_HEADERS,
+    )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine and run the whole test suite: the one test command.
 #   bash scripts/test.sh [pytest args...]
-# Installs missing server packages (the test harness starts its own servers from them),
+# Installs missing server packages (the test harness starts its own servers from them) and
+# Node.js/npm (the official AsyncAPI parser checks `compensa contracts export`),
 # creates .venv if missing, installs the project with its dev extras, checks lint, format
 # and types (ruff, mypy: any finding fails before a test runs), then runs pytest and exits
 # with pytest's status (5, "no tests collected", counts as a failure).
@@ -29,6 +30,10 @@ missing_packages() {
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   # prometheus ships promtool too: the monitoring tests check the configuration with both.
   { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
+  # Node.js and npm run the official AsyncAPI parser (tests/harness/asyncapi.py installs the
+  # parser itself with npm into .cache/). A Node.js that bundles npm needs no npm package.
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
   if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
   fi
@@ -63,7 +68,7 @@ install_packages() {
   created_policy=
 }
 
-phase "system packages (postgresql, rabbitmq-server, redis-server, prometheus)"
+phase "system packages (postgresql, rabbitmq-server, redis-server, prometheus, nodejs, npm)"
 read -r -a missing <<<"$(missing_packages)"
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "all present"

@@ -1,4 +1,4 @@
-"""`compensa contracts export`: JSON Schema and AsyncAPI for the message contracts."""
+"""`compensa contracts export`: JSON Schema, AsyncAPI and its HTML page for the message contracts."""
 
 from __future__ import annotations
 
@@ -15,17 +15,38 @@ app = typer.Typer(help="Message contracts.", no_args_is_help=True)
 
 @app.command("export")
 def contracts_export(
-    out: Annotated[Path, typer.Option(help="Directory to write schemas/ and asyncapi.json into.")] = Path("docs/contracts"),
+    out: Annotated[Path, typer.Option(help="Directory to write schemas/, asyncapi.json and asyncapi.html into.")] = Path(
+        "docs/contracts"
+    ),
 ) -> None:
-    """Write JSON Schema for every message and an AsyncAPI document for the topology."""
+    """Write JSON Schema for every message, an AsyncAPI document of the topology and its HTML page.
+
+    The delay queues are those `topology declare` declares with the current retry
+    settings (COMPENSA_MAX_ATTEMPTS, COMPENSA_RETRY_BASE_SECONDS / _MAX_SECONDS).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from contracts.asyncapi_html import render_html
     from contracts.export import asyncapi, json_schemas
     from infra import topology as t
+    from infra.settings import get_settings
 
+    settings = get_settings()
     schemas_dir = out / "schemas"
     schemas_dir.mkdir(parents=True, exist_ok=True)
     schemas = json_schemas()
     for name, schema in schemas.items():
         (schemas_dir / f"{name}.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
-    document = asyncapi((q.name, q.exchange.name, q.routing_keys) for q in t.WORK_QUEUES)
-    (out / "asyncapi.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    console.print(f"wrote {len(schemas)} JSON Schemas to {schemas_dir} and {out / 'asyncapi.json'}")
+    delays = t.retry_delays_ms(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
+    try:
+        release = version("compensa")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        release = "0.0.0"
+    document = asyncapi(t.amqp_topology(delays, settings.queue_type), version=release)
+    (out / "asyncapi.json").write_text(json.dumps(document, indent=2) + "\n")
+    (out / "asyncapi.html").write_text(render_html(document))
+    console.print(
+        f"wrote {len(schemas)} JSON Schemas to {schemas_dir}, {out / 'asyncapi.json'} and {out / 'asyncapi.html'}",
+        highlight=False,
+        markup=False,
+    )

@@ -122,9 +122,11 @@ def test_exported_schemas_accept_real_messages_and_reject_bad_ones():
 
 
 def test_asyncapi_lists_every_message_and_queue():
-    document = asyncapi((q.name, q.exchange.name, q.routing_keys) for q in t.WORK_QUEUES)
+    document = asyncapi(t.amqp_topology([500, 1000]))
     assert document["asyncapi"] == "3.0.0"
-    assert len(document["channels"]) == len(list(REGISTRY))
+    assert len(document["components"]["messages"]) == 2 * len(list(REGISTRY))  # each, and its dead-lettered copy
     receives = [op for op in document["operations"].values() if op["action"] == "receive"]
-    assert len(receives) == sum(len(q.routing_keys) for q in t.WORK_QUEUES)
-    assert document["channels"]["stock_reserve_v1"]["bindings"]["amqp"]["exchange"]["name"] == "compensa.commands"
+    assert len(receives) == 2 * len(t.WORK_QUEUES)  # each work queue's consumer, each DLQ's archiver
+    consumed = [ref for name, op in document["operations"].items() if name.startswith("consume.") for ref in op["messages"]]
+    assert len(consumed) == sum(len(q.routing_keys) for q in t.WORK_QUEUES)
+    assert document["channels"]["compensa.commands"]["bindings"]["amqp"]["exchange"]["name"] == "compensa.commands"

@@ -218,8 +218,8 @@ def _compose() -> dict[str, Any]:
 
 
 def _compensa_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The services built from this repository (the compensa image)."""
-    return {name: service for name, service in compose["services"].items() if "build" in service}
+    """The services that run this repository's image (one image, built by one of them)."""
+    return {name: service for name, service in compose["services"].items() if service.get("image") == "compensa:local"}
 
 
 def _long_running(services: dict[str, dict[str, Any]]) -> set[str]:
