@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -103,6 +104,7 @@ async def saga_rate(
     extra_env: Mapping[str, str] | None = None,
     metrics_ports: Sequence[int] = (),
     sampled: bool = False,
+    after_window: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Closed loop: `inflight` clients each place an order and wait for its completion.
 
@@ -114,6 +116,7 @@ async def saga_rate(
     service's own work, so its CPU counts too. `extra_env` and `metrics_ports` go to
     the processes, and `sampled` places each order inside a sampled caller's trace, as
     an upstream that samples would (telemetry on or off: `bench telemetry`).
+    `after_window` is awaited once the measured window closes, before anything stops.
     """
     from sqlalchemy import select
 
@@ -214,6 +217,8 @@ async def saga_rate(
         await closed_loop(inflight, seconds, client)
         elapsed = time.perf_counter() - started
         after = await meter.closing_snapshot()
+        if after_window is not None:
+            await after_window()
         async with engine.connect() as c:
             rows = (
                 await c.execute(
@@ -302,6 +307,13 @@ async def scrape_every(ports: list[int], seconds: float, stop: asyncio.Event, co
                 await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
+async def end_scrapes(stop: asyncio.Event, scraper: asyncio.Task[None] | None) -> None:
+    """Scrapes end with the measured window, before the processes stop answering."""
+    stop.set()
+    if scraper is not None:
+        await scraper
+
+
 def _free_ports(n: int) -> list[int]:
     import socket
 
@@ -327,6 +339,7 @@ async def telemetry_cost(
                 scraper = None
                 stop = asyncio.Event()
                 counts = {"scrapes": 0, "bytes": 0, "failed": 0}
+
                 if mode == "on":
                     env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
                     ports = _free_ports(len(PROCESS_LAYOUT))
@@ -342,6 +355,7 @@ async def telemetry_cost(
                         extra_env=env,
                         metrics_ports=ports,
                         sampled=mode == "on",
+                        after_window=functools.partial(end_scrapes, stop, scraper),
                     )
                 finally:
                     stop.set()
