@@ -11,7 +11,9 @@ class IngestConfig:
     idempotency_ttl_seconds: float = 86_400.0
     #: How long a `processing` marker lives if its request never finishes (a crash).
     processing_ttl_seconds: float = 30.0
-    #: Requests per producer per window, unless the producer has its own limit.
+    #: Requests per producer in any window of `rate_window_seconds` (a sliding window),
+    #: unless the producer has its own limit. `RateLimit-Policy` gives the window in
+    #: whole seconds (rounded up).
     rate_limit: int = 600
     rate_window_seconds: float = 60.0
     max_request_bytes: int = 1_048_576
@@ -22,10 +24,11 @@ class IngestConfig:
     max_batch_events: int = 500
     #: How long an API key lookup is cached; a revocation takes effect within this.
     key_cache_seconds: float = 5.0
+    #: Refuse a POST without an Idempotency-Key (400, as the IETF draft says).
     require_idempotency_key: bool = False
-    #: Prefix of every Redis key the app writes (idempotency records, rate counters).
+    #: Prefix of every Redis key the app writes (idempotency records, rate logs).
     redis_prefix: str = "compensa:ingest:"
     #: The outbox accepted events are written to.
     outbox: str = "ingest"
-    #: How long one readiness check answers GET /health (concurrent probes share it).
+    #: How long one readiness check answers GET /readyz (concurrent probes share it).
     health_cache_seconds: float = 1.0

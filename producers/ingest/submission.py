@@ -93,16 +93,10 @@ class FieldError(BaseModel):
     type: str
 
 
-class Refusal(BaseModel):
-    """Why nothing was accepted: a sentence, or the field errors (422)."""
-
-    detail: str | list[FieldError]
-
-
 class Health(BaseModel):
-    """Whether events can be accepted now."""
+    """Up (`/livez`) or ready (`/readyz`); not ready is a 503 problem."""
 
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok"]
 
 
 class SubmissionRejected(Exception):

@@ -77,10 +77,17 @@ def _describe(detail: Any) -> str:
 
 
 def _rejection(response: httpx.Response) -> Rejected:
+    """The error for a refusal: an RFC 9457 problem's field `errors`, else its `detail`."""
     try:
-        detail = response.json().get("detail", response.text)
-    except (ValueError, AttributeError):
-        detail = response.text
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        detail: Any = errors if isinstance(errors, list) and errors else body.get("detail", response.text)
+        problem_type = body.get("type")
+    else:
+        detail, problem_type = response.text, None
     status = response.status_code
     if status == 401:
         return AuthenticationFailed(status, detail)
@@ -89,7 +96,7 @@ def _rejection(response: httpx.Response) -> Rejected:
     if status == 413:
         return RequestTooLarge(status, detail)
     if status == 422:
-        if isinstance(detail, list) and any(isinstance(d, dict) and d.get("type") == "idempotency_key_reused" for d in detail):
+        if problem_type == "urn:compensa:problem:idempotency-key-reused":
             return IdempotencyKeyReused(status, detail)
         return InvalidEvent(status, detail)
     return Rejected(status, detail)

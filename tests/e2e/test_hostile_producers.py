@@ -91,7 +91,7 @@ async def test_another_producer_cannot_refund_or_release_a_completed_order(
                 json={"type": "order.created", "correlation_id": unique("saga-b"), "payload": attacker},
                 headers=as_b,
             )
-            assert other_saga.status_code == 422 and other_saga.json()["detail"][0]["loc"] == ["body", "correlation_id"]
+            assert other_saga.status_code == 422 and other_saga.json()["errors"][0]["loc"] == ["body", "correlation_id"]
             same_saga = await http.post(
                 "/v1/events", json={"type": "order.created", "correlation_id": order_id, "payload": attacker}, headers=as_b
             )

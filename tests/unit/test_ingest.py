@@ -18,7 +18,7 @@ from outbox.uow import outbox_row
 from producers.ingest.auth import ProducerDirectory, check_types, generate_key, split_key
 from producers.ingest.idempotency import fingerprint, message_ids
 from producers.ingest.submission import SubmissionRejected, build_messages, json_media_type, parse_events, parse_json
-from producers.sdk import IngestClient, IngestUnavailable, InvalidEvent, PermissionDenied, event
+from producers.sdk import IdempotencyKeyReused, IngestClient, IngestUnavailable, InvalidEvent, PermissionDenied, event
 from tests.support import HOSTILE_EVENTS, dump, short_event
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -147,13 +147,27 @@ def test_sdk_retries_transient_answers_under_one_key_with_backoff():
 
 def test_sdk_raises_clear_errors_without_retrying_4xx_and_gives_up_on_5xx():
     detail = [{"loc": ["body", "payload", "order_id"], "msg": "Field required", "type": "missing"}]
-    transport, seen = fake_server(httpx.Response(422, json={"detail": detail}), httpx.Response(403, json={"detail": "no"}))
+    problem = {"type": "urn:compensa:problem:invalid-request", "title": "Invalid request", "status": 422}
+    transport, seen = fake_server(
+        httpx.Response(422, json={**problem, "detail": "body.payload.order_id: Field required", "errors": detail}),
+        httpx.Response(403, json={"type": "urn:compensa:problem:forbidden-event-type", "detail": "no"}),
+        httpx.Response(
+            422,
+            json={
+                "type": "urn:compensa:problem:idempotency-key-reused",
+                "detail": "used",
+                "errors": [{"loc": ["header", "Idempotency-Key"], "msg": "used", "type": "idempotency_key_reused"}],
+            },
+        ),
+    )
     with IngestClient("http://api", "k", transport=transport, sleep=lambda _s: None) as client:
         with pytest.raises(InvalidEvent, match=r"body\.payload\.order_id: Field required"):
             client.publish({"x": 1}, type="ledger.updated", correlation_id="o-1")
-        with pytest.raises(PermissionDenied):
+        with pytest.raises(PermissionDenied, match="403: no"):
             client.publish(ledger(), correlation_id="o-1")
-    assert len(seen) == 2
+        with pytest.raises(IdempotencyKeyReused):
+            client.publish(ledger(), correlation_id="o-1")
+    assert len(seen) == 3
     transport, seen = fake_server(*(httpx.Response(503) for _ in range(3)))
     with (
         IngestClient("http://api", "k", transport=transport, sleep=lambda _s: None, max_attempts=3) as client,
@@ -355,17 +369,66 @@ def test_the_openapi_document_gives_every_event_its_payload_schema():
     assert ledger["balances"]["propertyNames"]["pattern"] == ledger["order_id"]["pattern"]  # both identifiers
 
 
-def test_every_documented_answer_has_a_json_schema():
+def test_every_documented_answer_has_a_schema_and_every_error_is_a_problem():
     document = openapi_document()
+    problem = {"$ref": "#/components/schemas/Problem"}
+    assert set(document["components"]["schemas"]["Problem"]["required"]) == {"type", "title", "status", "detail", "instance"}
     for path in ("/v1/events", "/v1/events:batch"):
         operation = document["paths"][path]["post"]
-        assert set(operation["responses"]) == {"202", "400", "401", "403", "408", "409", "413", "415", "422", "428", "429", "503"}
-        for status, answer in operation["responses"].items():
-            assert answer["content"]["application/json"]["schema"]["$ref"], status
+        responses = operation["responses"]
+        assert set(responses) == {"202", "400", "401", "403", "408", "409", "413", "415", "422", "429", "500", "503"}
+        assert responses["202"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Accepted"}
+        for status, answer in responses.items():
+            if status != "202":
+                assert answer["content"] == {"application/problem+json": {"schema": problem}}, status
+        required = {
+            status: {name for name, header in answer.get("headers", {}).items() if header["required"]}
+            for status, answer in responses.items()
+        }
+        assert required["202"] == required["403"] == required["409"] == {"RateLimit", "RateLimit-Policy"}
+        assert required["429"] == {"Retry-After", "RateLimit", "RateLimit-Policy"}
+        assert required["401"] == {"WWW-Authenticate"} and required["503"] == {"Retry-After"}
         # An absent header is not a null one.
         assert all("anyOf" not in parameter["schema"] for parameter in operation["parameters"])
-    for status in ("200", "503"):
-        assert document["paths"]["/health"]["get"]["responses"][status]["content"]["application/json"]["schema"]
+        assert not next(p for p in operation["parameters"] if p["name"] == "Idempotency-Key").get("required")
+    for path in ("/livez", "/readyz", "/health"):
+        answers = document["paths"][path]["get"]["responses"]
+        assert answers["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
+        assert answers["500"]["content"] == {"application/problem+json": {"schema": problem}}
+    for path in ("/readyz", "/health"):
+        assert document["paths"][path]["get"]["responses"]["503"]["headers"]["Retry-After"]["required"]
+    assert "503" not in document["paths"]["/livez"]["get"]["responses"]
+    # A server that requires the key says so in its document.
+    strict = openapi_document(require_idempotency_key=True)["paths"]["/v1/events"]["post"]["parameters"]
+    assert next(p for p in strict if p["name"] == "Idempotency-Key")["required"] is True
+
+
+def test_rate_limit_fields_follow_the_draft():
+    from producers.ingest.app import rate_headers
+    from producers.ingest.idempotency import RateLimit
+
+    fields = rate_headers(RateLimit(limit=600, window_seconds=60, remaining=0, reset_seconds=7))
+    assert fields == {"RateLimit": '"default";r=0;t=7', "RateLimit-Policy": '"default";q=600;w=60'}
+
+
+def test_problem_details_carry_type_title_status_detail_and_instance():
+    from producers.ingest.problems import PROBLEM_TYPES, problem
+
+    response = problem(429, "slow down \udc80", path="/v1/events:batch", name="rate-limited", headers={"Retry-After": "3"})
+    assert response.media_type == "application/problem+json" and response.headers["Retry-After"] == "3"
+    assert json.loads(response.body) == {
+        "type": "urn:compensa:problem:rate-limited",
+        "title": "Rate limit exceeded",
+        "status": 429,
+        "detail": "slow down \udc80",
+        "instance": "/v1/events:batch",
+    }
+    assert response.body.isascii()
+    plain = json.loads(problem(404, "Not Found", path="/no such/\u00e9").body)
+    assert (plain["type"], plain["title"], plain["instance"]) == ("about:blank", "Not Found", "/no%20such/%C3%A9")
+    with pytest.raises(ValueError, match="is a 429"):
+        problem(400, "x", path="/", name="rate-limited")
+    assert all(400 <= status < 600 for status, _title in PROBLEM_TYPES.values())
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ async def test_full_envelope_keeps_its_id_and_time(make_client, add_producer, en
     # A different producer name in the envelope is refused, naming the field.
     response = await client.post("/v1/events", json={**envelope, "message_id": str(uuid.uuid4()), "producer": "someone-else"})
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "producer"]
+    assert response.json()["errors"][0]["loc"] == ["body", "producer"]
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ async def test_invalid_body_is_422_naming_the_field(make_client, add_producer, e
     client = make_client(await add_producer("erp", ("order.created", "order.cancelled")))
     response = await client.post("/v1/events", json=body)
     assert response.status_code == 422, response.text
-    errors = response.json()["detail"]
+    errors = response.json()["errors"]
     assert any(e["loc"] == loc and fragment in e["msg"] for e in errors), errors
     assert await outbox_count(engine) == 0
 
@@ -112,7 +112,7 @@ async def test_invalid_json_is_422(make_client, add_producer, engine):
     client = make_client(await add_producer("erp"))
     response = await client.post("/v1/events", content=b'{"type": ', headers={"Content-Type": "application/json"})
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body"] and "invalid JSON" in response.json()["detail"][0]["msg"]
+    assert response.json()["errors"][0]["loc"] == ["body"] and "invalid JSON" in response.json()["errors"][0]["msg"]
 
 
 async def test_batch_is_all_or_nothing(make_client, add_producer, engine):
@@ -121,7 +121,7 @@ async def test_batch_is_all_or_nothing(make_client, add_producer, engine):
     bad = [events[0], short_event("o-x", payload=order_created(total={"amount": 1, "currency": "EUR"})), events[2]]
     response = await client.post("/v1/events:batch", json={"events": bad})
     assert response.status_code == 422
-    assert {tuple(e["loc"][:4]) for e in response.json()["detail"]} == {("body", "events", 1, "payload")}
+    assert {tuple(e["loc"][:4]) for e in response.json()["errors"]} == {("body", "events", 1, "payload")}
     assert await outbox_count(engine) == 0
     response = await client.post("/v1/events:batch", json={"events": events})
     assert response.status_code == 202
@@ -189,7 +189,7 @@ async def test_a_correlation_id_other_than_the_order_id_is_422(make_client, add_
     event = short_event("o-1") | {"correlation_id": "someone-elses-saga"}
     response = await client.post("/v1/events", json=event)
     assert response.status_code == 422
-    [error] = response.json()["detail"]
+    [error] = response.json()["errors"]
     assert error["loc"] == ["body", "correlation_id"] and error["type"] == "saga_key_mismatch"
     assert await outbox_count(engine) == 0
 
@@ -200,8 +200,9 @@ async def test_same_key_with_another_body_is_422(make_client, add_producer, engi
     assert (await client.post("/v1/events", json=short_event("o-1"), headers=headers)).status_code == 202
     response = await client.post("/v1/events", json=short_event("o-2"), headers=headers)
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
-    assert response.json()["detail"][0]["type"] == "idempotency_key_reused"
+    assert response.json()["type"] == "urn:compensa:problem:idempotency-key-reused"
+    assert response.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert response.json()["errors"][0]["type"] == "idempotency_key_reused"
     # Same body, other endpoint: another request too.
     response = await client.post("/v1/events:batch", json={"events": [short_event("o-1")]}, headers=headers)
     assert response.status_code == 422
@@ -297,18 +298,75 @@ async def test_disallowed_type_is_403(make_client, add_producer, engine):
     assert await outbox_count(engine) == 0
 
 
-async def test_over_the_rate_limit_is_429_with_retry_after(make_client, add_producer, engine):
-    # A long window: three requests practically never straddle a window boundary.
-    limited = make_client(await add_producer("erp", rate_limit=3), rate_window_seconds=3600)
-    statuses = [(await limited.post("/v1/events", json=short_event(f"o-{n}"))).status_code for n in range(3)]
-    assert statuses == [202, 202, 202]
-    response = await limited.post("/v1/events", json=short_event("o-4"))
-    assert response.status_code == 429
-    assert 1 <= int(response.headers["Retry-After"]) <= 3600
-    # The limit is per producer: another one is not affected.
-    other = make_client(await add_producer("crm", rate_limit=3), rate_window_seconds=3600)
-    assert (await other.post("/v1/events", json=short_event("o-5"))).status_code == 202
-    assert await outbox_count(engine) == 4
+async def test_every_error_is_a_problem_document(make_client, make_app, add_producer, engine):
+    """RFC 9457 for the API's refusals and the framework's alike: type, title, status, detail, instance."""
+    key = await add_producer("erp")
+    client = make_client(key)
+
+    async def problem_of(response: httpx.Response, status: int, type_: str = "about:blank") -> dict[str, Any]:
+        assert response.status_code == status, response.text
+        assert response.headers["Content-Type"] == "application/problem+json"
+        body = response.json()
+        assert set(body) >= {"type", "title", "status", "detail", "instance"}, body
+        assert (body["type"], body["status"], body["instance"]) == (type_, status, response.request.url.path)
+        return body
+
+    unauthenticated = await problem_of(await make_client().post("/v1/events", json=short_event()), 401)
+    assert unauthenticated["title"] == "Unauthorized"
+    text = await client.post("/v1/events", content=b"{}", headers={"Content-Type": "text/plain"})
+    assert (await problem_of(text, 415))["title"] == "Unsupported Media Type"
+    assert (await problem_of(await client.get("/v1/nothing-here"), 404))["title"] == "Not Found"
+    not_allowed = await client.get("/v1/events")
+    assert (await problem_of(not_allowed, 405))["title"] == "Method Not Allowed" and not_allowed.headers["Allow"] == "POST"
+    # A header FastAPI validates (pattern, length) is a 422 problem naming it, without echoing it.
+    bad_key = await client.post("/v1/events", json=short_event(), headers={"Idempotency-Key": "two words"})
+    invalid = await problem_of(bad_key, 422, "urn:compensa:problem:invalid-request")
+    assert [e["loc"] for e in invalid["errors"]] == [["header", "Idempotency-Key"]] and "input" not in invalid["errors"][0]
+    assert invalid["detail"].startswith("header.Idempotency-Key: ")
+    contract = await client.post("/v1/events", json={**short_event(), "colour": "red"})
+    assert (await problem_of(contract, 422, "urn:compensa:problem:invalid-request"))["errors"][0]["loc"] == ["body", "colour"]
+    assert await outbox_count(engine) == 0
+
+
+async def test_a_missing_idempotency_key_is_400_when_required(make_client, add_producer, engine):
+    """draft-ietf-httpapi-idempotency-key-header: 400 (not 428), with a problem type of its own."""
+    client = make_client(await add_producer("erp"), require_idempotency_key=True)
+    response = await client.post("/v1/events", json=short_event())
+    assert response.status_code == 400 and response.headers["Content-Type"] == "application/problem+json"
+    assert response.json()["type"] == "urn:compensa:problem:idempotency-key-missing"
+    assert (await client.post("/v1/events", json=short_event(), headers={"Idempotency-Key": "k-1"})).status_code == 202
+    assert await outbox_count(engine) == 1
+
+
+async def test_an_unexpected_error_is_a_500_problem_that_leaks_nothing(engine, redis):
+    from producers.ingest import IngestConfig, ProducerDirectory, create_app
+
+    class BrokenDirectory(ProducerDirectory):
+        async def authenticate(self, presented: str | None) -> Any:
+            raise RuntimeError("bug at postgresql://compensa:s3cret@db.internal/compensa")
+
+    app = create_app(
+        engine=engine,
+        redis=redis,
+        producers=BrokenDirectory(),
+        config=IngestConfig(redis_prefix=f"test:{uuid.uuid4().hex[:8]}:"),
+        clock=clock,
+    )
+    # Starlette answers, then re-raises for the server to log: the transport must not raise it here.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
+        response = await client.post("/v1/events", json=short_event(), headers={"X-API-Key": "cpk_x_y"})
+    assert response.status_code == 500 and response.headers["Content-Type"] == "application/problem+json"
+    body = response.json()
+    assert (body["type"], body["title"], body["status"], body["instance"]) == (
+        "about:blank",
+        "Internal Server Error",
+        500,
+        "/v1/events",
+    )
+    assert "Idempotency-Key" in body["detail"]
+    for secret in ("s3cret", "db.internal", "RuntimeError", "postgresql"):
+        assert secret not in response.text
 
 
 async def test_body_over_the_size_limit_is_413(make_client, add_producer, engine):
@@ -327,24 +385,38 @@ async def test_body_over_the_size_limit_is_413(make_client, add_producer, engine
     assert await outbox_count(engine) == 0
 
 
-async def test_redis_down_is_503_nothing_accepted_and_health_is_unavailable(make_client, add_producer, engine, redis_server):
+NOT_READY = {
+    "type": "urn:compensa:problem:unavailable",
+    "title": "Service unavailable",
+    "status": 503,
+    "detail": "not ready: the database or Redis does not answer",
+}
+
+
+async def test_redis_down_is_503_nothing_accepted_and_not_ready_but_live(make_client, add_producer, engine, redis_server):
     client = make_client(await add_producer("erp"), health_cache_seconds=0.0)
-    assert (await client.get("/health")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
     redis_server.stop()
     try:
         for headers in ({"Idempotency-Key": "k-down"}, {}):
             response = await client.post("/v1/events", json=short_event(), headers=headers)
             assert response.status_code == 503, response.text
+            assert response.json()["type"] == "urn:compensa:problem:unavailable"
             assert "Redis" in response.json()["detail"] and response.headers["Retry-After"].isdigit()
-        health = await client.get("/health")
-        assert health.status_code == 503 and health.json() == {"status": "unavailable"}
-        assert health.headers["Retry-After"].isdigit()
+        for path in ("/readyz", "/health"):
+            ready = await client.get(path)
+            assert ready.status_code == 503 and ready.json() == {**NOT_READY, "instance": path}
+            assert ready.headers["Content-Type"] == "application/problem+json"
+            assert ready.headers["Retry-After"].isdigit()
+        # The process itself is fine: restarting it would not bring Redis back.
+        live = await client.get("/livez")
+        assert live.status_code == 200 and live.json() == {"status": "ok"}
         assert await outbox_count(engine) == 0
     finally:
         redis_server.start()
     response = await client.post("/v1/events", json=short_event(), headers={"Idempotency-Key": "k-down"})
     assert response.status_code == 202
-    assert (await client.get("/health")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
 
 
 async def test_contracts_and_openapi_are_served(make_client):
@@ -352,7 +424,7 @@ async def test_contracts_and_openapi_are_served(make_client):
     contracts = (await client.get("/v1/contracts")).json()
     assert contracts["order.created.v1"]["properties"]["payload"]["title"] == "OrderCreated"
     openapi = (await client.get("/openapi.json")).json()
-    assert {"/v1/events", "/v1/events:batch", "/v1/contracts", "/health"} <= set(openapi["paths"])
+    assert {"/v1/events", "/v1/events:batch", "/v1/contracts", "/livez", "/readyz", "/health"} <= set(openapi["paths"])
     post = openapi["paths"]["/v1/events"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/EventIn"
     assert "EventIn" in openapi["components"]["schemas"] and "BatchIn" in openapi["components"]["schemas"]
@@ -395,13 +467,14 @@ async def test_health_is_status_only(engine, redis, make_client):
         clock=clock,
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
-        response = await client.get("/health")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
-    assert response.headers["Cache-Control"] == "no-store"
-    text = response.text.lower()
-    for internal in ("127.0.0.1", "postgres", "redis", "queue", "revision", "url", "guest", "checks"):
-        assert internal not in text
-    assert (await make_client().get("/health")).json() == {"status": "ok"}
+        for path in ("/livez", "/readyz", "/health"):
+            response = await client.get(path)
+            assert response.status_code == 200 and response.json() == {"status": "ok"}, path
+            assert response.headers["Cache-Control"] == "no-store"
+            text = response.text.lower()
+            for internal in ("127.0.0.1", "postgres", "redis", "queue", "revision", "url", "guest", "checks"):
+                assert internal not in text
+    assert (await make_client().get("/readyz")).json() == {"status": "ok"}
 
 
 async def test_40_concurrent_health_probes_all_get_200_from_one_check(make_app, engine):
@@ -475,8 +548,9 @@ async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(e
         assert response.status_code == 503, response.text
         assert "database unavailable" in response.json()["detail"] and "nothing was accepted" in response.json()["detail"]
         assert response.headers["Retry-After"].isdigit()
-        health = await client.get("/health")
-        assert health.status_code == 503 and health.json() == {"status": "unavailable"}
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json() == {**NOT_READY, "instance": "/readyz"}
+        assert (await client.get("/livez")).status_code == 200
         assert await outbox_count(engine) == 1
         await link.restore()
         # The refused request left its key free: the retry is accepted once.
@@ -485,7 +559,7 @@ async def test_database_down_is_503_nothing_accepted_and_the_key_is_free_again(e
         again = await client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-db"})
         assert again.status_code == 202 and again.json() == retried.json()
         assert await outbox_count(engine) == 2
-        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
     finally:
         await client.aclose()
         await linked.dispose()
@@ -640,9 +714,12 @@ async def test_hostile_body_is_a_precise_4xx_and_leaves_nothing(
     for path, sent, expected_loc in sends:
         response = await client.post(path, content=sent, headers={**headers, "Idempotency-Key": f"k-{uuid.uuid4()}"})
         assert response.status_code == status, (path, response.status_code, response.text[:500])
-        detail = response.json()["detail"]
+        assert response.headers["Content-Type"] == "application/problem+json"
+        answer = response.json()
+        assert answer["status"] == status and answer["instance"] == path, answer
         if type_ is not None:
-            assert detail[0]["type"] == type_ and detail[0]["loc"] == expected_loc, detail
+            errors = answer["errors"]
+            assert errors[0]["type"] == type_ and errors[0]["loc"] == expected_loc, errors
     assert await outbox_count(engine) == 0
     # Nothing was left half-done: the producer's next valid event goes in.
     assert (await client.post("/v1/events", json=short_event("o-after"))).status_code == 202
@@ -669,7 +746,7 @@ async def test_generated_hostile_bodies_never_get_a_5xx(fuzz_client, event_, bat
     assert response.status_code in REFUSALS | {202}, (response.status_code, body[:300], response.text[:300])
     answer = response.json()
     if response.status_code == 422:
-        assert all(isinstance(e["loc"], list) and e["loc"][0] == "body" for e in answer["detail"]), answer
+        assert all(isinstance(e["loc"], list) and e["loc"][0] == "body" for e in answer["errors"]), answer
 
 
 async def test_a_poisoned_request_among_many_valid_ones_fails_alone(make_app, add_producer, engine):
@@ -711,7 +788,7 @@ async def test_a_poisoned_request_among_many_valid_ones_fails_alone(make_app, ad
     for label in poisoned:
         refused = by_key[f"k-poison-{label}"]
         assert refused.status_code == 422, (label, refused.status_code, refused.text)
-    assert by_key["k-poison-refused-by-the-database"].json()["detail"][0]["type"] == "database_refused"
+    assert by_key["k-poison-refused-by-the-database"].json()["errors"][0]["type"] == "database_refused"
     accepted = {order: by_key[f"k-{order}"] for _name, order in valid}
     assert {order: r.status_code for order, r in accepted.items() if r.status_code != 202} == {}
     rows = await outbox_rows(engine)

@@ -3,7 +3,10 @@
 The app runs in-process (ASGI) on the real PostgreSQL and Redis, authenticated as a
 producer allowed every event type. Bodies are generated from the document: one variant
 per event type with that event's payload schema from the contracts. Every answer must
-be documented (status code, content type, body schema) and none may be a 5xx.
+be documented (status code, content type, body schema, the headers the document says
+are sent: `Retry-After`, `RateLimit`, `RateLimit-Policy`, `WWW-Authenticate`) and none
+may be a 5xx. Every error is a problem (`application/problem+json`, the `Problem`
+schema), and the checks validate it as such.
 
 - Positive phase: bodies the document allows. The rules JSON Schema cannot express
   (`correlation_id == payload.order_id`, an order's total, balanced postings, the
@@ -39,6 +42,7 @@ from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
     not_a_server_error,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -62,7 +66,13 @@ MAX_EXAMPLES = 60
 PRODUCER = "schemathesis"
 CONFIG = IngestConfig(key_cache_seconds=60.0)
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
 
 
 @pytest.fixture
@@ -208,7 +218,7 @@ def prepare(case: Any) -> None:
 # `Function._nodeid`, which pytest 9.2 no longer has. The app is passed to each call.
 DOCUMENT = _document()
 positive = _schema("positive")
-# GET /health and GET /v1/contracts take no input to break.
+# GET /livez, /readyz, /health and /v1/contracts take no input to break.
 negative = _schema("negative").include(method="POST")
 _SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
