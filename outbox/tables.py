@@ -102,7 +102,15 @@ def _outbox_table(service: str) -> Table:
 
 
 def _inbox_table(service: str) -> Table:
-    name = f"{service}_inbox"
+    return inbox_table(f"{service}_inbox", metadata)
+
+
+def inbox_table(name: str, metadata: MetaData) -> Table:
+    """An inbox table named `name` in `metadata`: the shape every compensa inbox has.
+
+    Upstream services that consume compensa events keep theirs in their own database
+    (see `producers.sdk.faststream.seen`).
+    """
     return Table(
         name,
         metadata,

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts import ContractError, Message, Payload, encode, new_message
@@ -56,6 +56,40 @@ def content_digest(message: Message[Any]) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def record_in_inbox(
+    connection: AsyncConnection, inbox: Table, consumer: str, message: Message[Any], received_at: datetime
+) -> bool:
+    """Insert `(consumer, message_id)` into `inbox` in the connection's transaction; True if it was there.
+
+    Raise ContractError when the id was recorded with other content: a producer reused
+    a message id, and skipping it as a duplicate would lose it silently.
+    """
+    digest = content_digest(message)
+    result = await connection.execute(
+        insert_ignoring_duplicates(connection, inbox),
+        {
+            "consumer": consumer,
+            "message_id": str(message.message_id),
+            "message_type": message.type,
+            "received_at": received_at,
+            "digest": digest,
+        },
+    )
+    if result.rowcount != 0:
+        return False
+    stored = (
+        await connection.execute(
+            select(inbox.c.digest).where(inbox.c.consumer == consumer, inbox.c.message_id == str(message.message_id))
+        )
+    ).scalar_one_or_none()
+    if stored is not None and stored != digest:
+        raise ContractError(
+            f"message id {message.message_id} was already processed with other content "
+            "(a reused message id): refused, not skipped"
+        )
+    return True
 
 
 def outbox_row(
@@ -208,32 +242,7 @@ class UnitOfWork:
         Raise ContractError when its id was recorded with other content: a producer
         reused a message id, and skipping it as a duplicate would lose it silently.
         """
-        statement = insert_ignoring_duplicates(self.connection, self.tables.inbox)
-        digest = content_digest(message)
-        result = await self.connection.execute(
-            statement,
-            {
-                "consumer": consumer,
-                "message_id": str(message.message_id),
-                "message_type": message.type,
-                "received_at": self.now(),
-                "digest": digest,
-            },
-        )
-        if result.rowcount != 0:
-            return False
-        inbox = self.tables.inbox
-        stored = (
-            await self.connection.execute(
-                select(inbox.c.digest).where(inbox.c.consumer == consumer, inbox.c.message_id == str(message.message_id))
-            )
-        ).scalar_one_or_none()
-        if stored is not None and stored != digest:
-            raise ContractError(
-                f"message id {message.message_id} was already processed with other content "
-                "(a reused message id): refused, not skipped"
-            )
-        return True
+        return await record_in_inbox(self.connection, self.tables.inbox, consumer, message, self.now())
 
     async def flush_outbox(self) -> None:
         if self._pending:

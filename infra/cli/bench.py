@@ -1,4 +1,4 @@
-"""`compensa bench relay|saga|simulate|api|replay`: the benchmarks (in `infra/bench/`), printed.
+"""`compensa bench relay|saga|simulate|api|faststream|replay`: the benchmarks (in `infra/bench/`), printed.
 
 Each needs real servers (scripts/bench.sh starts them); they print figures and ratios
 and are never timed tests. With `--json`, a command prints every figure it measured
@@ -221,10 +221,12 @@ def bench_simulate(
     sagas: Annotated[int, typer.Option(min=10)] = 10_000,
     faults: Annotated[str, typer.Option()] = "chaos",
     real_sagas: Annotated[int, typer.Option(min=0, help="Sagas for the real-stack rate in the same run (0: skip).")] = 300,
+    swarm_seeds: Annotated[int, typer.Option(min=0, help="Seeds for the swarm rate on every core (0: skip).")] = 8,
+    swarm_sagas: Annotated[int, typer.Option(min=10, help="Sagas per swarm seed.")] = 200,
     as_json: JsonOpt = False,
 ) -> None:
-    """Simulated sagas per wall second, and its ratio to the real stack's end-to-end rate."""
-    from infra.bench.simulate import real_stack_rate, simulation_rate
+    """Simulated sagas per wall second (one seed, and a swarm on every core), and its ratio to the real stack's."""
+    from infra.bench.simulate import real_stack_rate, simulation_rate, swarm_rate
     from infra.logging import configure_logging
 
     configure_logging("CRITICAL", "json")
@@ -260,6 +262,38 @@ def bench_simulate(
     if real is not None:
         report.data["ratio_simulated_to_real"] = result["sagas_per_s"] / real["sagas_per_s"]
         report.say(f"ratio simulated / real stack: {report.data['ratio_simulated_to_real']:.1f}")
+    if swarm_seeds:
+        from infra.simulation.swarm import default_workers
+
+        swarm = swarm_rate(swarm_sagas, swarm_seeds, default_workers(), faults)
+        report.data["swarm"] = swarm
+        report.say(
+            f"swarm of {swarm_seeds} seeds x {swarm_sagas:,} sagas ({faults}) on {swarm['workers']} processes: "
+            f"{swarm['swarm_wall_s']:.1f} s wall, failed seeds {swarm['failed_seeds'] or 'none'}"
+        )
+        report.figure("one seed on one core", swarm["one_seed_sagas_per_s"], "sagas/s")
+        report.figure(f"swarm on {swarm['workers']} processes", swarm["swarm_sagas_per_s"], "sagas/s")
+        report.figure("ratio swarm / one seed", swarm["speedup"], "×")
+    report.done()
+
+
+@app.command("faststream")
+@command
+async def bench_faststream(
+    messages: Annotated[int, typer.Option(min=100, help="Messages per run.")] = 5_000,
+    rounds: Annotated[int, typer.Option(min=1, help="Alternated runs of each; the lowest cost counts.")] = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """CPU per consumed message: FastStream with compensa's decoding vs raw aio-pika (needs RabbitMQ)."""
+    from infra.bench.faststream import consume_cpu
+
+    _database_url, amqp_url = environment_urls()
+    report = Report("faststream", as_json)
+    report.say(f"faststream benchmark: {messages:,} compensa events per run, {rounds} alternated round(s), prefetch 100")
+    report.data.update(result := await consume_cpu(amqp_url, messages, rounds))
+    report.figure("raw aio-pika: decode, check, ack", result["raw_aio_pika_us"], "µs CPU/msg")
+    report.figure("FastStream subscriber (producers.sdk.faststream)", result["faststream_us"], "µs CPU/msg")
+    report.figure("ratio FastStream / raw", result["ratio"], "×")
     report.done()
 
 

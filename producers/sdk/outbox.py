@@ -35,7 +35,7 @@ def _payload(payload: Payload | Mapping[str, Any], type_: str | None, version: i
         raise ContractError(f"invalid payload for {type_} v{model.message_version}: {exc}") from None
 
 
-def _message(
+def build_message(
     payload: Payload | Mapping[str, Any] | Message[Any],
     *,
     correlation_id: str | None,
@@ -46,6 +46,11 @@ def _message(
     message_id: uuid.UUID | None = None,
     occurred_at: datetime | None = None,
 ) -> Message[Any]:
+    """Validate a payload and wrap it in an envelope whose traceparent is its create span.
+
+    A built `Message` is returned as it is (a retry re-sends the same message id).
+    Raise ContractError for an invalid payload or a missing correlation id or producer.
+    """
     if isinstance(payload, Message):
         return payload
     if not correlation_id or not producer:
@@ -84,7 +89,7 @@ async def publish(
     back with their business change. Nothing is published here; a relay does that
     after the commit. Raise ContractError for an invalid payload.
     """
-    message = _message(
+    message = build_message(
         payload,
         correlation_id=correlation_id,
         producer=producer,
