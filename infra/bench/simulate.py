@@ -37,6 +37,31 @@ def simulation_rate(sagas: int, faults: str = "chaos", seed: int = 1) -> dict[st
     }
 
 
+def swarm_rate(sagas: int, seeds: int, workers: int, faults: str = "chaos") -> dict[str, Any]:
+    """Simulated sagas per wall second of a swarm on `workers` processes, and of its first seed alone here.
+
+    Every seed runs the same profile and size, so the two rates measure the same work;
+    the swarm's wall time includes starting its processes.
+    """
+    from infra.simulation.swarm import RunSpec, run_one, run_swarm
+
+    specs = [RunSpec(seed=seed, sagas=sagas, faults=faults) for seed in range(1, seeds + 1)]
+    alone = run_one(specs[0])
+    swarm = run_swarm(specs, workers)
+    one_core = alone.sagas / alone.wall_seconds
+    all_cores = swarm.sagas / swarm.wall_seconds
+    return {
+        "sagas_per_seed": sagas,
+        "seeds": seeds,
+        "workers": workers,
+        "one_seed_sagas_per_s": one_core,
+        "swarm_sagas_per_s": all_cores,
+        "swarm_wall_s": swarm.wall_seconds,
+        "speedup": all_cores / one_core,
+        "failed_seeds": [o.seed for o in swarm.failures],
+    }
+
+
 async def real_stack_rate(database_url: str, amqp_url: str, sagas: int, faults: str = "chaos", seed: int = 1) -> dict[str, Any]:
     """The same kind of workload end to end on PostgreSQL and RabbitMQ, in wall time.
 

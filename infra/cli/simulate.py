@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from infra.cli.common import console, err, explain, print_error
+
+if TYPE_CHECKING:
+    from infra.simulation.swarm import RunSpec
 
 
 def _parse_fault_overrides(values: list[str]) -> dict[str, float]:
@@ -28,7 +31,12 @@ def _parse_fault_overrides(values: list[str]) -> dict[str, float]:
 def simulate(
     sagas: Annotated[int, typer.Option("--sagas", "-n", min=1, max=1_000_000, help="Number of orders.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the one RNG every choice draws from.")] = 1,
-    faults: Annotated[str, typer.Option(help="Fault profile: none, default or chaos.")] = "default",
+    faults: Annotated[
+        str | None,
+        typer.Option(
+            help="Fault profile: none, default, chaos or swarm (drawn from the seed). Default: default; swarm for --swarm."
+        ),
+    ] = None,
     fault: Annotated[list[str], typer.Option("--fault", help="Override one fault rate, NAME=RATE (repeatable).")] = [],  # noqa: B006
     skus: Annotated[int, typer.Option(min=1, max=10_000)] = 8,
     stock_per_sku: Annotated[
@@ -43,24 +51,136 @@ def simulate(
     database_url: Annotated[str | None, typer.Option(help="Run on this database instead of a temporary SQLite file.")] = None,
     amqp_url: Annotated[str | None, typer.Option(help="Run the same workload on the real stack (RabbitMQ).")] = None,
     save_seed: Annotated[
-        Path | None, typer.Option(help="On a violation, append the seed and options to this regression file.")
+        Path | None,
+        typer.Option(help="On a violation, append the seed and options (shrunk, with --shrink) to this regression file."),
+    ] = None,
+    swarm: Annotated[
+        int | None, typer.Option(min=1, max=100_000, help="Run this many seeds from --seed on, each with its own fault mix.")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="Run a swarm of the seeds A..B (inclusive).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Processes a swarm runs side by side (default: cores).")
+    ] = None,
+    liveness: Annotated[
+        bool, typer.Option("--liveness", help="Stop the faults when the last order arrived; then every saga must end in time.")
+    ] = False,
+    heal_after: Annotated[
+        float | None, typer.Option(min=0.0, max=1e9, help="Stop the faults after this many virtual seconds (implies --liveness).")
+    ] = None,
+    liveness_bound: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1e9, help="Seconds every saga has to end once faults stop (default: from the deadlines)."),
+    ] = None,
+    operator_after: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1e9,
+            help="Simulate an operator who retries compensation_failed sagas and replays dead letters "
+            "this many virtual seconds later (a swarm's default: 60).",
+        ),
+    ] = None,
+    require: Annotated[list[str], typer.Option("--require", help="Fail unless this coverage goal is reached (repeatable).")] = [],  # noqa: B006
+    check_determinism: Annotated[
+        bool, typer.Option("--check-determinism", help="Run the seed twice and compare the whole event trace.")
+    ] = False,
+    shrink: Annotated[bool, typer.Option("--shrink", help="Reduce a failing run to the smallest that still fails.")] = False,
+    variant: Annotated[
+        str | None,
+        typer.Option(help="module:attribute of a test build of the product (handler overrides...), to prove the checker."),
     ] = None,
 ) -> None:
     """Run a deterministic saga simulation with injected faults and check every invariant."""
     from infra.logging import configure_logging
-    from sagas.simulation import report as rendering
+    from infra.simulation.swarm import RunSpec
+    from sagas.simulation import coverage
     from sagas.simulation.faults import profile
-    from sagas.simulation.workload import WorkloadSpec
 
+    # Refused before the run, not after it: a report path that names a file cannot become a directory.
+    if report is not None and report.exists() and not report.is_dir():
+        print_error(f"--report: {report} exists and is not a directory; give a directory for report.json and report.html")
+        raise typer.Exit(2)
     # Injected faults log as errors by design; the report is the output that matters.
     configure_logging("CRITICAL", "json")
+    overrides = _parse_fault_overrides(fault)
+    unknown = coverage.unknown_goals(require)
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown coverage goal(s) {', '.join(unknown)}; known: {', '.join(coverage.GOALS)}", param_hint="--require"
+        )
+    if variant is not None:
+        from infra.simulation.driver import load_variant
+
+        try:
+            load_variant(variant, str(Path.cwd()))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--variant") from None
+    variant_path = str(Path.cwd()) if variant is not None else None
+    is_swarm = swarm is not None or seeds is not None
+    if is_swarm:
+        conflicting = [
+            name
+            for name, given in (
+                ("--amqp-url", amqp_url),
+                ("--database-url", database_url),
+                ("--report", report),
+                ("--check-determinism", check_determinism or None),
+            )
+            if given is not None
+        ]
+        if conflicting:
+            raise typer.BadParameter(
+                f"a swarm runs many seeds in their own processes; {', '.join(conflicting)} applies to one run "
+                "(re-run a seed with the command the swarm prints)",
+                param_hint="--swarm/--seeds",
+            )
+    chosen = faults or ("swarm" if is_swarm else "default")
     try:
-        rates = profile(faults, _parse_fault_overrides(fault))
+        profile(chosen, overrides, seed=seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults/--fault") from None
-    spec = WorkloadSpec(sagas=sagas, skus=skus, stock_per_sku=stock_per_sku, decline_rate=decline_rate)
+    common: dict[str, Any] = {
+        "sagas": sagas,
+        "skus": skus,
+        "stock_per_sku": stock_per_sku,
+        "decline_rate": decline_rate,
+        "liveness": liveness,
+        "heal_after": heal_after,
+        "liveness_bound": liveness_bound,
+        "variant": variant,
+        "variant_path": variant_path,
+    }
+
+    if is_swarm:
+        _run_swarm(
+            seeds,
+            seed,
+            swarm,
+            chosen,
+            overrides,
+            common | {"operator_after": operator_after},
+            workers=workers,
+            required=require,
+            shrink=shrink,
+            save_seed=save_seed,
+            as_json=as_json,
+        )
+        return
+
+    spec = RunSpec(seed=seed, faults=chosen, overrides=tuple(sorted(overrides.items())), operator_after=operator_after, **common)
+    if check_determinism:
+        if amqp_url is not None:
+            raise typer.BadParameter(
+                "the real stack is not deterministic; check a simulated run", param_hint="--check-determinism"
+            )
+        _check_determinism(spec, as_json)
+        return
+    rates = spec.rates()
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sagas.simulation import report as rendering
+    from sagas.simulation.workload import WorkloadSpec
 
     progress = Progress(
         TextColumn("simulating" if amqp_url is None else "running on the real stack"),
@@ -88,11 +208,12 @@ def simulate(
                 highlight=False,
                 markup=False,
             )
+        spec_for_real = WorkloadSpec(sagas=sagas, skus=skus, stock_per_sku=stock_per_sku, decline_rate=decline_rate)
         try:
             with progress:
                 result = asyncio.run(
                     run_real_stack(
-                        seed, spec, amqp_url=amqp_url, database_url=database_url, faults=rates, on_progress=on_progress
+                        seed, spec_for_real, amqp_url=amqp_url, database_url=database_url, faults=rates, on_progress=on_progress
                     )
                 )
         except Exception as exc:  # explained in one line, or re-raised
@@ -102,26 +223,189 @@ def simulate(
             print_error(explained)
             raise typer.Exit(1) from None
     else:
-        from infra.simulation.driver import SimulationOptions, run_simulation
+        from dataclasses import replace
 
-        options = SimulationOptions(seed=seed, workload=spec, faults=rates, database_url=database_url)
+        from infra.simulation.driver import run_simulation
+
+        options = replace(spec.options(), database_url=database_url)
         with progress:
             result = run_simulation(options, on_progress)
 
     document = rendering.to_document(result)
     if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-        (report / "report.json").write_text(rendering.dumps(document))
-        (report / "report.html").write_text(rendering.html_page(document, list(result.durations.values())))
+        try:
+            report.mkdir(parents=True, exist_ok=True)
+            (report / "report.json").write_text(rendering.dumps(document))
+            (report / "report.html").write_text(rendering.html_page(document, list(result.durations.values())))
+        except OSError as exc:
+            print_error(f"--report: cannot write the report into {report}: {exc.strerror or exc}")
+            raise typer.Exit(1) from None
+    unmet = coverage.unmet(require, result.coverage)
+    shrunk = None
+    if not result.ok and shrink and amqp_url is None:
+        from infra.simulation.swarm import shrink_failure
+
+        shrunk = shrink_failure(spec)
+        document["shrunk"] = shrunk.as_dict()
     if as_json:
-        sys.stdout.write(rendering.dumps(document) + "\n")
+        sys.stdout.write(rendering.dumps(document | ({"unmet_goals": unmet} if require else {})) + "\n")
     else:
         console.print(rendering.terminal_summary(document), highlight=False, markup=False)
         if report is not None:
             console.print(f"report written to {report / 'report.html'}", highlight=False)
+        if not result.ok and amqp_url is None:
+            console.print(f"reproduce:       {spec.command()}", highlight=False, markup=False, soft_wrap=True)
+        if shrunk is not None:
+            _print_shrunk(shrunk)
     if not result.ok:
         if save_seed is not None:
-            from sagas.simulation.regressions import save_regression
-
-            save_regression(save_seed, seed=seed, sagas=sagas, faults=faults, overrides=_parse_fault_overrides(fault))
+            _save(save_seed, shrunk.spec if shrunk is not None else spec)
         raise typer.Exit(1)
+    if unmet:
+        print_error(coverage.unmet_message(unmet))
+        raise typer.Exit(1)
+
+
+def _save(path: Path, spec: RunSpec) -> None:
+    from sagas.simulation.regressions import save_regression
+
+    save_regression(path, **spec.regression_entry())
+
+
+def _print_shrunk(shrunk: Any) -> None:
+    faults = ", ".join(f"{k}={v:g}" for k, v in shrunk.spec.overrides) or "none"
+    console.print(
+        f"shrunk seed {shrunk.spec.seed} in {shrunk.runs} runs ({shrunk.seconds:.1f} s): "
+        f"{shrunk.original.sagas} -> {shrunk.spec.sagas} sagas, faults {faults}; "
+        f"still breaks {', '.join(shrunk.invariants)}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    console.print(f"  reproduce: {shrunk.spec.command()}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _check_determinism(spec: RunSpec, as_json: bool) -> None:
+    import json
+
+    from infra.simulation.swarm import check_determinism
+
+    found = check_determinism(spec)
+    if as_json:
+        sys.stdout.write(json.dumps(found.as_dict(), indent=2, sort_keys=True) + "\n")
+    else:
+        first, second = found.events
+        if found.ok:
+            console.print(
+                f"determinism: seed {spec.seed} run twice, {first} events each, trace sha256 {found.digests[0][:16]}…: identical",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+        elif found.divergence is not None:
+            diverged = found.divergence.as_dict()
+            console.print(
+                f"determinism: seed {spec.seed} DIVERGED at event #{diverged['index']} "
+                f"(traces of {first} and {second} events)\n"
+                f"  first run:  {diverged['first']}\n"
+                f"  second run: {diverged['second']}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+        else:
+            console.print(
+                f"determinism: seed {spec.seed}: the traces agree but the final reports differ", highlight=False, markup=False
+            )
+    if not found.ok:
+        raise typer.Exit(1)
+
+
+def _run_swarm(
+    seeds: str | None,
+    seed: int,
+    swarm: int | None,
+    faults: str,
+    overrides: dict[str, float],
+    common: dict[str, Any],
+    *,
+    workers: int | None,
+    required: list[str],
+    shrink: bool,
+    save_seed: Path | None,
+    as_json: bool,
+) -> None:
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from infra.simulation.swarm import SWARM_OPERATOR_AFTER, RunSpec, default_workers, run_swarm, seed_range
+    from sagas.simulation import coverage
+
+    if seeds is not None:
+        try:
+            chosen = seed_range(seeds)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--seeds") from None
+    else:
+        chosen = list(range(seed, seed + (swarm or 1)))
+    if common["operator_after"] is None:
+        common = common | {"operator_after": SWARM_OPERATOR_AFTER}
+    specs = []
+    for each in chosen:
+        if faults == "swarm":
+            drawn = RunSpec.swarm_seed(each, **common)
+            specs.append(drawn.with_faults(common["sagas"], drawn.fault_fields() | overrides) if overrides else drawn)
+        else:
+            specs.append(RunSpec(seed=each, faults=faults, overrides=tuple(sorted(overrides.items())), **common))
+    processes = workers or default_workers()
+    progress = Progress(
+        TextColumn(f"swarm of {len(specs)} seeds on {processes} processes"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=as_json or not err.is_terminal,
+    )
+    task = progress.add_task("seeds", total=len(specs))
+    with progress:
+        result = run_swarm(specs, processes, required=required, shrink_failures=shrink, on_done=lambda _o: progress.advance(task))
+    if save_seed is not None:
+        for failed in result.shrunk or []:
+            _save(save_seed, failed.spec)
+        if not result.shrunk:
+            for outcome in result.failures:
+                _save(save_seed, outcome.spec)
+    document = result.as_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    else:
+        lines = [
+            f"compensa simulate — swarm of {len(specs)} seeds ({chosen[0]}..{chosen[-1]}), {common['sagas']} sagas each, "
+            f"faults {faults}, {processes} processes",
+            f"seeds run:       {document['runs']}, failed {len(result.failures)}",
+        ]
+        for outcome in result.failures:
+            lines.append(f"  ✗ seed {outcome.seed}: {outcome.violation_count} violations ({', '.join(outcome.invariants)})")
+            lines.append(f"    reproduce: {outcome.spec.command()}")
+        reached = {goal: len(found) for goal, found in result.reached().items()}
+        lines.append("coverage:        " + coverage_seeds_line(reached))
+        lines.append(
+            f"throughput:      {document['sagas']:,} sagas in {document['wall']['seconds']:.2f} s wall, "
+            f"{document['wall']['sagas_per_second']} sagas/s"
+        )
+        console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+        for shrunk in result.shrunk:
+            _print_shrunk(shrunk)
+    unmet = result.unmet()
+    if unmet:
+        print_error(coverage.unmet_message(unmet) + f" by any of the {len(specs)} seeds")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def coverage_seeds_line(reached: dict[str, int]) -> str:
+    hit = ", ".join(f"{goal} ({count} seeds)" for goal, count in reached.items() if count) or "none"
+    missed = [goal for goal, count in reached.items() if not count]
+    return hit + (f"; not reached: {', '.join(missed)}" if missed else "")

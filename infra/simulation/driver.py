@@ -4,7 +4,10 @@ and a virtual clock, with seeded faults; then an invariant check and a report.""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import importlib
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -23,25 +26,36 @@ import consumers.orders as orders
 import consumers.stock as stock
 from consumers.payments.breaker import BreakerState, CircuitBreaker, Transition
 from consumers.payments.gateway import PaymentGateway
+from contracts import BusinessRuleError
+from contracts.routing import DEFAULT_EXCHANGE
 from infra import topology as t
-from infra.bootstrap import Registry, bootstrap
+from infra.bootstrap import Registry, bootstrap, orchestrator_for
 from infra.clock import VirtualClock
 from infra.db import create_engine
 from infra.pipeline import MessageProcessor
 from infra.schema import upgrade
 from infra.settings import Settings
 from infra.simulation.faults import FaultInjector, GatewayOutages, RelayCrash
-from infra.simulation.readback import Observed, dead_letter_record, read_back
+from infra.simulation.readback import (
+    Observed,
+    dead_letter_record,
+    read_back,
+    read_history_counts,
+    read_saga_times,
+)
 from infra.simulation.sqlite_facade import create_direct_sqlite_engine
-from infra.transport.memory import MemoryBroker
+from infra.transport.memory import MemoryBroker, StoredMessage
 from outbox.ports import Publisher
 from outbox.relay import Relay
 from outbox.uow import Handler, UnitOfWork
 from sagas.orchestrator import SERVICE as SAGA_SERVICE
-from sagas.orchestrator import Orchestrator
+from sagas.orchestrator import AppliedTransition, Orchestrator
+from sagas.simulation import coverage, liveness
 from sagas.simulation.faults import FaultRates
 from sagas.simulation.invariants import Snapshot, Violation
+from sagas.simulation.trace import Event
 from sagas.simulation.workload import Workload, WorkloadSpec, generate
+from sagas.state import SagaStatus
 from sagas.tables import saga_instances
 
 log = structlog.get_logger("compensa.simulate")
@@ -76,7 +90,7 @@ class SimulationOptions:
     service_time: tuple[float, float] = (0.001, 0.02)
     max_attempts: int = 5
     # Seams for running deliberately broken variants, to prove the checker catches them.
-    # The CLI never sets these; the defaults are the product as deployed.
+    # The CLI sets them only through `--variant` (`load_variant`); the defaults are the product as deployed.
     #: The saga definitions, for the saga service and the deadline sweeper alike
     #: (None: the order saga with the default timings).
     orchestrator: Orchestrator | None = None
@@ -86,6 +100,18 @@ class SimulationOptions:
     handler_overrides: Mapping[str, Mapping[str, Handler]] = field(default_factory=dict)
     #: Wraps the publisher the relays hand their batches to.
     relay_publisher: Callable[[Publisher], Publisher] | None = None
+    #: A liveness run: faults stop at `heal_after` virtual seconds (None: when the last
+    #: order has arrived), and every saga must then reach an outcome within `liveness_bound`
+    #: seconds (None: `liveness.default_bound`). The run itself ends at that bound.
+    liveness: bool = False
+    heal_after: float | None = None
+    liveness_bound: float | None = None
+    #: The simulated operator: this many virtual seconds after a saga reaches
+    #: compensation_failed it retries its compensation, and after a message is
+    #: dead-lettered it replays it (each at most `OPERATOR_TRIES` times). None: no operator.
+    operator_after: float | None = None
+    #: Record the event trace (`SimulationResult.trace`) for the determinism self-check.
+    trace: bool = False
 
 
 @dataclass
@@ -108,10 +134,55 @@ class SimulationResult:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Per circuit breaker: its transitions, counted and listed (`breaker_report`).
     breakers: dict[str, Any] = field(default_factory=dict)
+    #: Coverage goal -> how often its situation occurred (`sagas.simulation.coverage`).
+    coverage: dict[str, int] = field(default_factory=dict)
+    #: A liveness run's heal time and bound (virtual seconds); None otherwise.
+    liveness: dict[str, float] | None = None
+    #: What the simulated operator did; None without one.
+    operator: dict[str, int] | None = None
+    #: Every delivery, publish, transition, heal and operator action in order (`options.trace`).
+    trace: list[Event] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.violations
+
+
+#: How often the simulated operator retries one saga, or replays one message.
+OPERATOR_TRIES = 2
+#: The seams a variant (`load_variant`) may set.
+VARIANT_FIELDS = frozenset({"orchestrator", "unit_of_work", "handler_overrides", "relay_publisher"})
+
+
+def load_variant(reference: str, search_path: str | None = None) -> dict[str, Any]:
+    """The SimulationOptions seams `module:attribute` names: a mapping of them, or a function returning one.
+
+    A variant is a deliberately broken (or instrumented) build of the product, for
+    proving that the checker catches what it should; the CLI's `--variant` and every
+    swarm worker load it by name. `search_path` (default: the working directory) goes
+    first on `sys.path`, as `uvicorn module:app` does, so a test module can be named.
+    """
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"a variant is module:attribute, got {reference!r}")
+    directory = search_path if search_path is not None else str(Path.cwd())
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load variant {reference!r}: {exc}") from None
+    seams = target() if callable(target) else target
+    if not isinstance(seams, Mapping):
+        raise ValueError(f"variant {reference!r} must be (or return) a mapping of {', '.join(sorted(VARIANT_FIELDS))}")
+    unknown = sorted(set(seams) - VARIANT_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"variant {reference!r} sets {', '.join(unknown)}; a variant sets only {', '.join(sorted(VARIANT_FIELDS))}"
+        )
+    return dict(seams)
 
 
 class Simulation:
@@ -121,13 +192,26 @@ class Simulation:
         self.options = options
         self.rng = random.Random(options.seed)
         self.clock = VirtualClock()
+        self.origin = self.clock.now()
         self.broker = MemoryBroker(self.clock)
         # Defaults plus these, never COMPENSA_* from the environment: a seed must replay
         # the same run on any machine (gateway limit, reservation TTL, ...).
         self.settings = Settings.model_construct(max_attempts=options.max_attempts, retry_base_seconds=0.5, retry_max_seconds=8.0)
-        self.faults = FaultInjector(options.faults, self.rng)
+        # A liveness run learns when the faults stop once the workload is drawn (`run`).
+        self.faults = FaultInjector(options.faults, self.rng, clock=self.clock)
         self.gateway: GatewayOutages | None = None
         self.transitions: list[Transition] = []
+        self.trace: list[Event] | None = [] if options.trace else None
+        #: The simulated operator's to-do list: (due, sequence, action, key).
+        self.operator_due: list[tuple[datetime, int, str, Any]] = []
+        self.operator_sequence = 0
+        self.operator_counts: Counter[str] = Counter()
+        self.operator_tries: Counter[str] = Counter()
+        self.dead_letters_seen: dict[str, int] = {}
+        #: A liveness run's heal time, bound (seconds) and end (`_plan_liveness`).
+        self.heal_at: datetime | None = None
+        self.bound: float | None = None
+        self.horizon: datetime | None = None
         self.registry = self._bootstrap()
         for breaker in self.registry.breakers.values():
             breaker.subscribe(self.transitions.append)
@@ -157,13 +241,40 @@ class Simulation:
         # The breaker runs on virtual time; its transitions go to the report, not a database.
         return bootstrap(
             self.settings,
-            orchestrator=self.options.orchestrator,
+            orchestrator=self._orchestrator(),
             wrap_handlers=wrap_handlers,
             wrap_publisher=wrap_publisher,
             wrap_gateway=wrap_gateway,
             clock=self.clock,
             record_breakers=False,
         )
+
+    def _orchestrator(self) -> Orchestrator | None:
+        """The run's orchestrator, built with an observer when the trace or the operator needs one."""
+        given = self.options.orchestrator
+        if not self.options.trace and self.options.operator_after is None:
+            return given
+        if given is None:
+            return orchestrator_for(self.settings, observers=(self._observe,))
+        return Orchestrator(list(given.definitions.values()), observers=(*given.observers, self._observe))
+
+    def _observe(self, applied: AppliedTransition) -> None:
+        after = applied.after
+        self._note(
+            "transition",
+            after.saga_id,
+            applied.before.status.value if applied.before else None,
+            after.status.value,
+            applied.trigger,
+            after.version,
+        )
+        if self.options.operator_after is not None and after.status is SagaStatus.COMPENSATION_FAILED:
+            self._schedule("retry", after.saga_id)
+
+    def _note(self, kind: str, *details: Any) -> None:
+        """Add an event to the trace (when tracing), at the virtual time it happened."""
+        if self.trace is not None:
+            self.trace.append((round((self.clock.now() - self.origin).total_seconds(), 6), kind, *details))
 
     def _uow_factory(self) -> Callable[..., UnitOfWork]:
         simulation = self
@@ -203,6 +314,7 @@ class Simulation:
             for message in batch:
                 if message.type in OUTCOME_TYPES and message.correlation_id not in simulation.finished:
                     simulation.finished.add(message.correlation_id)
+                simulation._note("publish", message.message_id, message.type, message.correlation_id)
 
         publisher = self.registry.publisher(self.broker)
         return {
@@ -218,6 +330,7 @@ class Simulation:
         try:
             await upgrade(engine)
             workload = generate(self.options.workload, self.rng)
+            self._plan_liveness(workload)
             await stock.seed_stock(engine, workload.stock)
             processors = self._build_processors(engine)
             relays = self._build_relays(engine)
@@ -228,6 +341,29 @@ class Simulation:
             if self._tempdir is not None:
                 self._tempdir.cleanup()
         return result
+
+    def _plan_liveness(self, workload: Workload) -> None:
+        """A liveness run: when the faults stop, the bound, and the end of the run."""
+        options = self.options
+        if not options.liveness:
+            return
+        last_arrival = workload.orders[-1].at_seconds if workload.orders else 0.0
+        heal_after = options.heal_after if options.heal_after is not None else last_arrival
+        self.heal_at = self.origin + timedelta(seconds=heal_after)
+        self.faults.stop_at = self.heal_at
+        self.bound = (
+            options.liveness_bound
+            if options.liveness_bound is not None
+            else liveness.default_bound(
+                self.registry.orchestrator.definitions.values(),
+                options.faults,
+                retry_max_seconds=self.settings.retry_max_seconds,
+                max_attempts=self.settings.max_attempts,
+                operator_after=options.operator_after,
+            )
+        )
+        # Every saga is due by then; running on past it would only hide a stuck one.
+        self.horizon = self.origin + timedelta(seconds=max(heal_after, last_arrival) + self.bound)
 
     def _engine(self) -> Any:
         """SQLite runs inline (see sqlite_facade.py); another database through its async driver."""
@@ -257,10 +393,17 @@ class Simulation:
         def begin_sweep() -> UnitOfWork:
             return uow_factory(engine, SAGA_SERVICE, self.clock)
 
+        heal_pending = self.heal_at
         while True:
             now = self.clock.now()
+            if self.horizon is not None and now > self.horizon:
+                break
+            if heal_pending is not None and now >= heal_pending:
+                self._note("heal")
+                heal_pending = None
             while next_arrival < total and origin + timedelta(seconds=arrivals[next_arrival].at_seconds) <= now:
                 planned = arrivals[next_arrival]
+                self._note("place", planned.order_id)
                 await orders.place_order(
                     engine,
                     self.clock,
@@ -281,6 +424,11 @@ class Simulation:
             if now >= next_expiry_sweep:
                 await stock.expire_reservations(engine, self.clock)
                 next_expiry_sweep = now + timedelta(seconds=60)
+            if self.operator_due and self.operator_due[0][0] <= now:
+                if await self._operate(engine, uow_factory):
+                    # A retried compensation armed a deadline, due no sooner than this.
+                    due_hint = _earliest(due_hint, self.clock.now() + shortest_deadline)
+                continue
             if self.on_progress is not None:
                 self.on_progress(len(self.finished), total)
 
@@ -288,6 +436,8 @@ class Simulation:
             if ready:
                 queue = self.rng.choice(ready)
                 await self._deliver_one(queue, processors)
+                if self.options.operator_after is not None and self.broker.stats.dead_lettered:
+                    self._notice_dead_letters()
                 if queue in (t.SAGA_EVENTS.name, t.SAGA_STARTS.name):
                     # A saga transition may have armed a deadline, due no sooner than this.
                     due_hint = _earliest(due_hint, self.clock.now() + shortest_deadline)
@@ -301,8 +451,12 @@ class Simulation:
                 candidates.append(self.broker.next_due())
             if due_hint is not None:
                 candidates.append(due_hint)
+            if self.operator_due:
+                candidates.append(self.operator_due[0][0])
             if not candidates:
                 break
+            if heal_pending is not None:
+                candidates.append(heal_pending)
             self.clock.set(max(min(candidates), now))
 
     async def _earliest_deadline(self, engine: Any, origin: Any) -> Any:
@@ -330,19 +484,85 @@ class Simulation:
         assert delivery is not None
         self.clock.advance(self.rng.uniform(*self.options.service_time))
         if chance("delay"):
+            self._note("delay", queue, delivery.message_id)
             self.broker.hold(delivery, self.rng.uniform(0.01, self.options.faults.max_delay_seconds))
             return
         if queue in (t.STOCK_COMMANDS.name, t.PAYMENTS_COMMANDS.name) and chance("silence"):
+            self._note("silence", queue, delivery.message_id)
             self.broker.hold(delivery, self.options.faults.silence_seconds)
             return
-        if chance("duplicate"):
+        duplicated = chance("duplicate")
+        if duplicated:
             self.broker.duplicate(delivery)
-        if chance("lost_ack") or chance("consumer_crash"):
+        ack_lost = chance("lost_ack") or chance("consumer_crash")
+        if ack_lost:
             # The effect commits, the ack never arrives: the broker redelivers.
             delivery = self.broker.lose_ack(delivery)
+        self._note("deliver", queue, delivery.message_id, delivery.redelivered, duplicated, ack_lost)
         await processors[queue](delivery)
         if not delivery.settled:
             await delivery.requeue()
+
+    # ------------------------------------------------------------ the simulated operator
+
+    def _schedule(self, action: str, key: Any) -> None:
+        """Put an operator action on the to-do list, `operator_after` from now, unless tried enough."""
+        assert self.options.operator_after is not None
+        name = f"{action}:{key[1].message_id if action == 'replay' else key}"
+        if self.operator_tries[name] >= OPERATOR_TRIES:
+            return
+        self.operator_tries[name] += 1
+        due = self.clock.now() + timedelta(seconds=self.options.operator_after)
+        self.operator_sequence += 1
+        heapq.heappush(self.operator_due, (due, self.operator_sequence, action, key))
+
+    def _notice_dead_letters(self) -> None:
+        """Schedule a replay of each message dead-lettered since the last look."""
+        for spec in t.WORK_QUEUES:
+            waiting = self.broker.queues[spec.dlq]
+            seen = self.dead_letters_seen.get(spec.name, 0)
+            for stored in list(waiting)[seen:]:
+                self._schedule("replay", (spec.name, stored))
+            self.dead_letters_seen[spec.name] = len(waiting)
+
+    async def _operate(self, engine: Any, uow_factory: Callable[..., UnitOfWork]) -> bool:
+        """Do every operator action that is due; True when a compensation was retried."""
+        retried = False
+        now = self.clock.now()
+        while self.operator_due and self.operator_due[0][0] <= now:
+            _due, _sequence, action, key = heapq.heappop(self.operator_due)
+            if action == "retry":
+                retried |= await self._retry_compensation(engine, uow_factory, key)
+            else:
+                self._replay(*key)
+        return retried
+
+    async def _retry_compensation(self, engine: Any, uow_factory: Callable[..., UnitOfWork], saga_id: str) -> bool:
+        """`compensa saga retry`, as an operator would run it."""
+        async with uow_factory(engine, SAGA_SERVICE, self.clock) as uow:
+            try:
+                await self.registry.orchestrator.retry_compensation(uow, saga_id)
+            except BusinessRuleError:
+                return False  # a late confirmation healed it meanwhile
+            await uow.commit()
+        self._note("operator_retry", saga_id)
+        self.operator_counts["compensations_retried"] += 1
+        return True
+
+    def _replay(self, queue: str, stored: StoredMessage) -> None:
+        """`compensa dlq replay`: the message goes back to the queue that consumes it, its failure headers gone."""
+        original_type = str(stored.headers.get(t.H_ORIGINAL_ROUTING_KEY, ""))
+        target = t.consuming_queue(queue, original_type)
+        name = target.name if target is not None else queue
+        headers = {k: v for k, v in stored.headers.items() if not k.startswith("x-compensa-") and k != "x-death"}
+        self.broker.queues[name].append(
+            StoredMessage(stored.body, headers, stored.message_id, DEFAULT_EXCHANGE, name, stored.correlation_id)
+        )
+        self.broker.stats.published += 1
+        self._note("operator_replay", name, stored.message_id)
+        self.operator_counts["dead_letters_replayed"] += 1
+        if name in (t.STOCK_COMMANDS.name, t.PAYMENTS_COMMANDS.name):
+            self.operator_counts["commands_replayed"] += 1
 
     # ------------------------------------------------------------ results
 
@@ -357,7 +577,12 @@ class Simulation:
             unrouted_ids=stats.unrouted_ids,
             messages_left=self.broker.work_depth(),
         )
-        found = await read_back(engine, workload, observed)
+        stuck: list[Violation] = []
+        if self.heal_at is not None and self.bound is not None:
+            times = await read_saga_times(engine, workload, self.origin)
+            heal_seconds = (self.heal_at - self.origin).total_seconds()
+            stuck = liveness.check(times, heal_at=heal_seconds, bound=self.bound)
+        found = await read_back(engine, workload, observed, stuck)
         dead_letters = [
             dead_letter_record(spec.name, stored.body, stored.headers)
             for spec in t.WORK_QUEUES
@@ -374,6 +599,18 @@ class Simulation:
             "processed": sum(p.processed for p in processors.values()),
             "duplicates_skipped": sum(p.duplicates for p in processors.values()),
         }
+        breakers = {
+            name: breaker_report(breaker, self.transitions, VirtualClock().now(), self.gateway)
+            for name, breaker in self.registry.breakers.items()
+        }
+        reached = coverage.observed(
+            await read_history_counts(engine), counters, breakers, self.operator_counts["commands_replayed"]
+        )
+        operator = None
+        if self.options.operator_after is not None:
+            operator = {
+                key: self.operator_counts[key] for key in ("compensations_retried", "dead_letters_replayed", "commands_replayed")
+            }
         return SimulationResult(
             options=self.options,
             workload=workload,
@@ -387,10 +624,15 @@ class Simulation:
             wall_seconds=time.perf_counter() - started,
             history=found.history,
             dead_letters=dead_letters,
-            breakers={
-                name: breaker_report(breaker, self.transitions, VirtualClock().now(), self.gateway)
-                for name, breaker in self.registry.breakers.items()
-            },
+            breakers=breakers,
+            coverage=reached,
+            liveness=(
+                {"heal_at_seconds": round((self.heal_at - self.origin).total_seconds(), 6), "bound_seconds": self.bound}
+                if self.heal_at is not None and self.bound is not None
+                else None
+            ),
+            operator=operator,
+            trace=self.trace or [],
         )
 
 

@@ -39,16 +39,32 @@ class FaultInjector:
     broker cannot be told to redeliver); the simulator duplicates at delivery instead.
     """
 
-    def __init__(self, rates: FaultRates, rng: random.Random, *, duplicate_publishes: bool = False) -> None:
+    def __init__(
+        self,
+        rates: FaultRates,
+        rng: random.Random,
+        *,
+        duplicate_publishes: bool = False,
+        clock: Clock | None = None,
+        stop_at: datetime | None = None,
+    ) -> None:
         self.rates = rates
         self.rng = rng
         self.duplicate_publishes = duplicate_publishes
         self.injected: Counter[str] = Counter()
+        #: From `stop_at` on (by `clock`) no fault strikes: the world heals (a liveness run).
+        self.clock = clock
+        self.stop_at = stop_at
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the faults have stopped (always False without a `stop_at`)."""
+        return self.stop_at is not None and self.clock is not None and self.clock.now() >= self.stop_at
 
     def chance(self, fault: str) -> bool:
-        """Whether `fault` strikes now; a fault at rate 0 draws nothing."""
+        """Whether `fault` strikes now; a fault at rate 0, or after the faults stopped, draws nothing."""
         rate: float = getattr(self.rates, fault)
-        if rate <= 0:
+        if rate <= 0 or self.stopped:
             return False
         hit = self.rng.random() < rate
         if hit:
@@ -99,6 +115,10 @@ class GatewayOutages:
     def _check(self) -> None:
         self.calls += 1
         now = self.clock.now()
+        if self.faults.stopped:
+            # The world healed: an outage in progress ends with it.
+            self.down_until = None
+            return
         if self.down_until is None or now >= self.down_until:
             if not self.faults.chance("gateway_outage"):
                 return

@@ -11,9 +11,10 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import distinct, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.ledger.tables import ledger_entries, ledger_transactions
@@ -24,7 +25,10 @@ from contracts.envelope import parse_envelope
 from infra import topology as t
 from infra.bootstrap import MESSAGE_SERVICES, OUTBOX_SERVICES
 from outbox.tables import tables_for
+from sagas.engine import RETRY_TRIGGER
+from sagas.simulation.coverage import HistoryCounts
 from sagas.simulation.invariants import Snapshot, Violation, check
+from sagas.simulation.liveness import OUTCOMES, SagaTimes
 from sagas.simulation.workload import Workload
 from sagas.tables import saga_history, saga_instances
 
@@ -53,8 +57,14 @@ class ReadBack:
     history: dict[str, list[dict[str, Any]]]
 
 
-async def read_back(engine: AsyncEngine, workload: Workload, observed: Observed) -> ReadBack:
-    """Everything a report needs about the run that ended: snapshot, violations, outcomes."""
+async def read_back(
+    engine: AsyncEngine, workload: Workload, observed: Observed, more_violations: list[Violation] | None = None
+) -> ReadBack:
+    """Everything a report needs about the run that ended: snapshot, violations, outcomes.
+
+    `more_violations` (a liveness check's, say) join the invariants' and have their
+    sagas' histories read too.
+    """
     sent, consumed = await message_ids(engine)
     snapshot = replace(
         await read_snapshot(engine, workload, messages_left=observed.messages_left),
@@ -64,7 +74,7 @@ async def read_back(engine: AsyncEngine, workload: Workload, observed: Observed)
         unrouted_ids=set(observed.unrouted_ids),
         marked_sent_ids=sent,
     )
-    violations = check(snapshot)
+    violations = check(snapshot) + list(more_violations or ())
     durations, outcomes, history = await read_outcomes(engine, violations)
     return ReadBack(snapshot, violations, durations, outcomes, history)
 
@@ -220,3 +230,57 @@ def _type_of(body: bytes) -> str:
         return parse_envelope(body).type
     except Exception:  # noqa: BLE001 - only used to label a dead letter
         return "<undecodable>"
+
+
+async def read_history_counts(engine: AsyncEngine) -> HistoryCounts:
+    """What the coverage goals count in the saga histories, in one pass over them."""
+    h = saga_history.c
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(
+                    func.count().filter(h.trigger.like("deadline:step:%")),
+                    func.count().filter(h.note.like("late %")),
+                    func.count(distinct(h.saga_id)).filter(h.to_status == "compensation_failed"),
+                    func.count(distinct(h.saga_id)).filter(h.trigger == RETRY_TRIGGER),
+                )
+            )
+        ).one()
+    return HistoryCounts(
+        step_deadlines=row[0], late_replies_undone=row[1], compensation_failed=row[2], compensation_failed_retried=row[3]
+    )
+
+
+async def read_saga_times(engine: AsyncEngine, workload: Workload, origin: datetime) -> dict[str, SagaTimes]:
+    """Per order of the workload: when its saga started, its status, when it first reached an outcome.
+
+    Times are virtual seconds from `origin`; an order without a saga counts from when it was placed.
+    """
+
+    def seconds(at: datetime) -> float:
+        at = at if at.tzinfo else at.replace(tzinfo=origin.tzinfo)
+        return round((at - origin).total_seconds(), 6)
+
+    h = saga_history.c
+    async with engine.connect() as connection:
+        sagas = {
+            row.saga_id: row
+            for row in await connection.execute(
+                select(saga_instances.c.saga_id, saga_instances.c.status, saga_instances.c.started_at)
+            )
+        }
+        ended = {
+            row.saga_id: row.at
+            for row in await connection.execute(
+                select(h.saga_id, func.min(h.at).label("at")).where(h.to_status.in_(sorted(OUTCOMES))).group_by(h.saga_id)
+            )
+        }
+    times = {}
+    for order in workload.orders:
+        saga = sagas.get(order.order_id)
+        if saga is None:
+            times[order.order_id] = SagaTimes(order.at_seconds, None, None)
+            continue
+        end = ended.get(order.order_id)
+        times[order.order_id] = SagaTimes(seconds(saga.started_at), saga.status, seconds(end) if end is not None else None)
+    return times

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -92,9 +93,69 @@ PROFILES: dict[str, FaultRates] = {
 }
 
 
-def profile(name: str, overrides: dict[str, float] | None = None) -> FaultRates:
+#: The profile that is not one mix but one per seed (`swarm_rates`).
+SWARM = "swarm"
+
+#: The most a swarm seed draws for each rate: high enough that every fault does its
+#: worst now and then, low enough that a sound saga still ends (a bounded hostile world).
+SWARM_CEILINGS: dict[str, float] = {
+    "duplicate": 0.3,
+    "lost_ack": 0.15,
+    "reorder": 0.4,
+    "delay": 0.2,
+    "relay_crash": 0.1,
+    "consumer_crash": 0.1,
+    "transient_error": 0.15,
+    "permanent_error": 0.02,
+    "silence": 0.05,
+    "gateway_outage": 0.03,
+}
+#: How long a swarm seed's gateway outages last, in virtual seconds: from a blip the
+#: retries ride out to a burst longer than every compensation attempt together.
+SWARM_OUTAGE_SECONDS = (5.0, 240.0)
+#: How long a swarm seed may hold a message in transit: up to past a step deadline, so a
+#: reply can arrive after its step gave up.
+SWARM_DELAY_SECONDS = (1.0, 60.0)
+
+
+def swarm_rates(seed: int) -> FaultRates:
+    """One swarm seed's fault mix: each fault on or off, and its rate, drawn from the seed.
+
+    A fault is on with probability 1/2, at 10-100 % of its ceiling; rates are rounded
+    to four places so the command that reproduces the seed names them exactly. The
+    draw uses its own generator, so the run's rng (workload, faults, deliveries) starts
+    as in any other run of that seed.
+    """
+    rng = random.Random(f"compensa-swarm-{seed}")
+    drawn: dict[str, float] = {}
+    for name in RATE_NAMES:
+        on = rng.random() < 0.5
+        rate = round(SWARM_CEILINGS[name] * rng.uniform(0.1, 1.0), 4)
+        if on:
+            drawn[name] = rate
+    outage = round(rng.uniform(*SWARM_OUTAGE_SECONDS), 1)
+    if "gateway_outage" in drawn:
+        drawn["gateway_outage_seconds"] = outage
+    delay = round(rng.uniform(*SWARM_DELAY_SECONDS), 1)
+    if "delay" in drawn:
+        drawn["max_delay_seconds"] = delay
+    return FaultRates().with_overrides(drawn)
+
+
+def differences(rates: FaultRates, base: FaultRates | None = None) -> dict[str, float]:
+    """The fields of `rates` that differ from `base` (no faults): what `--fault` must name to rebuild it."""
+    base = base or FaultRates()
+    return {f.name: getattr(rates, f.name) for f in fields(rates) if getattr(rates, f.name) != getattr(base, f.name)}
+
+
+def profile(name: str, overrides: dict[str, float] | None = None, *, seed: int | None = None) -> FaultRates:
+    """The named profile's rates with `overrides`; `swarm` draws them from `seed`."""
+    if name == SWARM:
+        if seed is None:
+            raise ValueError("the swarm profile draws its rates from a seed; give one")
+        return swarm_rates(seed).with_overrides(overrides or {})
     try:
         rates = PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown fault profile {name!r}; choose one of {', '.join(PROFILES)}") from None
+        raise ValueError(f"unknown fault profile {name!r}; choose one of {', '.join([*PROFILES, SWARM])}") from None
     return rates.with_overrides(overrides or {})

@@ -14,10 +14,24 @@ def load_regressions(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def save_regression(path: Path, *, seed: int, sagas: int, faults: str, overrides: dict[str, float]) -> None:
-    """Append a failing run's options, once, so the suite replays it from now on."""
+#: Keys an entry may carry besides seed, sagas, faults and overrides (a run's other
+#: non-default options: a variant, liveness, the simulated operator, the workload's shape).
+OPTIONAL_KEYS = frozenset(
+    {"variant", "liveness", "heal_after", "liveness_bound", "operator_after", "skus", "stock_per_sku", "decline_rate"}
+)
+
+
+def save_regression(path: Path, *, seed: int, sagas: int, faults: str, overrides: dict[str, float], **options: Any) -> None:
+    """Append a failing run's options, once, so the suite replays it from now on.
+
+    `options` are the run's other settings (`OPTIONAL_KEYS`), stored only when given.
+    """
+    unknown = sorted(set(options) - OPTIONAL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown regression option(s) {', '.join(unknown)}")
     entries = load_regressions(path)
     entry = {"seed": seed, "sagas": sagas, "faults": faults, "overrides": dict(sorted(overrides.items()))}
+    entry.update({key: value for key, value in sorted(options.items()) if value is not None})
     if entry not in entries:
         entries.append(entry)
         path.parent.mkdir(parents=True, exist_ok=True)

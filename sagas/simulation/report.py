@@ -41,6 +41,7 @@ def to_document(result: Any) -> dict[str, Any]:
         "counters": result.counters,
         "dead_letters": {"total": len(result.dead_letters), "groups": dict(sorted(dlq_groups.items()))},
         "circuit_breakers": result.breakers,
+        "coverage": getattr(result, "coverage", {}),
         "stack": result.stack,
         "virtual_seconds": result.virtual_seconds,
         "saga_duration_seconds": duration_stats(result.durations),
@@ -56,7 +57,11 @@ def to_document(result: Any) -> dict[str, Any]:
             "seconds": round(result.wall_seconds, 3),
             "sagas_per_second": round(len(result.workload.orders) / result.wall_seconds, 1) if result.wall_seconds else None,
         },
-    } | ({"stack_details": result.extra} if result.extra else {})
+    } | (
+        ({"stack_details": result.extra} if result.extra else {})
+        | ({"liveness": result.liveness} if getattr(result, "liveness", None) else {})
+        | ({"operator": result.operator} if getattr(result, "operator", None) is not None else {})
+    )
 
 
 def without_wall(document: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,6 +92,16 @@ def terminal_summary(document: Mapping[str, Any]) -> str:
     ]
     for name, breaker in document.get("circuit_breakers", {}).items():
         lines.insert(-2, f"circuit breaker: {name} {breaker_line(breaker)}")
+    if document.get("operator") is not None:
+        lines.insert(-2, "operator:        " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in document["operator"].items()))
+    if document.get("coverage"):
+        lines.append("coverage:        " + coverage_line(document["coverage"]))
+    if document.get("liveness"):
+        live = document["liveness"]
+        lines.append(
+            f"liveness:        faults stopped at {live['heal_at_seconds']:.1f} s; "
+            f"every saga due within {live['bound_seconds']:g} s"
+        )
     invariants = document["invariants"]
     if invariants["ok"]:
         lines.append("invariants:      all hold")
@@ -102,6 +117,13 @@ def terminal_summary(document: Mapping[str, Any]) -> str:
                     f"{entry['from'] or '-':>13} → {entry['to']:<20} sent {', '.join(entry['sent']) or '-'}"
                 )
     return "\n".join(lines)
+
+
+def coverage_line(reached: Mapping[str, int]) -> str:
+    """Which coverage goals a run reached (with counts) and which it did not."""
+    hit = ", ".join(f"{goal} {count}" for goal, count in reached.items() if count) or "none"
+    missed = [goal for goal, count in reached.items() if not count]
+    return hit + (f" (not reached: {', '.join(missed)})" if missed else "")
 
 
 def breaker_line(breaker: Mapping[str, Any]) -> str:

@@ -16,8 +16,9 @@ from consumers.ledger import rules as ledger_rules
 from consumers.ledger.rules import Kind
 from consumers.ledger.store import LedgerStore
 from consumers.stock import rules as stock_rules
+from consumers.stock.handlers import handle_release_stock
 from consumers.stock.store import StockStore
-from contracts import Message
+from contracts import Message, TransientError
 from contracts.messages import PaymentAuthorized, PaymentRefunded, ReleaseStock
 from infra.simulation.driver import SimulationOptions, SimulationResult, run_simulation
 from outbox.ports import OutgoingMessage, Publisher
@@ -91,6 +92,34 @@ async def release_nothing(uow: UnitOfWork, message: Message[ReleaseStock]) -> No
 
 
 STOCK_NEVER_RELEASED = {"stock": {ReleaseStock.message_type: release_nothing}}
+
+#: The same, as a variant a swarm worker or `compensa simulate --variant` loads by name.
+STOCK_NEVER_RELEASED_VARIANT = {"handler_overrides": STOCK_NEVER_RELEASED}
+
+
+# ---------------------------------------------------------------- (d) a participant that never answers
+
+
+async def release_silently(uow: UnitOfWork, message: Message[ReleaseStock]) -> None:
+    """Swallow the release: no effect and no reply, however often it is resent."""
+
+
+#: Stock never answers a release, once faults stop as before: the saga cannot end.
+STOCK_NEVER_ANSWERS_VARIANT = {"handler_overrides": {"stock": {ReleaseStock.message_type: release_silently}}}
+
+
+# ---------------------------------------------------------------- (e) non-determinism
+
+
+async def release_on_a_whim(uow: UnitOfWork, message: Message[ReleaseStock]) -> None:
+    """Release as the product does, but fail now and then by the process-wide RNG, which no seed governs."""
+    if random.random() < 0.5:  # the point: a draw outside the run's seeded rng
+        raise TransientError("flaky by the global random module")
+    await handle_release_stock(uow, message)
+
+
+#: A build whose runs a seed cannot replay: the determinism self-check must catch it.
+GLOBAL_RANDOM_VARIANT = {"handler_overrides": {"stock": {ReleaseStock.message_type: release_on_a_whim}}}
 
 #: The order saga with every compensation removed from its definition.
 SAGA_WITHOUT_COMPENSATIONS = Orchestrator(
