@@ -16,8 +16,10 @@ import consumers.ledger.tables
 import consumers.orders.tables
 import consumers.payments.tables
 import consumers.stock.tables  # noqa: F401
+import infra.audit
 import infra.circuit_breakers
-import infra.dlq.tables  # noqa: F401
+import infra.dlq.tables
+import infra.operators  # noqa: F401
 import producers.ingest.tables  # noqa: F401
 from outbox.tables import metadata
 from sagas.tables import metadata as saga_metadata

@@ -151,6 +151,25 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Redis socket timeout; past it a request answers 503."
     )
 
+    # The operator console (`compensa console`); see infra/console.
+    console_host: str = Field(default="127.0.0.1", description="Address `compensa console` listens on.")
+    console_port: int = Field(default=8090, ge=1, le=65535, description="Port of the operator console.")
+    console_secret: str | None = Field(
+        default=None,
+        min_length=32,
+        description="Key that signs console sessions (at least 32 characters); unset: a random one per process, "
+        "so a restart signs everybody out.",
+    )
+    console_session_seconds: float = Field(
+        default=28_800.0, gt=0, le=30 * 86_400, description="A console sign-in lasts this long, then asks again."
+    )
+    operator: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Who the audit trail names for CLI actions; unset: the OS user.",
+    )
+
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 

@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sagas.state import TERMINAL
@@ -88,3 +88,60 @@ async def saga_summary(connection: AsyncConnection, saga_id: str | None, transit
         )
     ).all()
     return {**dict(saga._mapping), "last_transitions": [dict(r._mapping) for r in reversed(history)]}
+
+
+#: Characters that mean something to LIKE: escaped in a prefix search.
+_LIKE_SPECIAL = str.maketrans({"\\": "\\\\", "%": "\\%", "_": "\\_"})
+
+
+async def page_sagas(
+    connection: AsyncConnection,
+    *,
+    status: str | None = None,
+    definition: str | None = None,
+    started_before: datetime | None = None,
+    unfinished_since: datetime | None = None,
+    id_prefix: str | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """One page of sagas, most recently updated first, continuing after `after` (updated_at, saga_id).
+
+    Keyset paging on (updated_at, saga_id), which `ix_saga_instances_updated` (and, within
+    one status, `ix_saga_instances_status_updated`) serves; `id_prefix` is a LIKE on the
+    id's beginning, which `ix_saga_instances_id_prefix` serves.
+    """
+    query = select(*LIST_COLUMNS, s.c.definition, s.c.version).order_by(s.c.updated_at.desc(), s.c.saga_id.desc()).limit(limit)
+    if status:
+        query = query.where(s.c.status == status)
+    if definition:
+        query = query.where(s.c.definition == definition)
+    if started_before is not None:
+        query = query.where(s.c.started_at < started_before)
+    if unfinished_since is not None:
+        query = query.where(
+            s.c.status.not_in([terminal.value for terminal in TERMINAL]),
+            s.c.updated_at < unfinished_since,
+        )
+    if id_prefix:
+        query = query.where(s.c.saga_id.like(id_prefix.translate(_LIKE_SPECIAL) + "%", escape="\\"))
+    if after is not None:
+        updated, saga_id = after
+        query = query.where(
+            (s.c.updated_at < updated) | ((s.c.updated_at == updated) & (s.c.saga_id < saga_id)),
+        )
+    return [dict(row._mapping) for row in (await connection.execute(query)).all()]
+
+
+async def status_counts(connection: AsyncConnection) -> dict[str, int]:
+    """How many sagas are in each status."""
+    rows = (await connection.execute(select(s.c.status, func.count()).group_by(s.c.status))).all()
+    return {status: int(count) for status, count in rows}
+
+
+async def stuck_count(connection: AsyncConnection, unfinished_since: datetime) -> int:
+    """Sagas not in a terminal state and not updated since `unfinished_since`."""
+    query = select(func.count()).where(
+        s.c.status.not_in([terminal.value for terminal in TERMINAL]), s.c.updated_at < unfinished_since
+    )
+    return int((await connection.execute(query)).scalar_one())

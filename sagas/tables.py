@@ -32,6 +32,11 @@ saga_instances = Table(
     Column("deadline_step", String(64), nullable=True),
     Column("deadline_attempt", Integer, nullable=True),
     Index("ix_saga_instances_status_updated", "status", "updated_at"),
+    # The console's saga list: newest first across statuses, by keyset (updated_at, saga_id).
+    Index("ix_saga_instances_updated", "updated_at", "saga_id"),
+    # The console's search on an id's beginning (`LIKE 'prefix%'`): pattern ops on PostgreSQL,
+    # whatever the database's collation.
+    Index("ix_saga_instances_id_prefix", "saga_id", postgresql_ops={"saga_id": "varchar_pattern_ops"}),
     # The sweep's index: only sagas with a deadline (finished ones have none).
     Index(
         "ix_saga_instances_deadline_due",

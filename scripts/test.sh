@@ -30,6 +30,9 @@ missing_packages() {
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   # prometheus ships promtool too: the monitoring tests check the configuration with both.
   { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
+  # The console's browser test drives Debian's chromium through its chromedriver (Selenium).
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   # Node.js and npm run the official AsyncAPI parser (tests/harness/asyncapi.py installs the
   # parser itself with npm into .cache/). A Node.js that bundles npm needs no npm package.
   command -v node >/dev/null 2>&1 || missing+=(nodejs)

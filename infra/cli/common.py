@@ -6,6 +6,7 @@
 - openers: `open_engine`, `open_transport`, `database` (an engine whose failures say why);
 - output: `print_json`, and the safe rendering of stored values (`visible`, `cell`,
   `clip`, `json_view`, `detail_table`, `one_line_table`, `when`);
+- the audit trail: `audited` records a CLI action (who: COMPENSA_OPERATOR or the OS user);
 - input: `confirm`, and the parsers of durations, times and dead-letter ids;
 - shared options (`JsonOpt`).
 """
@@ -215,6 +216,25 @@ async def database() -> AsyncIterator[Any]:
         fail(explain_database_error(exc, where))
     finally:
         await engine.dispose()
+
+
+async def audited(engine: Any, action: str, targets: list[Any], *, outcome: str = "ok", detail: str = "", **fields: Any) -> None:
+    """Record a CLI action in the audit trail, as COMPENSA_OPERATOR or the OS user."""
+    from infra.audit import CLI, cli_actor, record_now
+    from infra.clock import SystemClock
+    from infra.settings import get_settings
+
+    await record_now(
+        engine,
+        at=SystemClock().now(),
+        actor=cli_actor(get_settings().operator),
+        via=CLI,
+        action=action,
+        targets=targets,
+        outcome=outcome,
+        detail=detail,
+        **fields,
+    )
 
 
 # ---------------------------------------------------------------- input

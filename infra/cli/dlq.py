@@ -19,6 +19,7 @@ from rich.text import Text
 from infra.cli.common import (
     MAX_ID,
     JsonOpt,
+    audited,
     cell,
     clip,
     command,
@@ -444,6 +445,17 @@ async def dlq_replay(
             summary = await replay(
                 engine, SystemClock(), selected, patch=patch, dry_run=dry_run, batch_size=batch_size, on_progress=advance
             )
+        if selected and not dry_run:
+            refusals = [f"{o.id}: {o.detail}" for o in summary.outcomes if o.action == "refused"][:5]
+            await audited(
+                engine,
+                "dlq.replay",
+                list(selected),
+                outcome="ok" if summary.replayed else "refused",
+                detail=f"replayed {summary.replayed}, skipped {summary.skipped}, refused {summary.refused}"
+                + (f" ({'; '.join(refusals)})" if refusals else ""),
+                parameters={"patch": patch, "filter": where.describe()} if patch is not None else {"filter": where.describe()},
+            )
     if as_json:
         print_json(summary.as_dict())
     else:
@@ -507,6 +519,14 @@ async def dlq_purge(
         if selected and not yes:
             confirm(f"purge {len(selected)} dead letters ({where.describe()})", declined="nothing purged")
         purged = await purge(engine, DeadLetterFilter(ids=tuple(selected)), SystemClock().now()) if selected else 0
+        if selected:
+            await audited(
+                engine,
+                "dlq.purge",
+                list(selected),
+                detail=f"purged {purged} of {len(selected)}",
+                parameters={"filter": where.describe()},
+            )
     if as_json:
         print_json({"purged": purged, "ids": selected})
         return

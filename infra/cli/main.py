@@ -8,16 +8,21 @@ this module but the console script (`compensa = "infra.cli.main:main"`) and `pyt
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from infra.cli import (
     api,
+    audit,
     bench,
     broker,
+    console,
     contracts,
     db,
     dlq,
     health,
+    operators,
     order,
     outbox,
     producers,
@@ -36,6 +41,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"compensa {version('compensa')}")
+        except PackageNotFoundError:
+            typer.echo("compensa (not installed as a distribution)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Event-driven order saga on RabbitMQ with a transactional outbox."""
+
+
 app.add_typer(topology.app, name="topology")
 app.add_typer(db.app, name="db")
 app.add_typer(contracts.app, name="contracts")
@@ -47,12 +73,15 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(producers.app, name="producers")
 app.add_typer(broker.app, name="broker")
+app.add_typer(operators.app, name="operators")
+app.add_typer(audit.app, name="audit")
 
 app.command("simulate")(simulate.simulate)
 app.command("run")(run.run)
 app.command("relay")(run.relay)
 app.command("api")(api.api)
 app.command("health")(health.health)
+app.command("console")(console.console)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from infra.cli.common import cell, clip, command, console, err, fail, open_engine, print_json
+from infra.cli.common import audited, cell, clip, command, console, err, fail, open_engine, print_json
 from infra.settings import get_settings
 
 app = typer.Typer(help="API keys of upstream producers (HTTP ingest).", no_args_is_help=True)
@@ -42,6 +42,13 @@ async def producers_add(
         engine = open_engine()
         try:
             await ProducerStore(engine).add(record)
+            await audited(
+                engine,
+                "producers.add",
+                [record.name],
+                detail=f"key {record.key_id}",
+                parameters={"types": list(record.allowed_types), "rate_limit": record.rate_limit},
+            )
         finally:
             await engine.dispose()
         where = "the database"
@@ -113,6 +120,13 @@ async def producers_revoke(
     engine = open_engine()
     try:
         count = await ProducerStore(engine).revoke(name_or_key_id, SystemClock().now())
+        await audited(
+            engine,
+            "producers.revoke",
+            [name_or_key_id],
+            outcome="ok" if count else "refused",
+            detail=f"revoked {count} key(s)" if count else "no active key with this id or producer name",
+        )
     finally:
         await engine.dispose()
     if count == 0:

@@ -217,6 +217,7 @@ async def saga_retry(
         was="compensation_failed",
         sent_verb="resent",
         as_json=as_json,
+        kind="retry",
     )
 
 
@@ -240,6 +241,8 @@ async def saga_cancel(
         was="running",
         sent_verb="sent",
         as_json=as_json,
+        kind="cancel",
+        parameters={"reason": reason.strip()},
     )
 
 
@@ -251,21 +254,47 @@ async def _saga_action(
     was: str,
     sent_verb: str,
     as_json: bool,
+    kind: str,
+    parameters: dict[str, Any] | None = None,
 ) -> None:
     """Apply an operator action through the orchestrator in one unit of work, and report it."""
     from contracts import BusinessRuleError
+    from infra import audit
     from infra.bootstrap import orchestrator_for
     from infra.clock import SystemClock
     from infra.settings import get_settings
     from outbox.uow import UnitOfWork
 
-    orchestrator = orchestrator_for(get_settings())
-    async with database() as engine, UnitOfWork(engine, "saga", SystemClock()) as uow:
-        try:
-            transition = await action(orchestrator, uow)
-        except BusinessRuleError as exc:
-            fail(f"{exc}; {hint}")
-        await uow.commit()
+    settings = get_settings()
+    orchestrator = orchestrator_for(settings)
+    clock = SystemClock()
+    record: dict[str, Any] = {
+        "actor": audit.cli_actor(settings.operator),
+        "via": audit.CLI,
+        "action": f"saga.{kind}",
+        "targets": [saga_id],
+    }
+    record |= {"parameters": parameters or {}, "saga_id": saga_id}
+    async with database() as engine:
+        async with UnitOfWork(engine, "saga", clock) as uow:
+            refused: str | None = None
+            try:
+                transition = await action(orchestrator, uow)
+            except BusinessRuleError as exc:
+                refused = str(exc)
+            else:
+                sent_types = ", ".join(payload.message_type for payload in transition.outgoing) or "nothing"
+                # The audit row commits with the transition.
+                await audit.record(
+                    uow.connection,
+                    at=clock.now(),
+                    detail=f"now {transition.state.status.value}; sent {sent_types}",
+                    **record,
+                )
+                await uow.commit()
+        if refused is not None:
+            await audit.record_now(engine, at=clock.now(), outcome=audit.REFUSED, detail=refused, **record)
+            fail(f"{refused}; {hint}")
     sent = [payload.message_type for payload in transition.outgoing]
     result = {
         "saga_id": saga_id,

@@ -248,3 +248,67 @@ async def open_counts(connection: AsyncConnection) -> dict[str, int]:
     """Dead letters still to deal with (status new), per queue."""
     query = select(dl.c.queue, func.count()).where(dl.c.status == NEW).group_by(dl.c.queue)
     return {queue: int(count) for queue, count in (await connection.execute(query)).all()}
+
+
+async def failure_groups_by_type(connection: AsyncConnection, where: DeadLetterFilter) -> list[dict[str, Any]]:
+    """Failure groups of the console: counts per queue × reason class × type, first and last seen."""
+    query = (
+        where.apply(
+            select(
+                dl.c.queue,
+                dl.c.reason_class,
+                dl.c.type,
+                func.count().label("count"),
+                func.count(dl.c.saga_id.distinct()).label("sagas"),
+                func.min(dl.c.first_failure_at).label("first_seen"),
+                func.max(dl.c.last_failure_at).label("last_seen"),
+                func.max(dl.c.reason).label("example_reason"),
+            ).select_from(dl)
+        )
+        .group_by(dl.c.queue, dl.c.reason_class, dl.c.type)
+        .order_by(func.count().desc(), dl.c.queue, dl.c.reason_class, dl.c.type)
+    )
+    return [dict(row._mapping) for row in (await connection.execute(query)).all()]
+
+
+async def page_dead_letters(
+    connection: AsyncConnection,
+    where: DeadLetterFilter,
+    *,
+    after: tuple[datetime, int] | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """One page of matching dead letters, newest failure first, continuing after `after` (last failure, id).
+
+    Keyset paging: a group's page reads `ix_dead_letters_group` from where the last one stopped.
+    """
+    query = where.apply(select(*SUMMARY_COLUMNS)).order_by(dl.c.last_failure_at.desc(), dl.c.id.desc()).limit(limit)
+    if after is not None:
+        failed, last_id = after
+        query = query.where((dl.c.last_failure_at < failed) | ((dl.c.last_failure_at == failed) & (dl.c.id < last_id)))
+    return [dict(row._mapping) for row in (await connection.execute(query)).all()]
+
+
+async def new_count(connection: AsyncConnection) -> int:
+    """Dead letters still to deal with (status new)."""
+    return int((await connection.execute(select(func.count()).select_from(dl).where(dl.c.status == NEW))).scalar_one())
+
+
+async def dead_letters_of_saga(connection: AsyncConnection, saga_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    """A saga's dead letters, oldest failure first (with when each was replayed or purged)."""
+    query = (
+        select(*SUMMARY_COLUMNS, dl.c.first_failure_at, dl.c.replayed_at, dl.c.purged_at)
+        .where(dl.c.saga_id == saga_id)
+        .order_by(dl.c.last_failure_at, dl.c.id)
+        .limit(limit)
+    )
+    return [dict(row._mapping) for row in (await connection.execute(query)).all()]
+
+
+async def saga_ids_of(connection: AsyncConnection, ids: Sequence[int]) -> dict[int, str | None]:
+    """The saga each of these dead letters names."""
+    found: dict[int, str | None] = {}
+    for batch in _batches(ids):
+        rows = await connection.execute(select(dl.c.id, dl.c.saga_id).where(dl.c.id.in_(batch)))
+        found.update({row.id: row.saga_id for row in rows})
+    return found

@@ -64,6 +64,8 @@ dead_letters = Table(
     Column("purged_at", UtcDateTime(), nullable=True),
     Index("ix_dead_letters_status_failure", "status", "last_failure_at"),
     Index("ix_dead_letters_queue_reason", "queue", "reason_class"),
+    # The console's members of a failure group, newest failure first, by keyset.
+    Index("ix_dead_letters_group", "queue", "reason_class", "type", "last_failure_at", "id"),
     Index("ix_dead_letters_saga", "saga_id"),
     Index("ix_dead_letters_message", "message_id"),
 )
