@@ -7,10 +7,47 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///.compensa/compensa.db"
+ENV_PREFIX = "COMPENSA_"
+#: Settings whose value is never echoed in an error, not even redacted.
+SECRET_SETTINGS = frozenset({"console_secret"})
+
+
+class SettingsError(ValueError):
+    """A `COMPENSA_*` variable holds a value the settings refuse; the message names it and what is expected."""
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> SettingsError:
+        """One line per refused variable, joined: `COMPENSA_PREFETCH='abc': input should be a valid integer`."""
+        from infra.logging import redact
+
+        problems = []
+        for error in exc.errors(include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else ""
+            variable = ENV_PREFIX + field.upper()
+            # A secret is never shown, a URL's password never reaches the terminal.
+            shown = " (value hidden)" if field in SECRET_SETTINGS else "=" + repr(redact(str(error.get("input", ""))))
+            reason = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{variable}{shown}: {reason[:1].lower()}{reason[1:]}")
+        return cls("; ".join(problems) or str(exc).splitlines()[0])
+
+
+def check_database_url(url: str) -> str:
+    """`url` when SQLAlchemy parses it and it names a backend compensa runs on; else a ValueError that does not quote it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    expected = "expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DATABASE"
+    try:
+        backend = make_url(url).get_backend_name()
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ValueError(f"not a database URL; {expected}") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported database {backend!r}; {expected}")
+    return url
 
 
 def derive_management_url(amqp_url: str) -> str:
@@ -28,7 +65,7 @@ def derive_management_url(amqp_url: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="COMPENSA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     database_url: str = Field(
         default=EMBEDDED_DATABASE_URL,
@@ -180,7 +217,16 @@ class Settings(BaseSettings):
         default=15.0, gt=0, description="How often gauges read from the database (outbox lag, sagas, dead letters) are sampled."
     )
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return check_database_url(value)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a refused value raises `SettingsError` naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError.from_validation(exc) from None

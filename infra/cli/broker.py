@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import typer
 
-from infra.cli.common import cell, clip, command, console, fail, unwrapped
+from infra.cli.common import JsonOpt, cell, clip, command, console, fail, print_json, unwrapped
 
 app = typer.Typer(help="Broker users and permissions: least privilege per role.", no_args_is_help=True)
 
@@ -106,6 +106,21 @@ def _hidden(url: str) -> str:
     return parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
+def _described(grants: list[Any]) -> list[dict[str, Any]]:
+    """What each user may do, as `--json` shows it (never a password)."""
+    return [
+        {
+            "user": g.user,
+            "tags": g.tags,
+            "configure": g.configure,
+            "write": g.write,
+            "read": g.read,
+            "topic_write": dict(g.topic_write),
+        }
+        for g in grants
+    ]
+
+
 def _show(grants: list[Any]) -> None:
     """One line per user: what it may configure, write (exchanges) and read (queues)."""
     for g in grants:
@@ -121,6 +136,7 @@ async def broker_grant(
     password_env_prefix: PrefixOpt = DEFAULT_PREFIX,
     upstream: UpstreamOpt = [],  # noqa: B006
     vhost: VhostOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create or update compensa's broker users and their permissions through the management API (idempotent)."""
     import httpx
@@ -144,6 +160,9 @@ async def broker_grant(
         await apply(url, grants, passwords, vhost=where)
     except (httpx.HTTPError, RuntimeError) as exc:
         fail(f"the management API at {_hidden(url)} refused or did not answer: {exc}")
+    if as_json:
+        print_json({"vhost": where, "management_url": _hidden(url), "users": _described(grants)})
+        return
     _show(grants)
     console.print(cell(f"granted {len(grants)} users in vhost {where!r} through {_hidden(url)}"))
 
@@ -155,6 +174,14 @@ async def broker_definitions(
     password_env_prefix: PrefixOpt = DEFAULT_PREFIX,
     upstream: UpstreamOpt = [],  # noqa: B006
     vhost: VhostOpt = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print what was written (the file, the vhost, each user's permissions; no hashes) as one JSON document; "
+            'the definitions themselves go to --out. A failure is {"ok": false, "error": "…"}.',
+        ),
+    ] = False,
 ) -> None:
     """Write RabbitMQ's definitions document (users with hashed passwords, permissions) for `load_definitions`."""
     from infra.broker_access import definitions
@@ -169,4 +196,7 @@ async def broker_definitions(
             file.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         fail(f"--out: cannot write {clip(str(out), 80)}: {exc.strerror or exc}")
+    if as_json:
+        print_json({"out": str(out), "vhost": where, "users": _described(grants)})
+        return
     console.print(cell(f"wrote definitions of {len(grants)} users (hashed passwords) for vhost {where!r} to {out}"))

@@ -1,14 +1,15 @@
 """What every command group shares; the leaf of the CLI tree (it imports no other CLI module).
 
 - consoles and errors: `console`, `unwrapped`, `err`, `CliError`/`fail`, `print_error`;
-- `command`, the wrapper that runs an async command body and prints known failures as
-  one line instead of a traceback;
+- `command`, the wrapper that runs a command body and prints known failures as one line
+  (with `--json`, as one error object) instead of a traceback; `require_schema` for the
+  long-running ones;
 - openers: `open_engine`, `open_transport`, `database` (an engine whose failures say why);
 - output: `print_json`, and the safe rendering of stored values (`visible`, `cell`,
   `clip`, `json_view`, `detail_table`, `one_line_table`, `when`);
 - the audit trail: `audited` records a CLI action (who: COMPENSA_OPERATOR or the OS user);
 - input: `confirm`, and the parsers of durations, times and dead-letter ids;
-- shared options (`JsonOpt`).
+- shared options (`JsonOpt`, and `ServeJsonOpt` of the long-running commands).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.cells import cell_len
@@ -31,6 +33,8 @@ from rich.table import Table
 from rich.text import Text
 
 from contracts import CompensaError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Output of the core commands (schema, stock, orders, sagas, producers, benchmarks).
 console = Console()
@@ -46,18 +50,47 @@ MetricsPortOpt = Annotated[
         "--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port (default COMPENSA_METRICS_PORT)."
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help='Print one JSON document on stdout (on a failure {"ok": false, "error": "…"}, still a non-zero exit).'
+    ),
+]
+#: `--json` of the long-running commands (`run`, `relay`, `api`, `console`, `health --serve`).
+ServeJsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Log as JSON lines on stderr (the start-up line too, whatever COMPENSA_LOG_FORMAT says); a failure to start "
+        'is {"ok": false, "error": "…"} on stdout.',
+    ),
+]
+#: The exit code of a command refused before it ran: a bad option or a bad COMPENSA_* value (as click's usage errors).
+USAGE_EXIT = 2
 
 
 # ---------------------------------------------------------------- errors
 
 
 class CliError(Exception):
-    """A failure the user can fix; printed as one line, exit code 1."""
+    """A failure the user can fix; printed as one line, exit code 1 (or `code`)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def fail(message: str) -> NoReturn:
-    raise CliError(message)
+def fail(message: str, code: int = 1) -> NoReturn:
+    raise CliError(message, code)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of an explained failure: 2 when the command was refused before it ran."""
+    from infra.settings import SettingsError
+
+    if isinstance(exc, CliError):
+        return exc.code
+    return USAGE_EXIT if isinstance(exc, SettingsError) else 1
 
 
 def explain(exc: BaseException) -> str | None:
@@ -75,20 +108,58 @@ def explain(exc: BaseException) -> str | None:
     return None
 
 
-def print_error(explained: str) -> None:
-    """One `error:` line on stderr; the message may quote stored data or input, so it is never markup."""
+def print_error(explained: str, *, as_json: bool = False) -> None:
+    """One `error:` line on stderr, or with --json the error object on stdout; never markup, secrets redacted."""
     from infra.logging import redact
 
+    if as_json:
+        print_json({"ok": False, "error": redact(explained)})
+        return
     err.print(Text.assemble(("error:", "red"), " ", visible(redact(explained))), highlight=False)
 
 
 LONG_RUNNING = "compensa_long_running"
 
 
-def long_running(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Coroutine[Any, Any, Any]]:
+def long_running(fn: F) -> F:
     """Mark a command that runs until stopped: it starts telemetry itself (`start_telemetry`)."""
     setattr(fn, LONG_RUNNING, True)
     return fn
+
+
+def server_log_config(level: str, as_json: bool) -> dict[str, Any]:
+    """uvicorn's logging config; with --json its lines (the start-up line too) are structlog JSON on stderr."""
+    import structlog
+    from uvicorn.config import LOGGING_CONFIG
+
+    if not as_json:
+        return LOGGING_CONFIG
+    formatter = {
+        "()": structlog.stdlib.ProcessorFormatter,
+        "processor": structlog.processors.JSONRenderer(),
+        "foreign_pre_chain": [structlog.stdlib.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)],
+    }
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": formatter},
+        "handlers": {"default": handler},
+        "loggers": {
+            name: {"handlers": ["default"], "level": level.upper(), "propagate": False}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
+def announce(as_json: bool, event: str, line: str, *, level: str = "info", **fields: Any) -> None:
+    """A long-running command's start-up line: plain on stderr, or with --json a structlog JSON line there."""
+    if as_json:
+        import structlog
+
+        getattr(structlog.get_logger("compensa.cli"), level)(event, message=line, **fields)
+        return
+    err.print(line, highlight=False, markup=False)
 
 
 def start_telemetry(service_name: str, metrics_port: int | None = None) -> Any:
@@ -101,12 +172,15 @@ def start_telemetry(service_name: str, metrics_port: int | None = None) -> Any:
     return configure_telemetry(service_name, metrics_port=port, metrics_host=settings.metrics_host)
 
 
-def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
-    """Run an async command body; print known failures as one line instead of a traceback.
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command body (async, or plain for one that runs its own loop); print known failures as one line.
 
-    Logging is configured first, then telemetry as the process ``compensa-cli`` (what a
-    command publishes carries a trace from it), except for a `long_running` command,
-    which starts its own under its name and with its metrics port (`start_telemetry`).
+    Settings are read first (a bad COMPENSA_* value is one line, exit 2), then logging is
+    configured, then telemetry as the process ``compensa-cli`` (what a command publishes
+    carries a trace from it), except for a `long_running` command, which starts its own
+    under its name and with its metrics port (`start_telemetry`). With `as_json` (the
+    `--json` option), a failure is the error object on stdout instead of a line on stderr,
+    and logs are JSON lines whatever COMPENSA_LOG_FORMAT says.
     """
 
     @functools.wraps(fn)
@@ -114,22 +188,36 @@ def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
         from infra.logging import configure_logging
         from infra.settings import get_settings
 
-        settings = get_settings()
-        configure_logging(settings.log_level, settings.log_format)
+        as_json = bool(kwargs.get("as_json"))
         try:
+            settings = get_settings()
+            configure_logging(settings.log_level, "json" if as_json else settings.log_format)
             if not getattr(fn, LONG_RUNNING, False):
                 start_telemetry("compensa-cli")
-            return asyncio.run(fn(*args, **kwargs))
+            if inspect.iscoroutinefunction(fn):
+                return asyncio.run(fn(*args, **kwargs))
+            return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except SystemExit as exc:
+            # uvicorn logs why it could not start (a port in use), then exits: a script still gets its object.
+            if not as_json or exc.code in (0, None):
+                raise
+            print_error(f"the server stopped at start-up (exit {exc.code}); its log line on stderr says why", as_json=True)
+            raise typer.Exit(exc.code if isinstance(exc.code, int) else 1) from None
+        except typer.TyperException as exc:  # typer.BadParameter and the other usage errors
+            if not as_json:
+                raise  # typer prints it with the usage line
+            print_error(exc.format_message(), as_json=True)
+            raise typer.Exit(exc.exit_code) from None
         except Exception as exc:  # the CLI's last line of defence
             explained = explain(exc)
             if explained is None:
                 raise
-            print_error(explained)
-            raise typer.Exit(1) from None
+            print_error(explained, as_json=as_json)
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
 
@@ -171,15 +259,27 @@ def database_error_text(exc: BaseException) -> str:
     return re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>: ", r"\1: ", text)
 
 
-def explain_database_error(exc: BaseException, where: str | None = None) -> str:
+def explain_database_error(exc: BaseException, where: str | None = None, *, named_by: str = "COMPENSA_DATABASE_URL") -> str:
     """One line for a failed database call: missing tables, unreachable, or the error itself."""
     text = database_error_text(exc)
     at = f" at {where}" if where else ""
     if "no such table" in text or ("relation" in text and "does not exist" in text):
         return f"the database{at} has no compensa tables yet ({text}); run `compensa db upgrade`"
     if is_connection_failure(exc):
-        return f"cannot reach the database{at} ({text}); check COMPENSA_DATABASE_URL and that the server runs"
+        return f"cannot reach the database{at} ({text}); check {named_by} and that the server runs"
     return f"the database{at} refused the query: {text}"
+
+
+NO_SCHEMA = "the database{at} has no compensa tables yet; run `compensa db upgrade`"
+
+
+async def require_schema() -> None:
+    """Refuse to start on a database that was never upgraded (a server would log failures forever)."""
+    from infra.schema import current_revision
+
+    async with database() as engine:
+        if await current_revision(engine) is None:
+            fail(NO_SCHEMA.format(at=f" at {engine.url.render_as_string(hide_password=True)}"))
 
 
 def open_engine() -> Any:

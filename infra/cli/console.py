@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import typer
 
-from infra.cli.common import err
+from infra.cli.common import ServeJsonOpt, announce, command, long_running, require_schema, server_log_config
 from infra.settings import get_settings
 
 
+@command
+@long_running
 def console(
     host: Annotated[str | None, typer.Option(help="Listen address (default COMPENSA_CONSOLE_HOST, 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default COMPENSA_CONSOLE_PORT, 8090).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="uvicorn's per-request log line.")] = False,
+    as_json: ServeJsonOpt = False,
 ) -> None:
     """Serve the operator console: sagas, dead letters, replay, audit; sign in with `compensa operators add`."""
     import uvicorn
 
-    from infra.logging import configure_logging
-
     settings = get_settings()
-    configure_logging(settings.log_level, settings.log_format)
+    # Sign-in reads the operators table: without it every page would fail, so say it once here.
+    asyncio.run(require_schema())
     if settings.console_secret is None:
-        err.print(
+        announce(
+            as_json,
+            "console.ephemeral_secret",
             "note: COMPENSA_CONSOLE_SECRET is unset: sessions are signed with a key of this process, "
             "so a restart signs everybody out",
-            highlight=False,
-            markup=False,
+            level="warning",
         )
     uvicorn.run(
         "infra.console.app:app_from_environment",
@@ -37,5 +41,6 @@ def console(
         workers=1,
         access_log=access_log,
         log_level=settings.log_level.lower(),
+        log_config=server_log_config(settings.log_level, as_json),
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from infra.cli.common import cell, command, console, open_engine
+from infra.cli.common import JsonOpt, cell, command, console, database, print_json
 
 app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
 
 @app.command("upgrade")
 @command
-async def db_upgrade(revision: str = "head") -> None:
+async def db_upgrade(
+    revision: Annotated[str, typer.Option(help="Migrate to this revision.")] = "head",
+    as_json: JsonOpt = False,
+) -> None:
     """Create or migrate every service's tables (idempotent)."""
     from infra.schema import current_revision, upgrade
 
-    engine = open_engine()
-    try:
+    async with database() as engine:
         await upgrade(engine, revision)
-        console.print(cell(f"database at revision {await current_revision(engine)}"))
-    finally:
-        await engine.dispose()
+        reached = await current_revision(engine)
+    if as_json:
+        print_json({"revision": reached})
+        return
+    console.print(cell(f"database at revision {reached}"))

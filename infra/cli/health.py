@@ -10,14 +10,31 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from infra.cli.common import JsonOpt, MetricsPortOpt, command, err, long_running, print_json, start_telemetry
+from infra.cli.common import (
+    USAGE_EXIT,
+    MetricsPortOpt,
+    announce,
+    command,
+    fail,
+    long_running,
+    print_json,
+    server_log_config,
+    start_telemetry,
+)
 from infra.cli.common import unwrapped as console
 
 
 @command
 @long_running
 async def health(
-    as_json: JsonOpt = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the report as one JSON document; with --serve, log as JSON lines on stderr (the start-up line "
+            'too) and a failure to start is {"ok": false, "error": "…"} on stdout.',
+        ),
+    ] = False,
     serve: Annotated[bool, typer.Option("--serve", help="Serve GET /health over HTTP instead (container checks).")] = False,
     host: Annotated[str, typer.Option(help="With --serve: address to bind.")] = "0.0.0.0",  # noqa: S104 - a container check listens on all interfaces
     port: Annotated[int, typer.Option(min=1, max=65535, help="With --serve: port.")] = 8081,
@@ -32,15 +49,29 @@ async def health(
 
     settings = get_settings()
     if metrics_port is not None and not serve:
-        err.print("[red]error:[/red] --metrics-port needs --serve (a one-off check has nothing to scrape)", highlight=False)
-        raise typer.Exit(2)
+        fail("--metrics-port needs --serve (a one-off check has nothing to scrape)", USAGE_EXIT)
     start_telemetry("compensa-health" if serve else "compensa-cli", metrics_port if serve else None)
     if serve:
         import uvicorn
 
         app = health_app(settings, max_relay_lag_seconds=max_relay_lag)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-        err.print(f"serving GET http://{host}:{port}/health (200 healthy, 503 unhealthy); Ctrl-C stops", highlight=False)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
+                log_config=server_log_config("warning", as_json),
+            )
+        )
+        announce(
+            as_json,
+            "health.serving",
+            f"serving GET http://{host}:{port}/health (200 healthy, 503 unhealthy); Ctrl-C stops",
+            host=host,
+            port=port,
+        )
         await server.serve()
         return
     report = await check_health(settings, max_relay_lag_seconds=max_relay_lag)

@@ -17,6 +17,14 @@ app = typer.Typer(help="Operator console accounts: tokens (stored hashed) with a
 async def operators_add(
     name: Annotated[str, typer.Argument(help="Who the audit trail names (1-64 letters, digits, '.', '_', '@', '-').")],
     role: Annotated[str, typer.Option("--role", help="viewer (read) or operator (read and act).")] = "viewer",
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the operator, role, token id and the token itself as one JSON document on stdout "
+            '(a failure is {"ok": false, "error": "…"}).',
+        ),
+    ] = False,
 ) -> None:
     """Make a console token for an operator; the token is printed once and stored only hashed."""
     from infra.clock import SystemClock
@@ -29,6 +37,9 @@ async def operators_add(
     async with database() as engine:
         await OperatorStore(engine).add(record)
         await audited(engine, "operators.add", [record.name], detail=f"token {record.key_id}", parameters={"role": record.role})
+    if as_json:
+        print_json({"name": record.name, "role": record.role, "key_id": record.key_id, "token": token})
+        return
     err.print(cell(f"operator {record.name!r} ({record.role}) token {record.key_id}; stored hashed in the database."))
     err.print("The token below is shown once: hand it to the operator now.", highlight=False, markup=False)
     sys.stdout.write(token + "\n")
@@ -83,6 +94,7 @@ async def operators_list(as_json: JsonOpt = False) -> None:
 @command
 async def operators_revoke(
     name_or_key_id: Annotated[str, typer.Argument(help="A token id (one token) or an operator name (all their tokens).")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke console tokens: their sessions end at the next request."""
     from infra.clock import SystemClock
@@ -99,4 +111,7 @@ async def operators_revoke(
         )
     if not revoked:
         fail(f"no active token with id or operator name {clip(name_or_key_id)} (`compensa operators list`)")
+    if as_json:
+        print_json({"revoked": revoked, "target": name_or_key_id})
+        return
     console.print(cell(f"revoked {len(revoked)} token(s) of {name_or_key_id!r}"))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from infra.cli.common import cell, command, console, open_engine
+from infra.cli.common import JsonOpt, cell, command, console, open_engine, print_json
 
 app = typer.Typer(help="Orders.", no_args_is_help=True)
 
@@ -19,6 +19,7 @@ async def order_place(
     token: Annotated[str, typer.Option(help="Payment token (never a card number).")],
     currency: Annotated[str, typer.Option()] = "EUR",
     order_id: Annotated[str | None, typer.Option(help="Idempotent order id (default: generated).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Place an order: the order row and order.created commit in one transaction."""
     from consumers.orders import place_order
@@ -38,4 +39,7 @@ async def order_place(
         )
     finally:
         await engine.dispose()
+    if as_json:
+        print_json({"order_id": placed})
+        return
     console.print(cell(f"order {placed} placed"))

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 from rich.table import Table
 
-from infra.cli.common import command, console, open_engine, print_json
+from infra.cli.common import JsonOpt, command, console, open_engine, print_json
 
 app = typer.Typer(help="Transactional outbox.", no_args_is_help=True)
 
 
 @app.command("status")
 @command
-async def outbox_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+async def outbox_status(as_json: JsonOpt = False) -> None:
     """Pending outbox rows and the oldest pending age (relay lag), per service."""
     from infra.bootstrap import OUTBOX_SERVICES
     from infra.clock import SystemClock

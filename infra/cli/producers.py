@@ -7,9 +7,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from infra.cli.common import audited, cell, clip, command, console, err, fail, open_engine, print_json
+from infra.cli.common import (
+    JsonOpt,
+    audited,
+    cell,
+    clip,
+    command,
+    console,
+    err,
+    fail,
+    one_line_table,
+    open_engine,
+    print_json,
+    when,
+)
 from infra.settings import get_settings
 
 app = typer.Typer(help="API keys of upstream producers (HTTP ingest).", no_args_is_help=True)
@@ -28,6 +40,14 @@ async def producers_add(
     file: Annotated[
         Path | None, typer.Option("--file", help="Append the hashed key to this JSON keys file instead of the database.")
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the producer, key id, types and the key itself as one JSON document on stdout "
+            '(a failure is {"ok": false, "error": "…"}).',
+        ),
+    ] = False,
 ) -> None:
     """Create an API key for a producer; the key is printed once and never stored."""
     from infra.clock import SystemClock
@@ -52,6 +72,18 @@ async def producers_add(
         finally:
             await engine.dispose()
         where = "the database"
+    if as_json:
+        print_json(
+            {
+                "name": record.name,
+                "key_id": record.key_id,
+                "types": list(record.allowed_types),
+                "rate_limit": record.rate_limit,
+                "stored_in": str(file) if file is not None else "database",
+                "key": key,
+            }
+        )
+        return
     err.print(
         cell(
             f"producer {record.name!r} key {record.key_id} may publish {', '.join(record.allowed_types)}; "
@@ -64,7 +96,7 @@ async def producers_add(
 
 @app.command("list")
 @command
-async def producers_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+async def producers_list(as_json: JsonOpt = False) -> None:
     """List API keys (never the secrets): producer, key id, allowed types, state."""
     from producers.ingest import ProducerStore
     from producers.ingest.auth import load_keys_file
@@ -92,26 +124,36 @@ async def producers_list(as_json: Annotated[bool, typer.Option("--json")] = Fals
     if as_json:
         print_json(rows)
         return
-    table = Table("producer", "key id", "types", "rate limit", "created", "state", "source")
-    table.columns[1].no_wrap, table.columns[1].overflow = True, "fold"  # `producers revoke` needs the whole key id
-    for row in rows:
-        state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
-        table.add_row(
-            cell(row["name"]),
-            cell(row["key_id"]),
-            cell(", ".join(row["types"])),
-            str(row["rate_limit"] or "default"),
-            cell(row["created_at"] or ""),
-            cell(state),
-            cell(row["source"]),
+    # Key ids are never cut (`producers revoke` needs them whole); the other columns shrink or hide.
+    console.print(
+        one_line_table(
+            ["producer", "key id", "types", "rate limit", "created (UTC)", "state", "source"],
+            [
+                [
+                    row["name"],
+                    row["key_id"],
+                    ", ".join(row["types"]),
+                    row["rate_limit"] or "default",
+                    when(row["created_at"]),
+                    f"revoked {when(row['revoked_at'])}" if row["revoked_at"] else "active",
+                    row["source"],
+                ]
+                for row in rows
+            ],
+            width=console.width,
+            keep=("key id",),
+            hide=("source", "created (UTC)", "rate limit", "types"),
         )
-    console.print(table)
+    )
+    if not rows:
+        console.print("no producers yet: `compensa producers add NAME --types order.created`", highlight=False)
 
 
 @app.command("revoke")
 @command
 async def producers_revoke(
     name_or_key_id: Annotated[str, typer.Argument(help="A key id (one key) or a producer name (all its keys).")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke API keys; requests with them get 401 (within COMPENSA_API_KEY_CACHE_SECONDS)."""
     from infra.clock import SystemClock
@@ -134,4 +176,7 @@ async def producers_revoke(
             f"no active key with id or producer name {clip(name_or_key_id)} "
             "(`compensa producers list`; keys in a keys file are removed by editing it)"
         )
+    if as_json:
+        print_json({"revoked": count, "target": name_or_key_id})
+        return
     console.print(cell(f"revoked {count} key(s) of {name_or_key_id!r}"))

@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from infra.cli.common import MetricsPortOpt, command, fail, long_running, open_engine, open_transport, start_telemetry
+from infra.cli.common import (
+    MetricsPortOpt,
+    ServeJsonOpt,
+    command,
+    fail,
+    long_running,
+    open_engine,
+    open_transport,
+    require_schema,
+    start_telemetry,
+)
 
 
 @command
@@ -15,6 +25,7 @@ async def run(
     service: Annotated[list[str], typer.Option("--service", "-s", help="Run only these services (repeatable).")] = [],  # noqa: B006
     no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not run relays in this process.")] = False,
     metrics_port: MetricsPortOpt = None,
+    as_json: ServeJsonOpt = False,
 ) -> None:
     """Run services (all by default) until SIGTERM/SIGINT, then stop gracefully."""
     from infra.bootstrap import RUNNABLE_SERVICES
@@ -29,6 +40,7 @@ async def run(
     chosen = sorted(set(service))
     start_telemetry("compensa-" + "-".join(chosen) if chosen else "compensa", metrics_port)
     settings = get_settings()
+    await require_schema()
     engine = open_engine()
     transport = await open_transport()
     try:
@@ -44,6 +56,7 @@ async def run(
 async def relay(
     service: Annotated[list[str], typer.Option("--service", "-s", help="Outboxes to relay (default: all).")] = [],  # noqa: B006
     metrics_port: MetricsPortOpt = None,
+    as_json: ServeJsonOpt = False,
 ) -> None:
     """Relay outbox rows to the broker until SIGTERM/SIGINT."""
     from infra.bootstrap import OUTBOX_SERVICES
@@ -56,6 +69,7 @@ async def relay(
     if unknown:
         fail(f"unknown outbox(es) {', '.join(unknown)}; choose from {', '.join(OUTBOX_SERVICES)}")
     start_telemetry("compensa-relay", metrics_port)
+    await require_schema()
     engine = open_engine()
     transport = await open_transport()
     try:

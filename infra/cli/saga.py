@@ -54,7 +54,7 @@ async def saga_list(
         ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List sagas, newest first."""
     from infra.saga_starts import orders_without_saga
@@ -139,7 +139,7 @@ def _unstarted_row(order: Any, bound: timedelta) -> dict[str, Any]:
 @command
 async def saga_show(
     saga_id: str,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
     mermaid: Annotated[bool, typer.Option("--mermaid", help="Print a Mermaid sequence diagram.")] = False,
 ) -> None:
     """Show a saga's state and every transition, in order."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from infra.cli.common import console, err, explain, print_error
+from infra.cli.common import console, err, explain, explain_database_error, print_error
 
 if TYPE_CHECKING:
     from infra.simulation.swarm import RunSpec
@@ -98,8 +98,18 @@ def simulate(
 
     # Refused before the run, not after it: a report path that names a file cannot become a directory.
     if report is not None and report.exists() and not report.is_dir():
-        print_error(f"--report: {report} exists and is not a directory; give a directory for report.json and report.html")
+        print_error(
+            f"--report: {report} exists and is not a directory; give a directory for report.json and report.html",
+            as_json=as_json,
+        )
         raise typer.Exit(2)
+    if database_url is not None:
+        from infra.settings import check_database_url
+
+        try:
+            check_database_url(database_url)
+        except ValueError as exc:  # its message never quotes the URL (a password)
+            raise typer.BadParameter(str(exc), param_hint="--database-url") from None
     # Injected faults log as errors by design; the report is the output that matters.
     configure_logging("CRITICAL", "json")
     overrides = _parse_fault_overrides(fault)
@@ -220,16 +230,26 @@ def simulate(
             explained = explain(exc)
             if explained is None:
                 raise
-            print_error(explained)
+            print_error(explained, as_json=as_json)
             raise typer.Exit(1) from None
     else:
         from dataclasses import replace
 
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import DBAPIError
+
         from infra.simulation.driver import run_simulation
 
         options = replace(spec.options(), database_url=database_url)
-        with progress:
-            result = run_simulation(options, on_progress)
+        try:
+            with progress:
+                result = run_simulation(options, on_progress)
+        except (DBAPIError, OSError, TimeoutError) as exc:
+            if database_url is None:
+                raise
+            where = make_url(database_url).render_as_string(hide_password=True)
+            print_error(explain_database_error(exc, where, named_by="--database-url"), as_json=as_json)
+            raise typer.Exit(1) from None
 
     document = rendering.to_document(result)
     if report is not None:
@@ -238,7 +258,7 @@ def simulate(
             (report / "report.json").write_text(rendering.dumps(document))
             (report / "report.html").write_text(rendering.html_page(document, list(result.durations.values())))
         except OSError as exc:
-            print_error(f"--report: cannot write the report into {report}: {exc.strerror or exc}")
+            print_error(f"--report: cannot write the report into {report}: {exc.strerror or exc}", as_json=as_json)
             raise typer.Exit(1) from None
     unmet = coverage.unmet(require, result.coverage)
     shrunk = None

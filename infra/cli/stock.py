@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from infra.cli.common import cell, command, console, open_engine, print_json
+from infra.cli.common import JsonOpt, cell, command, console, open_engine, print_json
 
 app = typer.Typer(help="Stock levels.", no_args_is_help=True)
 
@@ -17,6 +17,7 @@ app = typer.Typer(help="Stock levels.", no_args_is_help=True)
 async def stock_set(
     sku: Annotated[str, typer.Argument(help="The SKU.")],
     on_hand: Annotated[int, typer.Argument(min=0, help="Units free to reserve.")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Set a SKU's units on hand (creating it); reservations already held are kept."""
     from consumers.stock import seed_stock
@@ -26,12 +27,15 @@ async def stock_set(
         await seed_stock(engine, {sku: on_hand})
     finally:
         await engine.dispose()
+    if as_json:
+        print_json({"sku": sku, "on_hand": on_hand})
+        return
     console.print(cell(f"{sku}: {on_hand} on hand"))
 
 
 @app.command("list")
 @command
-async def stock_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+async def stock_list(as_json: JsonOpt = False) -> None:
     """Units on hand and reserved per SKU."""
     from consumers.stock import stock_levels
 

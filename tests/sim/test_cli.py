@@ -97,3 +97,45 @@ def test_violation_report_names_saga_invariant_and_history() -> None:
     assert "payment.authorized" in summary.split(f"history of {violation.saga_id}:")[1]
     assert document["violating_sagas"][violation.saga_id]
     assert "Violations:" in html_page(document, list(result.durations.values()))
+
+
+def refused_port() -> int:
+    """A local port nothing listens on (bound and closed again)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_database_that_is_down_is_one_line_without_the_password() -> None:
+    url = f"postgresql+asyncpg://ops:s3cret@127.0.0.1:{refused_port()}/x"
+    run = compensa("-n", "5", "--database-url", url)
+
+    assert run.returncode == 1 and run.stdout == ""
+    assert "Traceback" not in run.stderr and "s3cret" not in run.stderr
+    assert run.stderr.startswith("error: cannot reach the database at postgresql+asyncpg://ops:***@127.0.0.1:")
+    assert run.stderr.count("\n") == 1 and run.stderr.endswith("check --database-url and that the server runs\n")
+    as_json = compensa("-n", "5", "--database-url", url, "--json")
+    assert as_json.returncode == 1 and "Traceback" not in as_json.stderr
+    error = json.loads(as_json.stdout)
+    assert error["ok"] is False and error["error"].startswith("cannot reach the database at postgresql+asyncpg://ops:***@")
+
+
+def test_a_database_url_that_is_no_database_url_is_refused_before_the_run() -> None:
+    run = compensa("-n", "5", "--database-url", "mysql://ops:s3cret@db/x")
+
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "s3cret" not in run.stderr
+    assert "Invalid value for --database-url: unsupported database 'mysql'" in plain(run.stderr)
+
+
+def test_a_report_path_naming_a_file_is_refused_before_the_run(tmp_path: Path) -> None:
+    taken = tmp_path / "report.txt"
+    taken.write_text("mine")
+    run = compensa("-n", "5", "--report", str(taken))
+
+    assert run.returncode == 2 and run.stdout == "" and taken.read_text() == "mine"
+    assert (
+        run.stderr
+        == f"error: --report: {taken} exists and is not a directory; give a directory for report.json and report.html\n"
+    )

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.unit.support import NASTY_IDS, assert_rendered, cli, one_line_error, store_rows, table_cells
 
 
@@ -143,3 +145,219 @@ def test_saga_list_stuck_for_also_shows_orders_that_never_got_a_saga(migrated, n
     for args in (("--stuck-for", "2h"), ("--status", "running", "--stuck-for", "5m"), ()):
         rows = json.loads(cli("saga", "list", *args, "--json").stdout)
         assert "no saga" not in {r["status"] for r in rows}, args
+
+
+# ---------------------------------------------------------------- --json, settings, fresh database (issue 17, item 4)
+
+
+def leaf_commands():
+    """Every runnable command of the tree, as its words (`("dlq", "list")`) and its click command."""
+    import typer
+    from typer.core import TyperGroup
+
+    from infra.cli.main import app
+
+    def walk(command, words):
+        if isinstance(command, TyperGroup):
+            for name, sub in command.commands.items():
+                yield from walk(sub, (*words, name))
+        else:
+            yield words, command
+
+    return list(walk(typer.main.get_command(app), ()))
+
+
+LEAVES = leaf_commands()
+
+
+def test_the_tree_walk_sees_every_group():
+    assert {words[0] for words, _ in LEAVES} >= {"db", "saga", "dlq", "bench", "broker", "operators", "audit", "simulate", "run"}
+
+
+@pytest.mark.parametrize(("words", "command"), LEAVES, ids=[" ".join(words) for words, _ in LEAVES])
+def test_every_command_takes_json_as_the_readme_promises(words, command):
+    options = {opt for param in command.params for opt in param.opts}
+    assert "--json" in options, f"compensa {' '.join(words)} has no --json"
+    assert "--json" in cli(*words, "--help").stdout
+
+
+def one_json_document(result, exit_code=0):
+    """Exactly one JSON document on stdout (and no traceback anywhere); its value."""
+    assert result.exit_code == exit_code, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    return json.loads(result.stdout)  # one document: json.loads refuses trailing data
+
+
+def test_commands_that_print_a_line_print_one_json_document_with_json(migrated, tmp_path):
+    assert one_json_document(cli("db", "upgrade", "--json"))["revision"]
+    assert one_json_document(cli("stock", "set", "SKU-1", "5", "--json")) == {"sku": "SKU-1", "on_hand": 5}
+    placed = cli("order", "place", "--order-id", "o-1", "--customer", "c", "--line", "SKU-1:1:100", "--token", "t", "--json")
+    assert one_json_document(placed) == {"order_id": "o-1"}
+    queues = one_json_document(cli("topology", "declare", "--json"))["queues"]
+    stock = next(q for q in queues if q["name"] == "stock.commands")
+    assert stock["dlq"] == "stock.commands.dlq" and "stock.reserve" in stock["routing_keys"]
+    exported = one_json_document(cli("contracts", "export", "--out", str(tmp_path / "c"), "--json"))
+    assert exported["schemas"] == 18 and exported["asyncapi"] == str(tmp_path / "c" / "asyncapi.json")
+    added = one_json_document(cli("operators", "add", "ada", "--role", "operator", "--json"))
+    assert added["name"] == "ada" and added["role"] == "operator" and added["token"]
+    assert one_json_document(cli("operators", "revoke", "ada", "--json")) == {"revoked": [added["key_id"]], "target": "ada"}
+    key = one_json_document(cli("producers", "add", "erp", "--types", "order.created", "--json"))
+    assert key["name"] == "erp" and key["types"] == ["order.created"] and key["key"]
+    assert one_json_document(cli("producers", "revoke", "erp", "--json")) == {"revoked": 1, "target": "erp"}
+
+
+def test_broker_definitions_with_json_says_what_it_wrote(env, tmp_path, monkeypatch):
+    from infra.broker_access import compensa_grants
+    from infra.cli.broker import password_variable
+
+    for grant in compensa_grants():
+        monkeypatch.setenv(password_variable(grant.user), "pw-" + grant.user)
+    written = one_json_document(cli("broker", "definitions", "--out", str(tmp_path / "d.json"), "--json"))
+    assert written["out"] == str(tmp_path / "d.json") and written["vhost"] == "/"
+    assert {u["user"] for u in written["users"]} == {g.user for g in compensa_grants()}
+    assert "pw-" not in json.dumps(written)  # permissions only, never a password or hash
+
+
+def test_a_failure_with_json_is_one_error_object_on_stdout(migrated):
+    missing = one_json_document(cli("saga", "show", "nope", "--json"), exit_code=1)
+    assert missing == {"ok": False, "error": "no saga 'nope'; `compensa saga list` shows the known ones"}
+    bad_line = cli("order", "place", "--customer", "c", "--line", "SKU-1:two:1", "--token", "t", "--json")
+    assert one_json_document(bad_line, exit_code=2) == {
+        "ok": False,
+        "error": "Invalid value for --line: expected SKU:QUANTITY:UNIT_PRICE_MINOR, got 'SKU-1:two:1'",
+    }
+    refused = one_json_document(cli("health", "--metrics-port", "9100", "--json"), exit_code=2)
+    assert refused["error"] == "--metrics-port needs --serve (a one-off check has nothing to scrape)"
+    assert one_json_document(cli("api", "--json"), exit_code=1) == {
+        "ok": False,
+        "error": "the ingest API needs Redis: set COMPENSA_REDIS_URL",
+    }
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("saga", "list"),
+        ("dlq", "list"),
+        ("health",),
+        ("db", "upgrade"),
+        ("topology", "declare"),
+        ("stock", "list"),
+        ("order", "place", "--customer", "c", "--line", "SKU-1:1:1", "--token", "t"),
+        ("contracts", "export", "--out", "/nonexistent/never-written"),
+        ("outbox", "status"),
+        ("producers", "list"),
+        ("operators", "list"),
+        ("audit", "list"),
+        ("broker", "grant"),
+        ("run",),
+        ("relay",),
+        ("api",),
+        ("console",),
+        ("bench", "relay"),
+    ],
+    ids=lambda args: " ".join(args[:2]),
+)
+def test_a_bad_compensa_value_is_one_line_naming_the_variable_exit_2(env, monkeypatch, args):
+    monkeypatch.setenv("COMPENSA_PREFETCH", "abc")
+    result = cli(*args)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr == (
+        "error: COMPENSA_PREFETCH='abc': input should be a valid integer, unable to parse string as an integer\n"
+    )
+    as_json = one_json_document(cli(*args, "--json"), exit_code=2)
+    assert as_json == {
+        "ok": False,
+        "error": "COMPENSA_PREFETCH='abc': input should be a valid integer, unable to parse string as an integer",
+    }
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected", "secret"),
+    [
+        ("COMPENSA_PREFETCH", "0", "COMPENSA_PREFETCH='0': input should be greater than or equal to 1", None),
+        ("COMPENSA_QUEUE_TYPE", "lazy", "COMPENSA_QUEUE_TYPE='lazy': input should be 'classic' or 'quorum'", None),
+        (
+            "COMPENSA_DATABASE_URL",
+            "mysql://ops:s3cret@db/x",
+            "COMPENSA_DATABASE_URL='mysql://ops:***@db/x': unsupported database 'mysql'; "
+            "expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DATABASE",
+            "s3cret",
+        ),
+        (
+            "COMPENSA_DATABASE_URL",
+            "postgresql+asyncpg://ops:s3cret@db:port/x",
+            "COMPENSA_DATABASE_URL='postgresql+asyncpg://ops:***@db:port/x': not a database URL; "
+            "expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DATABASE",
+            "s3cret",
+        ),
+        (
+            "COMPENSA_CONSOLE_SECRET",
+            "tooshort-s3cret",
+            "COMPENSA_CONSOLE_SECRET (value hidden): string should have at least 32 characters",
+            "s3cret",
+        ),
+    ],
+    ids=["range", "choice", "database-scheme", "database-port", "console-secret"],
+)
+def test_a_bad_compensa_value_says_what_is_expected_and_never_echoes_a_secret(
+    env, monkeypatch, variable, value, expected, secret
+):
+    monkeypatch.setenv(variable, value)
+    result = cli("saga", "list")
+    assert result.exit_code == 2 and result.stderr == f"error: {expected}\n", result.stderr
+    if secret:
+        assert secret not in result.stdout + result.stderr
+
+
+FRESH_DATABASE_COMMANDS = [
+    ("saga", "list"),
+    ("saga", "show", "o-1"),
+    ("saga", "retry", "o-1"),
+    ("dlq", "list"),
+    ("dlq", "show", "1"),
+    ("outbox", "status"),
+    ("stock", "list"),
+    ("stock", "set", "SKU-1", "3"),
+    ("order", "place", "--customer", "c", "--line", "SKU-1:1:1", "--token", "t"),
+    ("producers", "list"),
+    ("audit", "list"),
+    ("operators", "list"),
+    ("operators", "add", "ada"),
+    ("run",),
+    ("relay",),
+    ("console",),
+]
+
+
+@pytest.mark.parametrize("args", FRESH_DATABASE_COMMANDS, ids=lambda args: " ".join(args[:2]))
+def test_on_a_fresh_database_every_command_says_run_db_upgrade(env, args):
+    line = one_line_error(cli(*args), "has no compensa tables yet", "run `compensa db upgrade`")
+    assert "cannot reach" not in line and "unreachable" not in line
+    assert one_json_document(cli(*args, "--json"), exit_code=1)["error"] == line.removeprefix("error: ")
+
+
+def test_health_on_a_fresh_database_says_run_db_upgrade(env):
+    report = one_json_document(cli("health", "--json"), exit_code=1)
+    assert report["checks"]["database"]["fix"] == "run `compensa db upgrade`"
+
+
+def test_ids_are_whole_at_80_columns_in_every_listing(migrated, narrow):
+    long_name = "op." + "n" * 61  # 64 characters, the longest operator name
+    assert cli("operators", "add", long_name, "--role", "operator").exit_code == 0
+    producer = "erp-" + "p" * 60
+    assert cli("producers", "add", producer, "--types", "order.created,order.cancelled").exit_code == 0
+    operators = one_json_document(cli("operators", "list", "--json"))
+    producers = one_json_document(cli("producers", "list", "--json"))
+    audit = one_json_document(cli("audit", "list", "--json"))
+
+    listed = assert_rendered(cli("operators", "list"), narrow)
+    # A 64-character name and the token id cannot share 80 columns: both fold, whole, over lines of the one row.
+    assert "".join(table_cells(listed, "operator")) == long_name
+    assert "".join(table_cells(listed, "token id")) == operators[0]["key_id"]
+    listed = assert_rendered(cli("producers", "list"), narrow)
+    assert table_cells(listed, "key id") == [producers[0]["key_id"]]
+    assert "not shown at 80 columns" in listed
+    listed = assert_rendered(cli("audit", "list"), narrow)
+    assert table_cells(listed, "id") == [str(row["id"]) for row in audit]
