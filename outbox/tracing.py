@@ -78,21 +78,23 @@ def publish_spans(messages: Any) -> list[trace.Span]:
     """One *send* span per outgoing message, each a child of the message's creation context."""
     spans = []
     for message in messages:
+        attributes: dict[str, str | int] = {
+            "messaging.system": MESSAGING_SYSTEM,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": message.exchange,
+            "messaging.rabbitmq.destination.routing_key": message.routing_key,
+            "messaging.message.id": message.message_id,
+            "messaging.message.conversation_id": message.correlation_id,
+        }
+        if len(messages) > 1:  # the conventions set the batch size on batches only
+            attributes["messaging.batch.message_count"] = len(messages)
         spans.append(
             tracer.start_span(
                 f"send {message.exchange or '(default)'}",
                 context=context_from(None, message.headers),
                 kind=trace.SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": MESSAGING_SYSTEM,
-                    "messaging.operation.type": "send",
-                    "messaging.operation.name": "publish",
-                    "messaging.destination.name": message.exchange,
-                    "messaging.rabbitmq.destination.routing_key": message.routing_key,
-                    "messaging.message.id": message.message_id,
-                    "messaging.message.conversation_id": message.correlation_id,
-                    "messaging.batch.message_count": len(messages),
-                },
+                attributes=attributes,
             )
         )
     return spans

@@ -4,19 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import random
-import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
-import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -24,6 +20,7 @@ from contracts.messages import OrderLine
 from infra import topology as t
 from infra.bench.common import closed_loop, percentile
 from infra.bench.cost import CostMeter, per_saga
+from infra.bench.observers import ObserverProcess, otlp_receiver, scraper
 from infra.bootstrap import bootstrap
 from infra.clock import SystemClock
 from infra.db import create_engine
@@ -247,71 +244,10 @@ async def saga_rate(
 # ---------------------------------------------------------------- telemetry off vs on
 #
 # "On" is production with a collector and Prometheus: spans and metrics pushed over
-# OTLP/HTTP to a local receiver, every process's /metrics scraped once a second. "Off"
-# is the default: nothing exported (spans get ids, nothing is recorded). The receiver
-# here only answers and counts; decoding is the tests' business (tests/otlp_receiver.py).
-
-
-class OtlpSink:
-    """An OTLP/HTTP endpoint that accepts every export (an empty protobuf answer is a valid one)."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.bytes = 0
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                size = int(self.headers.get("Content-Length", "0"))
-                self.rfile.read(size)
-                sink.requests += 1
-                sink.bytes += size
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[OtlpSink]:
-        thread = threading.Thread(target=self._server.serve_forever, name="otlp-sink", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._server.shutdown()
-            self._server.server_close()
-
-
-async def scrape_every(ports: list[int], seconds: float, stop: asyncio.Event, counts: dict[str, int]) -> None:
-    """GET each /metrics every `seconds`, as Prometheus would, until `stop`; count what answered."""
-    answered: set[int] = set()
-    async with httpx.AsyncClient(timeout=5) as client:
-        while not stop.is_set():
-            for port in ports:
-                try:
-                    answer = await client.get(f"http://127.0.0.1:{port}/metrics")
-                    answer.raise_for_status()
-                    counts["scrapes"] += 1
-                    counts["bytes"] += len(answer.content)
-                    answered.add(port)
-                except httpx.HTTPError:
-                    # Before a process first answers it is still starting; after, a failure is one.
-                    counts["failed"] += port in answered
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=seconds)
-
-
-async def end_scrapes(stop: asyncio.Event, scraper: asyncio.Task[None] | None) -> None:
-    """Scrapes end with the measured window, before the processes stop answering."""
-    stop.set()
-    if scraper is not None:
-        await scraper
+# OTLP/HTTP to a local receiver, every process's /metrics scraped every `scrape_seconds`
+# (the shipped Prometheus configuration scrapes every 15 s). "Off" is the default:
+# nothing exported (spans get ids, nothing is recorded). Receiver and scraper run in
+# processes of their own (infra/bench/observers.py), as a collector and Prometheus would.
 
 
 def _free_ports(n: int) -> list[int]:
@@ -326,24 +262,29 @@ def _free_ports(n: int) -> list[int]:
 
 
 async def telemetry_cost(
-    database_url: str, amqp_url: str, inflight: int, seconds: float, rounds: int, management_url: str | None
+    database_url: str,
+    amqp_url: str,
+    inflight: int,
+    seconds: float,
+    rounds: int,
+    management_url: str | None,
+    scrape_seconds: float = 5.0,
 ) -> dict[str, Any]:
-    """Alternate off and on `rounds` times; each run's per-saga cost, and what the exporters carried."""
+    """Run off and on `rounds` times each, in ABBA order; each run's per-saga cost, and what the exporters carried."""
     runs: list[dict[str, Any]] = []
-    sink = OtlpSink()
-    with sink.running():
-        for _ in range(rounds):
-            for mode in ("off", "on"):
+    receiver, endpoint = otlp_receiver()
+    try:
+        for round_number in range(rounds):
+            # off, on, on, off, ...: the database grows run by run, and neither mode always runs on the bigger one.
+            for mode in ("off", "on") if round_number % 2 == 0 else ("on", "off"):
                 env = {"OTEL_SDK_DISABLED": "false"}
                 ports: list[int] = []
-                scraper = None
-                stop = asyncio.Event()
-                counts = {"scrapes": 0, "bytes": 0, "failed": 0}
-
+                counts: dict[str, int] = {"scrapes": 0, "bytes": 0, "failed": 0}
+                scraping = None
                 if mode == "on":
-                    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
+                    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
                     ports = _free_ports(len(PROCESS_LAYOUT))
-                    scraper = asyncio.create_task(scrape_every(ports, 1.0, stop, counts))
+                    scraping = scraper(ports, scrape_seconds)
                 try:
                     result = await saga_rate(
                         database_url,
@@ -355,13 +296,25 @@ async def telemetry_cost(
                         extra_env=env,
                         metrics_ports=ports,
                         sampled=mode == "on",
-                        after_window=functools.partial(end_scrapes, stop, scraper),
+                        # Scrapes end with the measured window, before the processes stop answering.
+                        after_window=functools.partial(_finish_into, counts, scraping) if scraping else None,
                     )
                 finally:
-                    stop.set()
-                    if scraper is not None:
-                        await scraper
+                    if scraping is not None:
+                        await _finish_into(counts, scraping)
                 result["mode"] = mode
                 result["scrapes"] = counts
                 runs.append(result)
-    return {"runs": runs, "otlp_requests": sink.requests, "otlp_bytes": sink.bytes}
+    finally:
+        received = await receiver.finish()
+    return {
+        "runs": runs,
+        "otlp_requests": received["requests"],
+        "otlp_bytes": received["bytes"],
+        "scrape_seconds": scrape_seconds,
+    }
+
+
+async def _finish_into(counts: dict[str, int], scraping: ObserverProcess) -> None:
+    """Stop the scraper (once) and keep what it counted."""
+    counts.update(await scraping.finish())

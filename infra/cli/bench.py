@@ -184,9 +184,16 @@ async def bench_telemetry(
     inflight: Annotated[int, typer.Option(min=1, help="Concurrent sagas.")] = 10,
     seconds: Annotated[float, typer.Option(min=1.0, help="Measured seconds per run.")] = 15.0,
     rounds: Annotated[int, typer.Option(min=1, help="Off/on pairs, alternated.")] = 2,
+    scrape_seconds: Annotated[
+        float, typer.Option(min=0.5, help="Seconds between scrapes of each /metrics (the shipped Prometheus: 15).")
+    ] = 5.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """CPU per saga with exporters off vs on (OTLP to a local receiver, /metrics scraped each second)."""
+    """CPU per saga with exporters off vs on (OTLP to a local receiver, /metrics scraped), alternated in one run.
+
+    The receiver and the scraper run in processes of their own, as a collector and
+    Prometheus would: the CPU figures are compensa's processes and the client placing orders.
+    """
     from statistics import median
 
     from infra.bench.cost import describe
@@ -198,8 +205,11 @@ async def bench_telemetry(
     database_url, amqp_url = environment_urls()
     management_url = get_settings().amqp_management_url or derive_management_url(amqp_url)
     report = Report("telemetry", as_json)
-    report.say(f"telemetry cost: bench saga --processes at {inflight} in flight, {seconds:g} s a run, {rounds} off/on pairs")
-    result = await telemetry_cost(database_url, amqp_url, inflight, seconds, rounds, management_url)
+    report.say(
+        f"telemetry cost: bench saga --processes at {inflight} in flight, {seconds:g} s a run, {rounds} off/on pairs, "
+        f"/metrics scraped every {scrape_seconds:g} s when on"
+    )
+    result = await telemetry_cost(database_url, amqp_url, inflight, seconds, rounds, management_url, scrape_seconds)
     report.data.update(result)
     totals: dict[str, list[float]] = {"off": [], "on": []}
     for run in result["runs"]:

@@ -54,7 +54,7 @@ async def test_saga_benchmark_completes_sagas_in_process_and_counts_their_cost(
 async def test_telemetry_benchmark_runs_off_and_on_and_the_exporters_carry_data(
     pg_engine: AsyncEngine, amqp_url: str, servers: Servers
 ) -> None:
-    result = await telemetry_cost(url_of(pg_engine), amqp_url, 2, 2.0, 1, servers.amqp_management_url)
+    result = await telemetry_cost(url_of(pg_engine), amqp_url, 2, 2.0, 1, servers.amqp_management_url, scrape_seconds=0.5)
     off, on = result["runs"]
     assert (off["mode"], on["mode"]) == ("off", "on")
     assert off["completed"] >= 2 and on["completed"] >= 2
