@@ -218,7 +218,10 @@ async def bench_telemetry(
         rate = f"{run['sagas_per_s']:6.1f} sagas/s  p99 {run['p99_ms']:5.0f} ms"
         report.say(f"  {run['mode']:>3}: {rate}  {describe(cost, ['client', *PROCESS_LABELS])}")
     off, on = median(totals["off"]), median(totals["on"])
-    report.data["cpu_ms_per_saga"] = {"off": off, "on": on, "ratio": on / off if off else None}
+    # Each round's on / off, side by side in time: what a noisy neighbour skews, it skews in one round.
+    pairs = [b / a for a, b in zip(totals["off"], totals["on"], strict=True) if a]
+    report.data["cpu_ms_per_saga"] = {"off": off, "on": on, "ratio": on / off if off else None, "round_ratios": pairs}
+    report.say("  on / off per round: " + ", ".join(f"{ratio:.3f}" for ratio in pairs))
     report.say(f"OTLP receiver: {result['otlp_requests']} exports, {result['otlp_bytes'] / 1e6:.1f} MB")
     report.figure("CPU per saga, exporters off (median)", off, "ms")
     report.figure("CPU per saga, exporters on (median)", on, "ms")
