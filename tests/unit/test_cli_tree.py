@@ -56,7 +56,7 @@ def test_every_group_has_its_own_typer_and_main_imports() -> None:
 
 
 #: What benchmarks share: helpers, and the cost meter (counters, not a benchmark).
-SHARED_BENCH_MODULES = {"infra.bench.common", "infra.bench.cost"}
+SHARED_BENCH_MODULES = {"infra.bench.common", "infra.bench.cost", "infra.bench.observers"}
 
 
 def test_benchmarks_share_only_common() -> None:
