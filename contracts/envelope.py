@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import accumulate
@@ -81,6 +81,21 @@ class Registry:
             if key in self._models:
                 raise ValueError(f"duplicate contract {key}")
             self._models[key] = model
+
+    def extend(self, models: Iterable[type[Payload]]) -> None:
+        """Register an application's contracts (`--app`); registering the same model again is a no-op."""
+        for model in models:
+            key = (model.message_type, model.message_version)
+            known = self._models.setdefault(key, model)
+            if known is not model:
+                raise ValueError(f"contract {key} is already registered as {known.__module__}.{known.__qualname__}")
+
+    def remove(self, models: Iterable[type[Payload]]) -> None:
+        """Forget contracts `extend` registered (a test that loaded an app in its own process)."""
+        for model in models:
+            key = (model.message_type, model.message_version)
+            if self._models.get(key) is model:
+                del self._models[key]
 
     def model_for(self, type_: str, version: int) -> type[Payload]:
         try:

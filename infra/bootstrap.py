@@ -20,14 +20,12 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import consumers.ledger as ledger
-import consumers.orders as orders
 import consumers.payments as payments
-import consumers.stock as stock
 from consumers.payments.breaker import PAYMENT_GATEWAY, BreakerGateway, CircuitBreaker
 from consumers.payments.gateway import PaymentGateway
 from contracts.clock import Clock
 from infra import topology as t
+from infra.apps import ORDER_APP, app_queues
 from infra.clock import SystemClock
 from infra.pipeline import BatchLock, MessageProcessor, RetryPolicy
 from infra.settings import Settings
@@ -36,6 +34,7 @@ from infra.telemetry.gateway_metrics import STATE_VALUES, MeasuredGateway, recor
 from outbox.ports import Publisher
 from outbox.tables import SERVICES as OUTBOX_TABLES
 from outbox.uow import Handler, UnitOfWork
+from sagas.app import SagaApp
 from sagas.orchestrator import Orchestrator, TransitionObserver
 from sagas.order_saga import order_saga
 
@@ -47,12 +46,39 @@ WrapPublisher = Callable[[Publisher], Publisher]
 WrapGateway = Callable[[PaymentGateway], PaymentGateway]
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """What the services are built from besides the settings."""
+class Parts:
+    """What participants' handlers are built from besides the settings (`Participant.handlers`).
 
-    orchestrator: Orchestrator
-    gateway: PaymentGateway
+    The payment gateway (and its circuit breaker) is built the first time a participant
+    asks for it, so an app without payments has no breaker.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        orchestrator: Orchestrator,
+        clock: Clock,
+        *,
+        wrap_gateway: WrapGateway | None = None,
+        record_breakers: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.orchestrator = orchestrator
+        self.clock = clock
+        self._wrap_gateway = wrap_gateway
+        self._record_breakers = record_breakers
+        self._gateway: PaymentGateway | None = None
+        self.breakers: dict[str, CircuitBreaker] = {}
+
+    @property
+    def gateway(self) -> PaymentGateway:
+        if self._gateway is None:
+            self._gateway, breaker = payment_gateway(
+                self.settings, self.clock, wrap=self._wrap_gateway, record_breakers=self._record_breakers
+            )
+            if breaker is not None:
+                self.breakers[breaker.name] = breaker
+        return self._gateway
 
 
 @dataclass(frozen=True)
@@ -60,7 +86,7 @@ class _Wiring:
     """How one consuming service is put together; its name is its queue's."""
 
     queue: t.QueueSpec
-    handlers: Callable[[Settings, _Parts], Mapping[str, Handler]]
+    handlers: Callable[[Parts], Mapping[str, Handler]]
     #: One batch in flight per process: its handlers lock rows that many messages share
     #: (stock's SKU counters, the ledger's balances) in per-message order, so two batches
     #: at once take them in different orders and deadlock (measured: hundreds of
@@ -74,22 +100,28 @@ class _Wiring:
     starts: t.QueueSpec | None = None
 
 
-def _stock_handlers(settings: Settings, _parts: _Parts) -> Mapping[str, Handler]:
-    return stock.make_handlers(reservation_ttl=timedelta(seconds=settings.reservation_ttl_seconds))
+def _wiring(app: SagaApp) -> tuple[_Wiring, ...]:
+    """Every consuming service of `app`, in the order they are listed and started: the saga service first."""
+    queues = {queue.name: queue for queue in app_queues(app)}
+    saga = _Wiring(
+        queues[app.saga_events_queue],
+        lambda parts: parts.orchestrator.handlers(),
+        starts=queues[app.saga_starts_queue],
+    )
+    participants = tuple(
+        _Wiring(
+            queues[participant.queue],
+            participant.handlers_from,
+            serial_batches=participant.serial_batches,
+            lock_batch=participant.lock_batch,
+        )
+        for participant in app.participants
+    )
+    return (saga, *participants)
 
 
-def _payments_handlers(_settings: Settings, parts: _Parts) -> Mapping[str, Handler]:
-    return payments.make_handlers(parts.gateway)
-
-
-#: Every consuming service, in the order they are listed and started.
-_WIRING: tuple[_Wiring, ...] = (
-    _Wiring(t.SAGA_EVENTS, lambda _settings, parts: parts.orchestrator.handlers(), starts=t.SAGA_STARTS),
-    _Wiring(t.STOCK_COMMANDS, _stock_handlers, serial_batches=True, lock_batch=stock.lock_batch),
-    _Wiring(t.PAYMENTS_COMMANDS, _payments_handlers),
-    _Wiring(t.LEDGER_EVENTS, lambda _s, _o: ledger.HANDLERS, serial_batches=True, lock_batch=ledger.lock_batch),
-    _Wiring(t.ORDERS_EVENTS, lambda _s, _o: orders.HANDLERS),
-)
+#: Every consuming service of the order app (the default).
+_WIRING: tuple[_Wiring, ...] = _wiring(ORDER_APP)
 
 #: The services that consume one work queue each through the consumer pipeline.
 MESSAGE_SERVICES: tuple[str, ...] = tuple(wiring.queue.service for wiring in _WIRING)
@@ -101,15 +133,32 @@ RUNNABLE_SERVICES: tuple[str, ...] = (*MESSAGE_SERVICES, ARCHIVE_SERVICE)
 OUTBOX_SERVICES: tuple[str, ...] = OUTBOX_TABLES
 
 
-def outboxes_of(services: Sequence[str]) -> tuple[str, ...]:
+def message_services(app: SagaApp) -> tuple[str, ...]:
+    """The services of `app` that consume a work queue: the saga service and its participants."""
+    return ("saga", *(participant.name for participant in app.participants))
+
+
+def outbox_services(app: SagaApp) -> tuple[str, ...]:
+    """The outboxes a process hosting `app` relays: compensa's own, then its participants'."""
+    return (*OUTBOX_SERVICES, *(name for name in message_services(app) if name not in OUTBOX_SERVICES))
+
+
+def outboxes_of(services: Sequence[str], app: SagaApp = ORDER_APP) -> tuple[str, ...]:
     """The outboxes a process running `services` owns: theirs, or every one when it runs them all."""
-    if set(services) >= set(MESSAGE_SERVICES):
-        return OUTBOX_SERVICES
-    return tuple(name for name in services if name in OUTBOX_SERVICES)
+    every = outbox_services(app)
+    if set(services) >= set(message_services(app)):
+        return every
+    return tuple(name for name in services if name in every)
 
 
-def orchestrator_for(settings: Settings, observers: Sequence[TransitionObserver] = ()) -> Orchestrator:
-    """The orchestrator with the saga timings the settings ask for (and `observers` of its transitions)."""
+def orchestrator_for(settings: Settings, observers: Sequence[TransitionObserver] = (), app: SagaApp = ORDER_APP) -> Orchestrator:
+    """The orchestrator of `app`'s sagas (and `observers` of its transitions).
+
+    The order saga takes its timings from the settings (COMPENSA_SAGA_*); another app's
+    sagas keep the deadlines their definitions give.
+    """
+    if app is not ORDER_APP:
+        return Orchestrator(list(app.sagas), observers)
     return Orchestrator(
         [
             order_saga(
@@ -149,6 +198,13 @@ class Registry:
     wrap_publisher: WrapPublisher | None = None
     #: Circuit breakers by circuit name (the payment gateway's, unless turned off).
     breakers: Mapping[str, CircuitBreaker] = field(default_factory=dict)
+    #: The saga application these services host.
+    app: SagaApp = ORDER_APP
+
+    @property
+    def queues(self) -> tuple[t.QueueSpec, ...]:
+        """The app's work queues, in topology order."""
+        return app_queues(self.app)
 
     @property
     def retry(self) -> RetryPolicy:
@@ -231,23 +287,23 @@ def bootstrap(
     wrap_gateway: WrapGateway | None = None,
     clock: Clock | None = None,
     record_breakers: bool = True,
+    app: SagaApp = ORDER_APP,
 ) -> Registry:
-    """Build every consuming service from `settings`.
+    """Build every consuming service of `app` (the order app by default) from `settings`.
 
-    `orchestrator` replaces the order saga the settings time; `wrap_handlers` gets each
-    service's handlers as they are built and returns the ones it will run;
+    `orchestrator` replaces the app's sagas as the settings time them; `wrap_handlers`
+    gets each service's handlers as they are built and returns the ones it will run;
     `wrap_publisher` wraps the publisher the relays are given; `wrap_gateway` wraps the
     payment gateway inside its circuit breaker. `clock` times the breaker's cool-down
     (the system clock by default; the simulator's virtual one there), and
     `record_breakers=False` keeps its transitions out of the database.
     """
-    orchestrator = orchestrator or orchestrator_for(settings)
-    gateway, breaker = payment_gateway(settings, clock or SystemClock(), wrap=wrap_gateway, record_breakers=record_breakers)
-    parts = _Parts(orchestrator, gateway)
+    orchestrator = orchestrator or orchestrator_for(settings, app=app)
+    parts = Parts(settings, orchestrator, clock or SystemClock(), wrap_gateway=wrap_gateway, record_breakers=record_breakers)
     services = {}
-    for wiring in _WIRING:
+    for wiring in _WIRING if app is ORDER_APP else _wiring(app):
         name = wiring.queue.service
-        handlers = wiring.handlers(settings, parts)
+        handlers = wiring.handlers(parts)
         if wrap_handlers is not None:
             handlers = wrap_handlers(name, handlers)
         services[name] = Service(
@@ -260,5 +316,4 @@ def bootstrap(
             starts=wiring.starts,
             max_in_flight=settings.saga_max_in_flight if wiring.starts is not None else None,
         )
-    breakers = {breaker.name: breaker} if breaker is not None else {}
-    return Registry(settings, orchestrator, services, wrap_publisher, breakers)
+    return Registry(settings, orchestrator, services, wrap_publisher, parts.breakers, app)

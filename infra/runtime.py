@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import consumers.stock as stock
 from contracts.clock import Clock
+from infra.apps import ORDER_APP, dead_letter_queues
 from infra.bootstrap import ARCHIVE_SERVICE, Registry, bootstrap, orchestrator_for, outboxes_of
 from infra.pipeline import AdmissionGate, BatchingConsumer, MessageProcessor
 from infra.settings import Settings
@@ -23,13 +24,13 @@ from infra.telemetry import instruments
 from infra.telemetry.saga_metrics import record_saga_metrics
 from infra.telemetry.sampler import sample_dead_letters, sample_outboxes, sample_sagas
 from infra.telemetry.setup import metrics_installed
-from infra.topology import WORK_QUEUES
 from infra.transport.base import DeliveryHandler, Subscription, Transport
 from outbox.dispatch import Dispatcher
 from outbox.ports import OutgoingMessage
 from outbox.relay import Relay
 from outbox.tables import RESENDING_SERVICES
 from outbox.uow import UnitOfWork, prune
+from sagas.app import SagaApp
 from sagas.orchestrator import SERVICE as SAGA_SERVICE
 from sagas.store import count_in_flight
 
@@ -63,6 +64,8 @@ class Runtime:
     relays: bool = True
     outboxes: Sequence[str] | None = None
     registry: Registry | None = None
+    #: The saga application hosted (the order app by default); a given `registry` brings its own.
+    app: SagaApp = ORDER_APP
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     processors: dict[str, MessageProcessor] = field(default_factory=dict)
     relay_objects: list[Relay] = field(default_factory=list)
@@ -78,12 +81,13 @@ class Runtime:
     def __post_init__(self) -> None:
         self.consumers = tuple(self.consumers)
         if self.registry is None:
-            orchestrator = orchestrator_for(self.settings, observers=(record_saga_metrics,))
-            self.registry = bootstrap(self.settings, orchestrator=orchestrator)
+            orchestrator = orchestrator_for(self.settings, observers=(record_saga_metrics,), app=self.app)
+            self.registry = bootstrap(self.settings, orchestrator=orchestrator, app=self.app)
+        self.app = self.registry.app
         if not self.relays:
             self.outboxes = ()
         elif self.outboxes is None:
-            self.outboxes = outboxes_of(self.consumers)
+            self.outboxes = outboxes_of(self.consumers, self.app)
 
     @property
     def _wired(self) -> Registry:
@@ -140,7 +144,13 @@ class Runtime:
         if name == ARCHIVE_SERVICE:
             from infra.dlq.archive import start_archive
 
-            self.archive, subscriptions = await start_archive(self.transport, self.engine, self.clock, self.settings.prefetch)
+            self.archive, subscriptions = await start_archive(
+                self.transport,
+                self.engine,
+                self.clock,
+                self.settings.prefetch,
+                queues=dead_letter_queues(self._wired.queues),
+            )
             self._subscriptions.extend(subscriptions)
             return
         service = self._wired.services[name]
@@ -170,7 +180,7 @@ class Runtime:
 
     def _pruned(self) -> tuple[str, ...]:
         """The outboxes (and inboxes) this process owns, relayed here or not."""
-        return outboxes_of(self.consumers)
+        return outboxes_of(self.consumers, self.app)
 
     async def _sweep(self) -> None:
         unit_of_work = self._unit_of_work(SAGA_SERVICE)
@@ -187,7 +197,7 @@ class Runtime:
         if SAGA_SERVICE in self.consumers:
             await sample_sagas(self.engine, tuple(self._wired.orchestrator.definitions.values()))
         if ARCHIVE_SERVICE in self.consumers:
-            await sample_dead_letters(self.engine, [queue.name for queue in WORK_QUEUES])
+            await sample_dead_letters(self.engine, [queue.name for queue in self._wired.queues])
 
     async def _expire_reservations(self) -> None:
         await stock.expire_reservations(self.engine, self.clock)

@@ -59,11 +59,11 @@ class ServiceTables:
         object.__setattr__(self, "pending_of_sagas", pending)
 
 
-def _outbox_table(service: str) -> Table:
+def _outbox_table(service: str, into: MetaData = metadata) -> Table:
     name = f"{service}_outbox"
     return Table(
         name,
-        metadata,
+        into,
         Column("id", Id, primary_key=True, autoincrement=True),
         Column("message_id", String(36), nullable=False, unique=service not in RESENDING_SERVICES),
         Column("type", String(64), nullable=False),
@@ -133,8 +133,23 @@ TABLES: dict[str, ServiceTables] = {
 }
 
 
+#: Outbox and inbox tables of the services an application adds (`register_service`): kept
+#: apart from compensa's own, which the migrations build, so `compensa db upgrade --app`
+#: creates them (and an app that is not loaded adds nothing to compensa's schema).
+app_metadata = MetaData()
+
+
+def register_service(service: str) -> ServiceTables:
+    """The outbox and inbox of `service`, an application's participant; made on first use."""
+    if service not in TABLES:
+        TABLES[service] = ServiceTables(
+            service, _outbox_table(service, app_metadata), inbox_table(f"{service}_inbox", app_metadata)
+        )
+    return TABLES[service]
+
+
 def tables_for(service: str) -> ServiceTables:
     try:
         return TABLES[service]
     except KeyError:
-        raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICES)}") from None
+        raise ValueError(f"unknown service {service!r}; known: {', '.join(TABLES)}") from None

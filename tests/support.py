@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import shutil
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -267,3 +268,16 @@ HOSTILE_EVENTS = st.one_of(
     st.builds(lambda key, value: {**_VALID, key: value}, WEIRD_TEXT, WEIRD_JSON),
     WEIRD_JSON,
 )
+
+
+@contextlib.contextmanager
+def contracts_of_apps_forgotten() -> Iterator[None]:
+    """Forget the contracts that apps loaded in this process registered (`--app` registers them
+    for the process; tests share one process, and the order app's catalogue is what others check)."""
+    from contracts.envelope import REGISTRY
+
+    before = set(REGISTRY)
+    try:
+        yield
+    finally:
+        REGISTRY.remove([model for model in REGISTRY if model not in before])

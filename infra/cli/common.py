@@ -9,7 +9,7 @@
   `clip`, `json_view`, `detail_table`, `one_line_table`, `when`);
 - the audit trail: `audited` records a CLI action (who: COMPENSA_OPERATOR or the OS user);
 - input: `confirm`, and the parsers of durations, times and dead-letter ids;
-- shared options (`JsonOpt`, and `ServeJsonOpt` of the long-running commands).
+- shared options (`JsonOpt`, `AppOpt` with `load_app_or_exit`, and `ServeJsonOpt` of the long-running commands).
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ JsonOpt = Annotated[
     ),
 ]
 #: `--json` of the long-running commands (`run`, `relay`, `api`, `console`, `health --serve`).
+AppOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        envvar="COMPENSA_APP",
+        help="module:attribute of a saga application (sagas.app.SagaApp; docs/tutorial.md). Default: the order saga.",
+    ),
+]
 ServeJsonOpt = Annotated[
     bool,
     typer.Option(
@@ -290,12 +298,14 @@ def open_engine() -> Any:
     return create_engine(get_settings().database_url)
 
 
-async def open_transport() -> Any:
-    """The transport COMPENSA_AMQP_URL names (the in-memory broker when unset); the caller closes it."""
+async def open_transport(app: Any = None) -> Any:
+    """The transport COMPENSA_AMQP_URL names (the in-memory broker when unset), with the queues of
+    `app` (a loaded `SagaApp`; None: the order app's); the caller closes it."""
+    from infra.apps import ORDER_APP, app_queues
     from infra.settings import get_settings
     from infra.transport.factory import transport_from_settings
 
-    return await transport_from_settings(get_settings())
+    return await transport_from_settings(get_settings(), app_queues(app or ORDER_APP))
 
 
 @contextlib.asynccontextmanager
@@ -571,3 +581,14 @@ def one_line_table(
     for row in cells:
         table.add_row(*(Text(row[i]) for i in shown))
     return table
+
+
+def load_app_or_exit(reference: str | None, *, as_json: bool = False) -> Any:
+    """The saga application `--app` names (the order app when None); one `error:` line and exit 2 when it cannot load."""
+    from infra.apps import AppLoadError, resolve_app
+
+    try:
+        return resolve_app(reference)
+    except AppLoadError as exc:
+        print_error(str(exc), as_json=as_json)
+        raise typer.Exit(2) from None

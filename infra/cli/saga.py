@@ -15,6 +15,7 @@ import typer
 from rich.text import Text
 
 from infra.cli.common import (
+    AppOpt,
     JsonOpt,
     cell,
     clip,
@@ -24,6 +25,7 @@ from infra.cli.common import (
     database,
     detail_table,
     fail,
+    load_app_or_exit,
     one_line_table,
     open_engine,
     parse_duration,
@@ -55,11 +57,15 @@ async def saga_list(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
     """List sagas, newest first."""
+    from infra.apps import ORDER_APP
     from infra.saga_starts import orders_without_saga
     from sagas import SagaStatus
     from sagas.queries import list_sagas
+
+    hosted = load_app_or_exit(app, as_json=as_json)
 
     if status is not None and status not in {x.value for x in SagaStatus}:
         fail(f"unknown status {clip(status)}; choose from {', '.join(x.value for x in SagaStatus)}")
@@ -76,9 +82,10 @@ async def saga_list(
                 unfinished_since=now - stuck if stuck is not None else None,
                 limit=limit,
             )
-            # An order that never got a saga is stuck too, and no saga row would show it.
+            # An order that never got a saga is stuck too, and no saga row would show it (the
+            # order app knows where orders enter; another app's starts come from upstream).
             unstarted = None
-            if stuck is not None and status is None:
+            if stuck is not None and status is None and hosted is ORDER_APP:
                 bound = max(stuck, started or timedelta(0))
                 unstarted = await orders_without_saga(connection, now, bound, limit)
     finally:
@@ -141,9 +148,12 @@ async def saga_show(
     saga_id: str,
     as_json: JsonOpt = False,
     mermaid: Annotated[bool, typer.Option("--mermaid", help="Print a Mermaid sequence diagram.")] = False,
+    app: AppOpt = None,
 ) -> None:
     """Show a saga's state and every transition, in order."""
     from sagas.queries import get_saga, saga_history
+
+    hosted = load_app_or_exit(app, as_json=as_json)
 
     engine = open_engine()
     try:
@@ -159,7 +169,8 @@ async def saga_show(
         print_json({"saga": saga, "history": history})
         return
     if mermaid:
-        sys.stdout.write(_mermaid(saga_id, history) + "\n")  # a document: never wrapped to the terminal's width
+        # A document: never wrapped to the terminal's width.
+        sys.stdout.write(_mermaid(saga_id, history, _participants_of(hosted)) + "\n")
         return
     # Stored values are shown as Text: never parsed as markup, invisible characters escaped.
     console.print(
@@ -191,8 +202,21 @@ def _sent_types(sent: Any) -> list[str]:
     return [str(x.get("type")) if isinstance(x, dict) else str(x) for x in sent]
 
 
-def _mermaid(saga_id: str, history: list[dict[str, Any]]) -> str:
-    participant_of = {"stock": "Stock", "payment": "Payments", "order": "Orders", "deadline": "Clock", "operator": "Operator"}
+#: The order app's diagram participants, by the first word of a trigger or message type.
+ORDER_PARTICIPANTS = {"stock": "Stock", "payment": "Payments", "order": "Orders", "deadline": "Clock", "operator": "Operator"}
+
+
+def _participants_of(app: Any) -> dict[str, str]:
+    """Diagram participants by the first word of a message type: each participant's, from what it consumes."""
+    from infra.apps import ORDER_APP
+
+    if app is ORDER_APP:
+        return ORDER_PARTICIPANTS
+    named = {t.split(".")[0]: p.name.capitalize() for p in app.participants for t in p.message_types()}
+    return named | {"deadline": "Clock", "operator": "Operator"}
+
+
+def _mermaid(saga_id: str, history: list[dict[str, Any]], participant_of: dict[str, str] = ORDER_PARTICIPANTS) -> str:
     lines = ["sequenceDiagram", "    participant Saga as Saga " + visible(saga_id)]
     for entry in history:
         source = participant_of.get(entry["trigger"].split(".")[0].split(":")[0], "Broker")
@@ -208,9 +232,11 @@ def _mermaid(saga_id: str, history: list[dict[str, Any]]) -> str:
 async def saga_retry(
     saga_id: Annotated[str, typer.Argument(metavar="ID", help="Saga (order) id.")],
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
     """Resend the pending compensations of a compensation_failed saga, with a fresh budget."""
     await _saga_action(
+        load_app_or_exit(app, as_json=as_json),
         saga_id,
         lambda orchestrator, uow: orchestrator.retry_compensation(uow, saga_id),
         hint="`compensa saga list --status compensation_failed` shows the sagas to retry",
@@ -228,13 +254,16 @@ async def saga_cancel(
     reason: Annotated[str, typer.Option(help="Why (required): recorded in the saga's history and on the order.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
     """Cancel a running saga: compensate what it did (release stock, refund), then cancel the order."""
     if not reason.strip():
         raise typer.BadParameter("give a reason; it is recorded in the history", param_hint="--reason")
+    hosted = load_app_or_exit(app, as_json=as_json)
     if not yes:
         confirm(f"cancel saga {saga_id} and compensate what it did", declined="nothing cancelled")
     await _saga_action(
+        hosted,
         saga_id,
         lambda orchestrator, uow: orchestrator.cancel(uow, saga_id, reason.strip()),
         hint=f"`compensa saga show {saga_id}` shows where it is",
@@ -247,6 +276,7 @@ async def saga_cancel(
 
 
 async def _saga_action(
+    hosted: Any,
     saga_id: str,
     action: Callable[[Any, Any], Awaitable[Any]],
     *,
@@ -266,7 +296,7 @@ async def _saga_action(
     from outbox.uow import UnitOfWork
 
     settings = get_settings()
-    orchestrator = orchestrator_for(settings)
+    orchestrator = orchestrator_for(settings, app=hosted)
     clock = SystemClock()
     record: dict[str, Any] = {
         "actor": audit.cli_actor(settings.operator),

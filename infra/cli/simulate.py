@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from infra.cli.common import console, err, explain, explain_database_error, print_error
+from infra.cli.common import AppOpt, console, err, explain, explain_database_error, load_app_or_exit, print_error
 
 if TYPE_CHECKING:
     from infra.simulation.swarm import RunSpec
@@ -29,7 +29,7 @@ def _parse_fault_overrides(values: list[str]) -> dict[str, float]:
 
 
 def simulate(
-    sagas: Annotated[int, typer.Option("--sagas", "-n", min=1, max=1_000_000, help="Number of orders.")] = 200,
+    sagas: Annotated[int, typer.Option("--sagas", "-n", min=1, max=1_000_000, help="Number of sagas (orders).")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the one RNG every choice draws from.")] = 1,
     faults: Annotated[
         str | None,
@@ -89,6 +89,7 @@ def simulate(
         str | None,
         typer.Option(help="module:attribute of a test build of the product (handler overrides...), to prove the checker."),
     ] = None,
+    app: AppOpt = None,
 ) -> None:
     """Run a deterministic saga simulation with injected faults and check every invariant."""
     from infra.logging import configure_logging
@@ -110,13 +111,21 @@ def simulate(
             check_database_url(database_url)
         except ValueError as exc:  # its message never quotes the URL (a password)
             raise typer.BadParameter(str(exc), param_hint="--database-url") from None
+    hosted = load_app_or_exit(app, as_json=as_json)
+    app_goals = _app_goals(hosted)
+    if app is not None and amqp_url is not None:
+        raise typer.BadParameter(
+            "the real-stack run replays the order workload; run your app on the real stack with `compensa run --app`",
+            param_hint="--amqp-url",
+        )
     # Injected faults log as errors by design; the report is the output that matters.
     configure_logging("CRITICAL", "json")
     overrides = _parse_fault_overrides(fault)
-    unknown = coverage.unknown_goals(require)
+    unknown = sorted(set(coverage.unknown_goals(require)) - set(app_goals))
     if unknown:
+        known = [*coverage.GOALS, *app_goals]
         raise typer.BadParameter(
-            f"unknown coverage goal(s) {', '.join(unknown)}; known: {', '.join(coverage.GOALS)}", param_hint="--require"
+            f"unknown coverage goal(s) {', '.join(unknown)}; known: {', '.join(known)}", param_hint="--require"
         )
     if variant is not None:
         from infra.simulation.driver import load_variant
@@ -159,6 +168,8 @@ def simulate(
         "liveness_bound": liveness_bound,
         "variant": variant,
         "variant_path": variant_path,
+        "app": app,
+        "app_path": str(Path.cwd()) if app is not None else None,
     }
 
     if is_swarm:
@@ -174,6 +185,7 @@ def simulate(
             shrink=shrink,
             save_seed=save_seed,
             as_json=as_json,
+            app_goals=app_goals,
         )
         return
 
@@ -282,8 +294,13 @@ def simulate(
             _save(save_seed, shrunk.spec if shrunk is not None else spec)
         raise typer.Exit(1)
     if unmet:
-        print_error(coverage.unmet_message(unmet))
+        print_error(coverage.unmet_message(unmet, app_goals))
         raise typer.Exit(1)
+
+
+def _app_goals(app: Any) -> dict[str, str]:
+    """The coverage goals the hosted app adds to compensa's own."""
+    return {name: goal.description for name, goal in app.simulation.goals.items()} if app.simulation is not None else {}
 
 
 def _save(path: Path, spec: RunSpec) -> None:
@@ -354,6 +371,7 @@ def _run_swarm(
     shrink: bool,
     save_seed: Path | None,
     as_json: bool,
+    app_goals: dict[str, str],
 ) -> None:
     import json
 
@@ -420,7 +438,7 @@ def _run_swarm(
             _print_shrunk(shrunk)
     unmet = result.unmet()
     if unmet:
-        print_error(coverage.unmet_message(unmet) + f" by any of the {len(specs)} seeds")
+        print_error(coverage.unmet_message(unmet, app_goals) + f" by any of the {len(specs)} seeds")
     if not result.ok:
         raise typer.Exit(1)
 

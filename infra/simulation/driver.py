@@ -22,13 +22,12 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-import consumers.orders as orders
-import consumers.stock as stock
 from consumers.payments.breaker import BreakerState, CircuitBreaker, Transition
 from consumers.payments.gateway import PaymentGateway
-from contracts import BusinessRuleError
+from contracts import BusinessRuleError, TransientError
 from contracts.routing import DEFAULT_EXCHANGE
 from infra import topology as t
+from infra.apps import ORDER_APP
 from infra.bootstrap import Registry, bootstrap, orchestrator_for
 from infra.clock import VirtualClock
 from infra.db import create_engine
@@ -39,28 +38,27 @@ from infra.simulation.faults import FaultInjector, GatewayOutages, RelayCrash
 from infra.simulation.readback import (
     Observed,
     dead_letter_record,
-    read_back,
     read_history_counts,
     read_saga_times,
 )
+from infra.simulation.scenario import scenario_for
 from infra.simulation.sqlite_facade import create_direct_sqlite_engine
 from infra.transport.memory import MemoryBroker, StoredMessage
 from outbox.ports import Publisher
 from outbox.relay import Relay
 from outbox.uow import Handler, UnitOfWork
+from sagas.app import SagaApp
 from sagas.orchestrator import SERVICE as SAGA_SERVICE
 from sagas.orchestrator import AppliedTransition, Orchestrator
 from sagas.simulation import coverage, liveness
 from sagas.simulation.faults import FaultRates
 from sagas.simulation.invariants import Snapshot, Violation
 from sagas.simulation.trace import Event
-from sagas.simulation.workload import Workload, WorkloadSpec, generate
+from sagas.simulation.workload import WorkloadSpec
 from sagas.state import SagaStatus
 from sagas.tables import saga_instances
 
 log = structlog.get_logger("compensa.simulate")
-
-OUTCOME_TYPES = frozenset({"order.completed", "order.cancelled", "order.rejected"})
 
 
 def min_deadline(orchestrator: Orchestrator) -> timedelta:
@@ -112,12 +110,16 @@ class SimulationOptions:
     operator_after: float | None = None
     #: Record the event trace (`SimulationResult.trace`) for the determinism self-check.
     trace: bool = False
+    #: The saga application simulated (`--app`); the workload's order-only fields (SKUs,
+    #: stock, declines) apply to the order app, any other draws its own from `workload.sagas`.
+    app: SagaApp = ORDER_APP
 
 
 @dataclass
 class SimulationResult:
     options: SimulationOptions
-    workload: Workload
+    #: The drawn workload: `.spec`, and `.orders`, the planned sagas (an app's are `PlannedSaga`s).
+    workload: Any
     snapshot: Snapshot
     violations: list[Violation]
     faults_injected: Counter[str]
@@ -193,12 +195,14 @@ class Simulation:
         self.rng = random.Random(options.seed)
         self.clock = VirtualClock()
         self.origin = self.clock.now()
-        self.broker = MemoryBroker(self.clock)
         # Defaults plus these, never COMPENSA_* from the environment: a seed must replay
         # the same run on any machine (gateway limit, reservation TTL, ...).
         self.settings = Settings.model_construct(max_attempts=options.max_attempts, retry_base_seconds=0.5, retry_max_seconds=8.0)
         # A liveness run learns when the faults stop once the workload is drawn (`run`).
         self.faults = FaultInjector(options.faults, self.rng, clock=self.clock)
+        self.scenario = scenario_for(options.app)
+        if options.app is not ORDER_APP:
+            self.faults.faulty_services = tuple(p.name for p in options.app.participants if p.faulty)
         self.gateway: GatewayOutages | None = None
         self.transitions: list[Transition] = []
         self.trace: list[Event] | None = [] if options.trace else None
@@ -208,11 +212,19 @@ class Simulation:
         self.operator_counts: Counter[str] = Counter()
         self.operator_tries: Counter[str] = Counter()
         self.dead_letters_seen: dict[str, int] = {}
+        #: Queue -> when its consumer reconnects after a broker restart.
+        self.reconnect_at: dict[str, datetime] = {}
         #: A liveness run's heal time, bound (seconds) and end (`_plan_liveness`).
         self.heal_at: datetime | None = None
         self.bound: float | None = None
         self.horizon: datetime | None = None
         self.registry = self._bootstrap()
+        self.broker = MemoryBroker(self.clock, queues=self.registry.queues)
+        self.queue_names = [queue.name for queue in self.registry.queues]
+        #: The saga service's queues (a delivery there may arm a deadline), and the command
+        #: queues (whose participants may fall silent).
+        self.saga_queues = {q.name for q in self.registry.queues if q.service == SAGA_SERVICE}
+        self.command_queues = {q.name for q in self.registry.queues if q.exchange == t.COMMANDS}
         for breaker in self.registry.breakers.values():
             breaker.subscribe(self.transitions.append)
         self.on_progress = on_progress
@@ -247,6 +259,7 @@ class Simulation:
             wrap_gateway=wrap_gateway,
             clock=self.clock,
             record_breakers=False,
+            app=self.options.app,
         )
 
     def _orchestrator(self) -> Orchestrator | None:
@@ -255,7 +268,7 @@ class Simulation:
         if not self.options.trace and self.options.operator_after is None:
             return given
         if given is None:
-            return orchestrator_for(self.settings, observers=(self._observe,))
+            return orchestrator_for(self.settings, observers=(self._observe,), app=self.options.app)
         return Orchestrator(list(given.definitions.values()), observers=(*given.observers, self._observe))
 
     def _observe(self, applied: AppliedTransition) -> None:
@@ -286,9 +299,13 @@ class Simulation:
 
             async def commit(self) -> None:
                 had_messages = bool(self.pending)
-                await super().commit()
-                if had_messages:
-                    simulation.dirty_outboxes.add(self.service)
+                try:
+                    await super().commit()
+                finally:
+                    # Even a commit that reported failure may have written its outbox
+                    # rows (`commit_unknown`); a drain that finds none costs nothing.
+                    if had_messages:
+                        simulation.dirty_outboxes.add(self.service)
 
         return SimulatedUnitOfWork
 
@@ -297,7 +314,7 @@ class Simulation:
 
     def _build_processors(self, engine: Any) -> dict[str, MessageProcessor]:
         """One processor per queue; a service's start queue shares its processor."""
-        uow_factory = self._uow_factory()
+        uow_factory = self.faults.units_of_work(self._uow_factory())
         processors = {}
         for name, service in self.registry.services.items():
             processors[service.queue.name] = self.registry.processor(
@@ -312,14 +329,14 @@ class Simulation:
 
         def note_outcomes(batch: Any) -> None:
             for message in batch:
-                if message.type in OUTCOME_TYPES and message.correlation_id not in simulation.finished:
+                if message.type in simulation.scenario.outcome_types and message.correlation_id not in simulation.finished:
                     simulation.finished.add(message.correlation_id)
                 simulation._note("publish", message.message_id, message.type, message.correlation_id)
 
         publisher = self.registry.publisher(self.broker)
         return {
             name: Relay(engine, name, publisher, self.clock, batch_size=500, on_published=note_outcomes)
-            for name in self.registry.services
+            for name in (*self.registry.services, *self.scenario.start_outboxes)
         }
 
     # ------------------------------------------------------------ run
@@ -329,9 +346,9 @@ class Simulation:
         engine = self._engine()
         try:
             await upgrade(engine)
-            workload = generate(self.options.workload, self.rng)
+            workload = self.scenario.generate(self.options.workload, self.rng)
             self._plan_liveness(workload)
-            await stock.seed_stock(engine, workload.stock)
+            await self.scenario.prepare(engine, workload)
             processors = self._build_processors(engine)
             relays = self._build_relays(engine)
             await self._loop(engine, workload, processors, relays)
@@ -342,7 +359,7 @@ class Simulation:
                 self._tempdir.cleanup()
         return result
 
-    def _plan_liveness(self, workload: Workload) -> None:
+    def _plan_liveness(self, workload: Any) -> None:
         """A liveness run: when the faults stop, the bound, and the end of the run."""
         options = self.options
         if not options.liveness:
@@ -377,12 +394,12 @@ class Simulation:
         return create_engine(url)
 
     async def _loop(
-        self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], relays: Mapping[str, Relay]
+        self, engine: Any, workload: Any, processors: Mapping[str, MessageProcessor], relays: Mapping[str, Relay]
     ) -> None:
         origin = self.clock.now()
         arrivals = list(workload.orders)
         next_arrival = 0
-        queue_names = [q.name for q in t.WORK_QUEUES]
+        queue_names = self.queue_names
         next_expiry_sweep = origin
         uow_factory = self._uow_factory()
         total = len(arrivals)
@@ -403,17 +420,8 @@ class Simulation:
                 heal_pending = None
             while next_arrival < total and origin + timedelta(seconds=arrivals[next_arrival].at_seconds) <= now:
                 planned = arrivals[next_arrival]
-                self._note("place", planned.order_id)
-                await orders.place_order(
-                    engine,
-                    self.clock,
-                    order_id=planned.order_id,
-                    customer_id=planned.customer_id,
-                    lines=list(planned.lines),
-                    currency=workload.spec.currency,
-                    payment_token=planned.payment_token,
-                    uow_factory=uow_factory,
-                )
+                self._note("place", planned.saga_id)
+                await self.scenario.place(engine, self.clock, planned, workload, uow_factory)
                 next_arrival += 1
             await self._relay(relays)
             self.broker.release_due()
@@ -422,7 +430,7 @@ class Simulation:
                 # Deadlines the sweep armed are committed, so the table knows them all.
                 due_hint = await self._earliest_deadline(engine, origin)
             if now >= next_expiry_sweep:
-                await stock.expire_reservations(engine, self.clock)
+                await self.scenario.tick(engine, self.clock)
                 next_expiry_sweep = now + timedelta(seconds=60)
             if self.operator_due and self.operator_due[0][0] <= now:
                 if await self._operate(engine, uow_factory):
@@ -432,17 +440,17 @@ class Simulation:
             if self.on_progress is not None:
                 self.on_progress(len(self.finished), total)
 
-            ready = [name for name in queue_names if self.broker.depth(name)]
+            ready = [name for name in queue_names if self.broker.depth(name) and self._connected(name)]
             if ready:
                 queue = self.rng.choice(ready)
                 await self._deliver_one(queue, processors)
                 if self.options.operator_after is not None and self.broker.stats.dead_lettered:
                     self._notice_dead_letters()
-                if queue in (t.SAGA_EVENTS.name, t.SAGA_STARTS.name):
+                if queue in self.saga_queues:
                     # A saga transition may have armed a deadline, due no sooner than this.
                     due_hint = _earliest(due_hint, self.clock.now() + shortest_deadline)
                 continue
-            if self.dirty_outboxes:
+            if self.dirty_outboxes and self.broker.available:
                 continue
             candidates = []
             if next_arrival < total:
@@ -453,6 +461,9 @@ class Simulation:
                 candidates.append(due_hint)
             if self.operator_due:
                 candidates.append(self.operator_due[0][0])
+            if self.broker.down_until is not None and not self.broker.available:
+                candidates.append(self.broker.down_until)
+            candidates.extend(back for back in self.reconnect_at.values() if back > now)
             if not candidates:
                 break
             if heal_pending is not None:
@@ -475,6 +486,10 @@ class Simulation:
             except RelayCrash:
                 # The batch was published but not marked: it will be published again.
                 self.dirty_outboxes.add(service)
+            except TransientError:
+                # Unconfirmed (the broker is restarting): the relay backs off until it is back.
+                self.dirty_outboxes.add(service)
+                return
 
     async def _deliver_one(self, queue: str, processors: Mapping[str, MessageProcessor]) -> None:
         chance = self.faults.chance
@@ -487,7 +502,7 @@ class Simulation:
             self._note("delay", queue, delivery.message_id)
             self.broker.hold(delivery, self.rng.uniform(0.01, self.options.faults.max_delay_seconds))
             return
-        if queue in (t.STOCK_COMMANDS.name, t.PAYMENTS_COMMANDS.name) and chance("silence"):
+        if queue in self.command_queues and chance("silence"):
             self._note("silence", queue, delivery.message_id)
             self.broker.hold(delivery, self.options.faults.silence_seconds)
             return
@@ -498,10 +513,43 @@ class Simulation:
         if ack_lost:
             # The effect commits, the ack never arrives: the broker redelivers.
             delivery = self.broker.lose_ack(delivery)
+        if chance("broker_restart"):
+            self._restart_broker()
+        if chance("clock_jump"):
+            # A step of the clock every process sees (an NTP step, a resumed VM): deadlines
+            # of work in flight, this delivery's included, fall due before it is done.
+            jump = self.rng.uniform(1.0, max(1.0, self.options.faults.clock_jump_seconds))
+            self._note("clock_jump", round(jump, 6))
+            self.clock.advance(jump)
         self._note("deliver", queue, delivery.message_id, delivery.redelivered, duplicated, ack_lost)
-        await processors[queue](delivery)
+        try:
+            await processors[queue](delivery)
+        except TransientError:
+            if not delivery.channel_closed:
+                raise
+            # It could not be settled over the closed channel: the broker has it back.
         if not delivery.settled:
             await delivery.requeue()
+
+    def _restart_broker(self) -> None:
+        """The broker restarts under the delivery in flight; each consumer reconnects a little after it is back."""
+        faults = self.options.faults
+        returned = self.broker.restart(faults.broker_restart_seconds)
+        assert self.broker.down_until is not None
+        for name in self.queue_names:
+            pause = self.rng.uniform(0.0, faults.broker_reconnect_seconds)
+            self.reconnect_at[name] = self.broker.down_until + timedelta(seconds=pause)
+        self._note("broker_restart", returned)
+
+    def _connected(self, queue: str) -> bool:
+        """Whether the consumer of `queue` is connected (not reconnecting after a broker restart)."""
+        back = self.reconnect_at.get(queue)
+        if back is None:
+            return True
+        if self.clock.now() < back:
+            return False
+        del self.reconnect_at[queue]
+        return True
 
     # ------------------------------------------------------------ the simulated operator
 
@@ -518,7 +566,7 @@ class Simulation:
 
     def _notice_dead_letters(self) -> None:
         """Schedule a replay of each message dead-lettered since the last look."""
-        for spec in t.WORK_QUEUES:
+        for spec in self.registry.queues:
             waiting = self.broker.queues[spec.dlq]
             seen = self.dead_letters_seen.get(spec.name, 0)
             for stored in list(waiting)[seen:]:
@@ -561,13 +609,13 @@ class Simulation:
         self.broker.stats.published += 1
         self._note("operator_replay", name, stored.message_id)
         self.operator_counts["dead_letters_replayed"] += 1
-        if name in (t.STOCK_COMMANDS.name, t.PAYMENTS_COMMANDS.name):
+        if name in self.command_queues:
             self.operator_counts["commands_replayed"] += 1
 
     # ------------------------------------------------------------ results
 
     async def _result(
-        self, engine: Any, workload: Workload, processors: Mapping[str, MessageProcessor], started: float
+        self, engine: Any, workload: Any, processors: Mapping[str, MessageProcessor], started: float
     ) -> SimulationResult:
         stats = self.broker.stats
         observed = Observed(
@@ -582,10 +630,10 @@ class Simulation:
             times = await read_saga_times(engine, workload, self.origin)
             heal_seconds = (self.heal_at - self.origin).total_seconds()
             stuck = liveness.check(times, heal_at=heal_seconds, bound=self.bound)
-        found = await read_back(engine, workload, observed, stuck)
+        found, app_goals = await self.scenario.read_back(engine, workload, observed, stuck)
         dead_letters = [
             dead_letter_record(spec.name, stored.body, stored.headers)
-            for spec in t.WORK_QUEUES
+            for spec in self.registry.queues
             for stored in self.broker.dead_letters(spec.name)
         ]
         counters = {
@@ -596,6 +644,8 @@ class Simulation:
             "retried": stats.retried,
             "dead_lettered": stats.dead_lettered,
             "unrouted_events": stats.unrouted_events,
+            "broker_restarts": stats.restarts,
+            "returned_on_restart": stats.returned_on_restart,
             "processed": sum(p.processed for p in processors.values()),
             "duplicates_skipped": sum(p.duplicates for p in processors.values()),
         }
@@ -603,9 +653,11 @@ class Simulation:
             name: breaker_report(breaker, self.transitions, VirtualClock().now(), self.gateway)
             for name, breaker in self.registry.breakers.items()
         }
+        history_counts = await read_history_counts(engine)
         reached = coverage.observed(
-            await read_history_counts(engine), counters, breakers, self.operator_counts["commands_replayed"]
+            history_counts, counters, breakers, self.operator_counts["commands_replayed"], self.faults.injected
         )
+        reached |= app_goals
         operator = None
         if self.options.operator_after is not None:
             operator = {

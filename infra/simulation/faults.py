@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy.exc import OperationalError
 
 from consumers.payments.gateway import Authorization, Decline, PaymentGateway
 from contracts import BusinessRuleError, Money, TransientError
 from contracts.clock import Clock
 from outbox.ports import OutgoingMessage, Publisher
 from outbox.uow import Handler, UnitOfWork
-from sagas.simulation.faults import FaultRates
+from sagas.simulation.faults import BURST_RATE, BURSTING, FaultRates
 
 #: Participants whose handlers the injector may break (the saga copes with them).
 FAULTY_SERVICES = ("stock", "payments")
@@ -38,6 +40,9 @@ class FaultInjector:
     `duplicate_publishes` sends a message twice at publish time (the real stack, whose
     broker cannot be told to redeliver); the simulator duplicates at delivery instead.
     """
+
+    #: The services whose handlers it breaks (an app's own participants, `--app`).
+    faulty_services: tuple[str, ...] = FAULTY_SERVICES
 
     def __init__(
         self,
@@ -55,6 +60,8 @@ class FaultInjector:
         #: From `stop_at` on (by `clock`) no fault strikes: the world heals (a liveness run).
         self.clock = clock
         self.stop_at = stop_at
+        #: fault -> when its burst ends (`burst`; needs the clock).
+        self.bursts: dict[str, datetime] = {}
 
     @property
     def stopped(self) -> bool:
@@ -62,18 +69,41 @@ class FaultInjector:
         return self.stop_at is not None and self.clock is not None and self.clock.now() >= self.stop_at
 
     def chance(self, fault: str) -> bool:
-        """Whether `fault` strikes now; a fault at rate 0, or after the faults stopped, draws nothing."""
+        """Whether `fault` strikes now; a fault at rate 0, or after the faults stopped, draws nothing.
+
+        During a burst of its kind a fault strikes at `BURST_RATE`; a strike outside one
+        may start one, at the `burst` rate.
+        """
         rate: float = getattr(self.rates, fault)
         if rate <= 0 or self.stopped:
             return False
-        hit = self.rng.random() < rate
+        bursting = self._bursting(fault)
+        hit = self.rng.random() < (max(rate, BURST_RATE) if bursting else rate)
         if hit:
             self.injected[fault] += 1
+            if not bursting and fault in BURSTING and self.clock is not None and self.chance("burst"):
+                self.bursts[fault] = self.clock.now() + timedelta(seconds=self.rates.burst_seconds)
+        return hit
+
+    def _bursting(self, fault: str) -> bool:
+        until = self.bursts.get(fault)
+        if until is None or self.clock is None:
+            return False
+        if self.clock.now() < until:
+            return True
+        del self.bursts[fault]
+        return False
+
+    def outcome(self, fault: str, outcome: str) -> bool:
+        """Draw one of a fault's two outcomes, evenly, counted as `fault_outcome` when it is True."""
+        hit = self.rng.random() < 0.5
+        if hit:
+            self.injected[f"{fault}_{outcome}"] += 1
         return hit
 
     def wrap_handlers(self, service: str, handlers: Mapping[str, Handler]) -> Mapping[str, Handler]:
         """The bootstrap hook: participants' handlers fail before doing anything, at the error rates."""
-        if service not in FAULTY_SERVICES:
+        if service not in self.faulty_services:
             return handlers
         return {message_type: self._faulty(handler) for message_type, handler in handlers.items()}
 
@@ -90,6 +120,16 @@ class FaultInjector:
     def publisher(self, inner: Publisher) -> Publisher:
         """The bootstrap hook: the relays' publisher, duplicating and crashing at its rates."""
         return FaultyPublisher(inner, self)
+
+    def units_of_work(self, factory: Callable[..., UnitOfWork]) -> Callable[..., UnitOfWork]:
+        """The consumers' unit of work, over an engine whose commits may end unknown (`commit_unknown`)."""
+        if self.rates.commit_unknown <= 0:
+            return factory
+
+        def build(engine: Any, *args: Any, **kwargs: Any) -> UnitOfWork:
+            return factory(UncertainCommits(engine, self), *args, **kwargs)
+
+        return build
 
     def gateway(self, inner: PaymentGateway, clock: Clock) -> GatewayOutages:
         """The payment gateway, down for `gateway_outage_seconds` of `clock` time when an outage strikes."""
@@ -133,6 +173,45 @@ class GatewayOutages:
     async def refund(self, payment_id: str, amount: Money) -> None:
         self._check()
         await self.inner.refund(payment_id, amount)
+
+
+class UncertainCommits:
+    """An engine whose connections may drop during COMMIT, leaving its outcome unknown.
+
+    The COMMIT reached the database: half the time it was durable, half the time the
+    server rolled back. Either way the client sees its connection invalidated, as a
+    driver reports a server lost mid-commit, and the pipeline reruns the message on a
+    new connection, where the inbox tells the two outcomes apart.
+    """
+
+    def __init__(self, inner: Any, faults: FaultInjector) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    async def connect(self) -> UncertainConnection:
+        return UncertainConnection(await self.inner.connect(), self.faults)
+
+
+class UncertainConnection:
+    """A connection of `UncertainCommits`: the inner one, with a commit that may end unknown."""
+
+    def __init__(self, inner: Any, faults: FaultInjector) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self) -> None:
+        if not self.faults.chance("commit_unknown"):
+            await self.inner.commit()
+            return
+        if self.faults.outcome("commit_unknown", "durable"):
+            await self.inner.commit()
+        else:
+            await self.inner.rollback()
+        lost = ConnectionResetError("injected: connection lost during COMMIT")
+        raise OperationalError("COMMIT", None, lost, connection_invalidated=True)
 
 
 class FaultyPublisher:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -152,16 +152,18 @@ async def read_snapshot(engine: AsyncEngine, workload: Workload, *, messages_lef
     )
 
 
-async def message_ids(engine: AsyncEngine) -> tuple[set[str], set[str]]:
+async def message_ids(
+    engine: AsyncEngine, outboxes: Sequence[str] = OUTBOX_SERVICES, consumers: Sequence[str] = MESSAGE_SERVICES
+) -> tuple[set[str], set[str]]:
     """Ids of every outbox row marked sent, and of every message in a service's inbox."""
     sent: set[str] = set()
     consumed: set[str] = set()
     async with engine.connect() as connection:
-        for service in OUTBOX_SERVICES:
+        for service in outboxes:
             outbox = tables_for(service).outbox
             rows = await connection.execute(select(outbox.c.message_id).where(outbox.c.sent_at.is_not(None)))
             sent.update(str(row.message_id) for row in rows)
-        for service in MESSAGE_SERVICES:
+        for service in consumers:
             inbox = tables_for(service).inbox
             consumed.update(str(row.message_id) for row in await connection.execute(select(inbox.c.message_id)))
     return sent, consumed
@@ -251,8 +253,9 @@ async def read_history_counts(engine: AsyncEngine) -> HistoryCounts:
     )
 
 
-async def read_saga_times(engine: AsyncEngine, workload: Workload, origin: datetime) -> dict[str, SagaTimes]:
-    """Per order of the workload: when its saga started, its status, when it first reached an outcome.
+async def read_saga_times(engine: AsyncEngine, workload: Any, origin: datetime) -> dict[str, SagaTimes]:
+    """Per saga of the workload (`.orders`, each with `saga_id` and `at_seconds`): when its saga
+    started, its status, when it first reached an outcome.
 
     Times are virtual seconds from `origin`; an order without a saga counts from when it was placed.
     """
@@ -277,10 +280,10 @@ async def read_saga_times(engine: AsyncEngine, workload: Workload, origin: datet
         }
     times = {}
     for order in workload.orders:
-        saga = sagas.get(order.order_id)
+        saga = sagas.get(order.saga_id)
         if saga is None:
-            times[order.order_id] = SagaTimes(order.at_seconds, None, None)
+            times[order.saga_id] = SagaTimes(order.at_seconds, None, None)
             continue
-        end = ended.get(order.order_id)
-        times[order.order_id] = SagaTimes(seconds(saga.started_at), saga.status, seconds(end) if end is not None else None)
+        end = ended.get(order.saga_id)
+        times[order.saga_id] = SagaTimes(seconds(saga.started_at), saga.status, seconds(end) if end is not None else None)
     return times

@@ -50,6 +50,9 @@ class RunSpec:
     #: `module:attribute` of a variant (`driver.load_variant`), and the directory it is imported from.
     variant: str | None = None
     variant_path: str | None = None
+    #: `module:attribute` of the saga application (`--app`; None: the order app), and where it is imported from.
+    app: str | None = None
+    app_path: str | None = None
 
     @classmethod
     def swarm_seed(cls, seed: int, **options: Any) -> RunSpec:
@@ -62,6 +65,7 @@ class RunSpec:
 
     def options(self, *, trace: bool = False) -> Any:
         """The SimulationOptions of this run (the variant loaded here, in the running process)."""
+        from infra.apps import resolve_app
         from infra.simulation.driver import SimulationOptions, load_variant
 
         seams = load_variant(self.variant, self.variant_path) if self.variant else {}
@@ -76,6 +80,7 @@ class RunSpec:
             liveness_bound=self.liveness_bound,
             operator_after=self.operator_after,
             trace=trace,
+            app=resolve_app(self.app, self.app_path),
             **seams,
         )
 
@@ -100,6 +105,7 @@ class RunSpec:
             "liveness_bound",
             "operator_after",
             "variant",
+            "app",
         ):
             if getattr(self, key) != getattr(defaults, key):
                 entry[key] = getattr(self, key)
@@ -108,11 +114,18 @@ class RunSpec:
     @classmethod
     def from_regression(cls, entry: dict[str, Any], variant_path: str | None = None) -> RunSpec:
         options = {k: v for k, v in entry.items() if k not in ("overrides",)}
-        return cls(overrides=tuple(sorted(entry.get("overrides", {}).items())), variant_path=variant_path, **options)
+        return cls(
+            overrides=tuple(sorted(entry.get("overrides", {}).items())),
+            variant_path=variant_path,
+            app_path=variant_path if "app" in entry else None,
+            **options,
+        )
 
     def command(self) -> str:
         """The one-line `compensa simulate …` that runs exactly this."""
         args = ["--seed", str(self.seed), "--sagas", str(self.sagas), "--faults", self.faults]
+        if self.app is not None:
+            args = ["--app", self.app, *args]
         for name, value in self.overrides:
             args += ["--fault", f"{name}={float(value)!r}"]
         defaults = RunSpec()
@@ -294,7 +307,8 @@ class SwarmResult:
 
     def reached(self) -> dict[str, list[int]]:
         """Goal -> the seeds that reached it (a swarm meets a goal when one seed does)."""
-        return {goal: [o.seed for o in self.outcomes if o.coverage.get(goal)] for goal in coverage.GOALS}
+        goals = dict.fromkeys([*coverage.GOALS, *(goal for o in self.outcomes for goal in o.coverage)])
+        return {goal: [o.seed for o in self.outcomes if o.coverage.get(goal)] for goal in goals}
 
     def unmet(self) -> list[str]:
         reached = {goal: len(seeds) for goal, seeds in self.reached().items()}

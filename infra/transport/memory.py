@@ -4,7 +4,9 @@ It implements the same Transport port as the RabbitMQ adapter: exchanges with
 bindings, durable-looking work queues, unacked deliveries that return to the queue
 (flagged redelivered) when not acknowledged, delay queues that dead-letter back
 after their TTL, and `<queue>.dlq`. Time comes from the injected clock, so a
-simulation decides when delayed messages come due.
+simulation decides when delayed messages come due. It can restart (`restart`): what
+was delivered and not acknowledged returns to its queue, channels opened before are
+closed, and publishes go unconfirmed until it is back, as with RabbitMQ.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import itertools
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from contracts import TransientError
@@ -48,6 +50,9 @@ class BrokerStats:
     requeued: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    restarts: int = 0
+    #: Unacked deliveries a restart gave back to their queues.
+    returned_on_restart: int = 0
     published_ids: set[str] = field(default_factory=set)
     settled_ids: set[str] = field(default_factory=set)  # acked at least once
     unrouted_ids: set[str] = field(default_factory=set)
@@ -60,6 +65,8 @@ class MemoryDelivery(Delivery):
         #: The acknowledgement never reaches the broker (see MemoryBroker.lose_ack).
         self._ack_lost = ack_lost
         self._stored = stored
+        #: The broker's life this delivery's channel belongs to (see `channel_closed`).
+        self._epoch = broker.epoch
         self.queue = queue
         self.body = stored.body
         self.headers = dict(stored.headers)
@@ -70,7 +77,17 @@ class MemoryDelivery(Delivery):
         self.redelivered = stored.redelivered
         self.settled = False
 
+    @property
+    def channel_closed(self) -> bool:
+        """The broker restarted since this was delivered: it cannot be settled, the broker has it back."""
+        return self._epoch != self._broker.epoch
+
+    def _check_channel(self, operation: str) -> None:
+        if self.channel_closed:
+            raise TransientError(f"{operation} failed: the channel closed when the broker restarted")
+
     async def ack(self) -> None:
+        self._check_channel("ack")
         if self._ack_lost:
             await self.requeue()
             return
@@ -82,15 +99,18 @@ class MemoryDelivery(Delivery):
     async def requeue(self) -> None:
         """Give the delivery back unacknowledged, as a lost connection would."""
         self._settle()
-        self._broker.requeue(self.queue.name, self._stored)
+        if not self.channel_closed:  # else the restart gave it back already
+            self._broker.requeue(self.queue.name, self._stored)
 
     async def retry(self, delay_ms: int, expiration_ms: int, headers: Mapping[str, Any]) -> None:
+        self._check_channel("retry")
         copy = StoredMessage(self.body, dict(headers), self.message_id, "", self.queue.delay_queue(delay_ms), self.correlation_id)
         self._broker.delay(self.queue.name, copy, min(delay_ms, expiration_ms))
         self._broker.stats.retried += 1
         await self.ack()
 
     async def dead_letter(self, headers: Mapping[str, Any]) -> None:
+        self._check_channel("dead letter")
         copy = StoredMessage(self.body, dict(headers), self.message_id, t.DLX.name, self.queue.name, self.correlation_id)
         self._broker.queues[self.queue.dlq].append(copy)
         self._broker.stats.dead_lettered += 1
@@ -131,6 +151,10 @@ class MemoryBroker:
         self._delayed: list[tuple[Any, int, str, StoredMessage]] = []
         self._tags = itertools.count(1)
         self._seq = itertools.count()
+        #: Incremented by each restart: channels of an earlier life are closed.
+        self.epoch = 0
+        #: While the broker restarts, until when (None: it is up).
+        self.down_until: datetime | None = None
         self.stats = BrokerStats()
         self.arrived = asyncio.Event()
         self.declare_topology_now()
@@ -154,7 +178,30 @@ class MemoryBroker:
 
     # ------------------------------------------------------------ publish
 
+    @property
+    def available(self) -> bool:
+        """Whether the broker is up: it confirms publishes and delivers."""
+        if self.down_until is not None and self.clock.now() >= self.down_until:
+            self.down_until = None
+        return self.down_until is None
+
+    def restart(self, seconds: float) -> int:
+        """Restart now, away for `seconds`: every unacked delivery returns to the head of
+        its queue, flagged redelivered, in the order it was delivered, and every channel
+        opened before is closed. Return how many deliveries returned."""
+        self.epoch += 1
+        self.down_until = self.clock.now() + timedelta(seconds=seconds)
+        returned = sorted(self.unacked.items())
+        self.unacked.clear()
+        for _tag, (queue, stored) in reversed(returned):
+            self.requeue(queue, stored)
+        self.stats.restarts += 1
+        self.stats.returned_on_restart += len(returned)
+        return len(returned)
+
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        if not self.available:
+            raise TransientError(f"publish not confirmed: the broker is restarting (back at {self.down_until})")
         for message in messages:
             self.publish_one(message)
 
@@ -228,7 +275,9 @@ class MemoryBroker:
     def lose_ack(self, delivery: MemoryDelivery) -> MemoryDelivery:
         """The same delivery, but its acknowledgement is lost on the way (or the consumer
         crashed after its commit): settling it gives the message back, redelivered."""
-        return MemoryDelivery(self, delivery.queue, delivery._stored, ack_lost=True)
+        lost = MemoryDelivery(self, delivery.queue, delivery._stored, ack_lost=True)
+        lost._epoch = delivery._epoch
+        return lost
 
     def hold(self, delivery: MemoryDelivery, seconds: float) -> None:
         """Keep a delivery in transit for a while; it reaches its queue again later."""
@@ -245,9 +294,9 @@ class MemoryBroker:
         return len(self._delayed)
 
     def get(self, queue: str, index: int = 0) -> MemoryDelivery | None:
-        """Take the message at `index` (0 = head) off the queue as an unacked delivery."""
+        """Take the message at `index` (0 = head) off the queue as an unacked delivery (none while restarting)."""
         waiting = self.queues[queue]
-        if not waiting:
+        if not waiting or not self.available:
             return None
         if index:
             waiting.rotate(-index)

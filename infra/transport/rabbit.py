@@ -129,8 +129,11 @@ class RabbitTransport:
         *,
         queue_type: str = "classic",
         retry_delays_ms: Sequence[int] = (),
+        queues: Sequence[QueueSpec] = t.WORK_QUEUES,
     ) -> None:
         self.url = url
+        #: The work queues `declare_topology` declares (the hosted app's).
+        self.queues = tuple(queues)
         self.queue_type = queue_type
         self.retry_delays_ms = tuple(retry_delays_ms)
         self._connection: AbstractRobustConnection | None = None
@@ -179,7 +182,7 @@ class RabbitTransport:
                 exchanges[spec.name] = await channel.declare_exchange(
                     spec.name, type=aio_pika.ExchangeType(spec.type), durable=True
                 )
-            for queue in t.WORK_QUEUES:
+            for queue in self.queues:
                 work = await channel.declare_queue(queue.name, durable=True, arguments=self._queue_arguments(queue))
                 for key in queue.routing_keys:
                     await work.bind(exchanges[queue.exchange.name], routing_key=key)

@@ -30,11 +30,31 @@ class FaultRates:
     #: A payment gateway call starts an outage: every call fails transiently for
     #: `gateway_outage_seconds`, then the gateway recovers (the circuit breaker opens and closes).
     gateway_outage: float = 0.0
+    #: The broker restarts while a delivery is in flight: every unacked delivery returns to
+    #: its queue (redelivered), consumers' connections drop and publishes go unconfirmed
+    #: for `broker_restart_seconds`; each consumer reconnects up to `broker_reconnect_seconds` later.
+    broker_restart: float = 0.0
+    #: A consumer's unit of work loses its connection during COMMIT: the client sees an
+    #: error while the commit reached the database half the time and failed the other half.
+    commit_unknown: float = 0.0
+    #: The clock jumps forward, by up to `clock_jump_seconds`, while a delivery is in flight.
+    clock_jump: float = 0.0
+    #: A fault of a `BURSTING` kind that strikes starts a burst of its kind: for
+    #: `burst_seconds` it strikes at `BURST_RATE` (consumer crashes in a row, a restart storm, ...).
+    burst: float = 0.0
     max_delay_seconds: float = 5.0
     #: How long a silent participant waits before it answers (past the 30 s deadline).
     silence_seconds: float = 45.0
     #: How long a gateway outage lasts.
     gateway_outage_seconds: float = 10.0
+    #: How long a restarting broker is away (no deliveries, no confirms).
+    broker_restart_seconds: float = 5.0
+    #: The longest a consumer waits after the broker is back before it reconnects.
+    broker_reconnect_seconds: float = 2.0
+    #: The longest forward jump of the clock: past a step deadline, so deadlines fire on work in flight.
+    clock_jump_seconds: float = 60.0
+    #: How long a burst of one fault kind lasts.
+    burst_seconds: float = 20.0
 
     def with_overrides(self, overrides: dict[str, float]) -> FaultRates:
         known = {f.name for f in fields(self)}
@@ -63,7 +83,18 @@ RATE_NAMES = (
     "permanent_error",
     "silence",
     "gateway_outage",
+    "broker_restart",
+    "commit_unknown",
+    "clock_jump",
+    "burst",
 )
+
+#: How often a fault strikes during a burst of its kind.
+BURST_RATE = 0.5
+#: Faults that come in bursts in the real world (a crash loop, a restart storm, a flaky
+#: network); a gateway outage is a burst already, and delays or silences in a burst would
+#: only be a longer delay or silence.
+BURSTING = frozenset({"lost_ack", "relay_crash", "consumer_crash", "transient_error", "broker_restart", "commit_unknown"})
 
 PROFILES: dict[str, FaultRates] = {
     "none": FaultRates(),
@@ -89,6 +120,10 @@ PROFILES: dict[str, FaultRates] = {
         permanent_error=0.005,
         silence=0.02,
         gateway_outage=0.01,
+        broker_restart=0.0005,
+        commit_unknown=0.01,
+        clock_jump=0.0002,
+        burst=0.002,
     ),
 }
 
@@ -109,6 +144,10 @@ SWARM_CEILINGS: dict[str, float] = {
     "permanent_error": 0.02,
     "silence": 0.05,
     "gateway_outage": 0.03,
+    "broker_restart": 0.01,
+    "commit_unknown": 0.05,
+    "clock_jump": 0.02,
+    "burst": 0.02,
 }
 #: How long a swarm seed's gateway outages last, in virtual seconds: from a blip the
 #: retries ride out to a burst longer than every compensation attempt together.
@@ -116,6 +155,12 @@ SWARM_OUTAGE_SECONDS = (5.0, 240.0)
 #: How long a swarm seed may hold a message in transit: up to past a step deadline, so a
 #: reply can arrive after its step gave up.
 SWARM_DELAY_SECONDS = (1.0, 60.0)
+#: The faults a swarm seed draws after the first ones, in their own pass so that adding
+#: them left every earlier seed's draw of the first ones as it was.
+LATER_RATE_NAMES = ("broker_restart", "commit_unknown", "clock_jump", "burst")
+#: How long a swarm seed's broker restarts keep the broker away, and its longest clock jump.
+SWARM_RESTART_SECONDS = (1.0, 30.0)
+SWARM_JUMP_SECONDS = (5.0, 120.0)
 
 
 def swarm_rates(seed: int) -> FaultRates:
@@ -129,6 +174,8 @@ def swarm_rates(seed: int) -> FaultRates:
     rng = random.Random(f"compensa-swarm-{seed}")
     drawn: dict[str, float] = {}
     for name in RATE_NAMES:
+        if name in LATER_RATE_NAMES:
+            continue
         on = rng.random() < 0.5
         rate = round(SWARM_CEILINGS[name] * rng.uniform(0.1, 1.0), 4)
         if on:
@@ -139,6 +186,17 @@ def swarm_rates(seed: int) -> FaultRates:
     delay = round(rng.uniform(*SWARM_DELAY_SECONDS), 1)
     if "delay" in drawn:
         drawn["max_delay_seconds"] = delay
+    for name in LATER_RATE_NAMES:
+        on = rng.random() < 0.5
+        rate = round(SWARM_CEILINGS[name] * rng.uniform(0.1, 1.0), 4)
+        if on:
+            drawn[name] = rate
+    restart = round(rng.uniform(*SWARM_RESTART_SECONDS), 1)
+    if "broker_restart" in drawn:
+        drawn["broker_restart_seconds"] = restart
+    jump = round(rng.uniform(*SWARM_JUMP_SECONDS), 1)
+    if "clock_jump" in drawn:
+        drawn["clock_jump_seconds"] = jump
     return FaultRates().with_overrides(drawn)
 
 

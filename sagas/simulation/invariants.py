@@ -65,6 +65,13 @@ def check(s: Snapshot) -> list[Violation]:
     return found
 
 
+def check_common(s: Snapshot) -> list[Violation]:
+    """The invariants of any saga application (`--app`): every saga terminal, every outbox
+    row published, every published message consumed or dead-lettered. The order app's
+    own (stock, money, ledger, order status) are the rest of `check`."""
+    return _every_saga_terminal(s) + _outbox_drained(s) + _messages_accounted_for(s)
+
+
 def _every_saga_terminal(s: Snapshot) -> list[Violation]:
     found = []
     for order_id in s.placed:

@@ -34,8 +34,8 @@ def default_bound(
 
     A saga may still walk every step up to its deadline and then use every
     compensation attempt (plus one for the slack of re-arming); messages held in
-    transit before the heal (silence, delay) come back, and a delivery may go through
-    every retry of its backoff. With the simulated operator on, one retry of a
+    transit before the heal (silence, delay) come back, a broker restarted just before
+    it comes back, and a delivery may go through every retry of its backoff. With the simulated operator on, one retry of a
     compensation_failed saga (its delay and another round of compensation attempts).
     """
     longest = 0.0
@@ -46,6 +46,9 @@ def default_bound(
         longest = max(longest, (steps + compensation).total_seconds())
         compensating = max(compensating, compensation.total_seconds())
     in_flight = max(rates.silence_seconds, rates.max_delay_seconds) + retry_max_seconds * max_attempts
+    if rates.broker_restart > 0:
+        # A restart that struck just before the heal still keeps the broker away.
+        in_flight += rates.broker_restart_seconds + rates.broker_reconnect_seconds
     operator = operator_after + compensating if operator_after is not None else 0.0
     return round(longest + in_flight + operator, 3)
 

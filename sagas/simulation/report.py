@@ -92,6 +92,10 @@ def terminal_summary(document: Mapping[str, Any]) -> str:
     ]
     for name, breaker in document.get("circuit_breakers", {}).items():
         lines.insert(-2, f"circuit breaker: {name} {breaker_line(breaker)}")
+    restarts = document["counters"].get("broker_restarts", 0)
+    if restarts:
+        returned = document["counters"].get("returned_on_restart", 0)
+        lines.insert(-2, f"broker:          restarted {restarts} times, {returned} unacked deliveries returned")
     if document.get("operator") is not None:
         lines.insert(-2, "operator:        " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in document["operator"].items()))
     if document.get("coverage"):

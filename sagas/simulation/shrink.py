@@ -18,7 +18,14 @@ from sagas.simulation.faults import RATE_NAMES
 #: A rate halved below this is switched off instead.
 SMALLEST_RATE = 0.0005
 #: A fault's settings that mean nothing once the fault is off.
-COMPANIONS = {"gateway_outage": ("gateway_outage_seconds",), "silence": ("silence_seconds",), "delay": ("max_delay_seconds",)}
+COMPANIONS = {
+    "gateway_outage": ("gateway_outage_seconds",),
+    "silence": ("silence_seconds",),
+    "delay": ("max_delay_seconds",),
+    "broker_restart": ("broker_restart_seconds", "broker_reconnect_seconds"),
+    "clock_jump": ("clock_jump_seconds",),
+    "burst": ("burst_seconds",),
+}
 
 
 @dataclass(frozen=True)

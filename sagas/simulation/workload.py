@@ -66,6 +66,11 @@ class PlannedOrder:
     payment_token: str
 
     @property
+    def saga_id(self) -> str:
+        """An order's saga is named after it."""
+        return self.order_id
+
+    @property
     def total(self) -> int:
         return sum(line.quantity * line.unit_price for line in self.lines)
 

@@ -38,7 +38,7 @@ from infra.dlq.tables import INTEGER_MAX, QUARANTINED, UNDECODABLE, dead_letters
 from infra.pipeline import MessageProcessor, RetryPolicy
 from infra.schema import upgrade
 from infra.topology import STOCK_COMMANDS
-from infra.transport.memory import MemoryDelivery, StoredMessage
+from infra.transport.memory import MemoryBroker, MemoryDelivery, StoredMessage
 from infra.transport.rabbit import RabbitTransport
 from outbox.tables import tables_for
 from tests.integration.support import archived, publish_dead_letter, purge, stack_env
@@ -580,7 +580,7 @@ async def test_an_outage_while_a_refused_batch_is_split_quarantines_nothing_good
 
 def _storable_row(headers: dict[str, Any], message_id: str | None, correlation_id: str | None, body: bytes) -> dict[str, Any]:
     stored = StoredMessage(body, headers, message_id, t.DLX.name, "stock.commands", correlation_id)
-    delivery = MemoryDelivery(None, t.DEAD_LETTER_QUEUES[1], stored)  # type: ignore[arg-type]
+    delivery = MemoryDelivery(MemoryBroker(clock), t.DEAD_LETTER_QUEUES[1], stored)
     return dead_letter_row(delivery, clock.now())
 
 

@@ -94,7 +94,19 @@ def test_real_stack_keeps_only_the_faults_it_can_inject() -> None:
     assert kept.relay_crash == profile("chaos").relay_crash
     assert kept.transient_error == profile("chaos").transient_error
     assert kept.reorder == kept.lost_ack == kept.silence == kept.gateway_outage == 0
-    assert set(ignored) == {"lost_ack", "reorder", "delay", "consumer_crash", "permanent_error", "silence", "gateway_outage"}
+    assert set(ignored) == {
+        "lost_ack",
+        "reorder",
+        "delay",
+        "consumer_crash",
+        "permanent_error",
+        "silence",
+        "gateway_outage",
+        "broker_restart",
+        "commit_unknown",
+        "clock_jump",
+        "burst",
+    }
 
 
 @pytest.mark.integration

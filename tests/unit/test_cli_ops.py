@@ -18,11 +18,12 @@ import pytest
 from contracts import ReserveStock, StockLine, encode, new_message
 from infra import topology as t
 from infra.cli.common import CliError, parse_duration, parse_ids, parse_time
+from infra.clock import VirtualClock
 from infra.dlq.archive import dead_letter_row
 from infra.dlq.replay import merge_patch, prepare
 from infra.dlq.tables import UNDECODABLE
 from infra.settings import get_settings
-from infra.transport.memory import MemoryDelivery, StoredMessage
+from infra.transport.memory import MemoryBroker, MemoryDelivery, StoredMessage
 from tests.unit.support import NASTY_IDS, NOW, assert_rendered, cli, one_line_error, store_rows, table_cells
 
 QUEUES = {q.name: q for q in t.WORK_QUEUES}
@@ -109,7 +110,7 @@ def _delivery(
     dlq = t.DEAD_LETTER_QUEUES[1]
     assert dlq.name == "stock.commands.dlq"
     stored = StoredMessage(body, headers, message_id, t.DLX.name, "stock.commands", correlation_id)
-    return MemoryDelivery(SimpleNamespace(unacked={}), dlq, stored)  # type: ignore[arg-type]
+    return MemoryDelivery(MemoryBroker(VirtualClock()), dlq, stored)
 
 
 def _compensa_headers(**overrides: Any) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Example saga applications built on compensa's public API (`sagas.app.SagaApp`)."""

@@ -1,0 +1,193 @@
+"""Saga applications as infra hosts them: the order app (the default), loading one by name,
+its broker topology and its tables.
+
+`--app module:attr` names a `sagas.app.SagaApp`; `load_app` imports it, checks it and
+registers its message contracts, so the consumer pipeline can decode them. Without
+`--app` every command hosts `ORDER_APP`, built from the services compensa ships.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import consumers.ledger as ledger
+import consumers.orders as orders
+import consumers.payments as payments
+import consumers.stock as stock
+from consumers.ledger.tables import ledger_balances, ledger_entries, ledger_transactions
+from consumers.orders.tables import orders_orders
+from consumers.payments.tables import payments_charges
+from consumers.stock.tables import stock_items, stock_reservations
+from contracts import messages as m
+from contracts.envelope import REGISTRY
+from infra import topology as t
+from outbox.tables import register_service
+from sagas.app import AppHandler, Participant, SagaApp
+from sagas.order_saga import ORDER_SAGA
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from infra.bootstrap import Parts
+
+
+def _stock_handlers(parts: Parts) -> Mapping[str, AppHandler]:
+    return stock.make_handlers(reservation_ttl=timedelta(seconds=parts.settings.reservation_ttl_seconds))
+
+
+def _payments_handlers(parts: Parts) -> Mapping[str, AppHandler]:
+    return payments.make_handlers(parts.gateway)
+
+
+#: The order saga and the services compensa ships: what every command hosts without `--app`.
+#: Its queues are the named constants of infra/topology.py (`app_queues`), its tables are
+#: built by compensa's own migrations, and its simulation is built in (infra/simulation).
+ORDER_APP = SagaApp(
+    name="order",
+    description="reserve stock -> charge payment -> commit stock; release and refund to compensate",
+    sagas=(ORDER_SAGA,),
+    messages=(*m.EVENTS, *m.COMMANDS),
+    participants=(
+        Participant(
+            "stock",
+            t.STOCK_COMMANDS.name,
+            _stock_handlers,
+            consumes=(m.ReserveStock, m.CommitStock, m.ReleaseStock),
+            tables=(stock_items, stock_reservations),
+            # Its handlers lock the SKU counters that many messages share: see infra/bootstrap.py.
+            serial_batches=True,
+            lock_batch=stock.lock_batch,
+        ),
+        Participant(
+            "payments",
+            t.PAYMENTS_COMMANDS.name,
+            _payments_handlers,
+            consumes=(m.ChargePayment, m.RefundPayment),
+            tables=(payments_charges,),
+        ),
+        Participant(
+            "ledger",
+            t.LEDGER_EVENTS.name,
+            ledger.HANDLERS,
+            tables=(ledger_transactions, ledger_entries, ledger_balances),
+            faulty=False,
+            serial_batches=True,
+            lock_batch=ledger.lock_batch,
+        ),
+        Participant("orders", t.ORDERS_EVENTS.name, orders.HANDLERS, tables=(orders_orders,), faulty=False),
+    ),
+    outcomes=(m.OrderCompleted, m.OrderCancelled, m.OrderRejected),
+)
+
+
+class AppLoadError(ValueError):
+    """`--app` names nothing that loads, or something that is not a saga application."""
+
+
+def load_app(reference: str, search_path: str | None = None) -> SagaApp:
+    """The `SagaApp` that `module:attr` names, its contracts registered.
+
+    `search_path` (default: the working directory) goes first on `sys.path`, as
+    `uvicorn module:app` does, so an application next to the command is found.
+    """
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise AppLoadError(f"--app: expected module:attribute, got {reference!r}")
+    directory = search_path if search_path is not None else str(Path.cwd())
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise AppLoadError(f"--app {reference}: no module named {exc.name!r}") from None
+        raise AppLoadError(f"--app {reference}: importing {module_name} failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any import-time error of the user's module, said in one line
+        raise AppLoadError(f"--app {reference}: importing {module_name} failed: {type(exc).__name__}: {exc}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise AppLoadError(f"--app {reference}: module {module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not isinstance(target, SagaApp):
+        raise AppLoadError(f"--app {reference}: {attribute} is a {type(target).__name__}, not a sagas.app.SagaApp")
+    try:
+        REGISTRY.extend(target.messages)
+    except ValueError as exc:
+        raise AppLoadError(f"--app {reference}: {exc}") from None
+    for participant in target.participants:
+        register_service(participant.name)
+    return target
+
+
+def resolve_app(reference: str | None, search_path: str | None = None) -> SagaApp:
+    """The app `reference` names, or the order app when it is None."""
+    return ORDER_APP if reference is None else load_app(reference, search_path)
+
+
+def app_queues(app: SagaApp) -> tuple[t.QueueSpec, ...]:
+    """The app's work queues: the saga service's two, and one per participant.
+
+    The order app's are the named constants of infra/topology.py, in their order (the
+    simulator draws among queues in this order, so a seed replays the same run).
+    """
+    if app is ORDER_APP:
+        return t.WORK_QUEUES
+    by_type = {model.message_type: model for model in app.messages}
+    participants = []
+    for participant in app.participants:
+        types = participant.message_types()
+        exchange = t.COMMANDS if by_type[types[0]].kind == "command" else t.EVENTS
+        participants.append(t.QueueSpec(participant.queue, participant.name, exchange, types))
+    return (
+        t.QueueSpec(app.saga_events_queue, "saga", t.EVENTS, app.replies()),
+        *participants,
+        t.QueueSpec(app.saga_starts_queue, "saga", t.EVENTS, app.starts()),
+    )
+
+
+def dead_letter_queues(queues: tuple[t.QueueSpec, ...]) -> tuple[t.QueueSpec, ...]:
+    """The dead-letter queues of `queues`, as queues the archive consumes."""
+    if queues == t.WORK_QUEUES:
+        return t.DEAD_LETTER_QUEUES
+    return tuple(t.QueueSpec(queue.dlq, "dlq", t.DLX, (queue.name,)) for queue in queues)
+
+
+async def create_app_tables(engine: AsyncEngine, app: SagaApp) -> list[str]:
+    """Create the app's participant tables and their outboxes and inboxes (if missing); return their names.
+
+    compensa's migrations build its own schema (the order app's tables included); an
+    app's tables are created from its metadata. An app whose tables change over time
+    owns their migrations: this only ever creates what is missing.
+    """
+    if app is ORDER_APP:
+        return []
+    tables = [*app.tables()]
+    for participant in app.participants:
+        service = register_service(participant.name)
+        tables += [service.outbox, service.inbox]
+
+    def create(sync: Connection) -> None:
+        for table in tables:
+            table.create(sync, checkfirst=True)
+
+    async with engine.begin() as connection:
+        await connection.run_sync(create)
+    return [table.name for table in tables]
+
+
+__all__ = [
+    "ORDER_APP",
+    "AppLoadError",
+    "app_queues",
+    "create_app_tables",
+    "dead_letter_queues",
+    "load_app",
+    "resolve_app",
+]
