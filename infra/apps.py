@@ -1,5 +1,5 @@
 """Saga applications as infra hosts them: the order app (the default), loading one by name,
-its broker topology and its tables.
+its broker topology, its tables, and its footprint (what the operator commands watch).
 
 `--app module:attr` names a `sagas.app.SagaApp`; `load_app` imports it, checks it and
 registers its message contracts, so the consumer pipeline can decode them. Without
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,7 @@ from consumers.stock.tables import stock_items, stock_reservations
 from contracts import messages as m
 from contracts.envelope import REGISTRY
 from infra import topology as t
-from outbox.tables import register_service
+from outbox.tables import SERVICES, register_service
 from sagas.app import AppHandler, Participant, SagaApp
 from sagas.order_saga import ORDER_SAGA
 
@@ -159,6 +161,44 @@ def dead_letter_queues(queues: tuple[t.QueueSpec, ...]) -> tuple[t.QueueSpec, ..
     return tuple(t.QueueSpec(queue.dlq, "dlq", t.DLX, (queue.name,)) for queue in queues)
 
 
+#: compensa's own outboxes that every app writes through: the saga service's commands and
+#: outcomes, the starts accepted from upstream (`ingest`), and dead-letter replays (`dlq`).
+SHARED_OUTBOXES = ("saga", "ingest", "dlq")
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a hosted app occupies: its work queues, their dead-letter queues and its outboxes.
+
+    `compensa health`, `outbox status`, `dlq` and the console watch these (`footprint`).
+    """
+
+    queues: tuple[t.QueueSpec, ...]
+    dead_letter_queues: tuple[t.QueueSpec, ...]
+    outboxes: tuple[str, ...]
+
+    @property
+    def queue_names(self) -> list[str]:
+        return [queue.name for queue in self.queues]
+
+    def consuming_queue(self, queue_name: str, message_type: str) -> t.QueueSpec | None:
+        """The queue of this app a dead letter of `message_type` from `queue_name` goes back to (`t.consuming_queue`)."""
+        return t.consuming_queue(queue_name, message_type, self.queues)
+
+
+def footprint(app: SagaApp) -> Footprint:
+    """The app's work queues, dead-letter queues and outboxes: its participants', and compensa's it writes through.
+
+    The order app's are the named constants (infra/topology.py, outbox/tables.py), in their order.
+    """
+    queues = app_queues(app)
+    if app is ORDER_APP:
+        outboxes: Iterable[str] = SERVICES
+    else:
+        outboxes = (*(participant.name for participant in app.participants), *SHARED_OUTBOXES)
+    return Footprint(queues, dead_letter_queues(queues), tuple(outboxes))
+
+
 async def create_app_tables(engine: AsyncEngine, app: SagaApp) -> list[str]:
     """Create the app's participant tables and their outboxes and inboxes (if missing); return their names.
 
@@ -184,10 +224,13 @@ async def create_app_tables(engine: AsyncEngine, app: SagaApp) -> list[str]:
 
 __all__ = [
     "ORDER_APP",
+    "SHARED_OUTBOXES",
     "AppLoadError",
+    "Footprint",
     "app_queues",
     "create_app_tables",
     "dead_letter_queues",
+    "footprint",
     "load_app",
     "resolve_app",
 ]

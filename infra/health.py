@@ -20,6 +20,10 @@ returns a JSON-able report with a `status`:
 Dead letters never make the service unhealthy (they are the operator's work, not
 an outage); they are counted and reported as warnings.
 
+The queues, dead-letter queues and outboxes checked are the hosted app's
+(`infra.apps.footprint`; the order app's by default). Another app's starts come
+from upstream, so the `saga_starts` check (orders without a saga) is the order app's.
+
 `router` serves it as `GET /health` (200 healthy, 503 unhealthy) for container
 checks; `health_app()` is a standalone app for `compensa health --serve`.
 """
@@ -44,13 +48,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts.messages import OrderCreated
 from infra import topology as t
-from infra.bootstrap import OUTBOX_SERVICES
+from infra.apps import ORDER_APP, Footprint, footprint
 from infra.circuit_breakers import STALE_AFTER_SECONDS, breaker_rows
 from infra.dlq.query import open_counts
 from infra.saga_starts import orders_without_saga
 from infra.schema import alembic_config
 from infra.settings import Settings, derive_management_url, get_settings
 from outbox.uow import pending_summary
+from sagas.app import SagaApp
 from sagas.tables import saga_instances
 
 #: Default: a pending outbox row older than this means the relay is not keeping up.
@@ -106,7 +111,9 @@ async def _timed(
     return result
 
 
-async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: float, stuck_seconds: float) -> dict[str, Any]:
+async def _database(
+    engine: AsyncEngine, settings: Settings, max_relay_lag: float, stuck_seconds: float, app: SagaApp
+) -> dict[str, Any]:
     async with engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
         revision = await connection.run_sync(_current_revision)
@@ -117,7 +124,7 @@ async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: floa
         database["fix"] = "run `compensa db upgrade`"
         return {"database": database}
     now = datetime.now(UTC)
-    outboxes = [await pending_summary(engine, name, now) for name in OUTBOX_SERVICES]
+    outboxes = [await pending_summary(engine, name, now) for name in footprint(app).outboxes]
     lag = max((o["oldest_pending_age_seconds"] for o in outboxes), default=0.0)
     relay = {
         "ok": lag <= max_relay_lag,
@@ -134,14 +141,14 @@ async def _database(engine: AsyncEngine, settings: Settings, max_relay_lag: floa
         relay["fix"] = "start or scale `compensa relay` (or `compensa run`), and check the broker"
     async with engine.connect() as connection:
         archived = await open_counts(connection)
-        saga_starts = await _saga_starts(connection, now, stuck_seconds)
+        saga_starts = await _saga_starts(connection, now, stuck_seconds) if app is ORDER_APP else None
         deadlines = await _overdue_deadlines(connection, now, stuck_seconds)
         breakers = await _circuit_breakers(connection, now)
     return {
         "database": database,
         "relay": relay,
         "archived": archived,
-        "saga_starts": saga_starts,
+        **({"saga_starts": saga_starts} if saga_starts is not None else {}),
         "deadlines": deadlines,
         "circuit_breakers": breakers,
     }
@@ -268,7 +275,7 @@ def _current_revision(sync_connection: Any) -> str | None:
     return MigrationContext.configure(sync_connection).get_current_revision()
 
 
-async def _broker(settings: Settings) -> dict[str, Any]:
+async def _broker(settings: Settings, hosted: Footprint) -> dict[str, Any]:
     if not settings.amqp_url:
         return {"ok": True, "kind": "in-memory", "note": "COMPENSA_AMQP_URL unset: in-process broker, nothing to check"}
     import aio_pika
@@ -278,7 +285,7 @@ async def _broker(settings: Settings) -> dict[str, Any]:
     connection = await aio_pika.connect(settings.amqp_url, timeout=CHECK_TIMEOUT_SECONDS)
     try:
         missing, depths = [], {}
-        for queue in t.WORK_QUEUES:
+        for queue in hosted.queues:
             for name in (queue.name, queue.dlq):
                 # A passive declare of a missing queue closes the channel: one channel each.
                 channel = await connection.channel()
@@ -295,7 +302,7 @@ async def _broker(settings: Settings) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": not missing, "kind": "rabbitmq", "url": _safe(settings.amqp_url), "queues": depths}
     if missing:
         result["error"] = f"missing queues: {', '.join(missing)}"
-        result["fix"] = "run `compensa topology declare`"
+        result["fix"] = "run `compensa topology declare`" + ("" if hosted.queues == t.WORK_QUEUES else " --app …")
     return result
 
 
@@ -377,7 +384,7 @@ def _queue_view(queue: dict[str, Any], window: float, *, work: bool) -> dict[str
     return view
 
 
-async def _queue_stats(settings: Settings, window: float) -> dict[str, Any]:
+async def _queue_stats(settings: Settings, window: float, hosted: Footprint) -> dict[str, Any]:
     """Per work queue and DLQ: ready, unacked, consumers, rates; wedged queues are unhealthy."""
     if not settings.amqp_url:
         return {"ok": True, "kind": "in-memory", "note": "COMPENSA_AMQP_URL unset: in-process broker, nothing to check"}
@@ -406,7 +413,7 @@ async def _queue_stats(settings: Settings, window: float) -> dict[str, Any]:
     queues: dict[str, Any] = {}
     dlqs: dict[str, Any] = {}
     unknown: list[str] = []
-    for spec in t.WORK_QUEUES:
+    for spec in hosted.queues:
         for name, work in ((spec.name, True), (spec.dlq, False)):
             if name not in listed:
                 # Missing from the broker too: the broker check says so. Present there and
@@ -464,23 +471,31 @@ async def check_health(
     max_relay_lag_seconds: float = MAX_RELAY_LAG_SECONDS,
     stuck_seconds: float | None = None,
     timeout: float = CHECK_TIMEOUT_SECONDS,
+    app: SagaApp = ORDER_APP,
 ) -> dict[str, Any]:
     """Check every dependency at once; return the report (`ok` true only when healthy).
 
     `stuck_seconds` (default `settings.health_stuck_seconds`) bounds how long an order
-    may wait for its saga, a deadline stay unfired, and a queue go without acks.
+    may wait for its saga, a deadline stay unfired, and a queue go without acks. The
+    queues and outboxes checked are `app`'s (`infra.apps.footprint`).
     """
     from infra.db import create_engine
 
+    hosted = footprint(app)
     stuck = settings.health_stuck_seconds if stuck_seconds is None else stuck_seconds
     own_engine = engine is None
     engine = engine or create_engine(settings.database_url)
     try:
         db_fix = "check COMPENSA_DATABASE_URL and that the database server runs"
         db, broker, queues, redis_ = await asyncio.gather(
-            _timed(lambda: _database(engine, settings, max_relay_lag_seconds, stuck), timeout, db_fix),
-            _timed(lambda: _broker(settings), timeout, "check COMPENSA_AMQP_URL and that RabbitMQ runs"),
-            _timed(lambda: _queue_stats(settings, stuck), timeout, MANAGEMENT_FIX, unavailable="broker queue stats unavailable"),
+            _timed(lambda: _database(engine, settings, max_relay_lag_seconds, stuck, app), timeout, db_fix),
+            _timed(lambda: _broker(settings, hosted), timeout, "check COMPENSA_AMQP_URL and that RabbitMQ runs"),
+            _timed(
+                lambda: _queue_stats(settings, stuck, hosted),
+                timeout,
+                MANAGEMENT_FIX,
+                unavailable="broker queue stats unavailable",
+            ),
             _timed(lambda: _redis(settings), timeout, "check COMPENSA_REDIS_URL and that Redis runs"),
         )
     finally:
@@ -498,15 +513,15 @@ async def check_health(
     checks["broker"] = broker
     checks["queues"] = queues
     checks["redis"] = redis_
-    broker_dlq = {q.name: broker.get("queues", {}).get(q.dlq) for q in t.WORK_QUEUES}
-    for q in t.WORK_QUEUES:  # the management API also counts what the archive holds unacknowledged
+    broker_dlq = {q.name: broker.get("queues", {}).get(q.dlq) for q in hosted.queues}
+    for q in hosted.queues:  # the management API also counts what the archive holds unacknowledged
         if (seen := queues.get("dlqs", {}).get(q.dlq)) is not None:
             broker_dlq[q.name] = seen["ready"] + seen["unacked"]
     archived = db.get("archived", {})
     checks["dead_letters"] = {
         "ok": True,
         "queues": {
-            q.name: {"waiting_in_dlq": broker_dlq[q.name], "archived_new": archived.get(q.name, 0)} for q in t.WORK_QUEUES
+            q.name: {"waiting_in_dlq": broker_dlq[q.name], "archived_new": archived.get(q.name, 0)} for q in hosted.queues
         },
     }
     warnings = []
@@ -560,17 +575,22 @@ router = APIRouter()
 
 @router.get("/health", summary="Health of compensa's dependencies (200 healthy, 503 unhealthy)")
 async def health(request: Request, settings: Settings = Depends(get_settings)) -> JSONResponse:  # noqa: B008 - FastAPI dependency
-    """The `check_health` report; the relay-lag limit comes from `app.state.max_relay_lag_seconds`."""
+    """The `check_health` report; the relay-lag limit and the hosted app come from `app.state`
+    (`max_relay_lag_seconds`, `saga_app`)."""
     limit = getattr(request.app.state, "max_relay_lag_seconds", MAX_RELAY_LAG_SECONDS)
-    report = await check_health(settings, max_relay_lag_seconds=limit)
+    hosted = getattr(request.app.state, "saga_app", ORDER_APP)
+    report = await check_health(settings, max_relay_lag_seconds=limit, app=hosted)
     return JSONResponse(report, status_code=200 if report["ok"] else 503)
 
 
-def health_app(settings: Settings | None = None, *, max_relay_lag_seconds: float = MAX_RELAY_LAG_SECONDS) -> FastAPI:
-    """A standalone app serving only `/health` (for `compensa health --serve`)."""
+def health_app(
+    settings: Settings | None = None, *, max_relay_lag_seconds: float = MAX_RELAY_LAG_SECONDS, saga_app: SagaApp = ORDER_APP
+) -> FastAPI:
+    """A standalone app serving only `/health` of `saga_app` (for `compensa health --serve`)."""
     app = FastAPI(title="compensa health", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(router)
     app.state.max_relay_lag_seconds = max_relay_lag_seconds
+    app.state.saga_app = saga_app
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
     return app

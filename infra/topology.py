@@ -98,22 +98,20 @@ def queue_named(name: str) -> QueueSpec:
 RETIRED_BINDINGS: tuple[tuple[QueueSpec, str], ...] = ((SAGA_EVENTS, m.OrderCreated.message_type),)
 
 
-def consuming_queue(queue_name: str, message_type: str) -> QueueSpec | None:
-    """The work queue a dead letter of `message_type` from `queue_name` goes back to.
+def consuming_queue(queue_name: str, message_type: str, queues: Sequence[QueueSpec] = WORK_QUEUES) -> QueueSpec | None:
+    """The work queue (of `queues`, the order app's by default) a dead letter of `message_type` from `queue_name` goes back to.
 
     Its own queue if that still consumes the type; the queue the type moved to if the
     binding was retired (an `order.created` dead-lettered from saga.events before
     saga.starts existed goes to saga.starts); else None.
     """
-    queue = next((q for q in WORK_QUEUES if q.name == queue_name), None)
+    queue = next((q for q in queues if q.name == queue_name), None)
     if queue is None:
         return None
     if message_type in queue.routing_keys:
         return queue
     if (queue, message_type) in RETIRED_BINDINGS:
-        return next(
-            (q for q in WORK_QUEUES if q.service == queue.service and message_type in q.routing_keys and q != queue), None
-        )
+        return next((q for q in queues if q.service == queue.service and message_type in q.routing_keys and q != queue), None)
     return None
 
 

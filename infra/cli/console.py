@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Annotated
 
 import typer
 
-from infra.cli.common import ServeJsonOpt, announce, command, long_running, require_schema, server_log_config
+from infra.cli.common import (
+    AppOpt,
+    ServeJsonOpt,
+    announce,
+    command,
+    load_app_or_exit,
+    long_running,
+    require_schema,
+    server_log_config,
+)
 from infra.settings import get_settings
 
 
@@ -18,10 +28,20 @@ def console(
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default COMPENSA_CONSOLE_PORT, 8090).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="uvicorn's per-request log line.")] = False,
     as_json: ServeJsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
-    """Serve the operator console: sagas, dead letters, replay, audit; sign in with `compensa operators add`."""
+    """Serve the operator console: sagas, dead letters, replay, audit; sign in with `compensa operators add`.
+
+    With --app, the app's sagas are the ones retried and cancelled, and its queues the ones
+    dead letters are filtered by and replayed to.
+    """
     import uvicorn
 
+    from infra.console.app import APP_VARIABLE
+
+    load_app_or_exit(app, as_json=as_json)  # refused here, in one line, rather than by the server's factory
+    if app is not None:
+        os.environ[APP_VARIABLE] = app  # the factory uvicorn calls in this process reads it
     settings = get_settings()
     # Sign-in reads the operators table: without it every page would fail, so say it once here.
     asyncio.run(require_schema())

@@ -2,6 +2,9 @@
 
 Queries live in `infra/dlq/query.py` (and `sagas/queries.py` for a dead letter's saga);
 replay in `infra/dlq/replay.py`. This module parses the operator's input and formats.
+With `--app` the app's queues are the ones `--queue` names and replays go back to, and
+its message types are known to `--type` and to replay's contract check; the archive is
+one table, so listings show every dead letter a filter matches, whichever app it came from.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,6 +21,7 @@ from rich.text import Text
 
 from infra.cli.common import (
     MAX_ID,
+    AppOpt,
     JsonOpt,
     audited,
     cell,
@@ -29,6 +33,7 @@ from infra.cli.common import (
     err,
     fail,
     json_view,
+    load_app_or_exit,
     one_line_table,
     parse_dead_letter_id,
     parse_duration,
@@ -39,6 +44,9 @@ from infra.cli.common import (
     when,
 )
 from infra.cli.common import unwrapped as console
+
+if TYPE_CHECKING:
+    from infra.apps import Footprint
 
 app = typer.Typer(
     help="Dead letters: the archive of failed messages (list, show, replay, purge).",
@@ -56,14 +64,14 @@ def _filter(
     since: str | None,
     until: str | None,
     status: str | None,
+    hosted: Footprint,
 ) -> Any:
     from contracts import REGISTRY
-    from infra import topology as t
     from infra.dlq.query import DeadLetterFilter
     from infra.dlq.tables import STATUSES, UNDECODABLE
 
     now = datetime.now(UTC)
-    known_queues = [q.name for q in t.WORK_QUEUES]
+    known_queues = hosted.queue_names
     if queue is not None and queue not in known_queues:
         fail(f"--queue: unknown queue {clip(queue)}; choose from {', '.join(known_queues)}")
     known_types = [*REGISTRY.types(), UNDECODABLE]
@@ -123,11 +131,15 @@ async def dlq_list(
     group: Annotated[bool, typer.Option("--group", help="Counts per queue × reason class instead of rows.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="Rows to show, most recent failure first.")] = 50,
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
     """List archived dead letters (most recent failure first), or failure groups with --group."""
     from infra.dlq.query import count_dead_letters, failure_groups, list_dead_letters
 
-    where = _filter(queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status)
+    hosted = _hosted(app, as_json)
+    where = _filter(
+        queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status, hosted=hosted
+    )
     async with database() as engine, engine.connect() as connection:
         if group:
             groups = await failure_groups(connection, where)
@@ -196,12 +208,14 @@ async def dlq_list(
 async def dlq_show(
     dead_letter_id: Annotated[str, typer.Argument(metavar="ID", help="Dead-letter id (from `dlq list`).")],
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
     """Show one dead letter: reason, headers, payload, and where its saga stands."""
     from infra.dlq.query import get_dead_letter
     from infra.dlq.tables import UNDECODABLE
     from sagas.queries import saga_summary
 
+    _hosted(app, as_json)  # an --app that does not load is refused here too, as by the other dlq commands
     number = parse_dead_letter_id(dead_letter_id.strip())
     if number is None:
         fail(f"bad dead-letter id {clip(dead_letter_id)}: ids are numbers from 0 to {MAX_ID}; `compensa dlq list` shows them")
@@ -367,10 +381,19 @@ async def _selection(engine: Any, ids: tuple[int, ...], where: Any) -> list[int]
         return await matching_ids(connection, where)
 
 
-def _named(ids: list[str] | None, everything: bool, *, status: str | None, **filters: Any) -> tuple[tuple[int, ...], Any]:
+def _hosted(app: str | None, as_json: bool) -> Footprint:
+    """The footprint (`infra.apps.footprint`) of the app `--app` names: its queues, by name and spec."""
+    from infra.apps import footprint
+
+    return footprint(load_app_or_exit(app, as_json=as_json))
+
+
+def _named(
+    ids: list[str] | None, everything: bool, *, status: str | None, hosted: Footprint, **filters: Any
+) -> tuple[tuple[int, ...], Any]:
     """The ids and filter an operator action names; refuse naming nothing; status new by default."""
     parsed = parse_ids(ids or [])
-    where = _filter(parsed, status=status, **filters)
+    where = _filter(parsed, status=status, hosted=hosted, **filters)
     if where.is_empty and not everything:
         fail(
             "name the dead letters: ids, a filter (--queue, --type, --reason-class, --saga, --since, --until, --status) or --all"
@@ -398,13 +421,15 @@ async def dlq_replay(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Dead letters per transaction.")] = 200,
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
     """Send dead letters back to their original queue, once each, through the dlq outbox.
 
     Each is validated against its contract (after --edit), written to the outbox
     addressed to the queue it failed on and marked replayed, in one transaction;
     already replayed or purged ones are skipped. A relay (`compensa run` or
-    `compensa relay`) delivers them. Exits 1 when any was refused.
+    `compensa relay`) delivers them. Exits 1 when any was refused. With --app, dead
+    letters go back to the app's queues (and a relay hosting it delivers them).
     """
     from rich.progress import (
         BarColumn,
@@ -417,9 +442,19 @@ async def dlq_replay(
     from infra.clock import SystemClock
     from infra.dlq.replay import replay
 
+    hosted = _hosted(app, as_json)
     patch = _parse_patch(edit)
     parsed, where = _named(
-        ids, everything, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
+        ids,
+        everything,
+        queue=queue,
+        type_=type_,
+        reason_class=reason_class,
+        saga=saga,
+        since=since,
+        until=until,
+        status=status,
+        hosted=hosted,
     )
     async with database() as engine:
         selected = await _selection(engine, parsed, where)
@@ -443,7 +478,14 @@ async def dlq_replay(
                     progress.update(task, rate=f"{progress.tasks[task].completed / elapsed:,.0f}/s")
 
             summary = await replay(
-                engine, SystemClock(), selected, patch=patch, dry_run=dry_run, batch_size=batch_size, on_progress=advance
+                engine,
+                SystemClock(),
+                selected,
+                patch=patch,
+                dry_run=dry_run,
+                batch_size=batch_size,
+                queues={q.name: q for q in hosted.queues},
+                on_progress=advance,
             )
         if selected and not dry_run:
             refusals = [f"{o.id}: {o.detail}" for o in summary.outcomes if o.action == "refused"][:5]
@@ -506,13 +548,23 @@ async def dlq_purge(
     everything: AllOpt = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
     """Mark dead letters purged: they stay in the archive (status purged) but leave the work list."""
     from infra.clock import SystemClock
     from infra.dlq.query import DeadLetterFilter, purge
 
     parsed, where = _named(
-        ids, everything, queue=queue, type_=type_, reason_class=reason_class, saga=saga, since=since, until=until, status=status
+        ids,
+        everything,
+        queue=queue,
+        type_=type_,
+        reason_class=reason_class,
+        saga=saga,
+        since=since,
+        until=until,
+        status=status,
+        hosted=_hosted(app, as_json),
     )
     async with database() as engine:
         selected = await _selection(engine, parsed, where)

@@ -12,10 +12,12 @@ from rich.table import Table
 
 from infra.cli.common import (
     USAGE_EXIT,
+    AppOpt,
     MetricsPortOpt,
     announce,
     command,
     fail,
+    load_app_or_exit,
     long_running,
     print_json,
     server_log_config,
@@ -42,11 +44,16 @@ async def health(
         float, typer.Option(min=0.1, help="Seconds a pending outbox row may wait before the relay counts as lagging.")
     ] = 60.0,
     metrics_port: MetricsPortOpt = None,
+    app: AppOpt = None,
 ) -> None:
-    """Check database, broker, redis (when configured), relay lag and dead letters; exit 1 when unhealthy."""
+    """Check database, broker, redis (when configured), relay lag and dead letters; exit 1 when unhealthy.
+
+    With --app, the app's work queues, dead-letter queues and outboxes are the ones checked.
+    """
     from infra.health import check_health, health_app
     from infra.settings import get_settings
 
+    hosted = load_app_or_exit(app, as_json=as_json)
     settings = get_settings()
     if metrics_port is not None and not serve:
         fail("--metrics-port needs --serve (a one-off check has nothing to scrape)", USAGE_EXIT)
@@ -54,10 +61,9 @@ async def health(
     if serve:
         import uvicorn
 
-        app = health_app(settings, max_relay_lag_seconds=max_relay_lag)
         server = uvicorn.Server(
             uvicorn.Config(
-                app,
+                health_app(settings, max_relay_lag_seconds=max_relay_lag, saga_app=hosted),
                 host=host,
                 port=port,
                 log_level="warning",
@@ -74,7 +80,7 @@ async def health(
         )
         await server.serve()
         return
-    report = await check_health(settings, max_relay_lag_seconds=max_relay_lag)
+    report = await check_health(settings, max_relay_lag_seconds=max_relay_lag, app=hosted)
     if as_json:
         print_json(report)
     else:

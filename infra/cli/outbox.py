@@ -5,22 +5,23 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from infra.cli.common import JsonOpt, command, console, open_engine, print_json
+from infra.cli.common import AppOpt, JsonOpt, command, console, load_app_or_exit, open_engine, print_json
 
 app = typer.Typer(help="Transactional outbox.", no_args_is_help=True)
 
 
 @app.command("status")
 @command
-async def outbox_status(as_json: JsonOpt = False) -> None:
-    """Pending outbox rows and the oldest pending age (relay lag), per service."""
-    from infra.bootstrap import OUTBOX_SERVICES
+async def outbox_status(as_json: JsonOpt = False, app: AppOpt = None) -> None:
+    """Pending outbox rows and the oldest pending age (relay lag), per service; with --app, the app's outboxes."""
+    from infra.apps import footprint
     from infra.clock import SystemClock
     from outbox.uow import pending_summary
 
+    outboxes = footprint(load_app_or_exit(app, as_json=as_json)).outboxes
     engine = open_engine()
     try:
-        rows = [await pending_summary(engine, name, SystemClock().now()) for name in OUTBOX_SERVICES]
+        rows = [await pending_summary(engine, name, SystemClock().now()) for name in outboxes]
     finally:
         await engine.dispose()
     if as_json:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts import BusinessRuleError, json_depth
 from contracts.clock import Clock
 from infra import audit
+from infra import topology as t
 from infra.dlq.query import DeadLetterFilter, get_dead_letter, missing_ids, purge, saga_ids_of
 from infra.dlq.replay import Outcome, ReplaySummary, replay
 from sagas.queries import saga_summary
@@ -151,15 +152,21 @@ def _pretty(value: Any) -> list[str]:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str).splitlines()
 
 
-async def preview_replay(engine: AsyncEngine, clock: Clock, ids: Sequence[int], patch: dict[str, Any] | None) -> Preview:
-    """The dry run of a replay: nothing is written."""
+async def preview_replay(
+    engine: AsyncEngine,
+    clock: Clock,
+    ids: Sequence[int],
+    patch: dict[str, Any] | None,
+    queues: Mapping[str, t.QueueSpec] | None = None,
+) -> Preview:
+    """The dry run of a replay to `queues` (the hosted app's work queues, by name): nothing is written."""
     if not ids:
         raise Refused("no dead letters selected")
     async with engine.connect() as connection:
         missing = await missing_ids(connection, ids)
         if missing:
             raise Refused(f"no dead letter {', '.join(map(str, missing[:10]))}")
-    summary = await replay(engine, clock, ids, patch=patch, dry_run=True)
+    summary = await replay(engine, clock, ids, patch=patch, dry_run=True, queues=queues)
     preview = Preview(summary)
     async with engine.connect() as connection:
         preview.saga_of = await saga_ids_of(connection, ids)
@@ -186,14 +193,19 @@ def _only_saga(saga_of: dict[int, str | None]) -> str | None:
 
 
 async def replay_now(
-    engine: AsyncEngine, clock: Clock, ids: Sequence[int], patch: dict[str, Any] | None, actor: str
+    engine: AsyncEngine,
+    clock: Clock,
+    ids: Sequence[int],
+    patch: dict[str, Any] | None,
+    actor: str,
+    queues: Mapping[str, t.QueueSpec] | None = None,
 ) -> ReplaySummary:
-    """Replay the dead letters (what the dry run showed) and record it."""
+    """Replay the dead letters (what the dry run showed) to `queues` and record it."""
     if not ids:
         raise Refused("no dead letters selected")
     async with engine.connect() as connection:
         saga_of = await saga_ids_of(connection, ids)
-    summary = await replay(engine, clock, ids, patch=patch)
+    summary = await replay(engine, clock, ids, patch=patch, queues=queues)
     outcome = audit.OK if summary.replayed else audit.REFUSED
     refusals = [f"{o.id}: {o.detail}" for o in summary.outcomes if o.action == "refused"][:5]
     detail = f"replayed {summary.replayed}, skipped {summary.skipped}, refused {summary.refused}"

@@ -1,7 +1,8 @@
 """The operator console app: sign-in, sagas, dead letters, actions, audit, live counts.
 
-`create_app(settings, engine=…, clock=…)` builds it; `app_from_environment` is the
-uvicorn factory `compensa console` serves. Pages are rendered on the server from
+`create_app(settings, engine=…, clock=…, saga_app=…)` builds it for a hosted saga app (the
+order app by default: its queues, its sagas); `app_from_environment` is the uvicorn
+factory `compensa console` serves. Pages are rendered on the server from
 `templates/` (Jinja2, autoescaped); `static/console.js` refreshes the live counts and
 nothing else needs script. Reads go through the read-side queries (`sagas/queries.py`,
 `infra/dlq/query.py`, `infra/saga_starts.py`, `infra/audit.py`), paged by keyset.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -31,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts import REGISTRY
 from contracts.clock import Clock
 from infra import audit
-from infra import topology as t
+from infra.apps import ORDER_APP, footprint, resolve_app
 from infra.console import actions, timeline
 from infra.console.security import (
     PRESESSION_COOKIE,
@@ -43,11 +45,14 @@ from infra.console.security import (
 )
 from infra.operators import Operator, OperatorStore
 from infra.settings import Settings, get_settings
+from sagas.app import SagaApp
 
 HERE = Path(__file__).parent
 PAGE = 50
 #: The longest text filter accepted (ids are at most 64 characters).
 MAX_FILTER = 64
+#: The variable naming the hosted saga app (`module:attr`) to the uvicorn factory, as to every command.
+APP_VARIABLE = "COMPENSA_APP"
 
 
 class Stop(Exception):
@@ -115,9 +120,9 @@ def _parse_time_cursor(text: str) -> tuple[datetime, str] | None:
 
 
 class Console:
-    """The routes' shared state: settings, engine, clock, signer, templates, orchestrator."""
+    """The routes' shared state: settings, engine, clock, signer, templates, the hosted app's orchestrator and queues."""
 
-    def __init__(self, settings: Settings, engine: AsyncEngine, clock: Clock) -> None:
+    def __init__(self, settings: Settings, engine: AsyncEngine, clock: Clock, app: SagaApp = ORDER_APP) -> None:
         from infra.bootstrap import orchestrator_for
 
         self.settings = settings
@@ -125,7 +130,9 @@ class Console:
         self.clock = clock
         self.signer = Signer(settings.console_secret or secrets.token_bytes(32))
         self.operators = OperatorStore(engine)
-        self.orchestrator = orchestrator_for(settings)
+        self.orchestrator = orchestrator_for(settings, app=app)
+        #: The work queues dead letters are filtered by and replayed to, by name.
+        self.queues = {queue.name: queue for queue in footprint(app).queues}
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]), auto_reload=False
         )
@@ -204,15 +211,21 @@ class Console:
         }
 
 
-def create_app(settings: Settings | None = None, *, engine: AsyncEngine | None = None, clock: Clock | None = None) -> FastAPI:
-    """The console on the settings' database (or `engine`), on the system clock (or `clock`)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: AsyncEngine | None = None,
+    clock: Clock | None = None,
+    saga_app: SagaApp = ORDER_APP,
+) -> FastAPI:
+    """The console of `saga_app` on the settings' database (or `engine`), on the system clock (or `clock`)."""
     from infra.clock import SystemClock
     from infra.db import create_engine
 
     settings = settings or get_settings()
     owned = engine is None
     engine = engine or create_engine(settings.database_url, pre_ping=True)
-    console = Console(settings, engine, clock or SystemClock())
+    console = Console(settings, engine, clock or SystemClock(), saga_app)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -263,8 +276,8 @@ def create_app(settings: Settings | None = None, *, engine: AsyncEngine | None =
 
 
 def app_from_environment() -> FastAPI:
-    """The uvicorn factory `compensa console` serves."""
-    return create_app(get_settings())
+    """The uvicorn factory `compensa console` serves: the app COMPENSA_APP names (`--app` sets it), else the order app."""
+    return create_app(get_settings(), saga_app=resolve_app(os.environ.get(APP_VARIABLE) or None))
 
 
 # ---------------------------------------------------------------- sign-in
@@ -518,11 +531,10 @@ def _saga_routes(app: FastAPI, console: Console) -> None:
 # ---------------------------------------------------------------- dead letters
 
 
-def _group_filter(queue: str, reason_class: str, type_: str, status: str) -> Any:
+def _group_filter(queues: list[str], queue: str, reason_class: str, type_: str, status: str) -> Any:
     from infra.dlq.query import DeadLetterFilter
     from infra.dlq.tables import STATUSES, UNDECODABLE
 
-    queues = [q.name for q in t.WORK_QUEUES]
     if queue and queue not in queues:
         raise Stop(_plain(400, f"unknown queue {queue[:40]!r}; choose from {', '.join(queues)}"))
     if type_ and type_ not in [*REGISTRY.types(), UNDECODABLE]:
@@ -542,7 +554,7 @@ def _dead_letter_routes(app: FastAPI, console: Console) -> None:
         from infra.dlq.query import failure_groups_by_type
 
         operator, csrf = await console.signed_in(request)
-        where = _group_filter("", "", "", status)
+        where = _group_filter(list(console.queues), "", "", "", status)
         async with console.engine.connect() as connection:
             found = await failure_groups_by_type(connection, where)
         return await console.render(
@@ -561,7 +573,7 @@ def _dead_letter_routes(app: FastAPI, console: Console) -> None:
         from infra.dlq.query import count_dead_letters, page_dead_letters
 
         operator, csrf = await console.signed_in(request)
-        where = _group_filter(queue, reason_class, type, status)
+        where = _group_filter(list(console.queues), queue, reason_class, type, status)
         cursor = None
         if after:
             moment, key = _parse_time_cursor(after) or (None, "")
@@ -606,7 +618,9 @@ def _dead_letter_routes(app: FastAPI, console: Console) -> None:
         from infra.dlq.query import matching_ids
 
         if first(form, "scope") == "group":
-            where = _group_filter(first(form, "queue"), first(form, "reason_class"), first(form, "type"), "new")
+            where = _group_filter(
+                list(console.queues), first(form, "queue"), first(form, "reason_class"), first(form, "type"), "new"
+            )
             async with console.engine.connect() as connection:
                 ids = await matching_ids(connection, where)
             if len(ids) > actions.MAX_IDS:
@@ -621,7 +635,7 @@ def _dead_letter_routes(app: FastAPI, console: Console) -> None:
         try:
             ids = await selection(form)
             patch = actions.parse_patch(first(form, "patch"))
-            preview = await actions.preview_replay(console.engine, console.clock, ids, patch)
+            preview = await actions.preview_replay(console.engine, console.clock, ids, patch, console.queues)
         except actions.Refused as exc:
             return await console.render(
                 request, "result.html", operator, csrf, title="replay refused", refused=str(exc), saga_id=None, status=400
@@ -643,7 +657,7 @@ def _dead_letter_routes(app: FastAPI, console: Console) -> None:
         try:
             ids = actions.parse_ids(form.get("ids", []))
             patch = actions.parse_patch(first(form, "patch"))
-            summary = await actions.replay_now(console.engine, console.clock, ids, patch, operator.name)
+            summary = await actions.replay_now(console.engine, console.clock, ids, patch, operator.name, console.queues)
         except actions.Refused as exc:
             return await console.render(
                 request, "result.html", operator, csrf, title="replay refused", refused=str(exc), saga_id=None, status=400

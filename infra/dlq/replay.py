@@ -109,7 +109,7 @@ def prepare(
     queue = queues.get(row.queue)
     if queue is None:
         return f"queue {row.queue!r} is not in the topology (known: {', '.join(sorted(queues))})"
-    if destination(row.queue, envelope.type) is None:
+    if destination(row.queue, envelope.type, tuple(queues.values())) is None:
         return f"queue {queue.name} does not consume {envelope.type}"
     if patch is not None:
         envelope = envelope.model_copy(update={"payload": merge_patch(envelope.payload, patch)})
@@ -119,9 +119,10 @@ def prepare(
         return str(exc)
 
 
-def destination(queue_name: str, message_type: str) -> str | None:
-    """The queue a replay goes to: where the message failed, or where its type moved since."""
-    queue = t.consuming_queue(queue_name, message_type)
+def destination(queue_name: str, message_type: str, queues: Sequence[t.QueueSpec] = t.WORK_QUEUES) -> str | None:
+    """The queue a replay goes to (of `queues`, the order app's by default): where the message failed, or where its
+    type moved since."""
+    queue = t.consuming_queue(queue_name, message_type, queues)
     return queue.name if queue is not None else None
 
 
@@ -153,9 +154,11 @@ async def replay(
     Each transaction locks its dead letters, skips those already replayed or purged,
     refuses those that fail their contract (after the merge `patch`, when given),
     writes the rest to the `dlq` outbox addressed to their original queue and marks
-    them replayed. With `dry_run` nothing is written.
+    them replayed. With `dry_run` nothing is written. `queues`, by name, are the work
+    queues replays may go to: the hosted app's (`Footprint.queues`), the order app's by default.
     """
     queues = queues if queues is not None else {q.name: q for q in t.WORK_QUEUES}
+    known = tuple(queues.values())
     summary = ReplaySummary(dry_run=dry_run)
     patch_text = json.dumps(patch, sort_keys=True) if patch is not None else None
     for chunk in _chunks(list(ids), batch_size):
@@ -183,7 +186,7 @@ async def replay(
                     summary.add(Outcome(row.id, "refused", prepared, **base))
                     continue
                 payload = prepared.envelope.payload if patch is not None else None
-                target = destination(row.queue, prepared.type) or row.queue
+                target = destination(row.queue, prepared.type, known) or row.queue
                 if dry_run:
                     summary.add(Outcome(row.id, "would_replay", f"would send to queue {target}", payload=payload, **base))
                     continue

@@ -3,23 +3,26 @@
 The same process that hosts the order saga hosts the trip saga, loaded by name: its
 tables created by `compensa db upgrade --app`, its queues declared by `compensa topology
 declare --app`, its trips started by `trip.requested` events from the ingest outbox (as an
-upstream system writes them), and inspected with `compensa saga show --app`.
+upstream system writes them), inspected with `compensa saga show --app`, and watched by the
+operator commands with `--app`: health, outbox status and the dead letters of its queues.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import aio_pika
 import pytest
 from sqlalchemy import insert
 
 from examples.trip.app import app as trip_app
 from examples.trip.contracts import TripRequested
 from examples.trip.participants import CAR, FLIGHT, HOTEL
-from infra.apps import app_queues, load_app
+from infra.apps import app_queues, footprint, load_app
 from infra.clock import SystemClock
 from infra.simulation.scenario import START_OUTBOX, read_final_state
 from outbox.uow import UnitOfWork
@@ -140,6 +143,8 @@ async def test_trip_app_runs_as_a_process_and_compensates_a_trip_the_hotel_canno
     sent = [kind for e in history for kind in (x["type"] for x in e["sent"])]
     assert {"car.cancel", "flight.cancel", "trip.cancelled"} <= set(sent)
 
+    await operator_commands_watch_the_trip_app(stack)
+
     trip_process.popen.send_signal(signal.SIGTERM)
 
     async def exited() -> bool:
@@ -147,3 +152,36 @@ async def test_trip_app_runs_as_a_process_and_compensates_a_trip_the_hotel_canno
 
     await eventually(exited, timeout=25, interval=0.05, message="compensa run --app did not exit on SIGTERM")
     assert trip_process.popen.returncode == 0, trip_process.tail()
+
+
+async def operator_commands_watch_the_trip_app(stack: Stack) -> None:
+    """`health`, `outbox status` and `dlq list` with --app see the trip's queues, outboxes and dead letters."""
+    env = stack.env()
+    hosted = footprint(trip_app)
+    health = await compensa(env, "health", "--app", TRIP, "--json")
+    assert health.returncode in (0, 1), health.stderr  # 1: unhealthy or degraded, still one report
+    checks = health.json()["checks"]
+    assert checks["broker"]["ok"], checks["broker"]  # every trip queue and DLQ declared on the real broker
+    assert set(checks["broker"]["queues"]) == {name for q in hosted.queues for name in (q.name, q.dlq)}
+    assert set(checks["dead_letters"]["queues"]) == set(hosted.queue_names)
+    assert set(checks["relay"]["outboxes"]) == {"flights", "cars", "hotels", "saga", "ingest", "dlq"}
+    assert "saga_starts" not in checks
+
+    outboxes = await compensa(env, "outbox", "status", "--app", TRIP, "--json")
+    assert outboxes.returncode == 0, outboxes.stderr
+    assert [row["service"] for row in outboxes.json()] == list(hosted.outboxes)
+
+    # A message no contract reads, sent to cars.commands: dead-lettered at once, archived by the
+    # process hosting the trip app (it consumes the trip DLQs), and listed as the trip's.
+    bad = unique("trip-bad")
+    await stack.channel.default_exchange.publish(
+        aio_pika.Message(b"not an envelope", message_id=str(uuid.uuid4()), correlation_id=bad), routing_key="cars.commands"
+    )
+
+    async def archived() -> list[dict[str, object]] | None:
+        listed = await compensa(env, "dlq", "list", "--app", TRIP, "--queue", "cars.commands", "--saga", bad, "--json")
+        assert listed.returncode == 0, listed.stderr
+        return listed.json()["dead_letters"] or None
+
+    letters = await eventually(archived, timeout=20, interval=0.2, message="the malformed car command was not archived")
+    assert [(r["queue"], r["type"], r["reason_class"]) for r in letters] == [("cars.commands", "<undecodable>", "contract")]

@@ -51,7 +51,20 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     ],
     ids=["no-module", "no-attribute", "not-an-app", "no-colon"],
 )
-@pytest.mark.parametrize("command", [["simulate"], ["run"], ["saga", "list"], ["db", "upgrade"], ["topology", "declare"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["simulate"],
+        ["run"],
+        ["saga", "list"],
+        ["db", "upgrade"],
+        ["topology", "declare"],
+        ["health"],
+        ["outbox", "status"],
+        ["dlq", "list"],
+        ["console"],
+    ],
+)
 def test_an_app_that_does_not_load_is_one_line_and_exit_2(command: list[str], reference: str, message: str) -> None:
     run = cli(*command, "--app", reference)
 
