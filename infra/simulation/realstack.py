@@ -27,7 +27,6 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import consumers.orders as orders
 import consumers.stock as stock
 from consumers.orders.tables import orders_orders
 from contracts import CompensaError
@@ -41,6 +40,7 @@ from infra.settings import Settings
 from infra.simulation.driver import SimulationOptions, SimulationResult
 from infra.simulation.faults import FaultInjector
 from infra.simulation.readback import Observed, dead_letter_record, read_back
+from infra.simulation.scenario import place_planned_order
 from infra.topology import QueueSpec, retry_delays_ms
 from infra.transport.base import Delivery, DeliveryHandler, Subscription
 from infra.transport.rabbit import RabbitTransport
@@ -229,15 +229,7 @@ async def _place_orders(engine: AsyncEngine, workload: Workload, arrival_scale: 
         wait = origin + planned.at_seconds * arrival_scale - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
-        await orders.place_order(
-            engine,
-            clock,
-            order_id=planned.order_id,
-            customer_id=planned.customer_id,
-            lines=list(planned.lines),
-            currency=workload.spec.currency,
-            payment_token=planned.payment_token,
-        )
+        await place_planned_order(engine, clock, planned, workload)
 
 
 async def _terminal_count(engine: AsyncEngine, order_ids: Sequence[str]) -> int:

@@ -90,16 +90,7 @@ class OrderScenario:
     async def place(
         self, engine: AsyncEngine, clock: Clock, planned: Any, workload: Workload, uow_factory: Callable[..., Any]
     ) -> None:
-        await orders.place_order(
-            engine,
-            clock,
-            order_id=planned.order_id,
-            customer_id=planned.customer_id,
-            lines=list(planned.lines),
-            currency=workload.spec.currency,
-            payment_token=planned.payment_token,
-            uow_factory=uow_factory,
-        )
+        await place_planned_order(engine, clock, planned, workload, uow_factory)
 
     async def tick(self, engine: AsyncEngine, clock: Clock) -> None:
         await stock.expire_reservations(engine, clock)
@@ -239,3 +230,19 @@ async def _common_snapshot(engine: AsyncEngine, app: SagaApp, final: FinalState,
 def scenario_for(app: SagaApp) -> Scenario:
     """The order app's built-in scenario, or one made from the app's simulation pieces."""
     return OrderScenario() if app is ORDER_APP else AppScenario(app)
+
+
+async def place_planned_order(
+    engine: AsyncEngine, clock: Clock, planned: Any, workload: Workload, uow_factory: Callable[..., Any] = UnitOfWork
+) -> None:
+    """Place one order of the workload, as its customer would (the simulator and the real-stack run)."""
+    await orders.place_order(
+        engine,
+        clock,
+        order_id=planned.order_id,
+        customer_id=planned.customer_id,
+        lines=list(planned.lines),
+        currency=workload.spec.currency,
+        payment_token=planned.payment_token,
+        uow_factory=uow_factory,
+    )
