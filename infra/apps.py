@@ -8,13 +8,10 @@ registers its message contracts, so the consumer pipeline can decode them. Witho
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,6 +27,7 @@ from consumers.stock.tables import stock_items, stock_reservations
 from contracts import messages as m
 from contracts.envelope import REGISTRY
 from infra import topology as t
+from infra.references import attribute_of, import_from, split_reference
 from outbox.tables import SERVICES, register_service
 from sagas.app import AppHandler, Participant, SagaApp
 from sagas.order_saga import ORDER_SAGA
@@ -99,24 +97,22 @@ def load_app(reference: str, search_path: str | None = None) -> SagaApp:
     `search_path` (default: the working directory) goes first on `sys.path`, as
     `uvicorn module:app` does, so an application next to the command is found.
     """
-    module_name, sep, attribute = reference.partition(":")
-    if not sep or not module_name or not attribute:
+    parts = split_reference(reference)
+    if parts is None:
         raise AppLoadError(f"--app: expected module:attribute, got {reference!r}")
-    directory = search_path if search_path is not None else str(Path.cwd())
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
+    module_name, attribute = parts
     try:
-        target: Any = importlib.import_module(module_name)
+        module = import_from(module_name, search_path)
     except ModuleNotFoundError as exc:
         if exc.name is not None and module_name.startswith(exc.name):
             raise AppLoadError(f"--app {reference}: no module named {exc.name!r}") from None
         raise AppLoadError(f"--app {reference}: importing {module_name} failed: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any import-time error of the user's module, said in one line
         raise AppLoadError(f"--app {reference}: importing {module_name} failed: {type(exc).__name__}: {exc}") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise AppLoadError(f"--app {reference}: module {module_name} has no attribute {attribute!r}")
-        target = getattr(target, part)
+    try:
+        target = attribute_of(module, attribute)
+    except AttributeError:
+        raise AppLoadError(f"--app {reference}: module {module_name} has no attribute {attribute!r}") from None
     if not isinstance(target, SagaApp):
         raise AppLoadError(f"--app {reference}: {attribute} is a {type(target).__name__}, not a sagas.app.SagaApp")
     try:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import importlib
 import random
-import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +30,7 @@ from infra.bootstrap import Registry, bootstrap, orchestrator_for
 from infra.clock import VirtualClock
 from infra.db import create_engine
 from infra.pipeline import MessageProcessor
+from infra.references import attribute_of, import_from, split_reference
 from infra.schema import upgrade
 from infra.settings import Settings
 from infra.simulation.faults import FaultInjector, GatewayOutages, RelayCrash
@@ -164,16 +163,12 @@ def load_variant(reference: str, search_path: str | None = None) -> dict[str, An
     swarm worker load it by name. `search_path` (default: the working directory) goes
     first on `sys.path`, as `uvicorn module:app` does, so a test module can be named.
     """
-    module_name, sep, attribute = reference.partition(":")
-    if not sep or not module_name or not attribute:
+    parts = split_reference(reference)
+    if parts is None:
         raise ValueError(f"a variant is module:attribute, got {reference!r}")
-    directory = search_path if search_path is not None else str(Path.cwd())
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
+    module_name, attribute = parts
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
+        target = attribute_of(import_from(module_name, search_path), attribute)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load variant {reference!r}: {exc}") from None
     seams = target() if callable(target) else target

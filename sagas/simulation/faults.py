@@ -173,24 +173,23 @@ def swarm_rates(seed: int) -> FaultRates:
     """
     rng = random.Random(f"compensa-swarm-{seed}")
     drawn: dict[str, float] = {}
-    for name in RATE_NAMES:
-        if name in LATER_RATE_NAMES:
-            continue
-        on = rng.random() < 0.5
-        rate = round(SWARM_CEILINGS[name] * rng.uniform(0.1, 1.0), 4)
-        if on:
-            drawn[name] = rate
+
+    def draw(names: tuple[str, ...]) -> None:
+        for name in names:
+            on = rng.random() < 0.5
+            rate = round(SWARM_CEILINGS[name] * rng.uniform(0.1, 1.0), 4)
+            if on:
+                drawn[name] = rate
+
+    draw(tuple(name for name in RATE_NAMES if name not in LATER_RATE_NAMES))
     outage = round(rng.uniform(*SWARM_OUTAGE_SECONDS), 1)
     if "gateway_outage" in drawn:
         drawn["gateway_outage_seconds"] = outage
     delay = round(rng.uniform(*SWARM_DELAY_SECONDS), 1)
     if "delay" in drawn:
         drawn["max_delay_seconds"] = delay
-    for name in LATER_RATE_NAMES:
-        on = rng.random() < 0.5
-        rate = round(SWARM_CEILINGS[name] * rng.uniform(0.1, 1.0), 4)
-        if on:
-            drawn[name] = rate
+    # Drawn after the older faults: a seed draws those as it did before these existed.
+    draw(LATER_RATE_NAMES)
     restart = round(rng.uniform(*SWARM_RESTART_SECONDS), 1)
     if "broker_restart" in drawn:
         drawn["broker_restart_seconds"] = restart
