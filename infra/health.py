@@ -380,6 +380,7 @@ def _queue_view(queue: dict[str, Any], window: float, *, work: bool) -> dict[str
             view["unknown"] = "no sample history for this window yet"
         elif min(ready) > 0:
             view["wedged"] = True
+            view["wedge"] = "ready"
             view["reason"] = f"{view['ready']} ready, no consumer for {window:g}s"
     return view
 
@@ -424,17 +425,26 @@ async def _queue_stats(settings: Settings, window: float, hosted: Footprint) -> 
             (queues if work else dlqs)[name] = view
             if view.get("unknown") and (work or view["unacked"]):
                 unknown.append(name)
-    wedged = {name: v["reason"] for name, v in queues.items() if v["wedged"]}
     result: dict[str, Any] = {
-        "ok": not wedged and not unknown,
         "kind": "rabbitmq",
         "management_url": shown,
         "vhost": vhost,
         "window_seconds": window,
         "queues": queues,
         "dlqs": dlqs,
-        "wedged": sorted(wedged),
+        "unknown": unknown,
     }
+    return _queues_verdict(result)
+
+
+def _queues_verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """Set `ok`, `wedged`, and the error and fix of a queue statistics report from its views."""
+    for key in ("error", "fix", "unavailable"):
+        result.pop(key, None)
+    wedged = {name: v["reason"] for name, v in result["queues"].items() if v["wedged"]}
+    unknown = result["unknown"]
+    result["ok"] = not wedged and not unknown
+    result["wedged"] = sorted(wedged)
     if wedged:
         result["error"] = "wedged: " + "; ".join(f"{name}: {reason}" for name, reason in sorted(wedged.items()))
         result["fix"] = (
@@ -443,12 +453,33 @@ async def _queue_stats(settings: Settings, window: float, hosted: Footprint) -> 
         )
     elif unknown:
         result["unavailable"] = True
-        result["error"] = f"broker queue stats unavailable: no statistics covering {window:g}s for {', '.join(unknown)}"
+        result["error"] = (
+            f"broker queue stats unavailable: no statistics covering {result['window_seconds']:g}s for {', '.join(unknown)}"
+        )
         result["fix"] = (
             "wait for the management plugin to collect statistics; check that COMPENSA_AMQP_MANAGEMENT_URL "
             "is the broker of COMPENSA_AMQP_URL and that management.rates_mode is not none"
         )
     return result
+
+
+def _drop_stale_wedges(report: dict[str, Any], live_ready: dict[str, int]) -> None:
+    """Clear a wedge by ready messages that a live count contradicts.
+
+    Management statistics trail the broker by a collection interval or more: a queue
+    purged or drained a moment ago still shows its old ready count there. The passive
+    declare of the broker check counts ready messages now, so a queue it finds empty
+    is not wedged, whatever the samples say.
+    """
+    stale = [
+        name for name, view in report.get("queues", {}).items() if view.get("wedge") == "ready" and live_ready.get(name) == 0
+    ]
+    for name in stale:
+        view = report["queues"][name]
+        view.update(wedged=False, ready=0, note="statistics showed ready messages; the queue is empty now")
+        del view["wedge"], view["reason"]
+    if stale:
+        _queues_verdict(report)
 
 
 async def _redis(settings: Settings) -> dict[str, Any]:
@@ -511,6 +542,8 @@ async def check_health(
     else:
         checks["database"] = db
     checks["broker"] = broker
+    if queues.get("kind") == "rabbitmq":
+        _drop_stale_wedges(queues, broker.get("queues", {}))
     checks["queues"] = queues
     checks["redis"] = redis_
     broker_dlq = {q.name: broker.get("queues", {}).get(q.dlq) for q in hosted.queues}
