@@ -23,6 +23,7 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    update,
 )
 
 from contracts.columns import UtcDateTime
@@ -49,6 +50,13 @@ class ServiceTables:
     outbox_insert: Any = field(init=False, repr=False, compare=False)
     #: Pending rows (correlation id, message id) of the sagas bound as `sagas`.
     pending_of_sagas: Any = field(init=False, repr=False, compare=False)
+    #: PostgreSQL only: insert rows given as one array per column (`message_ids`, `types`,
+    #: `correlation_ids`, `exchanges`, `routing_keys`, `bodies`, `headers`) with `created_at`
+    #: and `dispatch_after`, and read the pending rows of `sagas`, in one statement. Its
+    #: read sees the table as before its insert: the sagas' other pending rows.
+    insert_then_pending: Any = field(init=False, repr=False, compare=False)
+    #: Clear the dispatcher's lease of the rows whose message ids are bound as `ids`.
+    unlease: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outbox_insert", insert(self.outbox))
@@ -57,6 +65,20 @@ class ServiceTables:
             outbox.c.correlation_id.in_(bindparam("sagas", expanding=True)), outbox.c.sent_at.is_(None)
         )
         object.__setattr__(self, "pending_of_sagas", pending)
+        name = outbox.name  # one of ours (SERVICES), never input: the only text formatted in
+        insert_then_pending = text(
+            f"WITH staged AS (INSERT INTO {name} (message_id, type, correlation_id, exchange, routing_key, "  # noqa: S608
+            "body, headers, created_at, dispatch_after) "
+            "SELECT m, t, c, e, r, b, h, CAST(:created_at AS TIMESTAMPTZ), CAST(:dispatch_after AS TIMESTAMPTZ) "
+            "FROM unnest(CAST(:message_ids AS VARCHAR[]), CAST(:types AS VARCHAR[]), CAST(:correlation_ids AS VARCHAR[]), "
+            "CAST(:exchanges AS VARCHAR[]), CAST(:routing_keys AS VARCHAR[]), CAST(:bodies AS TEXT[]), "
+            "CAST(:headers AS TEXT[])) AS u(m, t, c, e, r, b, h) RETURNING 1) "
+            f"SELECT correlation_id, message_id FROM {name} WHERE correlation_id = ANY(CAST(:sagas AS VARCHAR[])) "
+            "AND sent_at IS NULL"
+        )
+        object.__setattr__(self, "insert_then_pending", insert_then_pending)
+        unlease = update(outbox).where(outbox.c.message_id.in_(bindparam("ids", expanding=True))).values(dispatch_after=None)
+        object.__setattr__(self, "unlease", unlease)
 
 
 def _outbox_table(service: str, into: MetaData = metadata) -> Table:

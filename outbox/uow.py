@@ -154,6 +154,8 @@ class UnitOfWork:
         self.dispatcher = dispatcher
         self._dispatching: list[dict[str, Any]] = []
         self._grant: int | None = None
+        #: Set when a flush found a saga's older row not on its way: no lease for this unit.
+        self._unleased = False
         self._message_ids = message_ids
         self.tables: ServiceTables = tables_for(service)
         self.service = service
@@ -245,30 +247,42 @@ class UnitOfWork:
         return await record_in_inbox(self.connection, self.tables.inbox, consumer, message, self.now())
 
     async def flush_outbox(self) -> None:
-        if self._pending:
-            now = self.now()
-            dispatcher = self.dispatcher
-            self._grant = await self._may_dispatch(dispatcher) if dispatcher is not None else None
-            lease = dispatcher.lease_until(now) if dispatcher is not None and self._grant is not None else None
-            rows = [
-                outbox_row(message, now, *self._routes.get(index, (None, None)), dispatch_after=lease)
-                for index, message in enumerate(self._pending)
-            ]
+        """Write the staged messages to the outbox; leased to the dispatcher when it may
+        publish them after commit (see outbox/dispatch.py), else left to the relay."""
+        if not self._pending:
+            return
+        now = self.now()
+        dispatcher = self.dispatcher
+        lease = dispatcher.lease_until(now) if dispatcher is not None and dispatcher.in_use and not self._unleased else None
+        rows = [
+            outbox_row(message, now, *self._routes.get(index, (None, None)), dispatch_after=lease)
+            for index, message in enumerate(self._pending)
+        ]
+        self._pending.clear()
+        self._routes.clear()
+        if dispatcher is None or lease is None:
             await self.connection.execute(self.tables.outbox_insert, rows)
-            if lease is not None:
-                self._dispatching.extend(rows)
-            self._pending.clear()
-            self._routes.clear()
-
-    async def _may_dispatch(self, dispatcher: Dispatcher) -> int | None:
-        """The dispatcher's grant to publish this unit's messages after commit, or None:
-        only if their sagas have no pending row that would then be overtaken (see
-        outbox/dispatch.py)."""
-        if not dispatcher.in_use:
-            return None
-        sagas = sorted({message.correlation_id for message in self._pending})
-        pending = await self.connection.execute(self.tables.pending_of_sagas, {"sagas": sagas})
-        return dispatcher.may_dispatch((row.correlation_id, row.message_id) for row in pending)
+            return
+        sagas = sorted({row["correlation_id"] for row in rows})
+        if self.connection.dialect.name == "postgresql":
+            # Insert and read the sagas' pending rows in one round trip.
+            pending = (await self.connection.execute(self.tables.insert_then_pending, _as_columns(rows, now, lease, sagas))).all()
+        else:
+            await self.connection.execute(self.tables.outbox_insert, rows)
+            pending = (await self.connection.execute(self.tables.pending_of_sagas, {"sagas": sagas})).all()
+        own = {row["message_id"] for row in (*self._dispatching, *rows)}
+        grant = dispatcher.may_dispatch((p.correlation_id, p.message_id) for p in pending if p.message_id not in own)
+        if grant is None:
+            # An older row of one of these sagas is not on its way through this dispatcher
+            # (rare): the relay publishes all of this unit's rows behind it, in id order.
+            unleased = [row["message_id"] for row in (*self._dispatching, *rows)]
+            await self.connection.execute(self.tables.unlease, {"ids": unleased})
+            self._dispatching.clear()
+            self._unleased = True
+            return
+        # The first grant counts: a publish that failed since voids it (see Dispatcher.submit).
+        self._grant = grant if self._grant is None else self._grant
+        self._dispatching.extend(rows)
 
     async def commit(self) -> None:
         await self.flush_outbox()
@@ -279,6 +293,22 @@ class UnitOfWork:
             assert self._grant is not None
             self.dispatcher.submit([outgoing_from_row(row) for row in self._dispatching], self._grant)
             self._dispatching.clear()
+
+
+def _as_columns(rows: list[dict[str, Any]], now: datetime, lease: datetime, sagas: list[str]) -> dict[str, Any]:
+    """Parameters of `ServiceTables.insert_then_pending`: one array per column."""
+    return {
+        "message_ids": [row["message_id"] for row in rows],
+        "types": [row["type"] for row in rows],
+        "correlation_ids": [row["correlation_id"] for row in rows],
+        "exchanges": [row["exchange"] for row in rows],
+        "routing_keys": [row["routing_key"] for row in rows],
+        "bodies": [row["body"] for row in rows],
+        "headers": [row["headers"] for row in rows],
+        "created_at": now,
+        "dispatch_after": lease,
+        "sagas": sagas,
+    }
 
 
 #: What a consumer runs for a message: change rows and stage messages on the unit of work.

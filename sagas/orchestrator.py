@@ -15,7 +15,7 @@ from contracts import BusinessRuleError, Message, Payload
 from sagas import engine
 from sagas.definition import SagaDefinition
 from sagas.state import Deadline, SagaState, SagaStatus, Transition
-from sagas.store import SagaStore
+from sagas.store import SagaStore, history_entry
 
 log = structlog.get_logger("compensa.saga")
 tracer = trace.get_tracer("compensa")
@@ -171,18 +171,13 @@ class Orchestrator:
             log.info("saga.ignored", saga_id=transition.state.saga_id, trigger=transition.trigger, note=transition.note)
             return
         new = transition.state
-        # State and deadline in one write: INSERT for a start, UPDATE (version-checked) after.
-        if before is None:
-            await store.insert(new, transition.deadline)
-        else:
-            await store.save(new, transition.deadline, expected_version=before.version)
         sent = []
         for payload in transition.outgoing:
             outgoing = uow.send(payload, correlation_id=new.saga_id)
             sent.append({"type": outgoing.type, "message_id": str(outgoing.message_id)})
         definition = self.definitions[new.definition]
         step = definition.steps[new.step].name if 0 <= new.step < len(definition.steps) else None
-        await store.record(
+        history = history_entry(
             new,
             from_status=before.status if before else None,
             trigger=transition.trigger,
@@ -192,6 +187,8 @@ class Orchestrator:
             causation_id=str(message.envelope.causation_id) if message and message.envelope.causation_id else None,
             sent=sent,
         )
+        # State, deadline and history in one write: INSERT for a start, UPDATE (version-checked) after.
+        await store.write(new, transition.deadline, history, expected_version=before.version if before else None)
         _annotate_span(before, new, transition.trigger, step)
         if self.observers:
             await self._observe(store, definition, before, new, transition.trigger)

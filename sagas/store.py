@@ -1,7 +1,10 @@
 """Load and save saga state on the orchestrator's connection, with optimistic locking.
 
 A saga's single active deadline lives on its row: a transition writes state and
-deadline with one INSERT (a start) or one UPDATE, then its history row.
+deadline with one INSERT (a start) or one UPDATE, and its history row. On PostgreSQL
+the two writes are one statement (the history row inserted from the saga write's
+RETURNING), so a step costs one round trip less; SQLite has no data-modifying WITH
+and runs them one after the other.
 """
 
 from __future__ import annotations
@@ -95,6 +98,26 @@ _DUE = (
     .with_for_update(skip_locked=True)
 )
 _RECORD = insert(saga_history)
+_STATE_COLUMNS = [c.name for c in saga_instances.c if c.name != "saga_id"]
+_HISTORY_COLUMNS = [c.name for c in saga_history.c if c.name not in ("id", "saga_id")]
+
+
+def _then_record(saga_write: Any) -> Any:
+    """INSERT the history row from the RETURNING of `saga_write`: no row when it wrote none."""
+    written = saga_write.returning(saga_instances.c.saga_id).cte("written")
+    values = [bindparam(f"h_{name}", type_=saga_history.c[name].type) for name in _HISTORY_COLUMNS]
+    return insert(saga_history).from_select(["saga_id", *_HISTORY_COLUMNS], select(written.c.saga_id, *values)).add_cte(written)
+
+
+_STATE_VALUES = {name: bindparam(f"s_{name}", type_=saga_instances.c[name].type) for name in _STATE_COLUMNS}
+_INSERT_RECORDED = _then_record(
+    insert(saga_instances).values(saga_id=bindparam("b_saga_id", type_=saga_instances.c.saga_id.type), **_STATE_VALUES)
+)
+_UPDATE_RECORDED = _then_record(
+    update(saga_instances)
+    .where(saga_instances.c.saga_id == bindparam("b_saga_id"), saga_instances.c.version == bindparam("b_version"))
+    .values(**_STATE_VALUES)
+)
 _COUNT_IN_FLIGHT = (
     select(func.count())
     .select_from(saga_instances)
@@ -112,6 +135,29 @@ class SagaStore:
         row = (await self.connection.execute(query, {"b_saga_id": saga_id})).one_or_none()
         return state_from_row(row) if row else None
 
+    async def write(
+        self, state: SagaState, deadline: Deadline | None, history: dict[str, Any], *, expected_version: int | None
+    ) -> None:
+        """Write a transition: state and deadline (INSERT when `expected_version` is None, a
+        start; else a version-checked UPDATE) and its history row (a `history_entry`)."""
+        if self.connection.dialect.name != "postgresql":
+            if expected_version is None:
+                await self.insert(state, deadline)
+            else:
+                await self.save(state, deadline, expected_version=expected_version)
+            await self.record(state, history)
+            return
+        params = {f"s_{name}": value for name, value in (_columns(state) | _deadline_columns(deadline)).items()}
+        params |= {f"h_{name}": value for name, value in history.items()}
+        params["b_saga_id"] = state.saga_id
+        if expected_version is None:
+            await self.connection.execute(_INSERT_RECORDED, params)
+            return
+        params["b_version"] = expected_version
+        result = await self.connection.execute(_UPDATE_RECORDED, params)
+        if result.rowcount != 1:
+            raise ConflictError(f"saga {state.saga_id} changed concurrently (expected version {expected_version})")
+
     async def insert(self, state: SagaState, deadline: Deadline | None) -> None:
         """Write a new saga with its active deadline (None: it has none)."""
         await self.connection.execute(_INSERT, {"saga_id": state.saga_id, **_columns(state), **_deadline_columns(deadline)})
@@ -125,34 +171,9 @@ class SagaStore:
         if result.rowcount != 1:
             raise ConflictError(f"saga {state.saga_id} changed concurrently (expected version {expected_version})")
 
-    async def record(
-        self,
-        state: SagaState,
-        *,
-        from_status: SagaStatus | None,
-        trigger: str,
-        note: str,
-        step: str | None,
-        message_id: str | None,
-        causation_id: str | None,
-        sent: Sequence[dict[str, str]],
-    ) -> None:
-        await self.connection.execute(
-            _RECORD,
-            {
-                "saga_id": state.saga_id,
-                "version": state.version,
-                "at": state.updated_at,
-                "trigger": trigger,
-                "message_id": message_id,
-                "causation_id": causation_id,
-                "from_status": from_status.value if from_status else None,
-                "to_status": state.status.value,
-                "step": step,
-                "note": note,
-                "sent": json.dumps(list(sent)),
-            },
-        )
+    async def record(self, state: SagaState, history: dict[str, Any]) -> None:
+        """Add a history row of `state` (see `history_entry`)."""
+        await self.connection.execute(_RECORD, {"saga_id": state.saga_id, **history})
 
     async def compensation_started_at(self, saga_id: str) -> datetime | None:
         """When the saga last began compensating (from its history)."""
@@ -182,6 +203,32 @@ class SagaStore:
         """
         rows = (await self.connection.execute(_DUE, {"b_now": now, "b_limit": limit})).all()
         return [(state_from_row(row), _deadline(row)) for row in rows]
+
+
+def history_entry(
+    state: SagaState,
+    *,
+    from_status: SagaStatus | None,
+    trigger: str,
+    note: str,
+    step: str | None,
+    message_id: str | None,
+    causation_id: str | None,
+    sent: Sequence[dict[str, str]],
+) -> dict[str, Any]:
+    """The history row of the transition to `state`, less its saga id."""
+    return {
+        "version": state.version,
+        "at": state.updated_at,
+        "trigger": trigger,
+        "message_id": message_id,
+        "causation_id": causation_id,
+        "from_status": from_status.value if from_status else None,
+        "to_status": state.status.value,
+        "step": step,
+        "note": note,
+        "sent": json.dumps(list(sent)),
+    }
 
 
 async def count_in_flight(connection: AsyncConnection) -> int:

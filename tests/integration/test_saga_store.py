@@ -7,22 +7,24 @@ statements are counted with SQLAlchemy's `before_cursor_execute` event.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from sqlalchemy import delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from contracts import Money, OrderCreated, OrderLine, Payload, StockLine, StockReserved, new_message
+from contracts import ConflictError, Money, OrderCreated, OrderLine, Payload, StockLine, StockReserved, new_message
 from infra.clock import VirtualClock
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
 from sagas.orchestrator import Orchestrator
 from sagas.order_saga import ORDER_SAGA, STEP_DEADLINE
 from sagas.state import Deadline, SagaStatus
-from sagas.store import SagaStore, deadline_from_row
+from sagas.store import SagaStore, deadline_from_row, history_entry
 from sagas.tables import saga_history, saga_instances
 
 pytestmark = pytest.mark.integration
@@ -60,7 +62,13 @@ def reserved(saga_id: str) -> StockReserved:
 
 
 def shape(statement: str) -> str:
-    """`SELECT saga_instances FOR UPDATE`, `UPDATE saga_instances`, `INSERT saga_history`: verb, table, lock."""
+    """`SELECT saga_instances FOR UPDATE`, `UPDATE saga_instances`, `INSERT saga_history`: verb, table, lock.
+
+    A statement with a data-modifying WITH is both shapes: `UPDATE saga_instances + INSERT saga_history`.
+    """
+    fused = re.match(r"WITH \w+ AS\s*\((.*?)\)\s*(INSERT INTO \w+.*)$", statement.strip(), re.DOTALL)
+    if fused:
+        return f"{shape(fused.group(1))} + {shape(fused.group(2))}"
     words = statement.split()
     verb = words[0].upper()
     if verb == "SELECT":
@@ -88,6 +96,13 @@ def statements(engine: AsyncEngine) -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+
+def written(engine: AsyncEngine, saga_write: str) -> list[str]:
+    """A transition's writes: its saga row and history row, one statement on PostgreSQL."""
+    if engine.dialect.name == "sqlite":
+        return [saga_write, "INSERT saga_history"]
+    return [f"{saga_write} + INSERT saga_history"]
 
 
 def locked(engine: AsyncEngine, shape: str) -> str:
@@ -120,13 +135,13 @@ async def test_a_start_and_a_reply_each_write_the_saga_row_once_and_one_history_
     engine: AsyncEngine, clock: VirtualClock
 ) -> None:
     started = await deliver(engine, clock, "s-1", order("s-1"))
-    assert started == [locked(engine, "SELECT saga_instances FOR UPDATE"), "INSERT saga_instances", "INSERT saga_history"]
+    assert started == [locked(engine, "SELECT saga_instances FOR UPDATE"), *written(engine, "INSERT saga_instances")]
     row = await saga_row(engine, "s-1")
     assert deadline_from_row(row) == Deadline(due_at=clock.now() + STEP_DEADLINE, kind="step", step="reserve", attempt=1)
 
     clock.advance(1)
     advanced = await deliver(engine, clock, "s-1", reserved("s-1"))
-    assert advanced == [locked(engine, "SELECT saga_instances FOR UPDATE"), "UPDATE saga_instances", "INSERT saga_history"]
+    assert advanced == [locked(engine, "SELECT saga_instances FOR UPDATE"), *written(engine, "UPDATE saga_instances")]
     row = await saga_row(engine, "s-1")
     assert (row.version, row.status) == (2, "running")
     assert deadline_from_row(row) == Deadline(due_at=clock.now() + STEP_DEADLINE, kind="step", step="charge", attempt=1)
@@ -144,8 +159,7 @@ async def test_the_sweep_fires_a_due_deadline_from_the_row_it_claimed(engine: As
     # One claim, then the saga row and its history row; the outbox row is the commands sent.
     assert seen == [
         locked(engine, "SELECT saga_instances FOR UPDATE SKIP LOCKED"),
-        "UPDATE saga_instances",
-        "INSERT saga_history",
+        *written(engine, "UPDATE saga_instances"),
         f"INSERT {SAGA_OUTBOX.name}",
     ]
     row = await saga_row(engine, "s-1")
@@ -215,3 +229,20 @@ async def test_the_sweep_skips_a_saga_whose_row_a_reply_holds(engine: AsyncEngin
 
     assert await ORCHESTRATOR.sweep_deadlines(lambda: UnitOfWork(engine, "saga", clock), limit=10) == 1
     assert (await saga_row(engine, "held")).status == SagaStatus.COMPENSATING.value
+
+
+async def test_a_write_at_a_stale_version_is_a_conflict_and_records_no_history(engine: AsyncEngine, clock: VirtualClock) -> None:
+    await deliver(engine, clock, "s-1", order("s-1"))
+    async with engine.connect() as connection:
+        store = SagaStore(connection)
+        state = await store.get("s-1", lock=False)
+        assert state is not None
+        moved = replace(state, version=state.version + 1, updated_at=clock.now())
+        entry = history_entry(
+            moved, from_status=state.status, trigger="test", note="", step=None, message_id=None, causation_id=None, sent=()
+        )
+        with pytest.raises(ConflictError, match="changed concurrently"):
+            await store.write(moved, None, entry, expected_version=state.version + 5)
+        await connection.rollback()
+    assert await transitions(engine, "s-1") == ["order.created"]
+    assert (await saga_row(engine, "s-1")).version == state.version
