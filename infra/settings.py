@@ -209,6 +209,10 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description="The event loop of CLI commands and services: uvloop (auto: when installed) or asyncio's own.",
+    )
 
     #: Serve Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics (`--metrics-port`).
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Port of /metrics; unset: not served.")

@@ -63,4 +63,5 @@ def console(
         log_level=settings.log_level.lower(),
         log_config=server_log_config(settings.log_level, as_json),
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        loop=settings.event_loop,  # uvicorn's names: auto (uvloop when installed), uvloop, asyncio
     )

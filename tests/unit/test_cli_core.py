@@ -361,3 +361,36 @@ def test_ids_are_whole_at_80_columns_in_every_listing(migrated, narrow):
     assert "not shown at 80 columns" in listed
     listed = assert_rendered(cli("audit", "list"), narrow)
     assert table_cells(listed, "id") == [str(row["id"]) for row in audit]
+
+
+def test_commands_run_on_uvloop_unless_told_asyncio(monkeypatch):
+    import sys
+
+    import uvloop
+
+    from infra.cli.common import event_loop_factory
+    from infra.settings import SettingsError
+
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as on a platform without uvloop
+    assert event_loop_factory("auto") is None
+    with pytest.raises(SettingsError, match="COMPENSA_EVENT_LOOP='uvloop': uvloop is not installed"):
+        event_loop_factory("uvloop")
+
+
+@pytest.mark.parametrize("loop", ["auto", "uvloop", "asyncio"])
+def test_a_command_runs_on_each_event_loop(env, monkeypatch, loop):
+    monkeypatch.setenv("COMPENSA_EVENT_LOOP", loop)
+    assert cli("db", "upgrade").exit_code == 0
+    result = cli("saga", "list", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_choices(env, monkeypatch):
+    monkeypatch.setenv("COMPENSA_EVENT_LOOP", "trio")
+    result = cli("saga", "list")
+    assert result.exit_code == 2
+    assert result.stderr == "error: COMPENSA_EVENT_LOOP='trio': input should be 'auto', 'uvloop' or 'asyncio'\n"
