@@ -1,10 +1,12 @@
 """W3C trace context carried in the envelope and in AMQP headers, and the outbox's spans.
 
-Spans follow OpenTelemetry's messaging conventions: writing a message to the outbox is
-its *create* span, whose context travels with the message (envelope ``traceparent`` and
-the AMQP header); the relay's or dispatcher's *send* span and every consumer's *process*
-span are children of that creation context, so one saga is one trace however many
-processes, retries and restarts it crosses.
+Spans follow OpenTelemetry's messaging conventions: a message carries its *creation
+context* (envelope ``traceparent`` and the AMQP header), and the relay's or dispatcher's
+*send* span and every consumer's *process* span are children of it, so one saga is one
+trace however many processes, retries and restarts it crosses. The creation context is
+the span that wrote the message to the outbox (a handler's *process* span, the API's
+request span, the caller's span), a custom creation context as the conventions allow;
+only a write outside any span opens a *create* span of its own, the root of its trace.
 """
 
 from __future__ import annotations
@@ -45,6 +47,21 @@ def context_from(traceparent: str | None, headers: Mapping[str, object] | None =
     if traceparent:
         carrier["traceparent"] = traceparent
     return propagate.extract(carrier)
+
+
+def creation_traceparent(
+    message_type: str, destination: str, message_id: str, conversation_id: str, parent: str | None = None
+) -> str | None:
+    """The traceparent a message written now carries: the active span's, or else a *create* span's.
+
+    A span per outbox write would be a third of the spans of a saga and of what
+    exporting them costs, and would say no more than the span that wrote the message
+    and the message's *send* span (which names its message id) already say.
+    """
+    active = trace.get_current_span().get_span_context()
+    if active.is_valid:
+        return traceparent_of(active)
+    return create_span_traceparent(message_type, destination, message_id, conversation_id, parent)
 
 
 def create_span_traceparent(

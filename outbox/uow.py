@@ -18,7 +18,7 @@ from contracts.routing import exchange_for
 from outbox.dispatch import Dispatcher
 from outbox.ports import OutgoingMessage
 from outbox.tables import ServiceTables, tables_for
-from outbox.tracing import create_span_traceparent
+from outbox.tracing import creation_traceparent
 
 _IGNORING_INSERTS: dict[tuple[str, str], Any] = {}
 
@@ -205,7 +205,7 @@ class UnitOfWork:
                 raise ValueError("correlation_id is required outside a message handler")
             correlation_id = self.incoming.correlation_id
         message_id = message_id or (self._message_ids() if self._message_ids else uuid.uuid4())
-        traceparent = create_span_traceparent(
+        traceparent = creation_traceparent(
             payload.message_type,
             exchange_for(payload.kind),
             str(message_id),

@@ -92,7 +92,7 @@ async def reply_traceparent(engine: AsyncEngine) -> tuple[int, int]:
     return int(trace_id, 16), int(span_id, 16)
 
 
-async def test_a_trace_started_at_the_producer_runs_through_create_send_process_and_the_reply(
+async def test_a_trace_started_at_the_producer_runs_through_send_process_and_the_reply(
     pg_engine: AsyncEngine, rabbit: RabbitTransport, consume: Any, spans: InMemorySpanExporter
 ) -> None:
     with trace.get_tracer("tests.producer").start_as_current_span("produce") as produce:
@@ -101,33 +101,26 @@ async def test_a_trace_started_at_the_producer_runs_through_create_send_process_
 
     await relay_and_consume(pg_engine, rabbit, consume)
 
-    # The outbox write is the message's create span; its context travels with the message.
-    create = finished(spans, trace.SpanKind.PRODUCER, command.message_id, "create")
-    assert create is not None and create.name == "create stock.reserve"
-    assert create.parent is not None and create.parent.span_id == producer.span_id
-    assert (
-        command.envelope.traceparent
-        == f"00-{producer.trace_id:032x}-{create.context.span_id:016x}-{int(create.context.trace_flags):02x}"
-    )
+    # The span that wrote the message is its creation context; it travels with the message.
+    assert finished(spans, trace.SpanKind.PRODUCER, command.message_id, "create") is None
+    assert command.envelope.traceparent == f"00-{producer.trace_id:032x}-{producer.span_id:016x}-{int(producer.trace_flags):02x}"
     # The relay's publish and the consumer's process are both children of the creation context.
     send = await eventually(lambda: finished(spans, trace.SpanKind.PRODUCER, command.message_id, "send"), message="send span")
     assert send.name == "send compensa.commands"
-    assert send.parent is not None and send.parent.span_id == create.context.span_id
+    assert send.parent is not None and send.parent.span_id == producer.span_id
     assert send.attributes["messaging.rabbitmq.destination.routing_key"] == "stock.reserve"
     span = await eventually(lambda: consumer_span(spans, command.message_id), message="consumer span exported")
     assert span.name == "stock.commands process stock.reserve"
     assert span.context.trace_id == producer.trace_id
-    assert span.parent is not None and span.parent.span_id == create.context.span_id
+    assert span.parent is not None and span.parent.span_id == producer.span_id
     assert span.attributes["compensa.saga_id"] == "order-1"
     assert span.attributes["messaging.message.conversation_id"] == "order-1"
     assert span.attributes["compensa.attempt"] == 1
     assert span.attributes["compensa.handler"] == "stock"
-    # The handler runs inside the process span; what it sends is created there.
+    # The handler runs inside the process span; what it sends carries that span's context.
     reply_trace, reply_span = await reply_traceparent(pg_engine)
-    assert reply_trace == producer.trace_id
-    reply_create = next(s for s in spans.get_finished_spans() if s.context.span_id == reply_span)
-    assert reply_create.name == "create stock.reserved"
-    assert reply_create.parent is not None and reply_create.parent.span_id == span.context.span_id
+    assert (reply_trace, reply_span) == (producer.trace_id, span.context.span_id)
+    assert not [s.name for s in spans.get_finished_spans() if s.name.startswith("create ")]
 
 
 async def test_a_message_sent_outside_any_trace_starts_its_trace_at_the_outbox_write(
