@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Table, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from contracts import ContractError, Message, Payload, encode, new_message
@@ -58,6 +58,19 @@ def content_digest(message: Message[Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_STORED_DIGESTS: dict[Table, Any] = {}
+
+
+def _stored_digest(inbox: Table) -> Any:
+    """The digest a message id was recorded with, by `consumer` and `message_id`: built once per inbox."""
+    query = _STORED_DIGESTS.get(inbox)
+    if query is None:
+        query = _STORED_DIGESTS[inbox] = select(inbox.c.digest).where(
+            inbox.c.consumer == bindparam("consumer"), inbox.c.message_id == bindparam("message_id")
+        )
+    return query
+
+
 async def record_in_inbox(
     connection: AsyncConnection, inbox: Table, consumer: str, message: Message[Any], received_at: datetime
 ) -> bool:
@@ -80,9 +93,7 @@ async def record_in_inbox(
     if result.rowcount != 0:
         return False
     stored = (
-        await connection.execute(
-            select(inbox.c.digest).where(inbox.c.consumer == consumer, inbox.c.message_id == str(message.message_id))
-        )
+        await connection.execute(_stored_digest(inbox), {"consumer": consumer, "message_id": str(message.message_id)})
     ).scalar_one_or_none()
     if stored is not None and stored != digest:
         raise ContractError(
