@@ -275,7 +275,7 @@ def _current_revision(sync_connection: Any) -> str | None:
     return MigrationContext.configure(sync_connection).get_current_revision()
 
 
-async def _broker(settings: Settings, hosted: Footprint) -> dict[str, Any]:
+async def _broker(settings: Settings, hosted: Footprint, app_reference: str | None = None) -> dict[str, Any]:
     if not settings.amqp_url:
         return {"ok": True, "kind": "in-memory", "note": "COMPENSA_AMQP_URL unset: in-process broker, nothing to check"}
     import aio_pika
@@ -302,7 +302,8 @@ async def _broker(settings: Settings, hosted: Footprint) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": not missing, "kind": "rabbitmq", "url": _safe(settings.amqp_url), "queues": depths}
     if missing:
         result["error"] = f"missing queues: {', '.join(missing)}"
-        result["fix"] = "run `compensa topology declare`" + ("" if hosted.queues == t.WORK_QUEUES else " --app …")
+        named = "" if hosted.queues == t.WORK_QUEUES else f" --app {app_reference or '<module:attribute of the app>'}"
+        result["fix"] = f"run `compensa topology declare{named}`"
     return result
 
 
@@ -503,12 +504,14 @@ async def check_health(
     stuck_seconds: float | None = None,
     timeout: float = CHECK_TIMEOUT_SECONDS,
     app: SagaApp = ORDER_APP,
+    app_reference: str | None = None,
 ) -> dict[str, Any]:
     """Check every dependency at once; return the report (`ok` true only when healthy).
 
     `stuck_seconds` (default `settings.health_stuck_seconds`) bounds how long an order
     may wait for its saga, a deadline stay unfired, and a queue go without acks. The
-    queues and outboxes checked are `app`'s (`infra.apps.footprint`).
+    queues and outboxes checked are `app`'s (`infra.apps.footprint`); `app_reference`,
+    its `module:attribute`, goes into the commands a fix names.
     """
     from infra.db import create_engine
 
@@ -520,7 +523,7 @@ async def check_health(
         db_fix = "check COMPENSA_DATABASE_URL and that the database server runs"
         db, broker, queues, redis_ = await asyncio.gather(
             _timed(lambda: _database(engine, settings, max_relay_lag_seconds, stuck, app), timeout, db_fix),
-            _timed(lambda: _broker(settings, hosted), timeout, "check COMPENSA_AMQP_URL and that RabbitMQ runs"),
+            _timed(lambda: _broker(settings, hosted, app_reference), timeout, "check COMPENSA_AMQP_URL and that RabbitMQ runs"),
             _timed(
                 lambda: _queue_stats(settings, stuck, hosted),
                 timeout,

@@ -80,7 +80,7 @@ async def health(
         )
         await server.serve()
         return
-    report = await check_health(settings, max_relay_lag_seconds=max_relay_lag, app=hosted)
+    report = await check_health(settings, max_relay_lag_seconds=max_relay_lag, app=hosted, app_reference=app)
     if as_json:
         print_json(report)
     else:

@@ -425,3 +425,15 @@ async def test_overdue_saga_deadlines_mean_no_sweeper_runs(settings: Settings, e
 
     await ORCHESTRATOR.sweep_deadlines(lambda: UnitOfWork(engine, "saga", SystemClock()))  # what a running sweeper does
     assert (await check_health(settings, engine=engine))["checks"]["deadlines"]["ok"]
+
+
+async def test_an_apps_missing_queues_name_the_command_that_declares_them(settings: Settings, engine: AsyncEngine) -> None:
+    """The vhost has the order app's topology only: the trip app's queues are missing."""
+    from examples.trip.app import app as trip_app
+
+    report = await check_health(settings, engine=engine, app=trip_app, app_reference="examples.trip.app:app")
+    broker = report["checks"]["broker"]
+    assert not broker["ok"] and "flights.commands" in broker["error"]
+    assert broker["fix"] == "run `compensa topology declare --app examples.trip.app:app`"
+    default = await check_health(settings, engine=engine)
+    assert default["checks"]["broker"]["ok"]
