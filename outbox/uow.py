@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy import Table, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -19,6 +20,8 @@ from outbox.dispatch import Dispatcher
 from outbox.ports import OutgoingMessage
 from outbox.tables import ServiceTables, tables_for
 from outbox.tracing import creation_traceparent
+
+log = structlog.get_logger("compensa.outbox")
 
 _IGNORING_INSERTS: dict[tuple[str, str], Any] = {}
 
@@ -177,6 +180,7 @@ class UnitOfWork:
         self._routes: dict[int, tuple[str | None, str | None]] = {}
         self._connection: AsyncConnection | None = None
         self.committed = False
+        self._after_commit: list[Callable[[], None]] = []
 
     @property
     def connection(self) -> AsyncConnection:
@@ -295,6 +299,14 @@ class UnitOfWork:
         self._grant = grant if self._grant is None else self._grant
         self._dispatching.extend(rows)
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this unit has committed; never if it rolls back.
+
+        For what must count only what really happened (metrics): a batch that rolls back
+        and is reprocessed message by message must not be counted twice.
+        """
+        self._after_commit.append(callback)
+
     async def commit(self) -> None:
         await self.flush_outbox()
         await self.connection.commit()
@@ -304,6 +316,12 @@ class UnitOfWork:
             assert self._grant is not None
             self.dispatcher.submit([outgoing_from_row(row) for row in self._dispatching], self._grant)
             self._dispatching.clear()
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("uow.after_commit_failed", callback=repr(callback))
 
 
 def _as_columns(rows: list[dict[str, Any]], now: datetime, lease: datetime, sagas: list[str]) -> dict[str, Any]:

@@ -33,6 +33,8 @@ class SagaUnitOfWork(Protocol):
 
     def send(self, payload: Payload, *, correlation_id: str | None = None) -> Message[Any]: ...
 
+    def after_commit(self, callback: Callable[[], None]) -> None: ...
+
 
 class SagaTransaction(SagaUnitOfWork, Protocol):
     """A unit of work the orchestrator opens and commits itself (the deadline sweep)."""
@@ -56,7 +58,7 @@ class AppliedTransition:
     compensation_started_at: datetime | None = None
 
 
-#: Called inside the transaction after each stored transition; must not raise or block.
+#: Called once the transaction holding a stored transition has committed; must not block.
 TransitionObserver = Callable[[AppliedTransition], None]
 
 
@@ -191,7 +193,7 @@ class Orchestrator:
         await store.write(new, transition.deadline, history, expected_version=before.version if before else None)
         _annotate_span(before, new, transition.trigger, step)
         if self.observers:
-            await self._observe(store, definition, before, new, transition.trigger)
+            await self._observe(uow, store, definition, before, new, transition.trigger)
         log.info(
             "saga.transition",
             saga_id=new.saga_id,
@@ -203,17 +205,29 @@ class Orchestrator:
         )
 
     async def _observe(
-        self, store: SagaStore, definition: SagaDefinition, before: SagaState | None, after: SagaState, trigger: str
+        self,
+        uow: SagaUnitOfWork,
+        store: SagaStore,
+        definition: SagaDefinition,
+        before: SagaState | None,
+        after: SagaState,
+        trigger: str,
     ) -> None:
         started = None
         if after.is_terminal and before is not None and before.status is SagaStatus.COMPENSATING:
             started = await store.compensation_started_at(after.saga_id)
         applied = AppliedTransition(definition, before, after, trigger, started)
-        for observer in self.observers:
-            try:
-                observer(applied)
-            except Exception:
-                log.exception("saga.observer_failed", saga_id=after.saga_id, observer=repr(observer))
+
+        def notify() -> None:
+            for observer in self.observers:
+                try:
+                    observer(applied)
+                except Exception:
+                    log.exception("saga.observer_failed", saga_id=after.saga_id, observer=repr(observer))
+
+        # After commit: a transition rolled back (a batch reprocessed one by one, a lost
+        # connection rerun) is observed only when it is stored for good, so counted once.
+        uow.after_commit(notify)
 
 
 def _annotate_span(before: SagaState | None, after: SagaState, trigger: str, step: str | None) -> None:

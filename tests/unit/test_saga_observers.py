@@ -1,0 +1,74 @@
+"""Observers (the saga metrics) see a transition once it is committed, and only then."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts import Money, OrderCreated, OrderLine, new_message
+from infra.clock import VirtualClock
+from infra.db import create_engine
+from outbox.tables import metadata
+from sagas.tables import metadata as saga_metadata
+from outbox.uow import UnitOfWork
+from sagas.order_saga import ORDER_SAGA
+from sagas.orchestrator import AppliedTransition, Orchestrator
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'observers.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+        await connection.run_sync(saga_metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+def placed(order_id: str) -> object:
+    order = OrderCreated(
+        order_id=order_id,
+        customer_id="c-1",
+        lines=(OrderLine(sku="sku-1", quantity=1, unit_price=100),),
+        total=Money(amount=100, currency="EUR"),
+        payment_token="tok_ok",
+    )
+    return new_message(order, correlation_id=order_id, producer="test")
+
+
+async def test_a_rolled_back_transition_is_not_observed_and_a_committed_one_once(engine: AsyncEngine) -> None:
+    seen: list[AppliedTransition] = []
+    orchestrator = Orchestrator([ORDER_SAGA], observers=[seen.append])
+    clock = VirtualClock()
+    message = placed("o-1")
+
+    # A batch that fails after this message's transition rolls it back: nothing happened.
+    async with UnitOfWork(engine, "saga", clock, incoming=message) as uow:
+        await orchestrator.handle(uow, message)
+        assert seen == []  # not before the commit either
+    assert seen == []
+
+    # The same message processed again, alone, and committed: observed once.
+    async with UnitOfWork(engine, "saga", clock, incoming=message) as uow:
+        await orchestrator.handle(uow, message)
+        await uow.commit()
+    assert [(t.before, t.after.saga_id, t.trigger) for t in seen] == [(None, "o-1", seen[0].trigger)]
+    assert seen[0].after.version == 1
+
+
+async def test_an_observer_that_raises_spoils_neither_the_commit_nor_the_other_observers(engine: AsyncEngine) -> None:
+    seen: list[str] = []
+
+    def broken(_: AppliedTransition) -> None:
+        raise RuntimeError("observer bug")
+
+    orchestrator = Orchestrator([ORDER_SAGA], observers=[broken, lambda t: seen.append(t.after.saga_id)])
+    message = placed("o-2")
+    async with UnitOfWork(engine, "saga", VirtualClock(), incoming=message) as uow:
+        await orchestrator.handle(uow, message)
+        await uow.commit()
+    assert seen == ["o-2"]
+    assert uow.committed
