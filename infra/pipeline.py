@@ -7,6 +7,7 @@ import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from outbox.uow import Handler, UnitOfWork
 
 log = structlog.get_logger("compensa.consumer")
 tracer = trace.get_tracer("compensa")
+#: The process span of the delivery this task handles now: what settling a failure hangs under.
+_PROCESSING: ContextVar[trace.Span | None] = ContextVar("compensa_processing_span", default=None)
 
 #: Runs first in a batch's transaction with all its messages (to take locks in one order).
 BatchLock = Callable[[UnitOfWork, Sequence[Message[Any]]], Awaitable[None]]
@@ -137,6 +140,7 @@ class MessageProcessor:
 
     async def __call__(self, delivery: Delivery, decoded: Message[Any] | None = None) -> None:
         """Process one delivery in its own transaction (`decoded` if the caller decoded it)."""
+        _PROCESSING.set(None)
         with structlog.contextvars.bound_contextvars(
             queue=delivery.queue.name, message_id=delivery.message_id, attempt=delivery.attempt
         ):
@@ -150,7 +154,8 @@ class MessageProcessor:
                     with structlog.contextvars.bound_contextvars(saga_id=message.correlation_id, message_type=message.type):
                         await self._process(delivery, message)
                 except (ContractError, BusinessRuleError) as exc:
-                    await self._dead_letter(delivery, exc.reason_class, str(exc), message)
+                    with self._settle_span(delivery, message, exc):
+                        await self._dead_letter(delivery, exc.reason_class, str(exc), message)
                 except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
                     if is_dead_connection(exc) and not reconnected:
                         # Run it again on a new connection. If the lost connection had
@@ -163,10 +168,11 @@ class MessageProcessor:
                         await asyncio.sleep(pause)
                         pause = min(pause * 2, 2.0)
                         continue
-                    if is_transient(exc):
-                        await self._retry_or_dead_letter(delivery, exc, message)
-                    else:
-                        await self._dead_letter(delivery, "handler_error", failure_reason(exc), message)
+                    with self._settle_span(delivery, message, exc):
+                        if is_transient(exc):
+                            await self._retry_or_dead_letter(delivery, exc, message)
+                        else:
+                            await self._dead_letter(delivery, "handler_error", failure_reason(exc), message)
                 return
 
     async def wait_for_database(self, *, failed_at: float) -> bool:
@@ -237,10 +243,40 @@ class MessageProcessor:
             },
         )
 
+    def _settle_span(self, delivery: Delivery, message: Message[Any] | None, exc: BaseException) -> Any:
+        """The span of a failed delivery's retry, deferral or dead letter, in the message's trace.
+
+        A child of the failed process span, which has ended by then (its transaction rolled
+        back): without it the lines saying what became of the message would carry no trace
+        id. A body that never decoded hangs under the trace in its AMQP headers, if any.
+        """
+        processing = _PROCESSING.get()
+        span = tracer.start_as_current_span(
+            f"{delivery.queue.name} settle {message.type if message else 'undecodable'}",
+            context=trace.set_span_in_context(processing)
+            if processing is not None
+            else context_from(message.envelope.traceparent if message else None, delivery.headers),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "settle",
+                "messaging.destination.name": delivery.queue.name,
+                "messaging.consumer.group.name": self.consumer,
+                "messaging.message.id": delivery.message_id or "",
+                "compensa.attempt": delivery.attempt,
+                "compensa.saga_id": message.correlation_id if message else "",
+                "error.type": type(exc).__qualname__,
+            },
+            record_exception=False,
+            set_status_on_exception=True,
+        )
+        return span
+
     async def _apply(self, uow: UnitOfWork, delivery: Delivery, message: Message[Any]) -> bool:
         """Record the message in the inbox and run its handler; False for a duplicate."""
         started = time.perf_counter()
-        with self._span(delivery, message):
+        with self._span(delivery, message) as span:
+            _PROCESSING.set(span)
             if await uow.seen(self.consumer, message):
                 log.info("message.duplicate_skipped", message_id=str(message.message_id))
                 return False

@@ -5,6 +5,11 @@ import json
 import uuid
 
 import pytest
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.exc import DBAPIError
 
@@ -13,6 +18,7 @@ from contracts.messages import ReserveStock, StockLine
 from infra import topology as t
 from infra.clock import VirtualClock
 from infra.db import create_engine
+from infra.logging import add_trace_context
 from infra.pipeline import MessageProcessor, RetryPolicy, failure_reason, is_transient, is_unavailable
 from infra.transport.base import Delivery
 from infra.transport.memory import MemoryBroker
@@ -479,3 +485,66 @@ async def test_a_delivery_that_cannot_be_settled_leaves_none_of_its_batch_unproc
 
     assert await count_effects(engine) == 3
     assert [d.settled for d in (first, *rest)] == [True, True, True] and not poison.settled
+
+
+@pytest.fixture(scope="module")
+def spans():
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+async def test_what_became_of_a_failed_message_is_logged_in_its_trace(engine, spans):
+    clock = VirtualClock()
+    broker = MemoryBroker(clock)
+    with trace.get_tracer("test").start_as_current_span("producer") as producer:
+        context = producer.get_span_context()
+        producer_trace = format(context.trace_id, "032x")
+        sent = new_message(
+            ReserveStock(order_id="o-traced", lines=[StockLine(sku="A", quantity=1)]),
+            correlation_id="o-traced",
+            producer="test",
+            traceparent=f"00-{producer_trace}-{format(context.span_id, '016x')}-01",
+        )
+
+    async def refuse_for_now(uow, message):
+        raise TransientError("database blinked")
+
+    await broker.publish_batch([outgoing(sent)])
+    # Undecodable, its trace only in the AMQP headers (a raw publisher's traceparent).
+    garbage = outgoing(reserve("o-garbage"))
+    broker.publish_one(
+        OutgoingMessage(
+            message_id=garbage.message_id,
+            type=garbage.type,
+            correlation_id=garbage.correlation_id,
+            exchange=garbage.exchange,
+            routing_key=garbage.routing_key,
+            body=b"{",
+            headers={"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"},
+        )
+    )
+    spans.clear()
+    with structlog.testing.capture_logs(processors=[add_trace_context]) as lines:
+        consume = processor(engine, clock, refuse_for_now)
+        await consume(broker.get("stock.commands"))
+        await consume(broker.get("stock.commands"))
+
+    by_event = {line["event"]: line for line in lines}
+    assert by_event["message.retry_scheduled"]["trace_id"] == producer_trace
+    assert by_event["message.dead_lettered"]["trace_id"] == "ab" * 16
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    process = finished["stock.commands process stock.reserve"]
+    assert process.parent is not None and process.parent.span_id == producer.get_span_context().span_id
+    # What became of it hangs under the attempt that failed, in the producer's trace.
+    retried = finished["stock.commands settle stock.reserve"]
+    assert retried.parent is not None and retried.parent.span_id == process.context.span_id
+    assert retried.attributes["messaging.operation.type"] == "settle"
+    assert by_event["message.retry_scheduled"]["span_id"] == format(retried.context.span_id, "016x")
+    undecodable = finished["stock.commands settle undecodable"]
+    assert undecodable.parent is not None and format(undecodable.parent.span_id, "016x") == "cd" * 8
