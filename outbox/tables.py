@@ -57,6 +57,8 @@ class ServiceTables:
     insert_then_pending: Any = field(init=False, repr=False, compare=False)
     #: Clear the dispatcher's lease of the rows whose message ids are bound as `ids`.
     unlease: Any = field(init=False, repr=False, compare=False)
+    #: The body of the newest row written for the correlation id bound as `correlation_id`.
+    newest_body: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outbox_insert", insert(self.outbox))
@@ -79,6 +81,13 @@ class ServiceTables:
         object.__setattr__(self, "insert_then_pending", insert_then_pending)
         unlease = update(outbox).where(outbox.c.message_id.in_(bindparam("ids", expanding=True))).values(dispatch_after=None)
         object.__setattr__(self, "unlease", unlease)
+        newest = (
+            select(outbox.c.body)
+            .where(outbox.c.correlation_id == bindparam("correlation_id"))
+            .order_by(outbox.c.id.desc())
+            .limit(1)
+        )
+        object.__setattr__(self, "newest_body", newest)
 
 
 def _outbox_table(service: str, into: MetaData = metadata) -> Table:

@@ -299,6 +299,21 @@ class UnitOfWork:
         self._grant = grant if self._grant is None else self._grant
         self._dispatching.extend(rows)
 
+    async def traceparent_of(self, correlation_id: str) -> str | None:
+        """The trace of the newest message this service wrote for `correlation_id`.
+
+        How work started by no message (a deadline firing) rejoins its saga's trace. None
+        when no row is kept (pruned) or the message carried no trace.
+        """
+        body = (await self.connection.execute(self.tables.newest_body, {"correlation_id": correlation_id})).scalar()
+        if body is None:
+            return None
+        try:
+            traceparent = json.loads(body).get("traceparent")
+        except (ValueError, AttributeError):
+            return None
+        return traceparent if isinstance(traceparent, str) else None
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this unit has committed; never if it rolls back.
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts import BusinessRuleError, Message, Payload
@@ -44,6 +44,8 @@ class SagaTransaction(SagaUnitOfWork, Protocol):
     async def __aexit__(self, *exc_info: object) -> None: ...
 
     async def commit(self) -> None: ...
+
+    async def traceparent_of(self, correlation_id: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -131,12 +133,30 @@ class Orchestrator:
             if not due:
                 return 0
             # A span only for a sweep that fires: an idle sweep every second is no trace.
-            with tracer.start_as_current_span("saga.fire_deadlines", attributes={"compensa.deadlines": len(due)}):
+            with tracer.start_as_current_span("saga.fire_deadlines", attributes={"compensa.deadlines": len(due)}) as sweep:
                 for state, deadline in due:
-                    with structlog.contextvars.bound_contextvars(saga_id=state.saga_id):
+                    with (
+                        structlog.contextvars.bound_contextvars(saga_id=state.saga_id),
+                        await self._in_saga_trace(uow, state, sweep),
+                    ):
                         await self.fire_deadline(uow, state, deadline)
                 await uow.commit()
         return len(due)
+
+    async def _in_saga_trace(self, uow: SagaTransaction, state: SagaState, sweep: trace.Span) -> Any:
+        """A span for one fired deadline in its saga's own trace, linked to the sweep.
+
+        One trace per saga: the compensations a timeout sends continue the trace the
+        order began, found in the saga's newest outgoing message.
+        """
+        traceparent = await uow.traceparent_of(state.saga_id)
+        parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+        return tracer.start_as_current_span(
+            "saga.deadline",
+            context=parent,
+            links=[trace.Link(sweep.get_span_context())],
+            attributes={"compensa.saga_id": state.saga_id, "compensa.saga.type": state.definition},
+        )
 
     async def retry_compensation(self, uow: SagaUnitOfWork, saga_id: str) -> Transition:
         store = SagaStore(uow.connection)

@@ -12,10 +12,10 @@ from contracts import Money, OrderCreated, OrderLine, new_message
 from infra.clock import VirtualClock
 from infra.db import create_engine
 from outbox.tables import metadata
-from sagas.tables import metadata as saga_metadata
 from outbox.uow import UnitOfWork
-from sagas.order_saga import ORDER_SAGA
 from sagas.orchestrator import AppliedTransition, Orchestrator
+from sagas.order_saga import ORDER_SAGA
+from sagas.tables import metadata as saga_metadata
 
 
 @pytest.fixture
