@@ -201,6 +201,9 @@ def configure_telemetry(
         telemetry.tracer_provider = installed_provider() or install_tracer_provider(resource, config.trace_exporters)
         telemetry.meter_provider, telemetry._server, telemetry.metrics_address = _install_metrics(resource, config)
     _installed = telemetry
+    if config.disabled and metrics_port is not None:
+        # Asked for by name, dropped by the standard switch: say so rather than serve nothing.
+        log.warning("telemetry.metrics_port_ignored", metrics_port=metrics_port, reason="OTEL_SDK_DISABLED=true")
     # Worth a line only when something leaves the process (a CLI command says nothing).
     exporting = bool(config.trace_exporters or config.metric_exporters or telemetry.metrics_address)
     (log.info if exporting else log.debug)(
