@@ -312,6 +312,10 @@ async def bench_faststream(
     as_json: JsonOpt = False,
 ) -> None:
     """CPU per consumed message: FastStream with compensa's decoding vs raw aio-pika (needs RabbitMQ)."""
+    try:
+        import faststream  # noqa: F401 - only to know whether it can run
+    except ImportError:
+        fail("bench faststream needs FastStream: pip install 'compensa[faststream]' (or scripts/setup.sh --bench)")
     from infra.bench.faststream import consume_cpu
 
     _database_url, amqp_url = environment_urls()
