@@ -105,12 +105,15 @@ class Orchestrator:
         transition = engine.on_message(definition, state, message.payload, uow.now())
         await self._apply(uow, store, transition, state, message)
 
-    async def fire_deadline(self, uow: SagaUnitOfWork, state: SagaState, deadline: Deadline) -> Transition:
+    async def fire_deadline(
+        self, uow: SagaTransaction, state: SagaState, deadline: Deadline, sweep: trace.Span | None = None
+    ) -> Transition:
         """Apply a due deadline to the saga claimed with it; a stale one (saga moved on) is cleared.
 
         `state` comes from the claim (`SagaStore.due_deadlines`), which holds the saga's
         row (SQLite: the database's write lock): nothing moves the saga before this
-        transaction ends.
+        transaction ends. A deadline that fires does so in its saga's trace, linked to
+        the `sweep` span that found it.
         """
         store = SagaStore(uow.connection)
         definition = self.definitions[state.definition]
@@ -119,7 +122,8 @@ class Orchestrator:
             # The deadline no longer guards anything: clear it, or the sweep claims it forever.
             await store.clear_deadline(state)
             return transition
-        await self._apply(uow, store, transition, state, None)
+        with await self._in_saga_trace(uow, state, sweep):
+            await self._apply(uow, store, transition, state, None)
         return transition
 
     async def sweep_deadlines(self, begin: Callable[[], SagaTransaction], limit: int = 100) -> int:
@@ -135,15 +139,12 @@ class Orchestrator:
             # A span only for a sweep that fires: an idle sweep every second is no trace.
             with tracer.start_as_current_span("saga.fire_deadlines", attributes={"compensa.deadlines": len(due)}) as sweep:
                 for state, deadline in due:
-                    with (
-                        structlog.contextvars.bound_contextvars(saga_id=state.saga_id),
-                        await self._in_saga_trace(uow, state, sweep),
-                    ):
-                        await self.fire_deadline(uow, state, deadline)
+                    with structlog.contextvars.bound_contextvars(saga_id=state.saga_id):
+                        await self.fire_deadline(uow, state, deadline, sweep)
                 await uow.commit()
         return len(due)
 
-    async def _in_saga_trace(self, uow: SagaTransaction, state: SagaState, sweep: trace.Span) -> Any:
+    async def _in_saga_trace(self, uow: SagaTransaction, state: SagaState, sweep: trace.Span | None) -> Any:
         """A span for one fired deadline in its saga's own trace, linked to the sweep.
 
         One trace per saga: the compensations a timeout sends continue the trace the
@@ -154,7 +155,7 @@ class Orchestrator:
         return tracer.start_as_current_span(
             "saga.deadline",
             context=parent,
-            links=[trace.Link(sweep.get_span_context())],
+            links=[trace.Link(sweep.get_span_context())] if sweep is not None else None,
             attributes={"compensa.saga_id": state.saga_id, "compensa.saga.type": state.definition},
         )
 

@@ -156,9 +156,11 @@ async def test_the_sweep_fires_a_due_deadline_from_the_row_it_claimed(engine: As
     clock.advance(STEP_DEADLINE.total_seconds() - 1)
     with statements(engine) as seen:
         assert await ORCHESTRATOR.sweep_deadlines(lambda: UnitOfWork(engine, "saga", clock)) == 1
-    # One claim, then the saga row and its history row; the outbox row is the commands sent.
+    # One claim, the trace of the saga's newest message (the timeout continues the saga's
+    # trace), then the saga row and its history row; the outbox row is the commands sent.
     assert seen == [
         locked(engine, "SELECT saga_instances FOR UPDATE SKIP LOCKED"),
+        f"SELECT {SAGA_OUTBOX.name}",
         *written(engine, "UPDATE saga_instances"),
         f"INSERT {SAGA_OUTBOX.name}",
     ]
