@@ -2,8 +2,8 @@
 
 When the hotel fails after the car was booked, the flight is cancelled but the car stays
 booked for a trip that never happens. `compensa simulate --app examples.trip.broken:app
---swarm 50 --shrink` finds it, shrinks it and prints the command that reproduces it
-(docs/tutorial.md; tests/sim/test_trip_app.py).
+--swarm 50` finds it, shrinks it, prints the command that reproduces it and saves it to
+compensa-regressions.json, which `--replay` runs (docs/tutorial.md; tests/sim/test_trip_app.py).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -13,6 +14,12 @@ from infra.cli.common import AppOpt, console, err, explain, explain_database_err
 
 if TYPE_CHECKING:
     from infra.simulation.swarm import RunSpec
+
+#: Where a failing run is saved unless told otherwise: the working directory, for
+#: `compensa simulate --replay compensa-regressions.json` in the project's CI.
+DEFAULT_REGRESSIONS = Path("compensa-regressions.json")
+#: Options that shape the order workload only: another app draws its own sagas.
+ORDER_ONLY = (("skus", "--skus"), ("stock_per_sku", "--stock-per-sku"), ("decline_rate", "--decline-rate"))
 
 
 def _parse_fault_overrides(values: list[str]) -> dict[str, float]:
@@ -29,6 +36,7 @@ def _parse_fault_overrides(values: list[str]) -> dict[str, float]:
 
 
 def simulate(
+    ctx: typer.Context,
     sagas: Annotated[int, typer.Option("--sagas", "-n", min=1, max=1_000_000, help="Number of sagas (orders).")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the one RNG every choice draws from.")] = 1,
     faults: Annotated[
@@ -52,7 +60,17 @@ def simulate(
     amqp_url: Annotated[str | None, typer.Option(help="Run the same workload on the real stack (RabbitMQ).")] = None,
     save_seed: Annotated[
         Path | None,
-        typer.Option(help="On a violation, append the seed and options (shrunk, with --shrink) to this regression file."),
+        typer.Option(
+            help="On a violation, append the run (shrunk, unless --no-shrink) to this regression file "
+            f"(default: {DEFAULT_REGRESSIONS} in the working directory; the real stack saves only when given)."
+        ),
+    ] = None,
+    no_save_seed: Annotated[bool, typer.Option("--no-save-seed", help="Save no failing run.")] = False,
+    replay: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run every entry of this regression file (as --save-seed writes it); exit 1 if any breaks an invariant."
+        ),
     ] = None,
     swarm: Annotated[
         int | None, typer.Option(min=1, max=100_000, help="Run this many seeds from --seed on, each with its own fault mix.")
@@ -84,7 +102,13 @@ def simulate(
     check_determinism: Annotated[
         bool, typer.Option("--check-determinism", help="Run the seed twice and compare the whole event trace.")
     ] = False,
-    shrink: Annotated[bool, typer.Option("--shrink", help="Reduce a failing run to the smallest that still fails.")] = False,
+    shrink: Annotated[
+        bool,
+        typer.Option(
+            "--shrink/--no-shrink",
+            help="Reduce a failing run (a swarm: one seed per way of failing) to the smallest that still fails.",
+        ),
+    ] = True,
     variant: Annotated[
         str | None,
         typer.Option(help="module:attribute of a test build of the product (handler overrides...), to prove the checker."),
@@ -97,6 +121,12 @@ def simulate(
     from sagas.simulation import coverage
     from sagas.simulation.faults import profile
 
+    if replay is not None:
+        _refuse_beside_replay(ctx)
+        _replay(replay, workers, as_json)
+        return
+    if no_save_seed and save_seed is not None:
+        raise typer.BadParameter("give --save-seed PATH or --no-save-seed, not both", param_hint="--no-save-seed")
     # Refused before the run, not after it: a report path that names a file cannot become a directory.
     if report is not None and report.exists() and not report.is_dir():
         print_error(
@@ -112,6 +142,7 @@ def simulate(
         except ValueError as exc:  # its message never quotes the URL (a password)
             raise typer.BadParameter(str(exc), param_hint="--database-url") from None
     hosted = load_app_or_exit(app, as_json=as_json)
+    _check_app_simulates(ctx, hosted, app, as_json)
     app_goals = _app_goals(hosted)
     if app is not None and amqp_url is not None:
         raise typer.BadParameter(
@@ -153,6 +184,8 @@ def simulate(
                 "(re-run a seed with the command the swarm prints)",
                 param_hint="--swarm/--seeds",
             )
+    # The real stack is not the simulator: a failing real run replays nothing, so it is saved only when asked.
+    seed_file = None if no_save_seed else save_seed or (None if amqp_url is not None else DEFAULT_REGRESSIONS)
     chosen = faults or ("swarm" if is_swarm else "default")
     try:
         profile(chosen, overrides, seed=seed)
@@ -183,7 +216,7 @@ def simulate(
             workers=workers,
             required=require,
             shrink=shrink,
-            save_seed=save_seed,
+            save_seed=seed_file,
             as_json=as_json,
             app_goals=app_goals,
         )
@@ -274,11 +307,16 @@ def simulate(
             raise typer.Exit(1) from None
     unmet = coverage.unmet(require, result.coverage)
     shrunk = None
-    if not result.ok and shrink and amqp_url is None:
-        from infra.simulation.swarm import shrink_failure
+    saved = None
+    if not result.ok:
+        if shrink and amqp_url is None:
+            from infra.simulation.swarm import shrink_failure
 
-        shrunk = shrink_failure(spec)
-        document["shrunk"] = shrunk.as_dict()
+            shrunk = shrink_failure(spec)
+            document["shrunk"] = shrunk.as_dict()
+        if seed_file is not None:
+            saved = _save(seed_file, [shrunk.spec if shrunk is not None else spec], as_json=as_json)
+            document["saved_to"] = str(saved) if saved is not None else None
     if as_json:
         sys.stdout.write(rendering.dumps(document | ({"unmet_goals": unmet} if require else {})) + "\n")
     else:
@@ -289,9 +327,9 @@ def simulate(
             console.print(f"reproduce:       {spec.command()}", highlight=False, markup=False, soft_wrap=True)
         if shrunk is not None:
             _print_shrunk(shrunk)
+        if saved is not None:
+            _print_saved(saved, 1)
     if not result.ok:
-        if save_seed is not None:
-            _save(save_seed, shrunk.spec if shrunk is not None else spec)
         raise typer.Exit(1)
     if unmet:
         print_error(coverage.unmet_message(unmet, app_goals))
@@ -303,10 +341,135 @@ def _app_goals(app: Any) -> dict[str, str]:
     return {name: goal.description for name, goal in app.simulation.goals.items()} if app.simulation is not None else {}
 
 
-def _save(path: Path, spec: RunSpec) -> None:
+def _check_app_simulates(ctx: typer.Context, hosted: Any, app: str | None, as_json: bool) -> None:
+    """Refuse what cannot apply to the hosted app: the order workload's options, or no simulation at all."""
+    from infra.apps import ORDER_APP
+
+    if hosted is ORDER_APP:
+        return
+    if hosted.simulation is None:
+        print_error(
+            f"--app {app}: app {hosted.name!r} has no simulation pieces (SagaApp.simulation: a workload and invariants); "
+            "docs/tutorial.md shows how to add them",
+            as_json=as_json,
+        )
+        raise typer.Exit(2)
+    given = [flag for name, flag in ORDER_ONLY if _on_command_line(ctx, name)]
+    if given:
+        raise typer.BadParameter(
+            f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} the order workload; app {hosted.name!r} draws "
+            "its own sagas (SimulationPieces.workload), sized by --sagas",
+            param_hint=given[0],
+        )
+
+
+def _save(path: Path, specs: list[RunSpec], *, as_json: bool) -> Path | None:
+    """Append the runs to the regression file at `path`; the path, or None (said on stderr) when it cannot be written."""
     from sagas.simulation.regressions import save_regression
 
-    save_regression(path, **spec.regression_entry())
+    try:
+        for spec in specs:
+            save_regression(path, **spec.regression_entry())
+    except (OSError, ValueError) as exc:  # a directory, no permission, or a file that is not a regression list
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print_error(f"--save-seed: cannot save the failing run to {path}: {reason}", as_json=False)
+        return None
+    return path
+
+
+def _print_saved(path: Path, runs: int) -> None:
+    console.print(
+        f"saved to {path}: {runs} failing run{'s' if runs != 1 else ''} "
+        f"(replay: compensa simulate --replay {shlex.quote(str(path))})",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+#: What `--replay` may be given beside it: the entries say everything else.
+REPLAY_OPTIONS = frozenset({"replay", "workers", "as_json"})
+
+
+def _on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` on the command line (not its default, nor an environment variable)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _refuse_beside_replay(ctx: typer.Context) -> None:
+    given = [
+        param for param in ctx.command.params if param.name not in REPLAY_OPTIONS and _on_command_line(ctx, param.name or "")
+    ]
+    if given:
+        flags = ", ".join(param.opts[0] for param in given)
+        raise typer.BadParameter(
+            f"each entry of the file says its own run; {flags} cannot apply (only --workers and --json can)",
+            param_hint="--replay",
+        )
+
+
+def _replay(path: Path, workers: int | None, as_json: bool) -> None:
+    """Run every entry of the regression file at `path`; exit 1 if any breaks an invariant."""
+    import json
+
+    from infra.logging import configure_logging
+    from infra.simulation.swarm import default_workers, parallel_map, run_one
+
+    specs = _regression_specs(path)
+    configure_logging("CRITICAL", "json")
+    outcomes = parallel_map(run_one, specs, workers or default_workers())
+    failed = [o for o in outcomes if not o.ok]
+    if as_json:
+        document = {"ok": not failed, "file": str(path), "runs": len(outcomes), "failed": len(failed)}
+        document["entries"] = [o.as_dict() for o in outcomes]
+        sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    else:
+        lines = []
+        for outcome in outcomes:
+            verdict = "ok" if outcome.ok else f"{outcome.violation_count} violations ({', '.join(outcome.invariants)})"
+            lines.append(f"{'✓' if outcome.ok else '✗'} seed {outcome.seed}: {verdict}: {outcome.spec.command()}")
+        lines.append(f"replayed {len(outcomes)} runs from {path}: {len(failed)} failed")
+        console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _regression_specs(path: Path) -> list[RunSpec]:
+    """The runs a regression file lists, each checked (faults, variant, app) before any runs; exit 2 naming the first bad one."""
+    import json
+
+    from infra.apps import ORDER_APP, resolve_app
+    from infra.simulation.driver import load_variant
+    from infra.simulation.swarm import RunSpec
+
+    def refuse(message: str) -> typer.Exit:
+        print_error(f"--replay {path}: {message}")
+        return typer.Exit(2)
+
+    try:
+        entries = json.loads(path.read_text())
+    except OSError as exc:
+        raise refuse(exc.strerror or str(exc)) from None
+    except ValueError as exc:  # JSON, or text that is not UTF-8
+        raise refuse(f"not JSON: {exc}") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise refuse("expected a non-empty JSON list of runs, as --save-seed writes")
+    here = str(Path.cwd())
+    specs = []
+    for number, entry in enumerate(entries, start=1):
+        try:
+            spec = RunSpec.from_regression(entry, here)
+            spec.rates()
+            if spec.variant is not None:
+                load_variant(spec.variant, here)
+            hosted = resolve_app(spec.app, here)
+        except ValueError as exc:  # AppLoadError is one
+            raise refuse(f"entry {number}: {exc}") from None
+        if hosted is not ORDER_APP and hosted.simulation is None:
+            raise refuse(f"entry {number}: app {hosted.name!r} has no simulation pieces")
+        specs.append(spec)
+    return specs
 
 
 def _print_shrunk(shrunk: Any) -> None:
@@ -409,13 +572,13 @@ def _run_swarm(
     task = progress.add_task("seeds", total=len(specs))
     with progress:
         result = run_swarm(specs, processes, required=required, shrink_failures=shrink, on_done=lambda _o: progress.advance(task))
-    if save_seed is not None:
-        for failed in result.shrunk or []:
-            _save(save_seed, failed.spec)
-        if not result.shrunk:
-            for outcome in result.failures:
-                _save(save_seed, outcome.spec)
     document = result.as_dict()
+    saved = None
+    if save_seed is not None and result.failures:
+        # One run per way of failing: shrunk when shrinking, else the first seed that failed so.
+        keep = [s.spec for s in result.shrunk] if result.shrunk else [o.spec for o in result.distinct_failures()]
+        saved = _save(save_seed, keep, as_json=as_json)
+        document["saved_to"] = str(saved) if saved is not None else None
     if as_json:
         sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
     else:
@@ -436,6 +599,8 @@ def _run_swarm(
         console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
         for shrunk in result.shrunk:
             _print_shrunk(shrunk)
+        if saved is not None:
+            _print_saved(saved, len(keep))
     unmet = result.unmet()
     if unmet:
         print_error(coverage.unmet_message(unmet, app_goals) + f" by any of the {len(specs)} seeds")

@@ -112,12 +112,33 @@ class RunSpec:
         return entry
 
     @classmethod
-    def from_regression(cls, entry: dict[str, Any], variant_path: str | None = None) -> RunSpec:
-        options = {k: v for k, v in entry.items() if k not in ("overrides",)}
+    def from_regression(cls, entry: dict[str, Any], search_path: str | None = None) -> RunSpec:
+        """The run a regression file entry names; its variant and app are imported from `search_path`.
+
+        `search_path` is the directory the entry was saved from (None: the working
+        directory when the run loads them), as `--variant` and `--app` take it.
+        """
+        from sagas.simulation.regressions import OPTIONAL_KEYS
+
+        missing = sorted({"seed", "sagas", "faults"} - set(entry))
+        unknown = sorted(set(entry) - {"seed", "sagas", "faults", "overrides"} - OPTIONAL_KEYS)
+        if missing or unknown:
+            said = [f"missing {', '.join(missing)}"] if missing else []
+            said += [f"unknown key(s) {', '.join(unknown)}"] if unknown else []
+            raise ValueError(f"not a regression entry: {'; '.join(said)}")
+        overrides = entry.get("overrides", {})
+        counts = [entry[key] for key in ("seed", "sagas") if key in entry]
+        if not all(type(value) is int for value in counts) or entry["sagas"] < 1:
+            raise ValueError("not a regression entry: seed and sagas are integers, sagas at least 1")
+        if not isinstance(entry["faults"], str) or not isinstance(overrides, dict):
+            raise ValueError("not a regression entry: faults is a profile's name and overrides an object of rates")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in overrides.values()):
+            raise ValueError("not a regression entry: every override is a number")
+        options = {k: v for k, v in entry.items() if k != "overrides"}
         return cls(
-            overrides=tuple(sorted(entry.get("overrides", {}).items())),
-            variant_path=variant_path,
-            app_path=variant_path if "app" in entry else None,
+            overrides=tuple(sorted(overrides.items())),
+            variant_path=search_path if "variant" in entry else None,
+            app_path=search_path if "app" in entry else None,
             **options,
         )
 
@@ -301,6 +322,17 @@ class SwarmResult:
     def failures(self) -> list[SeedOutcome]:
         return [o for o in self.outcomes if not o.ok]
 
+    def distinct_failures(self) -> list[SeedOutcome]:
+        """The first failing seed of each set of broken invariants: one per way of failing.
+
+        A swarm of a broken build often fails most of its seeds the same way; shrinking
+        and saving each of them would cost minutes and fill a regression file with one bug.
+        """
+        first: dict[frozenset[str], SeedOutcome] = {}
+        for outcome in self.failures:
+            first.setdefault(frozenset(outcome.invariants), outcome)
+        return list(first.values())
+
     @property
     def sagas(self) -> int:
         return sum(o.sagas for o in self.outcomes)
@@ -347,12 +379,13 @@ def run_swarm(
     shrink_failures: bool = False,
     on_done: Callable[[SeedOutcome], None] | None = None,
 ) -> SwarmResult:
-    """Run every spec, `workers` at a time; shrink the failures (side by side too) when asked."""
+    """Run every spec, `workers` at a time; when asked, shrink one failing seed per way of failing
+    (`SwarmResult.distinct_failures`, side by side too)."""
     started = time.perf_counter()
     outcomes = parallel_map(run_one, list(specs), workers, on_done)
     result = SwarmResult(outcomes, workers, time.perf_counter() - started, list(dict.fromkeys(required)))
     if shrink_failures and result.failures:
-        result.shrunk = parallel_map(shrink_failure, [o.spec for o in result.failures], workers)
+        result.shrunk = parallel_map(shrink_failure, [o.spec for o in result.distinct_failures()], workers)
     return result
 
 

@@ -15,9 +15,20 @@ def load_regressions(path: Path) -> list[dict[str, Any]]:
 
 
 #: Keys an entry may carry besides seed, sagas, faults and overrides (a run's other
-#: non-default options: a variant, liveness, the simulated operator, the workload's shape).
+#: non-default options: a variant, the saga application, liveness, the simulated
+#: operator, the workload's shape).
 OPTIONAL_KEYS = frozenset(
-    {"variant", "liveness", "heal_after", "liveness_bound", "operator_after", "skus", "stock_per_sku", "decline_rate"}
+    {
+        "variant",
+        "app",
+        "liveness",
+        "heal_after",
+        "liveness_bound",
+        "operator_after",
+        "skus",
+        "stock_per_sku",
+        "decline_rate",
+    }
 )
 
 

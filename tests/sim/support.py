@@ -20,6 +20,7 @@ from consumers.stock.handlers import handle_release_stock
 from consumers.stock.store import StockStore
 from contracts import Message, TransientError
 from contracts.messages import PaymentAuthorized, PaymentRefunded, ReleaseStock
+from examples.trip.app import app as trip_app
 from infra.simulation.driver import SimulationOptions, SimulationResult, run_simulation
 from outbox.ports import OutgoingMessage, Publisher
 from outbox.uow import UnitOfWork
@@ -147,3 +148,9 @@ class LossyPublisher:
             else:
                 kept.append(message)
         await self.inner.publish_batch(kept)
+
+
+# ---------------------------------------------------------------- an app that cannot be simulated
+
+#: The trip app without its simulation pieces: it runs on the real stack, but has nothing to simulate.
+TRIP_WITHOUT_SIMULATION = replace(trip_app, simulation=None)

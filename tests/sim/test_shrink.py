@@ -58,19 +58,57 @@ def test_a_failing_swarm_seed_shrinks_and_the_shrunk_run_reproduces() -> None:
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["terminal", "json"])
-def test_shrink_from_the_command_line_saves_the_shrunk_seed(tmp_path: Path, as_json: bool) -> None:
+def test_a_failing_run_is_shrunk_and_the_shrunk_seed_saved_by_default(tmp_path: Path, as_json: bool) -> None:
     path = tmp_path / "regressions.json"
     args = ["-n", "12", "--seed", "2", "--decline-rate", "0.5", "--fault", "duplicate=0.2", "--faults", "none"]
-    run = compensa(*args, "--variant", BROKEN, "--shrink", "--save-seed", str(path), *(["--json"] if as_json else []), cwd=ROOT)
+    run = compensa(*args, "--variant", BROKEN, "--save-seed", str(path), *(["--json"] if as_json else []), cwd=ROOT)
 
     assert run.returncode == 1, run.stderr
     (entry,) = load_regressions(path)
     assert entry["variant"] == BROKEN and entry["sagas"] < 12 and entry["seed"] == 2
-    shrunk = RunSpec.from_regression(entry, variant_path=str(ROOT))
+    shrunk = RunSpec.from_regression(entry, str(ROOT))
     assert not run_one(shrunk).ok, "the saved seed reproduces the failure"
     if as_json:
         document = json.loads(run.stdout)
         assert document["shrunk"]["command"] == shrunk.command()
+        assert document["saved_to"] == str(path)
     else:
         assert f"reproduce: {shrunk.command()}" in plain(run.stdout)
         assert "shrunk seed 2 in" in plain(run.stdout)
+        assert f"saved to {path}: 1 failing run (replay: compensa simulate --replay {path})" in plain(run.stdout)
+
+
+def test_no_shrink_saves_the_run_as_it_failed_and_no_save_seed_saves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "regressions.json"
+    args = [
+        "-n",
+        "12",
+        "--seed",
+        "2",
+        "--decline-rate",
+        "0.5",
+        "--fault",
+        "duplicate=0.2",
+        "--faults",
+        "none",
+        "--variant",
+        BROKEN,
+    ]
+
+    kept = compensa(*args, "--no-shrink", "--save-seed", str(path), "--json", cwd=ROOT)
+    assert kept.returncode == 1, kept.stderr
+    assert "shrunk" not in json.loads(kept.stdout)
+    (entry,) = load_regressions(path)
+    assert entry == {
+        "seed": 2,
+        "sagas": 12,
+        "faults": "none",
+        "overrides": {"duplicate": 0.2},
+        "decline_rate": 0.5,
+        "variant": BROKEN,
+    }
+
+    unsaved = compensa(*args, "--no-shrink", "--no-save-seed", cwd=ROOT)
+    assert unsaved.returncode == 1 and "saved to" not in unsaved.stdout
+    both = compensa(*args, "--no-save-seed", "--save-seed", str(path))
+    assert both.returncode == 2 and "give --save-seed PATH or --no-save-seed, not both" in plain(both.stderr)

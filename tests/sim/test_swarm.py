@@ -21,6 +21,8 @@ from tests.support import COMPENSA
 #: Variants are imported by name from the working directory, as `compensa simulate --variant` does.
 ROOT = Path(__file__).resolve().parents[2]
 BROKEN = "tests.sim.support:STOCK_NEVER_RELEASED_VARIANT"
+#: A failing run neither shrunk (not what these tests check) nor saved into the repository.
+NOT_SHRUNK = ("--no-shrink", "--no-save-seed")
 
 
 def compensa(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,7 +59,9 @@ def test_a_seeds_command_names_its_drawn_rates() -> None:
 
 def test_swarm_reports_the_failing_seeds_with_commands_that_reproduce_them() -> None:
     """A release that forgets the stock breaks the seeds whose faults cancel orders (no declines here)."""
-    run = compensa("--seeds", "1..4", "--sagas", "30", "--decline-rate", "0", "--variant", BROKEN, "--workers", "2", "--json")
+    run = compensa(
+        "--seeds", "1..4", "--sagas", "30", "--decline-rate", "0", "--variant", BROKEN, "--workers", "2", "--json", *NOT_SHRUNK
+    )
 
     assert run.returncode == 1, run.stderr
     swarm = json.loads(run.stdout)
@@ -74,7 +78,13 @@ def test_swarm_reports_the_failing_seeds_with_commands_that_reproduce_them() -> 
     words = shlex.split(failure["command"])
     assert words[:2] == ["compensa", "simulate"]
     again = subprocess.run(
-        [COMPENSA, *words[1:], "--json"], capture_output=True, text=True, timeout=120, check=False, env=_env(), cwd=ROOT
+        [COMPENSA, *words[1:], "--json", *NOT_SHRUNK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=_env(),
+        cwd=ROOT,
     )
     assert again.returncode == 1, again.stderr
     document = json.loads(again.stdout)
@@ -85,7 +95,7 @@ def test_swarm_reports_the_failing_seeds_with_commands_that_reproduce_them() -> 
 
 
 def test_terminal_summary_of_a_swarm() -> None:
-    run = compensa("--swarm", "2", "--seed", "3", "--sagas", "15", "--decline-rate", "0.5", "--variant", BROKEN)
+    run = compensa("--swarm", "2", "--seed", "3", "--sagas", "15", "--decline-rate", "0.5", "--variant", BROKEN, *NOT_SHRUNK)
 
     assert run.returncode == 1
     text = plain(run.stdout)

@@ -2,8 +2,8 @@
 
 The same simulator that runs the order saga runs the trip app: its handlers on SQLite,
 the in-memory broker, the virtual clock, every fault. Its invariants hold under faults;
-a variant whose saga forgets to cancel the car is caught by a swarm, shrunk, and the
-shrunk seed reproduces it.
+a variant whose saga forgets to cancel the car is caught by a swarm, shrunk, saved, and
+the saved file replays the failure.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import pytest
 
 from infra.apps import load_app
 from infra.simulation.driver import SimulationOptions, run_simulation
-from infra.simulation.swarm import RunSpec, check_determinism, default_workers, run_one, run_swarm, shrink_failure
+from infra.simulation.swarm import RunSpec, check_determinism, default_workers, run_one, run_swarm
 from sagas.simulation.faults import profile
+from sagas.simulation.regressions import load_regressions
 from sagas.simulation.workload import WorkloadSpec
 from tests.sim.test_cli import compensa as run_compensa
+from tests.sim.test_cli import plain
 from tests.support import contracts_of_apps_forgotten
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIP = "examples.trip.app:app"
 CAR_NEVER_CANCELLED = "examples.trip.broken:app"
+NOTHING_TO_SIMULATE = "tests.sim.support:TRIP_WITHOUT_SIMULATION"
 LEFT_BOOKED = "no booking left for a trip that did not go ahead"
 
 
@@ -78,33 +81,110 @@ def test_a_trip_seed_replays_exactly() -> None:
     assert found.ok, found.as_dict()
 
 
-def test_a_saga_that_forgets_to_cancel_the_car_is_caught_by_a_swarm_shrunk_and_reproduced() -> None:
-    specs = [
-        RunSpec.swarm_seed(seed, sagas=12, operator_after=60.0, app=CAR_NEVER_CANCELLED, app_path=str(ROOT))
-        for seed in range(1, 51)
-    ]
+def test_a_saga_that_forgets_to_cancel_the_car_is_caught_by_a_swarm_shrunk_saved_and_replayed(tmp_path: Path) -> None:
+    saved = tmp_path / "regressions.json"
     started = time.perf_counter()
-    swarm = run_swarm(specs, default_workers())
-    swarm_seconds = time.perf_counter() - started
+    run = compensa("--app", CAR_NEVER_CANCELLED, "--swarm", "50", "--sagas", "12", "--save-seed", str(saved), "--json")
+    seconds = time.perf_counter() - started
 
-    assert swarm.failures, "50 seeds of a saga that leaves cars booked: at least one must fail"
-    assert all(LEFT_BOOKED in outcome.invariants for outcome in swarm.failures)
-    first = swarm.failures[0]
-    assert f"--app {CAR_NEVER_CANCELLED}" in first.spec.command()
-
-    shrunk = shrink_failure(first.spec)
-    again = run_one(shrunk.spec)
-
+    assert run.returncode == 1, run.stderr
+    swarm = json.loads(run.stdout)
+    assert swarm["failures"], "50 seeds of a saga that leaves cars booked: at least one must fail"
+    assert all(LEFT_BOOKED in failure["invariants_broken"] for failure in swarm["failures"])
+    assert all(f"--app {CAR_NEVER_CANCELLED}" in failure["command"] for failure in swarm["failures"])
+    # Shrunk by default: one run per way of failing, the first seed that failed so.
+    assert swarm["shrunk"] and len(swarm["shrunk"]) <= len(swarm["failures"])
+    shrunk = swarm["shrunk"][0]
+    original = RunSpec.swarm_seed(shrunk["seed"], sagas=12, operator_after=60.0, app=CAR_NEVER_CANCELLED, app_path=str(ROOT))
+    assert shrunk["from_command"] == original.command()
     print(
-        f"\ntrip swarm: {len(swarm.failures)}/50 seeds failed in {swarm_seconds:.1f} s on {swarm.workers} processes; "
-        f"seed {first.seed} shrunk {first.spec.sagas} -> {shrunk.spec.sagas} sagas in {shrunk.runs} runs, "
-        f"{shrunk.seconds:.1f} s: {shrunk.spec.command()}"
+        f"\ntrip swarm: {len(swarm['failures'])}/50 seeds failed, {swarm['wall']['seconds']:.1f} s on {swarm['workers']} "
+        f"processes; {len(swarm['shrunk'])} shrunk, seed {shrunk['seed']} {original.sagas} -> {shrunk['sagas']} sagas "
+        f"in {shrunk['runs']} runs, {shrunk['seconds']:.1f} s; the whole command {seconds:.1f} s: {shrunk['command']}"
     )
-    assert shrunk.spec.sagas <= first.spec.sagas
+
+    # Smaller on at least one axis (sagas, faults on, a rate), larger on none.
+    before, after = original.fault_fields(), shrunk["faults"]
+    assert shrunk["sagas"] <= original.sagas and set(after) <= set(before)
+    assert all(after[name] <= before[name] for name in after)
+    assert shrunk["sagas"] < original.sagas or set(after) < set(before) or any(after[n] < before[n] for n in after)
+
+    # The saved file holds the shrunk runs, and replaying it reproduces the failure.
+    smallest = original.with_faults(shrunk["sagas"], after)
+    assert smallest.command() == shrunk["command"]
+    entries = load_regressions(saved)
+    assert entries == [original.with_faults(s["sagas"], s["faults"]).regression_entry() for s in swarm["shrunk"]]
+    assert RunSpec.from_regression(entries[0], str(ROOT)) == smallest
+    assert swarm["saved_to"] == str(saved)
+    replay = compensa("--replay", str(saved))
+    assert replay.returncode == 1, replay.stderr
+    first = replay.stdout.splitlines()[0]
+    assert first.startswith(f"✗ seed {shrunk['seed']}: ") and LEFT_BOOKED in first and first.endswith(shrunk["command"])
+
+
+def test_an_app_runs_saved_entry_names_the_app_and_replays_from_its_directory(tmp_path: Path) -> None:
+    """`--save-seed` of an `--app` run (it once raised: the entry's `app` key was unknown)."""
+    saved = tmp_path / "regressions.json"
+    run = compensa(
+        "--app",
+        CAR_NEVER_CANCELLED,
+        "--seed",
+        "1",
+        "-n",
+        "12",
+        "--faults",
+        "none",
+        "--operator-after",
+        "60",
+        "--no-shrink",
+        "--save-seed",
+        str(saved),
+    )
+
+    assert run.returncode == 1, run.stderr
+    assert f"saved to {saved}: 1 failing run" in run.stdout
+    (entry,) = load_regressions(saved)
+    assert entry == {
+        "seed": 1,
+        "sagas": 12,
+        "faults": "none",
+        "overrides": {},
+        "operator_after": 60.0,
+        "app": CAR_NEVER_CANCELLED,
+    }
+    spec = RunSpec.from_regression(entry, str(ROOT))
+    assert spec.app == CAR_NEVER_CANCELLED and spec.app_path == str(ROOT) and spec.variant_path is None
+    assert RunSpec.from_regression(entry).app_path is None  # the working directory, when the run loads it
+    again = run_one(spec)
     assert not again.ok and LEFT_BOOKED in again.invariants
-    # The violation names the trip and the car it left booked.
-    violation = next(v for v in again.violations if v["invariant"] == LEFT_BOOKED)
-    assert violation["saga_id"].startswith("trip-") and violation["detail"].startswith("cars: CAR-")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--skus", "3"], "Invalid value for --skus: --skus shapes the order workload; app 'trip' draws its own sagas"),
+        (
+            ["--decline-rate", "0.1", "--stock-per-sku", "4"],
+            "Invalid value for --stock-per-sku: --stock-per-sku, --decline-rate shape the order workload",
+        ),
+    ],
+    ids=["skus", "two"],
+)
+def test_order_only_options_with_another_app_are_refused(args: list[str], message: str) -> None:
+    run = compensa("--app", TRIP, "-n", "5", *args)
+
+    assert run.returncode == 2 and run.stdout == ""
+    assert message in plain(run.stderr)
+
+
+def test_an_app_without_simulation_pieces_is_one_line_and_exit_2() -> None:
+    run = compensa("--app", NOTHING_TO_SIMULATE, "-n", "5")
+
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
+    assert run.stderr == (
+        f"error: --app {NOTHING_TO_SIMULATE}: app 'trip' has no simulation pieces (SagaApp.simulation: a workload and "
+        "invariants); docs/tutorial.md shows how to add them\n"
+    )
 
 
 def test_the_correct_trip_app_passes_the_same_swarm_seeds() -> None:
