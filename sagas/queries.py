@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -29,14 +30,18 @@ async def list_sagas(
     status: str | None = None,
     started_before: datetime | None = None,
     unfinished_since: datetime | None = None,
+    definitions: Sequence[str] | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Sagas, most recently updated first.
 
     `started_before` keeps sagas started before that time; `unfinished_since` keeps
-    sagas not in a terminal state and not updated since that time (stuck ones).
+    sagas not in a terminal state and not updated since that time (stuck ones);
+    `definitions` keeps sagas of those definitions (an app's, when apps share a database).
     """
     query = select(*LIST_COLUMNS).order_by(s.c.updated_at.desc()).limit(limit)
+    if definitions is not None:
+        query = query.where(s.c.definition.in_(list(definitions)))
     if status:
         query = query.where(s.c.status == status)
     if started_before is not None:

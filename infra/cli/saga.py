@@ -59,7 +59,7 @@ async def saga_list(
     as_json: JsonOpt = False,
     app: AppOpt = None,
 ) -> None:
-    """List sagas, newest first."""
+    """List the hosted app's sagas (the order saga's without --app), newest first."""
     from infra.apps import ORDER_APP
     from infra.saga_starts import orders_without_saga
     from sagas import SagaStatus
@@ -80,6 +80,8 @@ async def saga_list(
                 status=status,
                 started_before=now - started if started is not None else None,
                 unfinished_since=now - stuck if stuck is not None else None,
+                # Apps may share one database: list the hosted app's sagas only.
+                definitions=[definition.name for definition in hosted.sagas],
                 limit=limit,
             )
             # An order that never got a saga is stuck too, and no saga row would show it (the

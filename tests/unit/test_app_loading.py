@@ -134,3 +134,26 @@ def test_two_queues_of_one_name_are_refused() -> None:
 def test_a_participant_may_not_take_a_compensa_service_name() -> None:
     with pytest.raises(ValueError, match="participant name 'ingest' is reserved"):
         replace(trip_app, participants=(replace(trip_app.participants[0], name="ingest"), *trip_app.participants[1:]))
+
+
+def test_saga_list_lists_the_hosted_apps_sagas_only(migrated: None) -> None:
+    """Two apps on one database: each `saga list` shows its own definitions' sagas."""
+    import json
+    import sqlite3
+
+    from infra.settings import get_settings
+    from tests.unit.support import cli, store_rows
+
+    store_rows(sagas=("o-1", "trip-1", "trip-2"))
+    with sqlite3.connect(get_settings().database_url.split("///", 1)[1]) as connection:
+        connection.execute("UPDATE saga_instances SET definition = 'trip' WHERE saga_id LIKE 'trip-%'")
+
+    orders = cli("saga", "list", "--json")
+    trips = cli("saga", "list", "--app", "examples.trip.app:app", "--json")
+    stuck_trips = cli("saga", "list", "--app", "examples.trip.app:app", "--status", "running", "--json")
+
+    assert orders.exit_code == 0, orders.stderr
+    assert [row["saga_id"] for row in json.loads(orders.stdout)] == ["o-1"]
+    assert trips.exit_code == 0, trips.stderr
+    assert sorted(row["saga_id"] for row in json.loads(trips.stdout)) == ["trip-1", "trip-2"]
+    assert sorted(row["saga_id"] for row in json.loads(stuck_trips.stdout)) == ["trip-1", "trip-2"]
