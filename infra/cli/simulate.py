@@ -100,7 +100,11 @@ def simulate(
     ] = None,
     require: Annotated[list[str], typer.Option("--require", help="Fail unless this coverage goal is reached (repeatable).")] = [],  # noqa: B006
     check_determinism: Annotated[
-        bool, typer.Option("--check-determinism", help="Run the seed twice and compare the whole event trace.")
+        bool,
+        typer.Option(
+            "--check-determinism",
+            help="Run the seed here and again in a fresh process with another PYTHONHASHSEED; compare the whole event trace.",
+        ),
     ] = False,
     shrink: Annotated[
         bool,
@@ -488,16 +492,22 @@ def _print_shrunk(shrunk: Any) -> None:
 def _check_determinism(spec: RunSpec, as_json: bool) -> None:
     import json
 
-    from infra.simulation.swarm import check_determinism
+    from infra.simulation.swarm import SecondRunError, check_determinism
 
-    found = check_determinism(spec)
+    try:
+        found = check_determinism(spec)
+    except SecondRunError as exc:
+        print_error(str(exc), as_json=as_json)
+        raise typer.Exit(1) from None
+    runs = f"here (PYTHONHASHSEED {found.hash_seeds[0]}) and in a fresh process (PYTHONHASHSEED {found.hash_seeds[1]})"
     if as_json:
         sys.stdout.write(json.dumps(found.as_dict(), indent=2, sort_keys=True) + "\n")
     else:
         first, second = found.events
         if found.ok:
             console.print(
-                f"determinism: seed {spec.seed} run twice, {first} events each, trace sha256 {found.digests[0][:16]}…: identical",
+                f"determinism: seed {spec.seed} run {runs}, {first} events each, "
+                f"trace sha256 {found.digests[0][:16]}…: identical",
                 highlight=False,
                 markup=False,
                 soft_wrap=True,
@@ -505,7 +515,7 @@ def _check_determinism(spec: RunSpec, as_json: bool) -> None:
         elif found.divergence is not None:
             diverged = found.divergence.as_dict()
             console.print(
-                f"determinism: seed {spec.seed} DIVERGED at event #{diverged['index']} "
+                f"determinism: seed {spec.seed} run {runs} DIVERGED at event #{diverged['index']} "
                 f"(traces of {first} and {second} events)\n"
                 f"  first run:  {diverged['first']}\n"
                 f"  second run: {diverged['second']}",

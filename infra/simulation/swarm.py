@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,7 +23,7 @@ from typing import Any
 from sagas.simulation import coverage
 from sagas.simulation.faults import FaultRates, differences, profile, swarm_rates
 from sagas.simulation.shrink import Candidate, shrink
-from sagas.simulation.trace import Divergence, digest, first_divergence
+from sagas.simulation.trace import Divergence, Event, digest, first_divergence
 from sagas.simulation.workload import WorkloadSpec
 
 #: How the CLI's `simulate` is spelled in a reproducing command.
@@ -413,6 +414,8 @@ class DeterminismCheck:
     divergence: Divergence | None
     #: Whether the two final reports (wall time aside) agree as well.
     reports_equal: bool
+    #: The PYTHONHASHSEED of each run ("random": this process's own, randomised).
+    hash_seeds: tuple[str, str] = ("random", "0")
 
     @property
     def ok(self) -> bool:
@@ -427,20 +430,78 @@ class DeterminismCheck:
             "trace_sha256": list(self.digests),
             "divergence": self.divergence.as_dict() if self.divergence else None,
             "reports_equal": self.reports_equal,
+            "hash_seeds": list(self.hash_seeds),
         }
 
 
-def check_determinism(spec: RunSpec) -> DeterminismCheck:
-    """Run `spec` twice in this process, tracing both, and compare traces and reports."""
+def traced_run(spec: RunSpec) -> tuple[list[Event], str]:
+    """Run `spec` traced in this process: its trace, and its final report without wall times."""
     from infra.simulation.driver import run_simulation
     from sagas.simulation.report import dumps, to_document, without_wall
 
-    first = run_simulation(spec.options(trace=True))
-    second = run_simulation(spec.options(trace=True))
+    result = run_simulation(spec.options(trace=True))
+    return result.trace, dumps(without_wall(to_document(result)))
+
+
+def hash_seeds() -> tuple[str, str]:
+    """This process's PYTHONHASHSEED, and a different one for the second run.
+
+    With randomisation on (no PYTHONHASHSEED, or "random") this process hashes with a
+    random key; "0" turns randomisation off, a different key but for a 2**-128 chance.
+    """
+    own = os.environ.get("PYTHONHASHSEED", "random")
+    if own.isdigit():
+        return own, str((int(own) + 1) % 2**32)
+    return "random", "0"
+
+
+class SecondRunError(RuntimeError):
+    """The determinism check's second process did not finish its run."""
+
+
+def _second_run(spec: RunSpec, hash_seed: str) -> tuple[list[Event], str]:
+    """`traced_run(spec)` in a fresh interpreter with PYTHONHASHSEED=`hash_seed`."""
+    import pickle
+    import subprocess
+    from pathlib import Path
+
+    import infra
+
+    # The checkout or install compensa runs from goes first, as in this process.
+    root = str(Path(infra.__file__).resolve().parents[1])
+    env = os.environ | {
+        "PYTHONHASHSEED": hash_seed,
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "infra.simulation.second_run"],
+        input=pickle.dumps(spec),
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise SecondRunError(f"the second run (PYTHONHASHSEED={hash_seed}) failed: {last[0]}")
+    trace, report = pickle.loads(done.stdout)  # noqa: S301 - written by our own child process
+    return trace, report
+
+
+def check_determinism(spec: RunSpec) -> DeterminismCheck:
+    """Run `spec` traced here, and again in a fresh process with another PYTHONHASHSEED; compare traces and reports.
+
+    The second process catches what a second run here would not: behaviour that follows
+    the hash order of strings (a set of ids iterated), or module state a first run left.
+    A global RNG or the wall clock differs in either.
+    """
+    seeds = hash_seeds()
+    first, first_report = traced_run(spec)
+    second, second_report = _second_run(spec, seeds[1])
     return DeterminismCheck(
         spec=spec,
-        events=(len(first.trace), len(second.trace)),
-        digests=(digest(first.trace), digest(second.trace)),
-        divergence=first_divergence(first.trace, second.trace),
-        reports_equal=dumps(without_wall(to_document(first))) == dumps(without_wall(to_document(second))),
+        events=(len(first), len(second)),
+        digests=(digest(first), digest(second)),
+        divergence=first_divergence(first, second),
+        reports_equal=first_report == second_report,
+        hash_seeds=seeds,
     )

@@ -122,6 +122,22 @@ async def release_on_a_whim(uow: UnitOfWork, message: Message[ReleaseStock]) -> 
 #: A build whose runs a seed cannot replay: the determinism self-check must catch it.
 GLOBAL_RANDOM_VARIANT = {"handler_overrides": {"stock": {ReleaseStock.message_type: release_on_a_whim}}}
 
+
+async def release_in_hash_order(uow: UnitOfWork, message: Message[ReleaseStock]) -> None:
+    """Release as the product does, except for orders whose id a two-string set yields first.
+
+    Which string a set yields first follows their hashes, which Python salts per process
+    (PYTHONHASHSEED): the same in every run of one process, different in another.
+    """
+    order_id = message.payload.order_id
+    if next(iter({order_id, "release"})) == order_id:  # the point: iteration order of a set of strings
+        raise TransientError("refused by the hash order of a set")
+    await handle_release_stock(uow, message)
+
+
+#: A build a second run in the same process replays, and a process with another hash seed does not.
+HASH_ORDER_VARIANT = {"handler_overrides": {"stock": {ReleaseStock.message_type: release_in_hash_order}}}
+
 #: The order saga with every compensation removed from its definition.
 SAGA_WITHOUT_COMPENSATIONS = Orchestrator(
     [replace(ORDER_SAGA, steps=tuple(replace(step, compensation=None) for step in ORDER_SAGA.steps))]
