@@ -1,7 +1,7 @@
 """The audit trail: one row per operator action, from the console or the CLI.
 
 Who (an operator's name, or the OS user / `COMPENSA_OPERATOR` for the CLI), when, by
-which way in, the action (`dlq.replay`, `dlq.purge`, `saga.retry`, `saga.cancel`,
+which way in, the action (`dlq.replay`, `dlq.purge`, `dlq.prune`, `saga.retry`, `saga.cancel`,
 `producers.add|revoke`, `operators.add|revoke`), its targets and parameters (the merge
 patch of a replay, a cancel's reason) as JSON, and the outcome: `ok`, `refused` (the
 action's own checks said no, with the reason), `denied` (the role may not act).
@@ -15,7 +15,7 @@ import contextlib
 import getpass
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -61,6 +61,12 @@ def cli_actor(configured: str | None = None) -> str:
     with contextlib.suppress(Exception):  # getpass raises OSError or KeyError with no passwd entry
         return getpass.getuser()[:128]
     return f"uid:{os.getuid()}"
+
+
+def only_saga(saga_ids: Iterable[str | None]) -> str | None:
+    """The saga an action's targets all name (dead letters of one saga), else None: its audit row's saga_id."""
+    sagas = set(saga_ids)
+    return sagas.pop() if len(sagas) == 1 else None
 
 
 def _targets(targets: Sequence[Any]) -> list[Any]:

@@ -4,7 +4,10 @@ Queries live in `infra/dlq/query.py` (and `sagas/queries.py` for a dead letter's
 replay in `infra/dlq/replay.py`. This module parses the operator's input and formats.
 With `--app` the app's queues are the ones `--queue` names and replays go back to, and
 its message types are known to `--type` and to replay's contract check; the archive is
-one table, so listings show every dead letter a filter matches, whichever app it came from.
+one table, so listings show every dead letter a filter matches, whichever app it came from,
+and `prune` (which takes no filter) covers the whole archive whatever `--app` says.
+Every action (replay, purge, prune) writes an audit row; one that concerns the dead
+letters of a single saga names it (`audit list --saga`, the console's saga page).
 """
 
 from __future__ import annotations
@@ -367,6 +370,15 @@ def _parse_patch(edit: str | None) -> dict[str, Any] | None:
     return patch
 
 
+async def _saga_of(engine: Any, selected: list[int]) -> str | None:
+    """The one saga the selected dead letters name, for their audit row (None for several or none)."""
+    from infra.audit import only_saga
+    from infra.dlq.query import saga_ids_of
+
+    async with engine.connect() as connection:
+        return only_saga((await saga_ids_of(connection, selected)).values())
+
+
 async def _selection(engine: Any, ids: tuple[int, ...], where: Any) -> list[int]:
     from infra.dlq.query import matching_ids, missing_ids
 
@@ -497,6 +509,7 @@ async def dlq_replay(
                 detail=f"replayed {summary.replayed}, skipped {summary.skipped}, refused {summary.refused}"
                 + (f" ({'; '.join(refusals)})" if refusals else ""),
                 parameters={"patch": patch, "filter": where.describe()} if patch is not None else {"filter": where.describe()},
+                saga_id=await _saga_of(engine, selected),
             )
     if as_json:
         print_json(summary.as_dict())
@@ -578,6 +591,7 @@ async def dlq_purge(
                 list(selected),
                 detail=f"purged {purged} of {len(selected)}",
                 parameters={"filter": where.describe()},
+                saga_id=await _saga_of(engine, selected),
             )
     if as_json:
         print_json({"purged": purged, "ids": selected})
@@ -591,11 +605,17 @@ async def dlq_prune(
     older_than: Annotated[str, typer.Option("--older-than", help="Replayed or purged longer ago than this (30d, 12h).")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,
+    app: AppOpt = None,
 ) -> None:
-    """Delete archived dead letters dealt with (replayed or purged) long ago; `new` ones always stay."""
+    """Delete archived dead letters dealt with (replayed or purged) long ago; `new` ones always stay.
+
+    The archive is one table: prune covers every app's dead letters, as `dlq list`
+    shows them; `--app` is accepted like by the other dlq commands (and must load).
+    """
     from infra.clock import SystemClock
     from infra.dlq.query import prune
 
+    _hosted(app, as_json)
     cutoff = SystemClock().now() - parse_duration(older_than, "--older-than")
     if not yes:
         confirm(
@@ -603,6 +623,13 @@ async def dlq_prune(
         )
     async with database() as engine:
         deleted = await prune(engine, cutoff)
+        await audited(
+            engine,
+            "dlq.prune",
+            [f"replayed or purged before {cutoff.isoformat()}"],
+            detail=f"deleted {deleted['replayed']} replayed and {deleted['purged']} purged dead letters",
+            parameters={"older_than": older_than, "before": cutoff.isoformat(), "deleted": deleted},
+        )
     if as_json:
         print_json({"deleted": deleted, "before": cutoff.isoformat()})
         return

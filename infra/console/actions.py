@@ -187,11 +187,6 @@ async def preview_replay(
     return preview
 
 
-def _only_saga(saga_of: dict[int, str | None]) -> str | None:
-    sagas = set(saga_of.values())
-    return sagas.pop() if len(sagas) == 1 else None
-
-
 async def replay_now(
     engine: AsyncEngine,
     clock: Clock,
@@ -221,7 +216,7 @@ async def replay_now(
         parameters={"patch": patch} if patch is not None else {},
         outcome=outcome,
         detail=detail,
-        saga_id=_only_saga(saga_of),
+        saga_id=audit.only_saga(saga_of.values()),
     )
     return summary
 
@@ -244,7 +239,7 @@ async def purge_now(engine: AsyncEngine, clock: Clock, ids: Sequence[int], actor
         targets=list(ids),
         outcome=audit.OK,
         detail=f"purged {purged} of {len(ids)} (the others were purged already)",
-        saga_id=_only_saga(saga_of),
+        saga_id=audit.only_saga(saga_of.values()),
     )
     return purged
 

@@ -453,3 +453,43 @@ async def test_cli_actions_are_audited_as_the_configured_operator(engine: AsyncE
     ]
     table = await compensa(env, "audit", "list", "--action", "dlq.purge")
     assert table.returncode == 0 and "carol" in table.stdout and "dlq.purge" in table.stdout
+
+
+async def test_cli_dead_letter_and_saga_actions_are_audited_with_their_saga(engine: AsyncEngine, settings: Settings) -> None:
+    one = await add_dead_letter(engine, "o-cli-a", token="tok_ok_1")
+    other = await add_dead_letter(engine, "o-cli-b", token="tok_ok_1")
+    third = await add_dead_letter(engine, "o-cli-c", token="tok_ok_1")
+    await start_saga(engine, settings, "o-cli-s")
+    env = stack_env(engine, COMPENSA_OPERATOR="carol")
+
+    async def ok(*args: str) -> None:
+        run = await compensa(env, *args)
+        assert run.returncode == 0, (args, run.stdout, run.stderr)
+
+    await ok("dlq", "replay", str(one))
+    await ok("dlq", "replay", f"{other},{third}")  # two sagas: the row names none
+    await ok("dlq", "purge", "--saga", "o-cli-c", "--status", "replayed", "--yes")
+    await ok("dlq", "prune", "--older-than", "0s", "--yes", "--app", "infra.apps:ORDER_APP")
+    await ok("saga", "cancel", "o-cli-s", "--reason", "customer called", "--yes")
+    retry = await compensa(env, "saga", "retry", "o-cli-s")
+    assert retry.returncode == 1 and "not compensation_failed" in retry.stderr
+
+    rows = await audit_rows(engine)
+    prune = json.loads(rows[3].parameters)
+    assert [(r.actor, r.via, r.action, json.loads(r.targets), r.saga_id, r.outcome) for r in rows] == [
+        ("carol", "cli", "dlq.replay", [one], "o-cli-a", "ok"),
+        ("carol", "cli", "dlq.replay", [other, third], None, "ok"),
+        ("carol", "cli", "dlq.purge", [third], "o-cli-c", "ok"),
+        ("carol", "cli", "dlq.prune", [f"replayed or purged before {prune['before']}"], None, "ok"),
+        ("carol", "cli", "saga.cancel", ["o-cli-s"], "o-cli-s", "ok"),
+        ("carol", "cli", "saga.retry", ["o-cli-s"], "o-cli-s", "refused"),
+    ]
+    assert prune["older_than"] == "0s" and prune["deleted"] == {"replayed": 2, "purged": 1}
+    assert rows[3].detail == "deleted 2 replayed and 1 purged dead letters"
+    assert datetime.fromisoformat(prune["before"]) <= rows[3].at
+    assert json.loads(rows[4].parameters) == {"reason": "customer called"}
+    async with engine.connect() as connection:
+        assert (await connection.execute(select(func.count()).select_from(dead_letters))).scalar_one() == 0
+
+    by_saga = await compensa(env, "audit", "list", "--saga", "o-cli-a", "--json")
+    assert [(r["action"], r["targets"]) for r in by_saga.json()] == [("dlq.replay", [one])]
