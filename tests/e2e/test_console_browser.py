@@ -8,13 +8,15 @@ An operator signs in, finds the dead letter in its failure group, sees the saga
 waiting, edits the token with a merge patch, replays after the dry run, and the saga
 completes; the audit trail names her. A viewer gets no replay button, and the request
 made anyway is refused. Screenshots of the saga timeline and of the dead-letter groups
-go to docs/img/ (the README shows them).
+go to the test's tmp_path; with COMPENSA_UPDATE_SCREENSHOTS=1 they replace the ones in
+docs/img/ that the README shows (a plain run leaves the tracked files alone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
+import os
 import subprocess
 import urllib.error
 import urllib.request
@@ -35,7 +37,8 @@ from tests.support import COMPENSA, compensa, eventually
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "img"
+#: Where the README's screenshots live; written only on request (COMPENSA_UPDATE_SCREENSHOTS=1).
+README_SCREENSHOTS = ROOT / "docs" / "img"
 #: The saga must wait for the operator: no deadline fires during the test.
 TIMINGS = {
     "saga_step_deadline_seconds": 600.0,
@@ -66,6 +69,17 @@ def console_process(stack: Stack, tmp_path: Path) -> Iterator[str]:
             popen.kill()
             popen.wait(timeout=10)
         print(process.tail())
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """The directory screenshots go to: tmp_path, or docs/img with COMPENSA_UPDATE_SCREENSHOTS=1.
+
+    docs/img is tracked; writing there on every run would leave a dirty checkout behind.
+    """
+    folder = README_SCREENSHOTS if os.environ.get("COMPENSA_UPDATE_SCREENSHOTS") == "1" else tmp_path / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 async def wait_answering(base: str) -> None:
@@ -109,7 +123,7 @@ def sign_in(driver: Any, base: str, token: str) -> None:
     WebDriverWait(driver, WAIT).until(ec.presence_of_element_located((By.ID, "who")))
 
 
-def operator_replays(driver: Any, base: str, token: str, order_id: str) -> None:
+def operator_replays(driver: Any, base: str, token: str, order_id: str, screenshots: Path) -> None:
     """Sign in, open the group, the dead letter, check its saga waits, edit, dry run, replay; wait for completion."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -123,8 +137,7 @@ def operator_replays(driver: Any, base: str, token: str, order_id: str) -> None:
     group = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#groups a.group-link")))
     row = group.find_element(By.XPATH, "./ancestor::tr").text
     assert "payments.commands" in row and "transient_exhausted" in row and "payment.charge" in row, row
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SCREENSHOTS / "console-dead-letter-groups.png"))
+    assert driver.save_screenshot(str(screenshots / "console-dead-letter-groups.png"))
     group.click()
 
     member = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#group-members a.member")))
@@ -153,7 +166,7 @@ def operator_replays(driver: Any, base: str, token: str, order_id: str) -> None:
     WebDriverWait(driver, WAIT, poll_frequency=0.5).until(completed)
     timeline = driver.find_element(By.ID, "timeline")
     assert "order.completed" in timeline.get_attribute("innerHTML") or "stock.committed" in timeline.get_attribute("innerHTML")
-    driver.save_screenshot(str(SCREENSHOTS / "console-saga-timeline.png"))
+    assert driver.save_screenshot(str(screenshots / "console-saga-timeline.png"))
 
     driver.get(f"{base}/audit")
     first_row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#audit tr.audit-row")))
@@ -183,7 +196,7 @@ def viewer_cannot_replay(driver: Any, base: str, token: str, dead_letter_id: int
 
 
 async def test_an_operator_fixes_a_dead_lettered_payment_in_the_browser(
-    stack: Stack, processes: Any, console_process: str, browser: Any
+    stack: Stack, processes: Any, console_process: str, browser: Any, screenshots: Path
 ) -> None:
     processes(**TIMINGS)  # every service, the archive and the relays
     env = stack.env(**TIMINGS)
@@ -208,7 +221,9 @@ async def test_an_operator_fixes_a_dead_lettered_payment_in_the_browser(
     answer = await asyncio.to_thread(viewer_cannot_replay, browser, console_process, viewer_token, letter)
     assert answer.startswith("403 ") and "actions need the operator role" in html.unescape(answer), answer[:300]
 
-    await asyncio.to_thread(operator_replays, browser, console_process, operator_token, order.order_id)
+    await asyncio.to_thread(operator_replays, browser, console_process, operator_token, order.order_id, screenshots)
+    for name in ("console-dead-letter-groups.png", "console-saga-timeline.png"):
+        assert (screenshots / name).read_bytes().startswith(b"\x89PNG"), name
     assert (await saga_row(stack.engine, order.order_id)).status == "completed"
     trail = await compensa(env, "audit", "list", "--json")
     rows = list(reversed(trail.json()))
