@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -190,9 +191,24 @@ class Console:
     ) -> HTMLResponse:
         live = await self.live_counts() if operator is not None else None
         html = self.templates.get_template(name).render(
-            request=request, me=operator, csrf=csrf, live=live, now=self.clock.now(), ago=_ago, **context
+            request=request,
+            me=operator,
+            csrf=csrf,
+            live=live,
+            live_stuck_for=self.stuck_for,
+            now=self.clock.now(),
+            ago=_ago,
+            **context,
         )
         return HTMLResponse(html, status_code=status)
+
+    @property
+    def stuck_for(self) -> str:
+        """How long unchanged makes a saga stuck (health_stuck_seconds, in the list filter's whole seconds).
+
+        The live count and the badge's link to the list both use it, so they agree.
+        """
+        return f"{math.ceil(self.settings.health_stuck_seconds)}s"
 
     async def live_counts(self) -> dict[str, int]:
         from infra.dlq.query import new_count
@@ -201,7 +217,7 @@ class Console:
         now = self.clock.now()
         async with self.engine.connect() as connection:
             counts = await status_counts(connection)
-            stuck = await stuck_count(connection, now - timedelta(seconds=self.settings.health_stuck_seconds))
+            stuck = await stuck_count(connection, now - (_duration(self.stuck_for, "stuck for") or timedelta(0)))
             new = await new_count(connection)
         return {
             "new_dead_letters": new,

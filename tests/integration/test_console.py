@@ -72,6 +72,7 @@ def settings(engine: AsyncEngine) -> Settings:
         console_secret="s" * 40,
         console_session_seconds=600,
         saga_step_deadline_seconds=300,
+        health_stuck_seconds=269.5,  # the stuck badge counts, and links to, sagas unchanged for 270s
     )
 
 
@@ -424,6 +425,12 @@ async def test_the_saga_list_filters_and_pages_by_keyset(
     assert (await client.get("/sagas", params={"stuck_for": "soon"})).status_code == 400
     live = (await client.get("/live.json")).json()
     assert live["running"] == 40 and live["new_dead_letters"] == 0
+    # The stuck badge links to the list of the sagas it counts (health_stuck_seconds, 270s here).
+    badge = re.search(r'<a href="([^"]+)" id="live-stuck-link"[^>]*>stuck <b id="live-stuck">([0-9]+)</b>', stuck.text)
+    assert badge and badge.group(1) == "/sagas?stuck_for=270s"
+    linked = set(re.findall(r'<a href="/sagas/(k-[0-9]+)">', (await client.get(badge.group(1))).text))
+    assert linked == set(re.findall(r'<a href="/sagas/(k-[0-9]+)">', stuck.text))
+    assert int(badge.group(2)) == live["stuck"] == len(linked) > 0
 
 
 # ---------------------------------------------------------------- the CLI
