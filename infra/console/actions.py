@@ -3,7 +3,9 @@
 They call what the CLI calls: `infra.dlq.replay.replay` (dry run and replay, with a
 merge patch validated against the contract), `infra.dlq.query.purge`, and the
 orchestrator's `retry_compensation` / `cancel` in one unit of work on the saga
-outbox, whose audit row commits in the same transaction.
+outbox, whose audit row commits in the same transaction. Each runs in a span
+(`operator <action>`); a saga action's is in the saga's own trace, so the commands it
+sends carry the order's trace on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import propagate, trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import BusinessRuleError, json_depth
@@ -24,6 +27,8 @@ from infra import topology as t
 from infra.dlq.query import DeadLetterFilter, get_dead_letter, missing_ids, purge, saga_ids_of
 from infra.dlq.replay import Outcome, ReplaySummary, replay
 from sagas.queries import saga_summary
+
+tracer = trace.get_tracer("compensa")
 
 #: Bounds of an edit (the CLI's `--edit` has the same).
 MAX_PATCH_BYTES = 1 << 20
@@ -200,7 +205,12 @@ async def replay_now(
         raise Refused("no dead letters selected")
     async with engine.connect() as connection:
         saga_of = await saga_ids_of(connection, ids)
-    summary = await replay(engine, clock, ids, patch=patch, queues=queues)
+    # A replayed message keeps its own trace context (it is the message that failed, sent again).
+    with tracer.start_as_current_span(
+        "operator dlq.replay",
+        attributes={"compensa.action": "dlq.replay", "compensa.operator": actor, "compensa.dead_letters": len(ids)},
+    ):
+        summary = await replay(engine, clock, ids, patch=patch, queues=queues)
     outcome = audit.OK if summary.replayed else audit.REFUSED
     refusals = [f"{o.id}: {o.detail}" for o in summary.outcomes if o.action == "refused"][:5]
     detail = f"replayed {summary.replayed}, skipped {summary.skipped}, refused {summary.refused}"
@@ -244,6 +254,20 @@ async def purge_now(engine: AsyncEngine, clock: Clock, ids: Sequence[int], actor
     return purged
 
 
+async def _in_saga_trace(uow: Any, saga_id: str, action: str, actor: str) -> Any:
+    """The span of an operator's saga action, in the saga's own trace (as a fired deadline's is).
+
+    Its compensations stay in the trace the order began (found in the saga's newest
+    outgoing message); the commands it sends carry it as their traceparent.
+    """
+    traceparent = await uow.traceparent_of(saga_id)
+    return tracer.start_as_current_span(
+        f"operator {action}",
+        context=propagate.extract({"traceparent": traceparent}) if traceparent else None,
+        attributes={"compensa.saga_id": saga_id, "compensa.action": action, "compensa.operator": actor},
+    )
+
+
 async def saga_action(
     engine: AsyncEngine, clock: Clock, orchestrator: Any, saga_id: str, kind: str, actor: str, reason: str = ""
 ) -> Any:
@@ -256,10 +280,11 @@ async def saga_action(
     parameters = {"reason": reason} if kind == "cancel" else {}
     try:
         async with UnitOfWork(engine, "saga", clock) as uow:
-            if kind == "retry":
-                transition = await orchestrator.retry_compensation(uow, saga_id)
-            else:
-                transition = await orchestrator.cancel(uow, saga_id, reason)
+            with await _in_saga_trace(uow, saga_id, f"saga.{kind}", actor):
+                if kind == "retry":
+                    transition = await orchestrator.retry_compensation(uow, saga_id)
+                else:
+                    transition = await orchestrator.cancel(uow, saga_id, reason)
             sent = [payload.message_type for payload in transition.outgoing]
             await audit.record(
                 uow.connection,

@@ -292,8 +292,17 @@ def create_app(
 
 
 def app_from_environment() -> FastAPI:
-    """The uvicorn factory `compensa console` serves: the app COMPENSA_APP names (`--app` sets it), else the order app."""
-    return create_app(get_settings(), saga_app=resolve_app(os.environ.get(APP_VARIABLE) or None))
+    """The uvicorn factory `compensa console` serves: the app COMPENSA_APP names (`--app` sets it), else the order app.
+
+    It starts telemetry as `compensa-console` (as `compensa api`'s factory does): the
+    CLI leaves it to a long-running command, and without it the commands an operator's
+    action sends would carry no trace context.
+    """
+    from infra.telemetry.setup import configure_telemetry
+
+    settings = get_settings()
+    configure_telemetry("compensa-console", metrics_port=settings.metrics_port, metrics_host=settings.metrics_host)
+    return create_app(settings, saga_app=resolve_app(os.environ.get(APP_VARIABLE) or None))
 
 
 # ---------------------------------------------------------------- sign-in

@@ -10,12 +10,14 @@ so are CLI actions (as COMPENSA_OPERATOR); pages are paged by keyset.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,8 +36,9 @@ from infra.settings import Settings
 from outbox.tables import tables_for
 from outbox.uow import UnitOfWork
 from sagas.tables import saga_history, saga_instances
+from tests.harness.servers.process import free_port
 from tests.integration.support import stack_env
-from tests.support import compensa
+from tests.support import COMPENSA, compensa, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -431,6 +434,63 @@ async def test_the_saga_list_filters_and_pages_by_keyset(
     linked = set(re.findall(r'<a href="/sagas/(k-[0-9]+)">', (await client.get(badge.group(1))).text))
     assert linked == set(re.findall(r'<a href="/sagas/(k-[0-9]+)">', stuck.text))
     assert int(badge.group(2)) == live["stuck"] == len(linked) > 0
+
+
+# ---------------------------------------------------------------- tracing
+
+
+@pytest.fixture
+async def console_process(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[str]:
+    """`compensa console` as an OS process (it starts its own telemetry); its base URL once it answers."""
+    port = free_port()
+    env = stack_env(engine, COMPENSA_CONSOLE_PORT=str(port), COMPENSA_CONSOLE_SECRET="t" * 40)
+    log = tmp_path / "console.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(COMPENSA, "console", env=env, stdout=out, stderr=asyncio.subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as probe:
+
+            async def answers() -> bool:
+                assert process.returncode is None, log.read_text(errors="replace")
+                try:
+                    return (await probe.get("/signin")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(answers, timeout=30, interval=0.1, message="compensa console did not answer")
+        yield base
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+
+
+def trace_id(traceparent: str | None) -> str:
+    assert traceparent, "no traceparent"
+    version, trace, span, flags = traceparent.split("-")
+    assert (version, len(trace), len(span), len(flags)) == ("00", 32, 16, 2) and trace != "0" * 32, traceparent
+    return trace
+
+
+async def test_a_console_cancel_sends_its_compensations_in_the_sagas_trace(
+    engine: AsyncEngine, settings: Settings, console_process: str
+) -> None:
+    await start_saga(engine, settings, "o-traced")
+    outbox = tables_for("saga").outbox
+    async with engine.connect() as connection:
+        (reserve,) = (await connection.execute(select(outbox.c.body).where(outbox.c.type == "stock.reserve"))).scalars()
+    order_trace = trace_id(json.loads(reserve)["traceparent"])
+    token = await token_for(engine, "alice", "operator")
+    async with httpx.AsyncClient(base_url=console_process) as client:
+        csrf = await sign_in(client, token)
+        done = await client.post("/sagas/o-traced/cancel", data={"csrf": csrf, "reason": "customer called"})
+        assert done.status_code == 200 and "now compensating" in done.text, done.text[:500]
+    async with engine.connect() as connection:
+        sent = (await connection.execute(select(outbox.c.body).where(outbox.c.type == "stock.release"))).scalars().all()
+    assert len(sent) == 1
+    # The console process's span carries the order's trace on (the test process did not write this row).
+    assert trace_id(json.loads(sent[0])["traceparent"]) == order_trace
+    assert json.loads(sent[0])["traceparent"] != json.loads(reserve)["traceparent"]
 
 
 # ---------------------------------------------------------------- the CLI
