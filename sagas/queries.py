@@ -112,9 +112,11 @@ async def page_sagas(
 ) -> list[dict[str, Any]]:
     """One page of sagas, most recently updated first, continuing after `after` (updated_at, saga_id).
 
-    Keyset paging on (updated_at, saga_id), which `ix_saga_instances_updated` (and, within
-    one status, `ix_saga_instances_status_updated`) serves; `id_prefix` is a LIKE on the
-    id's beginning, which `ix_saga_instances_id_prefix` serves.
+    Keyset paging on (updated_at, saga_id), which `ix_saga_instances_updated` serves (within
+    one status `ix_saga_instances_status_updated`, one saga type
+    `ix_saga_instances_definition_updated`, stuck ones the partial
+    `ix_saga_instances_unfinished_updated`); `id_prefix` is a LIKE on the id's beginning,
+    which `ix_saga_instances_id_prefix` serves.
     """
     query = select(*LIST_COLUMNS, s.c.definition, s.c.version).order_by(s.c.updated_at.desc(), s.c.saga_id.desc()).limit(limit)
     if status:
@@ -138,14 +140,21 @@ async def page_sagas(
     return [dict(row._mapping) for row in (await connection.execute(query)).all()]
 
 
-async def status_counts(connection: AsyncConnection) -> dict[str, int]:
-    """How many sagas are in each status."""
-    rows = (await connection.execute(select(s.c.status, func.count()).group_by(s.c.status))).all()
+async def status_counts(connection: AsyncConnection, statuses: Sequence[str] | None = None) -> dict[str, int]:
+    """How many sagas are in each status (in each of `statuses` only, when given).
+
+    Every status is a scan of the whole table; a few rare ones (the live counts'
+    running and compensation_failed) are read from `ix_saga_instances_status_updated`.
+    """
+    query = select(s.c.status, func.count()).group_by(s.c.status)
+    if statuses is not None:
+        query = query.where(s.c.status.in_(list(statuses)))
+    rows = (await connection.execute(query)).all()
     return {status: int(count) for status, count in rows}
 
 
 async def stuck_count(connection: AsyncConnection, unfinished_since: datetime) -> int:
-    """Sagas not in a terminal state and not updated since `unfinished_since`."""
+    """Sagas not in a terminal state and not updated since `unfinished_since` (`ix_saga_instances_unfinished_updated`)."""
     query = select(func.count()).where(
         s.c.status.not_in([terminal.value for terminal in TERMINAL]), s.c.updated_at < unfinished_since
     )

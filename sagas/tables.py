@@ -5,8 +5,13 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text, text
 
 from contracts.columns import UtcDateTime
+from sagas.state import TERMINAL
 
 metadata = MetaData()
+
+#: A saga not in a terminal state, as SQL: the predicate of the stuck sagas' partial index
+#: (a query that says `status NOT IN` the terminal statuses, in any order, can use it).
+UNFINISHED = "status NOT IN ({})".format(", ".join(f"'{status.value}'" for status in sorted(TERMINAL)))
 
 _Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -37,6 +42,18 @@ saga_instances = Table(
     # The console's search on an id's beginning (`LIKE 'prefix%'`): pattern ops on PostgreSQL,
     # whatever the database's collation.
     Index("ix_saga_instances_id_prefix", "saga_id", postgresql_ops={"saga_id": "varchar_pattern_ops"}),
+    # The console's saga list by saga type, newest first by keyset (a rare type would
+    # otherwise scan every saga).
+    Index("ix_saga_instances_definition_updated", "definition", "updated_at", "saga_id"),
+    # Stuck sagas (not terminal, not updated for a while): the console's stuck filter and
+    # count read only the unfinished few, however many finished sagas there are.
+    Index(
+        "ix_saga_instances_unfinished_updated",
+        "updated_at",
+        "saga_id",
+        postgresql_where=text(UNFINISHED),
+        sqlite_where=text(UNFINISHED),
+    ),
     # The sweep's index: only sagas with a deadline (finished ones have none).
     Index(
         "ix_saga_instances_deadline_due",

@@ -1,4 +1,4 @@
-"""`compensa bench relay|saga|simulate|api|faststream|replay`: the benchmarks (in `infra/bench/`), printed.
+"""`compensa bench relay|saga|simulate|api|faststream|replay|console`: the benchmarks (in `infra/bench/`), printed.
 
 Each needs real servers (scripts/bench.sh starts them); they print figures and ratios
 and are never timed tests. With `--json`, a command prints every figure it measured
@@ -386,4 +386,35 @@ async def bench_replay(
         report.figure(label, result[key], unit)
     report.say(f"  ratio replay / relay: {report.data['ratio_replay_to_relay']:.2f}  (target ≥ 0.5)")
     report.say(f"  delivered to the bench queue: {result['delivered']:,.0f} of {messages:,}")
+    report.done()
+
+
+@app.command("console")
+@command
+async def bench_console(
+    sagas: Annotated[int, typer.Option(min=1_000, max=10_000_000, help="Sagas to seed.")] = 100_000,
+    history: Annotated[int, typer.Option(min=1, max=100, help="History rows per saga.")] = 10,
+    runs: Annotated[int, typer.Option(min=1, max=100, help="Timed runs per query (after one warm-up).")] = 7,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time each query of the operator console on N seeded sagas (median wall ms).
+
+    Needs PostgreSQL only (COMPENSA_DATABASE_URL): the sagas, their history, dead letters
+    and audit rows are seeded in bulk into a scratch database beside it, dropped at the end.
+    """
+    from infra.bench.console import console_queries
+
+    settings = get_settings()
+    if not settings.database_url.startswith("postgresql"):
+        fail("bench console needs COMPENSA_DATABASE_URL=postgresql+asyncpg://… (it seeds a scratch database beside it)")
+    report = Report("console", as_json)
+    report.say(f"console benchmark: {sagas:,} sagas × {history} history rows, median of {runs} runs per query")
+    result = await console_queries(settings.database_url, sagas, history, runs)
+    report.data.update(sagas=sagas, history_per_saga=history, **result)
+    report.say("  seeded " + ", ".join(f"{table} {count:,}" for table, count in result["rows"].items()))
+    report.say(f"  in {sum(result['seed_seconds'].values()):.1f} s (INSERT … SELECT generate_series, then VACUUM ANALYZE)")
+    for query in result["queries"]:
+        report.figure(query["query"], query["median_ms"], "ms")
+    slowest = max(result["queries"], key=lambda q: q["median_ms"])
+    report.say(f"  slowest: {slowest['query']} ({slowest['median_ms']:.1f} ms median, {slowest['max_ms']:.1f} ms max)")
     report.done()

@@ -50,6 +50,8 @@ from sagas.app import SagaApp
 
 HERE = Path(__file__).parent
 PAGE = 50
+#: The statuses the live counts show (counted from the status index, not by a scan of every saga).
+LIVE_STATUSES = ("running", "compensation_failed")
 #: The longest text filter accepted (ids are at most 64 characters).
 MAX_FILTER = 64
 #: The variable naming the hosted saga app (`module:attr`) to the uvicorn factory, as to every command.
@@ -216,7 +218,7 @@ class Console:
 
         now = self.clock.now()
         async with self.engine.connect() as connection:
-            counts = await status_counts(connection)
+            counts = await status_counts(connection, statuses=LIVE_STATUSES)
             stuck = await stuck_count(connection, now - (_duration(self.stuck_for, "stuck for") or timedelta(0)))
             new = await new_count(connection)
         return {

@@ -560,3 +560,20 @@ async def test_cli_dead_letter_and_saga_actions_are_audited_with_their_saga(engi
 
     by_saga = await compensa(env, "audit", "list", "--saga", "o-cli-a", "--json")
     assert [(r["action"], r["targets"]) for r in by_saga.json()] == [("dlq.replay", [one])]
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+async def test_bench_console_seeds_and_times_every_console_query(engine: AsyncEngine) -> None:
+    """A small run (2,000 sagas): the seeded counts and one timing per query; never a timed assertion."""
+    run = await compensa(stack_env(engine), "bench", "console", "--sagas", "2000", "--runs", "1", "--json", timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = run.json()
+    assert report["rows"] == {"saga_instances": 2000, "saga_history": 20000, "dead_letters": 400, "audit_log": 40}
+    queries = {q["query"]: q for q in report["queries"]}
+    assert len(queries) == 22 and all(q["median_ms"] > 0 for q in queries.values())
+    assert queries["saga list: unfiltered, page 1"]["rows"] == 51
+    assert queries["saga list: saga type subscription (0.02 %)"]["rows"] == 0  # i % 5000 = 0: none of 2,000
+    assert queries["saga list: stuck for 1d (none are)"]["rows"] == 0
+    assert queries["saga list: stuck for 10m"]["rows"] == 14  # 7 of every 1,000 are stuck for hours
