@@ -1,7 +1,8 @@
 """Schemathesis drives the real ingest app from its own OpenAPI document.
 
-The app runs in-process (ASGI) on the real PostgreSQL and Redis, authenticated as a
-producer allowed every event type. Bodies are generated from the document: one variant
+The app runs in-process (ASGI) on the real PostgreSQL and Redis, with the request
+telemetry middleware `compensa api` adds, authenticated as a producer allowed every
+event type. Bodies are generated from the document: one variant
 per event type with that event's payload schema from the contracts. Every answer must
 be documented (status code, content type, body schema, the headers the document says
 are sent: `Retry-After`, `RateLimit`, `RateLimit-Policy`, `WWW-Authenticate`) and none
@@ -53,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts import EVENTS
 from contracts.messages import MAX_AMOUNT
 from infra.db import create_engine
+from infra.telemetry.http import RequestTelemetry
 from producers.ingest import IngestConfig, ProducerDirectory, ProducerStore, create_app
 from producers.ingest.submission import json_media_type
 from tests.integration.support import clock
@@ -95,6 +97,7 @@ def ingest_app(pg_engine: AsyncEngine, redis_url: str, producer_key: str) -> Ite
     config = dataclasses.replace(CONFIG, redis_prefix=f"test:{uuid.uuid4().hex[:8]}:")
     directory = ProducerDirectory(ProducerStore(app_engine), cache_seconds=config.key_cache_seconds)
     app = create_app(engine=app_engine, redis=app_redis, producers=directory, config=config, clock=clock, lifespan=lifespan)
+    app.add_middleware(RequestTelemetry)  # as `compensa api` serves it (infra.api.build_app)
     assert app.openapi() == DOCUMENT, "the document tested is the one served"
     yield app
     # Schemathesis keeps an app's lifespan running until the process exits; end it
