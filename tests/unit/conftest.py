@@ -3,6 +3,7 @@
 - ``env``: COMPENSA_DATABASE_URL on a fresh SQLite file, nothing else configured.
 - ``migrated``: ``env`` with ``compensa db upgrade`` run.
 - ``narrow``: an 80-column terminal for both consoles.
+- ``spans``: the finished spans of this process's tracer provider (clear it first).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from infra.settings import get_settings
 from tests.unit.support import cli
@@ -46,3 +51,16 @@ def narrow(monkeypatch: pytest.MonkeyPatch) -> int:
     for console in (infra.cli.common.console, infra.cli.common.unwrapped):
         monkeypatch.setattr(console, "_width", 80)
     return 80
+
+
+@pytest.fixture(scope="session")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every span this process finishes, from one SDK provider (OpenTelemetry allows one per process)."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()

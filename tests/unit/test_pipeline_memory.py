@@ -7,9 +7,6 @@ import uuid
 import pytest
 import structlog
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.exc import DBAPIError
 
@@ -485,18 +482,6 @@ async def test_a_delivery_that_cannot_be_settled_leaves_none_of_its_batch_unproc
 
     assert await count_effects(engine) == 3
     assert [d.settled for d in (first, *rest)] == [True, True, True] and not poison.settled
-
-
-@pytest.fixture(scope="module")
-def spans():
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
 
 
 async def test_what_became_of_a_failed_message_is_logged_in_its_trace(engine, spans):
