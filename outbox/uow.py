@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from opentelemetry import context as otel_context
 from sqlalchemy import Table, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -19,7 +20,7 @@ from contracts.routing import exchange_for
 from outbox.dispatch import Dispatcher
 from outbox.ports import OutgoingMessage
 from outbox.tables import ServiceTables, tables_for
-from outbox.tracing import creation_traceparent
+from outbox.tracing import context_from, creation_traceparent
 
 log = structlog.get_logger("compensa.outbox")
 
@@ -299,11 +300,11 @@ class UnitOfWork:
         self._grant = grant if self._grant is None else self._grant
         self._dispatching.extend(rows)
 
-    async def traceparent_of(self, correlation_id: str) -> str | None:
-        """The trace of the newest message this service wrote for `correlation_id`.
+    async def trace_context_of(self, correlation_id: str) -> otel_context.Context | None:
+        """The trace context of the newest message this service wrote for `correlation_id`.
 
-        How work started by no message (a deadline firing) rejoins its saga's trace. None
-        when no row is kept (pruned) or the message carried no trace.
+        How work started by no message (a deadline firing, an operator's action) rejoins
+        its saga's trace. None when no row is kept (pruned) or the message carried no trace.
         """
         body = (await self.connection.execute(self.tables.newest_body, {"correlation_id": correlation_id})).scalar()
         if body is None:
@@ -312,7 +313,7 @@ class UnitOfWork:
             traceparent = json.loads(body).get("traceparent")
         except (ValueError, AttributeError):
             return None
-        return traceparent if isinstance(traceparent, str) else None
+        return context_from(traceparent) if isinstance(traceparent, str) and traceparent else None
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this unit has committed; never if it rolls back.

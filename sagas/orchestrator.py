@@ -8,7 +8,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
-from opentelemetry import propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts import BusinessRuleError, Message, Payload
@@ -45,7 +46,7 @@ class SagaTransaction(SagaUnitOfWork, Protocol):
 
     async def commit(self) -> None: ...
 
-    async def traceparent_of(self, correlation_id: str) -> str | None: ...
+    async def trace_context_of(self, correlation_id: str) -> otel_context.Context | None: ...
 
 
 @dataclass(frozen=True)
@@ -150,11 +151,9 @@ class Orchestrator:
         One trace per saga: the compensations a timeout sends continue the trace the
         order began, found in the saga's newest outgoing message.
         """
-        traceparent = await uow.traceparent_of(state.saga_id)
-        parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
         return tracer.start_as_current_span(
             "saga.deadline",
-            context=parent,
+            context=await uow.trace_context_of(state.saga_id),
             links=[trace.Link(sweep.get_span_context())] if sweep is not None else None,
             attributes={"compensa.saga_id": state.saga_id, "compensa.saga.type": state.definition},
         )

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import BusinessRuleError, json_depth
@@ -260,10 +260,9 @@ async def _in_saga_trace(uow: Any, saga_id: str, action: str, actor: str) -> Any
     Its compensations stay in the trace the order began (found in the saga's newest
     outgoing message); the commands it sends carry it as their traceparent.
     """
-    traceparent = await uow.traceparent_of(saga_id)
     return tracer.start_as_current_span(
         f"operator {action}",
-        context=propagate.extract({"traceparent": traceparent}) if traceparent else None,
+        context=await uow.trace_context_of(saga_id),
         attributes={"compensa.saga_id": saga_id, "compensa.action": action, "compensa.operator": actor},
     )
 
